@@ -4,7 +4,7 @@ use std::io::Error as IoError;
 use std::io::Result as IoResult;
 use std::io::{BufReader, BufWriter, ErrorKind, Read};
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::str::FromStr;
 
 use crate::common::{HTTPVersion, Method};
@@ -34,13 +34,25 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    // PATCH: a second handle on the TCP socket, given to each request
+    control: Option<TcpStream>,
 }
+
+/// PATCH (outline-mcp-proxy): the longest request line or header line accepted.
+const MAX_LINE: usize = 8 * 1024;
+/// PATCH (outline-mcp-proxy): the most header lines accepted in one request.
+const MAX_HEADERS: usize = 100;
 
 /// Error that can happen when reading a request.
 #[derive(Debug)]
 enum ReadError {
     WrongRequestLine,
     WrongHeader(HTTPVersion),
+    /// PATCH: a line over MAX_LINE bytes or more than MAX_HEADERS headers
+    HeadersTooLarge,
+    /// PATCH: the read timed out before the first byte of a request
+    IdleTimeout,
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
     ReadIoError(IoError),
@@ -51,6 +63,7 @@ impl ClientConnection {
     pub fn new(
         write_socket: RefinedTcpStream,
         mut read_socket: RefinedTcpStream,
+        control: Option<TcpStream>,
     ) -> ClientConnection {
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
@@ -65,6 +78,7 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            control,
         }
     }
 
@@ -98,6 +112,10 @@ impl ClientConnection {
             prev_byte_was_cr = byte == b'\r';
 
             buf.push(byte);
+            if buf.len() > MAX_LINE {
+                // PATCH: upstream grew the line without bound
+                return Err(IoError::new(ErrorKind::InvalidData, "header line too long"));
+            }
         }
     }
 
@@ -107,7 +125,12 @@ impl ClientConnection {
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
-                let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                let line = self.read_next_line().map_err(|e| match e.kind() {
+                    ErrorKind::InvalidData => ReadError::HeadersTooLarge,
+                    // nothing of a next request had come: a quiet close, not a 408
+                    ErrorKind::TimedOut | ErrorKind::WouldBlock => ReadError::IdleTimeout,
+                    _ => ReadError::ReadIoError(e),
+                })?;
 
                 parse_request_line(
                     line.as_str().trim(), // TODO: remove this conversion
@@ -118,11 +141,20 @@ impl ClientConnection {
             let headers = {
                 let mut headers = Vec::new();
                 loop {
-                    let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                    let line = self.read_next_line().map_err(|e| match e.kind() {
+                        ErrorKind::InvalidData => ReadError::HeadersTooLarge,
+                        ErrorKind::WouldBlock => {
+                            ReadError::ReadIoError(IoError::new(ErrorKind::TimedOut, e))
+                        }
+                        _ => ReadError::ReadIoError(e),
+                    })?;
 
                     if line.is_empty() {
                         break;
                     };
+                    if headers.len() >= MAX_HEADERS {
+                        return Err(ReadError::HeadersTooLarge);
+                    }
                     headers.push(match FromStr::from_str(line.as_str().trim()) {
                         // TODO: remove this conversion
                         Ok(h) => h,
@@ -153,6 +185,7 @@ impl ClientConnection {
             *self.remote_addr.as_ref().unwrap(),
             data_source,
             writer,
+            self.control.as_ref().and_then(|s| s.try_clone().ok()),
         )
         .map_err(|e| {
             use crate::request;
@@ -175,7 +208,6 @@ impl Iterator for ClientConnection {
     /// Blocks until the next Request is available.
     /// Returns None when no new Requests will come from the client.
     fn next(&mut self) -> Option<Request> {
-        use crate::{Response, StatusCode};
 
         // the client sent a "connection: close" header in this previous request
         //  or is using HTTP 1.0, meaning that no new request will come
@@ -187,7 +219,7 @@ impl Iterator for ClientConnection {
             let rq = match self.read() {
                 Err(ReadError::WrongRequestLine) => {
                     let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
+                    let response = json_error(400, "bad_request", "The request line is not valid HTTP/1.1.");
                     response
                         .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                         .ok();
@@ -197,16 +229,29 @@ impl Iterator for ClientConnection {
 
                 Err(ReadError::WrongHeader(ver)) => {
                     let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
+                    let response = json_error(400, "bad_request", "A header line is not valid HTTP.");
                     response.raw_print(writer, ver, &[], false, None).ok();
                     return None; // we don't know where the next request would start,
                                  // se we have to close
                 }
 
-                Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {
+                Err(ReadError::HeadersTooLarge) => {
+                    let writer = self.sink.next().unwrap();
+                    let response = json_error(431, "headers_too_large", "The request's headers are too large or too many.");
+                    response
+                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
+                        .ok();
+                    return None;
+                }
+
+                Err(ReadError::IdleTimeout) => return None,
+
+                Err(ReadError::ReadIoError(ref err))
+                    if err.kind() == ErrorKind::TimedOut || err.kind() == ErrorKind::WouldBlock =>
+                {
                     // request timeout
                     let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(408));
+                    let response = json_error(408, "request_timeout", "The request's headers did not arrive in time.");
                     response
                         .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                         .ok();
@@ -215,7 +260,7 @@ impl Iterator for ClientConnection {
 
                 Err(ReadError::ExpectationFailed(ver)) => {
                     let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(417));
+                    let response = json_error(417, "expectation_failed", "Only Expect: 100-continue is supported.");
                     response.raw_print(writer, ver, &[], true, None).ok();
                     return None; // TODO: should be recoverable, but needs handling in case of body
                 }
@@ -228,14 +273,11 @@ impl Iterator for ClientConnection {
             // checking HTTP version
             if *rq.http_version() > (1, 1) {
                 let writer = self.sink.next().unwrap();
-                let response = Response::from_string(
-                    "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
-                )
-                .with_status_code(StatusCode(505));
+                let response = json_error(505, "http_version_not_supported", "This server only supports HTTP versions 1.0 and 1.1.");
                 response
                     .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                     .ok();
-                continue;
+                return None; // PATCH: the body's length is unknown; close
             }
 
             // updating the status of the connection
@@ -263,6 +305,20 @@ impl Iterator for ClientConnection {
             return Some(rq);
         }
     }
+}
+
+/// PATCH (outline-mcp-proxy): errors found while reading a request are answered with
+/// a JSON body `{"error","message"}` and the connection is closed.
+fn json_error(status: u16, code: &str, message: &str) -> crate::Response<std::io::Cursor<Vec<u8>>> {
+    let body = format!("{{\"error\":\"{}\",\"message\":\"{}\"}}", code, message);
+    crate::Response::from_data(body.into_bytes())
+        .with_status_code(crate::StatusCode(status))
+        .with_header(
+            "Content-Type: application/json"
+                .parse::<crate::Header>()
+                .expect("static header"),
+        )
+        .with_header("Connection: close".parse::<crate::Header>().expect("static header"))
 }
 
 /// Parses a "HTTP/1.1" string.

@@ -95,6 +95,22 @@ impl Connection {
         }
     }
 
+    /// PATCH (outline-mcp-proxy): set the read timeout of a TCP connection and hand
+    /// back a second handle on its socket (None for Unix sockets or on error).
+    pub(crate) fn tcp_control(
+        &self,
+        read_timeout: Option<std::time::Duration>,
+    ) -> Option<TcpStream> {
+        match self {
+            Connection::Tcp(s) => {
+                s.set_read_timeout(read_timeout).ok();
+                s.try_clone().ok()
+            }
+            #[cfg(unix)]
+            Connection::Unix(_) => None,
+        }
+    }
+
     pub(crate) fn try_clone(&self) -> std::io::Result<Self> {
         match self {
             Self::Tcp(s) => s.try_clone().map(Self::from),

@@ -87,6 +87,7 @@
 //! # let response = tiny_http::Response::from_file(File::open(&Path::new("image.png")).unwrap());
 //! let _ = request.respond(response);
 //! ```
+#![allow(dead_code, unused_imports)] // PATCH: silence upstream 0.12.0's own warnings
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 #![allow(clippy::match_like_matches_macro)]
@@ -243,6 +244,19 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::from_listener_with_read_timeout(listener, ssl_config, None)
+    }
+
+    /// PATCH (outline-mcp-proxy): like `from_listener`, and every accepted TCP
+    /// connection gets `read_timeout`, so a client that stops sending in the middle
+    /// of its headers (or idles between keep-alive requests) is cut instead of
+    /// holding a thread for ever. A caller that takes a connection over (an
+    /// upgrade, a long body) can clear it through `Request::socket`.
+    pub fn from_listener_with_read_timeout<L: Into<Listener>>(
+        listener: L,
+        ssl_config: Option<SslConfig>,
+        read_timeout: Option<std::time::Duration>,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
@@ -294,6 +308,8 @@ impl Server {
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
+                        // PATCH: header timeout, and a handle on the socket for the request
+                        let control = sock.tcp_control(read_timeout);
                         let (read_closable, write_closable) = match ssl {
                             None => RefinedTcpStream::new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -311,7 +327,7 @@ impl Server {
                             Some(ref _ssl) => unreachable!(),
                         };
 
-                        Ok(ClientConnection::new(write_closable, read_closable))
+                        Ok(ClientConnection::new(write_closable, read_closable, control))
                     }
                     Err(e) => Err(e),
                 };
@@ -339,9 +355,11 @@ impl Server {
                     }
 
                     Err(e) => {
+                        // PATCH: an accept error (most often EMFILE: out of file
+                        // descriptors) is passing; upstream ended the accept loop for
+                        // good here and the server went deaf. Back off and go on.
                         log::error!("Error accepting new client: {}", e);
-                        inside_messages.push(e.into());
-                        break;
+                        thread::sleep(std::time::Duration::from_millis(50));
                     }
                 }
             }

@@ -2,7 +2,7 @@ use std::io::Error as IoError;
 use std::io::{self, Cursor, ErrorKind, Read, Write};
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
@@ -74,6 +74,9 @@ pub struct Request {
 
     // If Some, a message must be sent after responding
     notify_when_responded: Option<Sender<()>>,
+
+    // PATCH: a second handle on the connection's TCP socket (None for Unix sockets)
+    socket: Option<TcpStream>,
 }
 
 struct NotifyOnDrop<R> {
@@ -135,6 +138,7 @@ pub fn new_request<R, W>(
     remote_addr: Option<SocketAddr>,
     mut source_data: R,
     writer: W,
+    socket: Option<TcpStream>,
 ) -> Result<Request, RequestCreationError>
 where
     R: Read + Send + 'static,
@@ -238,6 +242,7 @@ where
         body_length: content_length,
         must_send_continue: expects_continue,
         notify_when_responded: None,
+        socket,
     })
 }
 
@@ -386,6 +391,32 @@ impl Request {
     /// have been processed in parallel, the destruction of a writer will trigger
     /// the writing of the next response.
     /// Therefore you should always destroy the `Writer` as soon as possible.
+    /// PATCH (outline-mcp-proxy): the connection's TCP socket, to change its timeouts
+    /// or to shut it down (which also wakes a thread blocked reading it).
+    /// None for Unix sockets.
+    pub fn socket(&self) -> Option<&TcpStream> {
+        self.socket.as_ref()
+    }
+
+    /// PATCH (outline-mcp-proxy): take the request's body reader and the response
+    /// writer apart, so that one thread can read the client while another writes to
+    /// it (a relay after an upgrade: upstream's `upgrade` returns one stream that two
+    /// threads cannot share). The caller writes the whole response itself.
+    pub fn into_reader_writer(
+        mut self,
+    ) -> (Box<dyn Read + Send + 'static>, Box<dyn Write + Send + 'static>) {
+        let reader = self.extract_reader_impl();
+        let writer = self.extract_writer_impl();
+        let writer = match self.notify_when_responded.take() {
+            Some(sender) => Box::new(NotifyOnDrop {
+                sender,
+                inner: writer,
+            }) as Box<dyn Write + Send + 'static>,
+            None => writer,
+        };
+        (reader, writer)
+    }
+
     #[inline]
     pub fn into_writer(mut self) -> Box<dyn Write + Send + 'static> {
         let writer = self.extract_writer_impl();

@@ -66,10 +66,14 @@ where
     fn drop(&mut self) {
         let mut remaining_to_read = self.size;
 
+        // PATCH (outline-mcp-proxy): upstream allocated the whole unread remainder
+        // at once (a Content-Length of 10^13 aborted the process); drain in chunks.
+        let mut buf = vec![0; 8 * 1024];
         while remaining_to_read > 0 {
-            let mut buf = vec![0; remaining_to_read];
+            let want = remaining_to_read.min(buf.len());
+            let buf = &mut buf[..want];
 
-            match self.reader.read(&mut buf) {
+            match self.reader.read(buf) {
                 Err(e) => {
                     self.last_read_signal.send(Err(e)).ok();
                     break;
