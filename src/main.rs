@@ -1394,53 +1394,37 @@ impl Proxy {
     /// The `docker run` arguments: hardening, limits, labels; never the key.
     fn run_args(&self, name: &str, user: &User) -> Vec<String> {
         let c = &self.cfg;
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "--detach".into(),
-            "--name".into(),
-            name.into(),
-            "--label".into(),
-            format!("{LABEL_MANAGED}=true"),
-            "--label".into(),
-            format!("{LABEL_USER}={}", sanitize_label(&user.name)),
-            "--restart".into(),
-            "unless-stopped".into(),
-            "--memory".into(),
-            c.memory_bytes.to_string(),
-            "--memory-swap".into(),
-            c.memory_bytes.to_string(),
-            "--cpus".into(),
-            c.boot_cpus().to_string(),
-            "--pids-limit".into(),
-            c.pids_limit.to_string(),
-            "--cap-drop".into(),
-            "ALL".into(),
-            "--security-opt".into(),
-            "no-new-privileges".into(),
-            "--read-only".into(),
-            "--tmpfs".into(),
-            "/tmp:rw,noexec,nosuid,size=64m".into(),
-            "--user".into(),
-            CONTAINER_USER.into(),
-            "--log-driver".into(),
-            "json-file".into(),
-            "--log-opt".into(),
-            "max-size=5m".into(),
-            "--log-opt".into(),
-            "max-file=2".into(),
-            "--network".into(),
-            c.network.clone(),
-            "--env".into(),
-            "HOME=/tmp".into(),
-            "--env".into(),
-            format!("OUTLINE_API_URL={}/api", c.container_outline_url),
-            "--env".into(),
-            "MCP_TRANSPORT=streamable-http".into(),
-            "--env".into(),
-            "MCP_HOST=0.0.0.0".into(),
-            "--env".into(),
-            format!("MCP_PORT={}", c.container_port),
+        let memory = c.memory_bytes.to_string();
+        let options: Vec<(&str, String)> = vec![
+            ("--name", name.to_string()),
+            ("--label", format!("{LABEL_MANAGED}=true")),
+            ("--label", format!("{LABEL_USER}={}", sanitize_label(&user.name))),
+            ("--restart", "unless-stopped".into()),
+            ("--memory", memory.clone()),
+            ("--memory-swap", memory),
+            ("--cpus", c.boot_cpus().to_string()),
+            ("--pids-limit", c.pids_limit.to_string()),
+            ("--cap-drop", "ALL".into()),
+            ("--security-opt", "no-new-privileges".into()),
+            ("--tmpfs", "/tmp:rw,noexec,nosuid,size=64m".into()),
+            ("--user", CONTAINER_USER.into()),
+            ("--log-driver", "json-file".into()),
+            ("--log-opt", "max-size=5m".into()),
+            ("--log-opt", "max-file=2".into()),
+            ("--network", c.network.clone()),
+            ("--env", "HOME=/tmp".into()),
+            ("--env", format!("OUTLINE_API_URL={}/api", c.container_outline_url)),
+            ("--env", "MCP_TRANSPORT=streamable-http".into()),
+            ("--env", "MCP_HOST=0.0.0.0".into()),
+            ("--env", format!("MCP_PORT={}", c.container_port)),
         ];
+        // --init: a real PID 1, so signals reach the server (a fast `docker stop`)
+        // and zombies are reaped
+        let mut args: Vec<String> = vec!["run".into(), "--detach".into(), "--init".into(), "--read-only".into()];
+        for (flag, value) in options {
+            args.push(flag.into());
+            args.push(value);
+        }
         if c.key_mode == KeyMode::Env {
             // the value comes from the docker CLI's own environment, not argv
             args.push("--env".into());
@@ -1575,7 +1559,11 @@ fn list_managed_containers(cfg: &Config) -> Result<Vec<ContainerInfo>, ProxyErro
     let mut args = vec!["container", "inspect"];
     args.extend(ids);
     match run_docker(&cfg.docker, &args, None, DOCKER_SHORT) {
-        Ok(out) => Ok(parse_inspect(&out, &cfg.network)),
+        // only this proxy's (its prefix): several proxies may share one Docker
+        Ok(out) => {
+            let all = parse_inspect(&out, &cfg.network);
+            Ok(all.into_iter().filter(|c| c.name.starts_with(&cfg.prefix)).collect())
+        }
         // one vanished between ps and inspect: the others are still printed
         Err(DockerError::Failed(msg)) if msg.to_ascii_lowercase().contains("no such") => Ok(Vec::new()),
         Err(e) => Err(e.into_proxy_error("inspect containers")),
@@ -2476,23 +2464,12 @@ impl Proxy {
             }
             (to_stop, to_remove)
         };
-        for (name, flight) in to_stop {
-            let result = self.docker_stop(&name);
-            if result.is_ok() {
-                log::info!("stopped idle container {name}");
-                self.arm_boot_burst(&name);
+        // stops run side by side: one slow container does not delay the others
+        thread::scope(|scope| {
+            for (name, flight) in &to_stop {
+                scope.spawn(move || self.put_to_sleep(name, flight));
             }
-            let mut registry = lock(&self.registry);
-            if let Some(entry) = registry.get_mut(&name) {
-                entry.transition = None;
-                if result.is_ok() {
-                    entry.state = State::Stopped;
-                    entry.stopped_at = Some(SystemTime::now());
-                }
-            }
-            drop(registry);
-            flight.finish(Ok(()));
-        }
+        });
         for (name, flight) in to_remove {
             let result = run_docker(&self.cfg.docker, &["rm", name.as_str()], None, DOCKER_LONG);
             let mut registry = lock(&self.registry);
@@ -2515,6 +2492,24 @@ impl Proxy {
             AuthSlot::Known { until, .. } => *until > Instant::now(),
             AuthSlot::Asking(_) => true,
         });
+    }
+
+    fn put_to_sleep(&self, name: &str, flight: &Flight<TransitionResult>) {
+        let result = self.docker_stop(name);
+        if result.is_ok() {
+            log::info!("stopped idle container {name}");
+            self.arm_boot_burst(name);
+        }
+        let mut registry = lock(&self.registry);
+        if let Some(entry) = registry.get_mut(name) {
+            entry.transition = None;
+            if result.is_ok() {
+                entry.state = State::Stopped;
+                entry.stopped_at = Some(SystemTime::now());
+            }
+        }
+        drop(registry);
+        flight.finish(Ok(()));
     }
 
     /// Asks Docker whether it answers; on its return, rebuilds the registry.
@@ -2719,7 +2714,14 @@ fn main() -> ExitCode {
     };
     if command == "serve" {
         signals::block_term();
-        if let Err(e) = simple_logger::SimpleLogger::new().with_level(cfg.log_level).init() {
+        // the HTTP client's own debug lines name URLs and headers: never below info
+        let quiet = cfg.log_level.min(log::LevelFilter::Info);
+        let logger = simple_logger::SimpleLogger::new()
+            .with_level(cfg.log_level)
+            .with_module_level("ureq", quiet)
+            .with_module_level("ureq_proto", quiet)
+            .with_module_level("rustls", quiet);
+        if let Err(e) = logger.init() {
             eprintln!("cannot start logging: {e}");
         }
     }

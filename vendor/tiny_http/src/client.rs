@@ -127,6 +127,7 @@ impl ClientConnection {
             let (method, path, version) = {
                 let line = self.read_next_line().map_err(|e| match e.kind() {
                     ErrorKind::InvalidData => ReadError::HeadersTooLarge,
+                    ErrorKind::InvalidInput => ReadError::WrongRequestLine,
                     // nothing of a next request had come: a quiet close, not a 408
                     ErrorKind::TimedOut | ErrorKind::WouldBlock => ReadError::IdleTimeout,
                     _ => ReadError::ReadIoError(e),
@@ -143,6 +144,8 @@ impl ClientConnection {
                 loop {
                     let line = self.read_next_line().map_err(|e| match e.kind() {
                         ErrorKind::InvalidData => ReadError::HeadersTooLarge,
+                        // PATCH: a non-ASCII header line is a 400, not a silent close
+                        ErrorKind::InvalidInput => ReadError::WrongHeader(version.clone()),
                         ErrorKind::WouldBlock => {
                             ReadError::ReadIoError(IoError::new(ErrorKind::TimedOut, e))
                         }

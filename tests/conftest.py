@@ -1,0 +1,194 @@
+"""Shared fixtures: the real Docker Engine, the fake Outline API, and the proxy binary
+run as an operator runs it (a process with environment variables)."""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fake_outline import FakeOutline
+
+ROOT = Path(__file__).resolve().parent.parent
+BINARY = Path(os.environ.get("PROXY_BINARY", ROOT / "target" / "release" / "outline-mcp-proxy"))
+BACKEND_IMAGE = "outline-mcp-proxy-test-backend:latest"
+
+
+def docker(*args, check=True, timeout=60):
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def docker_gateway():
+    """The host's address on the default bridge: where containers reach the fake Outline."""
+    out = docker("network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}").stdout.strip()
+    return out or "172.17.0.1"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout=20.0, interval=0.05, what="condition"):
+    """Polls until condition() is truthy; returns its value or fails naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def docker_engine():
+    """Every integration test needs the real Docker Engine: fail loudly without it."""
+    try:
+        docker("version", "--format", "{{.Server.Version}}", timeout=20)
+    except (subprocess.CalledProcessError, FileNotFoundError, subprocess.TimeoutExpired) as e:
+        pytest.fail(f"Docker Engine is not reachable ({e}); start dockerd: these tests need it", pytrace=False)
+    if docker("image", "inspect", BACKEND_IMAGE, check=False).returncode != 0:
+        pytest.fail(f"image {BACKEND_IMAGE} is missing: run tests/build-test-images.sh", pytrace=False)
+    if not BINARY.exists():
+        pytest.fail(f"{BINARY} is missing: run cargo build --release", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def gateway():
+    return docker_gateway()
+
+
+@pytest.fixture()
+def outline():
+    fake = FakeOutline(host="0.0.0.0").start()
+    yield fake
+    fake.stop()
+
+
+class Proxy:
+    """The release binary, started with the given settings, its log in a file."""
+
+    def __init__(self, env, log_path, prefix):
+        self.env = env
+        self.log_path = log_path
+        self.prefix = prefix
+        self.port = int(env["MCP_PROXY_LISTEN"].rsplit(":", 1)[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self, wait=True):
+        self.log_file = open(self.log_path, "ab")
+        self.process = subprocess.Popen([str(BINARY)], env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT)
+        if wait:
+            wait_for(self._answers, timeout=20, what="the proxy to listen")
+        return self
+
+    def _answers(self):
+        if self.process.poll() is not None:
+            raise AssertionError(f"proxy exited with {self.process.returncode}:\n{self.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self, sig=signal.SIGTERM, timeout=40):
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process:
+            self.log_file.close()
+        return self.process.returncode if self.process else None
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def log(self):
+        return Path(self.log_path).read_text(errors="replace") if Path(self.log_path).exists() else ""
+
+    def client(self, **kw):
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
+
+    def get(self, path, key=None, headers=None, **kw):
+        h = dict(headers or {})
+        if key:
+            h["X-Outline-API-Key"] = key
+        with self.client() as c:
+            return c.get(path, headers=h, **kw)
+
+    def post(self, path, key=None, headers=None, **kw):
+        h = dict(headers or {})
+        if key:
+            h["X-Outline-API-Key"] = key
+        with self.client() as c:
+            return c.post(path, headers=h, **kw)
+
+    def containers(self, all=True):
+        """Names of this proxy's containers (by its unique prefix)."""
+        args = ["ps", "--format", "{{.Names}}", "--filter", f"name=^{self.prefix}"]
+        if all:
+            args.insert(1, "--all")
+        return sorted(n for n in docker(*args).stdout.split() if n.startswith(self.prefix))
+
+    def container_name(self, key):
+        import hashlib
+
+        return self.prefix + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    def inspect(self, name):
+        return json.loads(docker("container", "inspect", name).stdout)[0]
+
+    def state(self, name):
+        r = docker("container", "inspect", "--format", "{{.State.Status}}", name, check=False)
+        return r.stdout.strip() if r.returncode == 0 else "missing"
+
+    def stats(self, auth=None):
+        with self.client() as c:
+            return c.get("/stats", auth=auth).json()
+
+    def cleanup(self):
+        names = self.containers()
+        if names:
+            docker("rm", "--force", *names, check=False)
+
+
+@pytest.fixture()
+def make_proxy(outline, gateway, tmp_path):
+    """make_proxy(**settings) starts a proxy for the test, with its own container prefix."""
+    started = []
+
+    def factory(start=True, **settings):
+        prefix = settings.pop("prefix", f"t{secrets.token_hex(3)}-")
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "MCP_PROXY_LISTEN": f"127.0.0.1:{free_port()}",
+            "OUTLINE_URL": f"http://127.0.0.1:{outline.port}",
+            "MCP_PROXY_CONTAINER_OUTLINE_URL": f"http://{gateway}:{outline.port}",
+            "MCP_PROXY_IMAGE": BACKEND_IMAGE,
+            "MCP_PROXY_CONTAINER_PREFIX": prefix,
+            "MCP_PROXY_START_TIMEOUT": "20s",
+            "MCP_PROXY_LOG": "info",
+        }
+        for k, v in settings.items():
+            env[k if k.startswith(("MCP_", "OUTLINE_", "DOCKER_")) else f"MCP_PROXY_{k.upper()}"] = str(v)
+        proxy = Proxy(env, tmp_path / f"proxy-{len(started)}.log", prefix)
+        started.append(proxy)
+        return proxy.start() if start else proxy
+
+    yield factory
+    for p in started:
+        p.stop(sig=signal.SIGKILL)
+        p.cleanup()
