@@ -1,0 +1,194 @@
+"""End to end with the real parts: the official MCP Python SDK as the client, the real
+mcp-outline server (from PyPI, in an image built by tests/build-mcp-outline-image.sh)
+in containers started by the release binary, and the fake Outline API as the only
+stand-in. Also through the real nginx over HTTPS."""
+
+import anyio
+import json
+import subprocess
+import time
+
+import httpx
+import pytest
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+from conftest import ROOT, docker, wait_for
+from test_nginx import Nginx
+
+MCP_PATH = "/mcp"
+
+
+@pytest.fixture(scope="session")
+def mcp_outline_image():
+    """Built once per run (and reused across runs while the pins are the same)."""
+    r = subprocess.run([str(ROOT / "tests" / "build-mcp-outline-image.sh")], capture_output=True, text=True,
+                       timeout=1200)
+    if r.returncode != 0:
+        pytest.fail(f"could not build the mcp-outline image:\n{r.stderr[-3000:]}", pytrace=False)
+    return r.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture()
+def real_proxy(make_proxy, mcp_outline_image):
+    def factory(**settings):
+        settings.setdefault("image", mcp_outline_image)
+        settings.setdefault("start_timeout", "90s")
+        return make_proxy(**settings)
+
+    return factory
+
+
+def http_client(key, verify=True, header="X-Outline-API-Key"):
+    value = key if header != "Authorization" else f"Bearer {key}"
+    return httpx.AsyncClient(headers={header: value}, verify=verify, timeout=httpx.Timeout(60, read=300))
+
+
+async def use_session(session, get_session_id):
+    """list tools, call search_documents and list_collections in an initialized session."""
+    tools = await session.list_tools()
+    t0 = time.monotonic()
+    search = await session.call_tool("search_documents", {"query": "note"})
+    took = time.monotonic() - t0
+    collections = await session.call_tool("list_collections", {})
+    return {
+        "tools": sorted(t.name for t in tools.tools),
+        "search": "\n".join(c.text for c in search.content if hasattr(c, "text")),
+        "collections": "\n".join(c.text for c in collections.content if hasattr(c, "text")),
+        "session_id": get_session_id(),
+        "search_seconds": took,
+    }
+
+
+async def mcp_session(url, key, verify=True, header="X-Outline-API-Key", terminate_on_close=True):
+    """A whole session: initialize, list tools, call search_documents and list_collections."""
+    async with http_client(key, verify, header) as client:
+        async with streamable_http_client(url + MCP_PATH, http_client=client,
+                                          terminate_on_close=terminate_on_close) as (read, write, get_id):
+            async with ClientSession(read, write) as session:
+                t0 = time.monotonic()
+                await session.initialize()
+                initialized = time.monotonic() - t0
+                result = await use_session(session, get_id)
+                result["initialize_seconds"] = initialized
+                return result
+
+
+def run_session(url, key, **kw):
+    return anyio.run(lambda: mcp_session(url, key, **kw))
+
+
+def raw_mcp_call(url, key, session_id, verify=True):
+    """A tools/list in an existing session, as the SDK would send it."""
+    return httpx.post(
+        url + MCP_PATH,
+        headers={"Mcp-Session-Id": session_id, "Accept": "application/json, text/event-stream",
+                 "Content-Type": "application/json", "MCP-Protocol-Version": "2025-06-18",
+                 "X-Outline-API-Key": key},
+        content=json.dumps({"jsonrpc": "2.0", "id": 99, "method": "tools/list"}),
+        timeout=60, verify=verify,
+    )
+
+
+def assert_sees_only_own_data(result, name, other):
+    assert "search_documents" in result["tools"] and "list_collections" in result["tools"]
+    assert f"{name.capitalize()}'s note" in result["search"]
+    assert f"{name.capitalize()}'s collection" in result["collections"]
+    assert other.capitalize() not in result["search"] + result["collections"]
+
+
+def test_two_users_through_the_proxy_with_the_real_server(real_proxy, outline):
+    proxy = real_proxy(key_mode="header")
+    alice, bob = outline.add_user("alice"), outline.add_user("bob")
+
+    t0 = time.monotonic()
+    a = run_session(proxy.url, alice)
+    first = time.monotonic() - t0
+    b = run_session(proxy.url, bob)
+    assert_sees_only_own_data(a, "alice", "bob")
+    assert_sees_only_own_data(b, "bob", "alice")
+    names = proxy.containers()
+    assert names == sorted([proxy.container_name(alice), proxy.container_name(bob)])
+
+    # warm: the container is running
+    t0 = time.monotonic()
+    warm = run_session(proxy.url, alice)
+    warm_total = time.monotonic() - t0
+    assert_sees_only_own_data(warm, "alice", "bob")
+
+    # the key is in no container's configuration or files
+    for name, key in ((proxy.container_name(alice), alice), (proxy.container_name(bob), bob)):
+        assert key not in docker("container", "inspect", name).stdout
+        exported = subprocess.run(["docker", "export", name], capture_output=True, check=True).stdout
+        assert key.encode() not in exported
+    assert alice not in proxy.log() and bob not in proxy.log()
+    print(f"\nreal mcp-outline: first session (create + boot) {first * 1000:.0f} ms, "
+          f"warm session {warm_total * 1000:.0f} ms (initialize {warm['initialize_seconds'] * 1000:.0f} ms, "
+          f"search_documents {warm['search_seconds'] * 1000:.0f} ms)")
+
+
+def test_sleep_wake_and_proxy_restart_with_the_real_server(real_proxy, outline):
+    proxy = real_proxy(idle_timeout="2s", sweep_interval="1s")
+    key = outline.add_user("carol")
+    name = proxy.container_name(key)
+    # a session the client leaves open (no DELETE at the end)
+    first = run_session(proxy.url, key, terminate_on_close=False)
+    assert_sees_only_own_data(first, "carol", "dave")
+
+    # asleep: the next request wakes it; the old session died with the old process,
+    # and the container's 404 passes through unchanged: that is how the client
+    # learns to initialize again (MCP spec, session management)
+    # the client left without a DELETE: its open GET stream ends at the server's next
+    # ping (sse-starlette pings every 15 s), then the idle clock runs
+    wait_for(lambda: proxy.stats()["containers"][0]["state"] == "stopped", timeout=90, what="sleep")
+    t0 = time.monotonic()
+    stale = raw_mcp_call(proxy.url, key, first["session_id"])
+    wake = time.monotonic() - t0
+    assert stale.status_code == 404, stale.text
+    woken = run_session(proxy.url, key)
+    assert_sees_only_own_data(woken, "carol", "dave")
+
+    # the proxy restarts under a live session: the container holds the session, so
+    # the client's next request in it just works; a fresh initialize works too
+    proxy.env["MCP_PROXY_IDLE_TIMEOUT"] = "15m"
+    proxy.restart()
+
+    async def live_session_across_restart():
+        async with http_client(key) as client:
+            async with streamable_http_client(proxy.url + MCP_PATH, http_client=client) as (read, write, get_id):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    before = await use_session(session, get_id)
+                    await anyio.to_thread.run_sync(proxy.restart)
+                    after = await use_session(session, get_id)
+                    return before, after
+
+    before, after = anyio.run(live_session_across_restart)
+    assert before["session_id"] == after["session_id"]
+    assert_sees_only_own_data(after, "carol", "dave")
+    assert_sees_only_own_data(run_session(proxy.url, key), "carol", "dave")
+    assert proxy.containers() == [name]
+    print(f"\nreal mcp-outline: wake (stopped -> first answer through the proxy) {wake * 1000:.0f} ms")
+
+
+def test_env_key_mode_with_the_real_server(real_proxy, outline):
+    proxy = real_proxy(key_mode="env")
+    key = outline.add_user("erin")
+    result = run_session(proxy.url, key, header="Authorization")
+    assert_sees_only_own_data(result, "erin", "frank")
+    info = proxy.inspect(proxy.container_name(key))
+    assert key not in " ".join(info["Args"])  # in its environment, never its arguments
+    assert key not in proxy.log()
+
+
+def test_the_real_server_through_nginx_over_https(real_proxy, outline, tmp_path):
+    proxy = real_proxy()
+    nginx = Nginx(tmp_path / "nginx-e2e", [proxy.port])
+    try:
+        alice, bob = outline.add_user("alice"), outline.add_user("bob")
+        a = run_session(nginx.url, alice, verify=nginx.ssl)
+        b = run_session(nginx.url, bob, verify=nginx.ssl, header="Authorization")
+        assert_sees_only_own_data(a, "alice", "bob")
+        assert_sees_only_own_data(b, "bob", "alice")
+    finally:
+        nginx.stop()
