@@ -4,6 +4,7 @@
 #   outline-mcp-proxy-test-backend:latest       the backend
 #   outline-mcp-proxy-test-backend:never-ready  /health answers 503 for ever
 #   outline-mcp-proxy-test-backend:exits        exits with code 3 at start
+#   outline-mcp-proxy-test-backend:slow-boot    listens only after 3 s
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet --example test-backend
@@ -29,3 +30,4 @@ tag() {
 TAGNAME=outline-mcp-proxy-test-backend:latest tag
 TAGNAME=outline-mcp-proxy-test-backend:never-ready tag --change 'ENV BACKEND_MODE=never-ready'
 TAGNAME=outline-mcp-proxy-test-backend:exits tag --change 'ENV BACKEND_MODE=exit'
+TAGNAME=outline-mcp-proxy-test-backend:slow-boot tag --change 'ENV BACKEND_BOOT_MS=3000'

@@ -11,11 +11,15 @@
 //!   GET  /env               whether OUTLINE_API_KEY is set, and its sha256
 //!   GET  /ws                WebSocket echo ("close:CODE:REASON" makes it close with that code)
 //!   GET  /ws-refuse         refuses the upgrade with 403
+//!   GET  /seen              every request target received so far (to prove what never arrived)
 //! BACKEND_MODE=exit exits at once with code 3; BACKEND_BOOT_MS delays listening.
 
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::Mutex;
+
+static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
 use std::time::Duration;
 use tungstenite::protocol::{frame::coding::CloseCode, CloseFrame, Role, WebSocket};
 use tungstenite::Message;
@@ -62,7 +66,14 @@ fn serve_connection(stream: TcpStream, never_ready: bool) {
     let mut writer = write_half;
     while let Some(request) = read_request(&mut reader) {
         let path = request.target.split('?').next().unwrap_or("").to_string();
+        if path != "/seen" {
+            SEEN.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{} {}", request.method, request.target));
+        }
         let keep_going = match path.as_str() {
+            "/seen" => {
+                let seen = SEEN.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                respond(&mut writer, 200, "application/json", serde_json::json!(seen).to_string().as_bytes())
+            }
             "/health" if never_ready => respond(&mut writer, 503, "application/json", b"{\"ready\":false}"),
             "/health" => respond(&mut writer, 200, "application/json", b"{\"status\":\"ok\"}"),
             "/sse" => {

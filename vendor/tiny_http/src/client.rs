@@ -37,6 +37,10 @@ pub struct ClientConnection {
 
     // PATCH: a second handle on the TCP socket, given to each request
     control: Option<TcpStream>,
+
+    // PATCH: raised by a request's handler (`Request::close_connection`): no further
+    // request is read from this connection, whatever is still buffered
+    closing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// PATCH (outline-mcp-proxy): the longest request line or header line accepted.
@@ -53,6 +57,8 @@ enum ReadError {
     HeadersTooLarge,
     /// PATCH: the read timed out before the first byte of a request
     IdleTimeout,
+    /// PATCH: Content-Length / Transfer-Encoding that could be read two ways
+    AmbiguousFraming(HTTPVersion, &'static str),
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
     ReadIoError(IoError),
@@ -79,6 +85,7 @@ impl ClientConnection {
             no_more_requests: false,
             secure,
             control,
+            closing: Default::default(),
         }
     }
 
@@ -107,6 +114,11 @@ impl ClientConnection {
                 buf.pop(); // removing the '\r'
                 return AsciiString::from_ascii(buf)
                     .map_err(|_| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
+            }
+
+            if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                // PATCH: the handler ended this connection; buffered bytes are not a request
+                return Err(IoError::new(ErrorKind::ConnectionAborted, "connection closed by handler"));
             }
 
             prev_byte_was_cr = byte == b'\r';
@@ -158,7 +170,9 @@ impl ClientConnection {
                     if headers.len() >= MAX_HEADERS {
                         return Err(ReadError::HeadersTooLarge);
                     }
-                    headers.push(match FromStr::from_str(line.as_str().trim()) {
+                    // PATCH: the line untrimmed: a leading space (obsolete line
+                    // folding) makes an invalid name and a 400, as RFC 9112 §5.2 asks
+                    headers.push(match FromStr::from_str(line.as_str()) {
                         // TODO: remove this conversion
                         Ok(h) => h,
                         _ => return Err(ReadError::WrongHeader(version)),
@@ -189,6 +203,7 @@ impl ClientConnection {
             data_source,
             writer,
             self.control.as_ref().and_then(|s| s.try_clone().ok()),
+            self.closing.clone(),
         )
         .map_err(|e| {
             use crate::request;
@@ -196,6 +211,9 @@ impl ClientConnection {
                 request::RequestCreationError::CreationIoError(e) => ReadError::ReadIoError(e),
                 request::RequestCreationError::ExpectationFailed => {
                     ReadError::ExpectationFailed(version)
+                }
+                request::RequestCreationError::AmbiguousFraming(why) => {
+                    ReadError::AmbiguousFraming(version, why)
                 }
             }
         })?;
@@ -249,6 +267,13 @@ impl Iterator for ClientConnection {
 
                 Err(ReadError::IdleTimeout) => return None,
 
+                Err(ReadError::AmbiguousFraming(ver, why)) => {
+                    let writer = self.sink.next().unwrap();
+                    let response = json_error(400, "bad_request", why);
+                    response.raw_print(writer, ver, &[], false, None).ok();
+                    return None; // where the next request would start is unknown: close
+                }
+
                 Err(ReadError::ReadIoError(ref err))
                     if err.kind() == ErrorKind::TimedOut || err.kind() == ErrorKind::WouldBlock =>
                 {
@@ -264,7 +289,7 @@ impl Iterator for ClientConnection {
                 Err(ReadError::ExpectationFailed(ver)) => {
                     let writer = self.sink.next().unwrap();
                     let response = json_error(417, "expectation_failed", "Only Expect: 100-continue is supported.");
-                    response.raw_print(writer, ver, &[], true, None).ok();
+                    response.raw_print(writer, ver, &[], false, None).ok();
                     return None; // TODO: should be recoverable, but needs handling in case of body
                 }
 

@@ -187,7 +187,10 @@ impl FromStr for Header {
         let field = elems.next().and_then(|f| f.parse().ok()).ok_or(())?;
         let value = elems
             .next()
-            .and_then(|v| AsciiString::from_ascii(v.trim()).ok())
+            // PATCH (outline-mcp-proxy): only SP and HTAB are optional white space
+            // (RFC 9110 §5.6.3); upstream's trim() also ate \x0b and \x0c, so an
+            // obfuscated "Transfer-Encoding:\x0bchunked" read as chunked
+            .and_then(|v| AsciiString::from_ascii(v.trim_matches(|c| c == ' ' || c == '\t')).ok())
             .ok_or(())?;
 
         Ok(Header { field, value })

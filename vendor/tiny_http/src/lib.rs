@@ -311,7 +311,15 @@ impl Server {
                         // PATCH: header timeout, and a handle on the socket for the request
                         let control = sock.tcp_control(read_timeout);
                         let (read_closable, write_closable) = match ssl {
-                            None => RefinedTcpStream::new(sock),
+                            None => match RefinedTcpStream::try_new_http(sock) {
+                                Ok(pair) => pair,
+                                Err(e) => {
+                                    // PATCH: out of descriptors: drop it, back off, go on
+                                    log::error!("Error accepting new client: {}", e);
+                                    thread::sleep(std::time::Duration::from_millis(50));
+                                    continue;
+                                }
+                            },
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
                             Some(ref ssl) => {
                                 // trying to apply SSL over the connection

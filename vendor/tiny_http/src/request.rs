@@ -77,6 +77,9 @@ pub struct Request {
 
     // PATCH: a second handle on the connection's TCP socket (None for Unix sockets)
     socket: Option<TcpStream>,
+
+    // PATCH: the connection's "read no further request" flag
+    closing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct NotifyOnDrop<R> {
@@ -111,6 +114,51 @@ pub enum RequestCreationError {
 
     /// Error while reading data from the socket during the creation of the `Request`.
     CreationIoError(IoError),
+
+    /// PATCH (outline-mcp-proxy): the body's length could be read two ways (request
+    /// smuggling): the request is refused and the connection closed.
+    AmbiguousFraming(&'static str),
+}
+
+/// PATCH (outline-mcp-proxy): where the body ends must be unambiguous before anything
+/// else is read from the connection: at most one Content-Length, of digits only;
+/// Transfer-Encoding only a single `chunked`, never beside a Content-Length, never in
+/// HTTP/1.0. Upstream took the first Content-Length, parsed "+5" as 5 and ignored an
+/// unparsable one, and treated any Transfer-Encoding as chunked.
+fn check_framing(headers: &[Header], version: &HTTPVersion) -> Result<(), &'static str> {
+    let lengths: Vec<&str> = headers
+        .iter()
+        .filter(|h| h.field.equiv("Content-Length"))
+        .map(|h| h.value.as_str().trim())
+        .collect();
+    let encodings: Vec<&str> = headers
+        .iter()
+        .filter(|h| h.field.equiv("Transfer-Encoding"))
+        .map(|h| h.value.as_str().trim())
+        .collect();
+    if lengths.len() > 1 {
+        return Err("More than one Content-Length header.");
+    }
+    if let Some(cl) = lengths.first() {
+        if cl.is_empty() || cl.len() > 19 || !cl.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("Content-Length must be a plain decimal number.");
+        }
+    }
+    if encodings.len() > 1 {
+        return Err("More than one Transfer-Encoding header.");
+    }
+    if let Some(te) = encodings.first() {
+        if !te.eq_ignore_ascii_case("chunked") {
+            return Err("Only 'Transfer-Encoding: chunked' is accepted.");
+        }
+        if !lengths.is_empty() {
+            return Err("Content-Length and Transfer-Encoding together are ambiguous.");
+        }
+        if *version == HTTPVersion(1, 0) {
+            return Err("Transfer-Encoding is not allowed in HTTP/1.0.");
+        }
+    }
+    Ok(())
 }
 
 impl From<IoError> for RequestCreationError {
@@ -139,11 +187,14 @@ pub fn new_request<R, W>(
     mut source_data: R,
     writer: W,
     socket: Option<TcpStream>,
+    closing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Request, RequestCreationError>
 where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
+    check_framing(&headers, &version).map_err(RequestCreationError::AmbiguousFraming)?;
+
     // finding the transfer-encoding header
     let transfer_encoding = headers
         .iter()
@@ -243,6 +294,7 @@ where
         must_send_continue: expects_continue,
         notify_when_responded: None,
         socket,
+        closing,
     })
 }
 
@@ -398,6 +450,13 @@ impl Request {
         self.socket.as_ref()
     }
 
+    /// PATCH (outline-mcp-proxy): read no further request from this connection, even
+    /// bytes already buffered (the rest of a refused body must not be taken for a
+    /// request). Call before answering; then shut the socket after the answer.
+    pub fn close_connection(&self) {
+        self.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// PATCH (outline-mcp-proxy): take the request's body reader and the response
     /// writer apart, so that one thread can read the client while another writes to
     /// it (a relay after an upgrade: upstream's `upgrade` returns one stream that two
@@ -537,6 +596,30 @@ impl<T> ReadWrite for T where T: Read + Write {}
 #[cfg(test)]
 mod tests {
     use super::Request;
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        use crate::{HTTPVersion, Header};
+        let h = |pairs: &[(&str, &str)]| -> Vec<Header> {
+            pairs.iter().map(|(n, v)| format!("{}: {}", n, v).parse().unwrap()).collect()
+        };
+        let v11 = HTTPVersion(1, 1);
+        assert!(super::check_framing(&h(&[("Content-Length", "10")]), &v11).is_ok());
+        assert!(super::check_framing(&h(&[("Transfer-Encoding", "Chunked")]), &v11).is_ok());
+        for bad in [
+            vec![("Content-Length", "10"), ("Transfer-Encoding", "chunked")],
+            vec![("Content-Length", "10"), ("Content-Length", "10")],
+            vec![("Content-Length", "+10")],
+            vec![("Content-Length", "1 0")],
+            vec![("Content-Length", "10, 10")],
+            vec![("Transfer-Encoding", "chunked, identity")],
+            vec![("Transfer-Encoding", "xchunked")],
+            vec![("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")],
+        ] {
+            assert!(super::check_framing(&h(&bad), &v11).is_err(), "{:?}", bad);
+        }
+        assert!(super::check_framing(&h(&[("Transfer-Encoding", "chunked")]), &HTTPVersion(1, 0)).is_err());
+    }
 
     #[test]
     fn must_be_send() {

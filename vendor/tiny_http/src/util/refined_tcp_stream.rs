@@ -89,6 +89,18 @@ pub struct RefinedTcpStream {
 }
 
 impl RefinedTcpStream {
+    /// PATCH (outline-mcp-proxy): like `new`, but a failed clone of the socket (EMFILE:
+    /// out of file descriptors) is an error for the caller, not a panic that ends the
+    /// accept thread.
+    pub(crate) fn try_new_http(stream: Connection) -> IoResult<(RefinedTcpStream, RefinedTcpStream)> {
+        let read = Stream::Http(stream.try_clone()?);
+        let write = Stream::Http(stream);
+        Ok((
+            RefinedTcpStream { stream: read, close_read: true, close_write: false },
+            RefinedTcpStream { stream: write, close_read: false, close_write: true },
+        ))
+    }
+
     pub(crate) fn new<S>(stream: S) -> (RefinedTcpStream, RefinedTcpStream)
     where
         S: Into<Stream>,
