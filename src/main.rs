@@ -435,47 +435,28 @@ fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// Binds the listener with the patched tiny_http (header timeout on every connection).
-fn bind_server(cfg: &Config) -> Result<tiny_http::Server, String> {
+/// Binds the listener with the patched tiny_http: a header timeout on every
+/// connection, and each request handled on its connection's own thread (no hand-off
+/// per request; a long stream holds only its own connection). The server stops
+/// accepting when the returned value is dropped.
+fn start_server(proxy: &Arc<Proxy>) -> Result<tiny_http::Server, String> {
+    let cfg = &proxy.cfg;
     let listener =
         std::net::TcpListener::bind(cfg.listen).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-    tiny_http::Server::from_listener_with_read_timeout(listener, None, Some(cfg.header_timeout))
-        .map_err(|e| format!("cannot serve on {}: {e}", cfg.listen))
-}
-
-/// The accept loop: each request on its own thread, so one long stream never holds
-/// up another. Ends when a SIGTERM has been seen (see `watch_for_sigterm`).
-fn serve(proxy: Arc<Proxy>) -> Result<(), String> {
-    let mut server = bind_server(&proxy.cfg)?;
+    let handler_proxy = proxy.clone();
+    let handler: Arc<dyn Fn(tiny_http::Request) + Send + Sync> =
+        Arc::new(move |request| handle_request(&handler_proxy, request));
+    let server =
+        tiny_http::Server::from_listener_with_read_timeout(listener, None, Some(cfg.header_timeout), Some(handler))
+            .map_err(|e| format!("cannot serve on {}: {e}", cfg.listen))?;
     log::info!(
         "listening on {} (image {}, key mode {:?}, Outline {})",
-        proxy.cfg.listen,
-        proxy.cfg.image,
-        proxy.cfg.key_mode,
-        proxy.cfg.outline_url
+        cfg.listen,
+        cfg.image,
+        cfg.key_mode,
+        cfg.outline_url
     );
-    while !proxy.stopping.load(Ordering::SeqCst) {
-        match server.recv_timeout(Duration::from_millis(500)) {
-            Ok(Some(request)) => {
-                let proxy = proxy.clone();
-                let spawned =
-                    thread::Builder::new().name("request".into()).spawn(move || handle_request(&proxy, request));
-                if let Err(e) = spawned {
-                    log::error!("cannot start a request thread: {e}");
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                // The patched accept loop does not end on accept errors; should the
-                // server still fail, a fresh one on the same address keeps us serving.
-                log::error!("the HTTP server failed ({e}); binding a new one");
-                drop(server);
-                thread::sleep(Duration::from_millis(100));
-                server = bind_server(&proxy.cfg)?;
-            }
-        }
-    }
-    Ok(())
+    Ok(server)
 }
 
 /// One request from start to log line.
@@ -484,7 +465,12 @@ fn handle_request(proxy: &Arc<Proxy>, request: tiny_http::Request) {
     let incoming = Incoming::from(&request);
     let _in_flight = InFlight::enter(proxy);
     let mut log_ctx = LogContext::default();
-    let status = match route(proxy, request, &incoming, &mut log_ctx) {
+    let routed = if proxy.stopping.load(Ordering::SeqCst) {
+        reject(request, ProxyError::ShuttingDown)
+    } else {
+        route(proxy, request, &incoming, &mut log_ctx)
+    };
+    let status = match routed {
         Ok(status) => status,
         Err((request, error)) => {
             let status = error.status();
@@ -709,7 +695,7 @@ fn send_body(
     body: &[u8],
     close: bool,
 ) -> io::Result<()> {
-    let socket = request.socket().and_then(|s| s.try_clone().ok());
+    let socket = request.socket();
     let close = close || incoming.wants_close;
     if close {
         request.close_connection();
@@ -1262,9 +1248,21 @@ impl Proxy {
         let info = self
             .inspect(name)?
             .ok_or_else(|| ProxyError::ContainerFailed(format!("Container {name} vanished while starting.")))?;
-        let address = info.address.map(|ip| SocketAddr::new(ip, self.cfg.container_port)).ok_or_else(|| {
-            ProxyError::ContainerFailed(format!("Container {name} has no address on network {}.", self.cfg.network))
-        })?;
+        let address = match (info.address, info.restarting || !info.running) {
+            (Some(ip), false) => SocketAddr::new(ip, self.cfg.container_port),
+            (_, true) => {
+                return Err(ProxyError::ContainerFailed(format!(
+                    "Container {name} exited (code {}) as it started; see `docker logs {name}`.",
+                    info.exit_code
+                )))
+            }
+            (None, false) => {
+                return Err(ProxyError::ContainerFailed(format!(
+                    "Container {name} has no address on network {}.",
+                    self.cfg.network
+                )))
+            }
+        };
         {
             let mut registry = lock(&self.registry);
             if let Some(entry) = registry.get_mut(name) {
@@ -1375,7 +1373,7 @@ impl Proxy {
             ("--pids-limit", c.pids_limit.to_string()),
             ("--cap-drop", "ALL".into()),
             ("--security-opt", "no-new-privileges".into()),
-            ("--tmpfs", "/tmp:rw,noexec,nosuid,size=64m".into()),
+            ("--tmpfs", "/tmp:rw,noexec,nosuid,size=64m,mode=1777".into()),
             ("--user", CONTAINER_USER.into()),
             ("--log-driver", "json-file".into()),
             ("--log-opt", "max-size=5m".into()),
@@ -1767,7 +1765,7 @@ fn proxy_http(
 ) -> RouteResult {
     let has_body = incoming.header("transfer-encoding").is_some()
         || incoming.header("content-length").is_some_and(|v| v.trim() != "0");
-    let socket = request.socket().and_then(|s| s.try_clone().ok());
+    let socket = request.socket();
     let mut address = lease.address;
     let mut retried = false;
     let response = loop {
@@ -1842,7 +1840,7 @@ fn proxy_http(
         }
     };
     let status = response.status().as_u16();
-    stream_response(request, incoming, response, socket.as_ref()).map_err(|e| (None, e))?;
+    stream_response(request, incoming, response, socket.as_deref()).map_err(|e| (None, e))?;
     Ok(status)
 }
 
@@ -1889,9 +1887,8 @@ fn stream_response(
     let mut writer = request.into_writer();
     let client_gone = |_| ProxyError::BadRequest("The client went away.".into());
     writer.write_all(head.as_bytes()).map_err(client_gone)?;
-    writer.flush().map_err(client_gone)?;
     if no_body {
-        return Ok(());
+        return writer.flush().map_err(client_gone);
     }
     let mut body = response.into_body().into_reader();
     let mut buf = vec![0u8; 16 * 1024];
@@ -2022,7 +2019,7 @@ fn relay_websocket(
         let reason = "The container's WebSocket handshake was not valid.".to_string();
         return reject(request, ProxyError::ContainerUnreachable(reason));
     }
-    let Some(client_socket) = request.socket().and_then(|s| s.try_clone().ok()) else {
+    let Some(client_socket) = request.socket() else {
         return reject(request, ProxyError::BadRequest("WebSockets need a TCP connection.".into()));
     };
     let (client_reader, mut client_writer) = request.into_reader_writer();
@@ -2526,8 +2523,8 @@ fn spawn_background(proxy: &Arc<Proxy>) {
     });
 }
 
-/// `serve`: rebuild the registry, start the background threads, serve until SIGTERM,
-/// then let requests in flight finish (up to 30 s).
+/// `serve`: rebuild the registry, start the background threads and the request
+/// workers, serve until SIGTERM, then let requests in flight finish (up to 30 s).
 fn run_serve(cfg: Config) -> ExitCode {
     let proxy = Arc::new(Proxy::new(cfg));
     match proxy.rediscover() {
@@ -2538,29 +2535,25 @@ fn run_serve(cfg: Config) -> ExitCode {
         }
     }
     spawn_background(&proxy);
-    watch_for_sigterm(proxy.clone());
-    if let Err(e) = serve(proxy.clone()) {
-        log::error!("{e}");
-        return ExitCode::FAILURE;
+    let server = match start_server(&proxy) {
+        Ok(server) => server,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // SIGTERM or SIGINT: new requests get 503, requests in flight get 30 s to finish
+    if signals::wait_for_term() {
+        log::info!("SIGTERM: finishing requests in flight");
     }
+    proxy.stopping.store(true, Ordering::SeqCst);
+    drop(server);
     let deadline = Instant::now() + Duration::from_secs(30);
     while proxy.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
     log::info!("stopped ({} request(s) still in flight)", proxy.in_flight.load(Ordering::SeqCst));
     ExitCode::SUCCESS
-}
-
-/// SIGTERM and SIGINT set `stopping`: the accept loop ends, and requests in flight
-/// finish. std has no signal API; a blocking `sigwait` thread does it without libc
-/// by masking the signals (see the unsafe-free helper below).
-fn watch_for_sigterm(proxy: Arc<Proxy>) {
-    let _ = thread::Builder::new().name("signals".into()).spawn(move || {
-        if signals::wait_for_term() {
-            log::info!("SIGTERM: finishing requests in flight");
-            proxy.stopping.store(true, Ordering::SeqCst);
-        }
-    });
 }
 
 /// `check`: each line a check, exit 1 when any fails.
@@ -2797,7 +2790,7 @@ fn format_rfc3339(t: SystemTime) -> String {
 
 /// Graceful stop on SIGTERM/SIGINT without a signal crate: the signals are blocked
 /// in every thread (the mask is set before any thread starts and is inherited), and
-/// one thread takes them with `sigwait`. Linux-only, through the C library std
+/// the main thread takes them with `sigwait`. Linux-only, through the C library std
 /// already links.
 mod signals {
     const SIGINT: i32 = 2;

@@ -12,6 +12,8 @@ bin=target/release/examples/test-backend
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root/etc" "$root/tmp"
+chmod 755 "$root"
+chmod 1777 "$root/tmp"   # Docker's tmpfs on /tmp takes the image's mode
 cp "$bin" "$root/test-backend"
 # the dynamic loader and every library, at the paths the binary looks for them
 for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do

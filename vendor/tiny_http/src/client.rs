@@ -36,7 +36,7 @@ pub struct ClientConnection {
     secure: bool,
 
     // PATCH: a second handle on the TCP socket, given to each request
-    control: Option<TcpStream>,
+    control: Option<std::sync::Arc<TcpStream>>,
 
     // PATCH: raised by a request's handler (`Request::close_connection`): no further
     // request is read from this connection, whatever is still buffered
@@ -71,6 +71,8 @@ impl ClientConnection {
         mut read_socket: RefinedTcpStream,
         control: Option<TcpStream>,
     ) -> ClientConnection {
+        // one shared handle for every request of the connection (no dup per request)
+        let control = control.map(std::sync::Arc::new);
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
 
@@ -202,7 +204,7 @@ impl ClientConnection {
             *self.remote_addr.as_ref().unwrap(),
             data_source,
             writer,
-            self.control.as_ref().and_then(|s| s.try_clone().ok()),
+            self.control.clone(),
             self.closing.clone(),
         )
         .map_err(|e| {

@@ -95,8 +95,9 @@ impl Connection {
         }
     }
 
-    /// PATCH (outline-mcp-proxy): set the read timeout of a TCP connection and hand
-    /// back a second handle on its socket (None for Unix sockets or on error).
+    /// PATCH (outline-mcp-proxy): set the read timeout and TCP_NODELAY of a TCP
+    /// connection and hand back a second handle on its socket (None for Unix sockets
+    /// or on error).
     pub(crate) fn tcp_control(
         &self,
         read_timeout: Option<std::time::Duration>,
@@ -104,6 +105,9 @@ impl Connection {
         match self {
             Connection::Tcp(s) => {
                 s.set_read_timeout(read_timeout).ok();
+                // answers are written in pieces (head, then body as it streams): no Nagle
+                // delay waiting on the client's delayed ACK (40 ms a request otherwise)
+                s.set_nodelay(true).ok();
                 s.try_clone().ok()
             }
             #[cfg(unix)]

@@ -244,7 +244,7 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
-        Self::from_listener_with_read_timeout(listener, ssl_config, None)
+        Self::from_listener_with_read_timeout(listener, ssl_config, None, None)
     }
 
     /// PATCH (outline-mcp-proxy): like `from_listener`, and every accepted TCP
@@ -252,10 +252,16 @@ impl Server {
     /// of its headers (or idles between keep-alive requests) is cut instead of
     /// holding a thread for ever. A caller that takes a connection over (an
     /// upgrade, a long body) can clear it through `Request::socket`.
+    ///
+    /// With a `handler`, each request is handled on its connection's own thread, one
+    /// after another, instead of being queued for `recv()`: no hand-off between
+    /// threads per request, and a long answer (a stream, a WebSocket) holds only its
+    /// own connection.
     pub fn from_listener_with_read_timeout<L: Into<Listener>>(
         listener: L,
         ssl_config: Option<SslConfig>,
         read_timeout: Option<std::time::Duration>,
+        handler: Option<Arc<dyn Fn(Request) + Send + Sync>>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
         // building the "close" variable
@@ -343,11 +349,17 @@ impl Server {
                 match new_client {
                     Ok(client) => {
                         let messages = inside_messages.clone();
+                        let handler = handler.clone();
                         let mut client = Some(client);
                         tasks_pool.spawn(Box::new(move || {
                             if let Some(client) = client.take() {
+                                if let Some(handler) = handler.as_ref() {
+                                    // PATCH: handled here, in order, on this connection's thread
+                                    for rq in client {
+                                        handler(rq);
+                                    }
                                 // Synchronization is needed for HTTPS requests to avoid a deadlock
-                                if client.secure() {
+                                } else if client.secure() {
                                     let (sender, receiver) = mpsc::channel();
                                     for rq in client {
                                         messages.push(rq.with_notify_sender(sender.clone()).into());

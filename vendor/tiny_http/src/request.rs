@@ -76,7 +76,7 @@ pub struct Request {
     notify_when_responded: Option<Sender<()>>,
 
     // PATCH: a second handle on the connection's TCP socket (None for Unix sockets)
-    socket: Option<TcpStream>,
+    socket: Option<std::sync::Arc<TcpStream>>,
 
     // PATCH: the connection's "read no further request" flag
     closing: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -186,7 +186,7 @@ pub fn new_request<R, W>(
     remote_addr: Option<SocketAddr>,
     mut source_data: R,
     writer: W,
-    socket: Option<TcpStream>,
+    socket: Option<std::sync::Arc<TcpStream>>,
     closing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Request, RequestCreationError>
 where
@@ -446,8 +446,8 @@ impl Request {
     /// PATCH (outline-mcp-proxy): the connection's TCP socket, to change its timeouts
     /// or to shut it down (which also wakes a thread blocked reading it).
     /// None for Unix sockets.
-    pub fn socket(&self) -> Option<&TcpStream> {
-        self.socket.as_ref()
+    pub fn socket(&self) -> Option<std::sync::Arc<TcpStream>> {
+        self.socket.clone()
     }
 
     /// PATCH (outline-mcp-proxy): read no further request from this connection, even
