@@ -506,13 +506,19 @@ struct LogContext {
     container: Option<String>,
 }
 
-/// Counts requests in flight, so that a SIGTERM can wait for them.
+/// Counts requests in flight (or, with `long_lived`, the open-ended ones among
+/// them), so that a SIGTERM can wait for the others.
 struct InFlight<'a>(&'a AtomicUsize);
 
 impl<'a> InFlight<'a> {
     fn enter(proxy: &'a Proxy) -> InFlight<'a> {
         proxy.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(&proxy.in_flight)
+    }
+
+    fn long_lived(proxy: &'a Proxy) -> InFlight<'a> {
+        proxy.long_lived.fetch_add(1, Ordering::SeqCst);
+        InFlight(&proxy.long_lived)
     }
 }
 
@@ -1090,6 +1096,9 @@ struct Proxy {
     stats_credentials: Option<String>,
     started: Instant,
     in_flight: AtomicUsize,
+    /// Of those, event streams and WebSocket sessions: open-ended, so a SIGTERM does
+    /// not wait for them (clients reconnect; MCP streams resume).
+    long_lived: AtomicUsize,
     stopping: AtomicBool,
 }
 
@@ -1140,6 +1149,7 @@ impl Proxy {
             stats_credentials,
             started: Instant::now(),
             in_flight: AtomicUsize::new(0),
+            long_lived: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             cfg,
         }
@@ -1840,13 +1850,14 @@ fn proxy_http(
         }
     };
     let status = response.status().as_u16();
-    stream_response(request, incoming, response, socket.as_deref()).map_err(|e| (None, e))?;
+    stream_response(proxy, request, incoming, response, socket.as_deref()).map_err(|e| (None, e))?;
     Ok(status)
 }
 
 /// Writes the container's answer: its own length when it gave one, else chunked
 /// (close-delimited for HTTP/1.0); flushed after every read, so events are not held.
 fn stream_response(
+    proxy: &Proxy,
     request: tiny_http::Request,
     incoming: &Incoming,
     response: ureq::http::Response<ureq::Body>,
@@ -1859,6 +1870,7 @@ fn stream_response(
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.to_ascii_lowercase().starts_with("text/event-stream"));
+    let _long_lived = is_event_stream.then(|| InFlight::long_lived(proxy));
     if is_event_stream {
         headers.retain(|(n, _)| !n.eq_ignore_ascii_case("x-accel-buffering"));
         headers.push(("X-Accel-Buffering".into(), "no".into()));
@@ -1916,8 +1928,10 @@ fn stream_response(
         written.and_then(|_| writer.flush()).map_err(client_gone)?;
     }
     if chunked {
-        writer.write_all(b"0\r\n\r\n").and_then(|_| writer.flush()).map_err(client_gone)?;
+        writer.write_all(b"0\r\n\r\n").map_err(client_gone)?;
     }
+    // the head and any last bytes may still sit in the buffer (an empty body above)
+    writer.flush().map_err(client_gone)?;
     if close {
         if let Some(s) = socket {
             let _ = s.shutdown(Shutdown::Write);
@@ -2035,6 +2049,7 @@ fn relay_websocket(
     let _ = client_socket.set_read_timeout(None);
     let _ = upstream.set_read_timeout(None);
     log::info!("websocket session opened to {}", lease.name);
+    let _long_lived = InFlight::long_lived(proxy);
     let (Ok(client_for_thread), Ok(upstream_for_thread), Ok(upstream_writer)) =
         (client_socket.try_clone(), upstream.try_clone(), upstream.try_clone())
     else {
@@ -2542,17 +2557,19 @@ fn run_serve(cfg: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // SIGTERM or SIGINT: new requests get 503, requests in flight get 30 s to finish
+    // SIGTERM or SIGINT: new requests get 503, requests in flight get 30 s to finish;
+    // open-ended streams and WebSocket sessions are cut at exit
     if signals::wait_for_term() {
         log::info!("SIGTERM: finishing requests in flight");
     }
     proxy.stopping.store(true, Ordering::SeqCst);
     drop(server);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while proxy.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+    let waiting = || proxy.in_flight.load(Ordering::SeqCst).saturating_sub(proxy.long_lived.load(Ordering::SeqCst));
+    while waiting() > 0 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
-    log::info!("stopped ({} request(s) still in flight)", proxy.in_flight.load(Ordering::SeqCst));
+    log::info!("stopped ({} request(s) and {} stream(s) cut)", waiting(), proxy.long_lived.load(Ordering::SeqCst));
     ExitCode::SUCCESS
 }
 

@@ -327,13 +327,27 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(make_proxy, outline
     proxy = make_proxy()
     key = outline.add_user("tom")
     assert proxy.get("/echo", key=key).status_code == 200
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+
+    def open_ended_stream():
+        with proxy.client() as c:
+            with c.stream("GET", "/sse?n=1000&interval_ms=1000", headers={"X-Outline-API-Key": key}) as r:
+                try:
+                    for _ in r.iter_lines():
+                        pass
+                except httpx.HTTPError:
+                    pass
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        pool.submit(open_ended_stream)
         pending = pool.submit(lambda: proxy.get("/slow?ms=2500", key=key))
-        time.sleep(0.5)
+        wait_for(lambda: proxy.stats()["containers"][0]["active_requests"] == 2, timeout=10, what="both in flight")
+        t0 = time.monotonic()
         proxy.process.send_signal(signal.SIGTERM)
         r = pending.result()
-    assert r.status_code == 200 and r.json() == {"slow": True}
-    assert proxy.process.wait(timeout=30) == 0
+        assert r.status_code == 200 and r.json() == {"slow": True}
+        # the request finished; the open-ended stream does not hold the exit up
+        assert proxy.process.wait(timeout=30) == 0
+        assert time.monotonic() - t0 < 10
     assert "SIGTERM" in proxy.log()
 
 

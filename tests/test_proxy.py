@@ -77,6 +77,18 @@ def test_method_headers_and_body_reach_the_container_and_the_answer_comes_back(m
     assert r.headers["x-backend"] == "test"
 
 
+def test_an_empty_answer_arrives_at_once_on_a_kept_alive_connection(make_proxy, outline):
+    """MCP answers a notification with 202 and no body: it must not wait in a buffer."""
+    proxy = make_proxy()
+    key = outline.add_user("alice")
+    with proxy.client(timeout=5) as c:
+        for _ in range(3):
+            t0 = time.monotonic()
+            r = c.post("/empty", headers={"X-Outline-API-Key": key}, json={"jsonrpc": "2.0", "method": "x"})
+            assert r.status_code == 202 and r.content == b""
+            assert time.monotonic() - t0 < 1
+
+
 def test_chunked_request_bodies_stream_through(make_proxy, outline):
     proxy = make_proxy()
     key = outline.add_user("alice")

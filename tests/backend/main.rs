@@ -11,6 +11,7 @@
 //!   GET  /env               whether OUTLINE_API_KEY is set, and its sha256
 //!   GET  /ws                WebSocket echo ("close:CODE:REASON" makes it close with that code)
 //!   GET  /ws-refuse         refuses the upgrade with 403
+//!   ANY  /empty             202 with an empty body (Content-Length: 0), as MCP answers a notification
 //!   GET  /seen              every request target received so far (to prove what never arrived)
 //! BACKEND_MODE=exit exits at once with code 3; BACKEND_BOOT_MS delays listening.
 
@@ -91,6 +92,7 @@ fn serve_connection(stream: TcpStream, never_ready: bool) {
                 return;
             }
             "/ws-refuse" => respond(&mut writer, 403, "application/json", b"{\"refused\":true}"),
+            "/empty" => respond(&mut writer, 202, "application/json", b""),
             p if p.starts_with("/status/") => {
                 let code = p[8..].parse().unwrap_or(500);
                 respond(&mut writer, code, "application/json", format!("{{\"status\":{code}}}").as_bytes())
