@@ -1940,11 +1940,17 @@ fn stream_response(
     Ok(())
 }
 
+/// What every HTTP client of the proxy shares: statuses are answers, not errors;
+/// redirects are not followed; no proxy is taken from the environment (ureq reads
+/// HTTP_PROXY by default).
+fn agent_base() -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
+    ureq::Agent::config_builder().http_status_as_error(false).max_redirects(0).proxy(None)
+}
+
+/// To the containers: the client's headers as sent (no User-Agent, Accept or
+/// Accept-Encoding added), any method, no limit on a streamed body.
 fn container_agent(cfg: &Config) -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .proxy(None)
+    agent_base()
         .allow_non_standard_methods(true)
         .user_agent(ureq::config::AutoHeaderValue::None)
         .accept(ureq::config::AutoHeaderValue::None)
@@ -1954,27 +1960,21 @@ fn container_agent(cfg: &Config) -> ureq::Agent {
         .timeout_per_write(Some(Duration::from_secs(60)))
         .timeout_recv_response(Some(cfg.response_timeout))
         .max_idle_connections_per_host(8)
-        .max_idle_age(Duration::from_secs(20))
+        // below uvicorn's 5 s keep-alive, so a pooled connection is not one the
+        // container is closing
+        .max_idle_age(Duration::from_secs(4))
         .build()
         .new_agent()
 }
 
+/// The readiness probe: short, never pooled.
 fn ready_agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .proxy(None)
-        .timeout_global(Some(Duration::from_secs(2)))
-        .max_idle_connections(0)
-        .build()
-        .new_agent()
+    agent_base().timeout_global(Some(Duration::from_secs(2))).max_idle_connections(0).build().new_agent()
 }
 
+/// To Outline: HTTPS checked against the host's CA store (a company CA works).
 fn outline_agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .proxy(None)
+    agent_base()
         .https_only(false)
         .timeout_global(Some(Duration::from_secs(10)))
         .tls_config(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::PlatformVerifier).build())
