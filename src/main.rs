@@ -1959,6 +1959,11 @@ fn container_agent(cfg: &Config) -> ureq::Agent {
         .timeout_send_request(Some(Duration::from_secs(30)))
         .timeout_per_write(Some(Duration::from_secs(60)))
         .timeout_recv_response(Some(cfg.response_timeout))
+        // ureq's 128 KiB buffers each way, per connection, made 300 open streams
+        // cost 100 MiB; MCP's headers are small and bodies stream through anyway
+        .input_buffer_size(32 * 1024)
+        .max_response_header_size(32 * 1024)
+        .output_buffer_size(16 * 1024)
         .max_idle_connections_per_host(8)
         // below uvicorn's 5 s keep-alive, so a pooled connection is not one the
         // container is closing
@@ -2489,12 +2494,16 @@ impl Proxy {
             log::info!("stopped idle container {name}");
             self.arm_boot_burst(name);
         }
+        let gone = matches!(&result, Err(e) if e.message().contains("No such container"));
         let mut registry = lock(&self.registry);
         if let Some(entry) = registry.get_mut(name) {
             entry.transition = None;
             if result.is_ok() {
                 entry.state = State::Stopped;
                 entry.stopped_at = Some(SystemTime::now());
+            } else if gone {
+                // removed behind our back: nothing to stop, the next request creates it
+                entry.state = State::Missing;
             }
         }
         drop(registry);

@@ -183,7 +183,9 @@ def make_proxy(outline, gateway, tmp_path):
             "MCP_PROXY_LOG": "info",
         }
         for k, v in settings.items():
-            env[k if k.startswith(("MCP_", "OUTLINE_", "DOCKER_")) else f"MCP_PROXY_{k.upper()}"] = str(v)
+            # upper case: a variable as named (OUTLINE_URL, DOCKER_HOST, SSL_CERT_FILE);
+            # lower case: a proxy setting (idle_timeout -> MCP_PROXY_IDLE_TIMEOUT)
+            env[k if k.isupper() else f"MCP_PROXY_{k.upper()}"] = str(v)
         proxy = Proxy(env, tmp_path / f"proxy-{len(started)}.log", prefix)
         started.append(proxy)
         return proxy.start() if start else proxy

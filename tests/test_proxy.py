@@ -265,6 +265,39 @@ def test_outline_errors_give_502(make_proxy, outline):
     assert proxy.get("/echo", key=key).status_code == 200  # a 5xx verdict is not cached
 
 
+def make_ca_and_server_cert(d):
+    """A private CA, and a certificate it signs for 127.0.0.1 (a company CA, say)."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=Test Company CA",
+            "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(d / "srv.key"),
+            "-out", str(d / "srv.csr"))
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", str(d / "srv.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
+            "-CAcreateserial", "-days", "2", "-extfile", str(d / "san.ext"), "-out", str(d / "srv.pem"))
+    return d / "ca.pem", d / "srv.pem", d / "srv.key"
+
+
+def test_https_to_outline_is_verified_against_the_hosts_ca_store(make_proxy, tmp_path):
+    from fake_outline import FakeOutline
+
+    ca, cert, key_file = make_ca_and_server_cert(tmp_path)
+    secure = FakeOutline(host="127.0.0.1", tls=(str(cert), str(key_file))).start()
+    try:
+        key = secure.add_user("sue")
+        url = f"https://127.0.0.1:{secure.port}"
+        trusting = make_proxy(OUTLINE_URL=url, SSL_CERT_FILE=str(ca))  # the CA in the host's store
+        assert trusting.get("/echo", key=key).status_code == 200
+        strict = make_proxy(OUTLINE_URL=url)  # the host's own store, without that CA
+        r = strict.get("/echo", key=key)
+        assert r.status_code == 502 and r.json()["error"] == "outline_unreachable"
+        assert strict.containers() == []
+    finally:
+        secure.stop()
+
+
 def test_bad_keys_get_401_and_no_container(make_proxy, outline):
     proxy = make_proxy()
     r = proxy.get("/echo", key="ol_api_nobody_1234")
