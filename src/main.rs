@@ -560,17 +560,10 @@ fn route(
         ("GET" | "HEAD", "/metrics") => return stats_endpoint(proxy, request, incoming, true),
         _ => {}
     }
-    let key = match extract_key(incoming) {
-        Ok(key) => key,
+    let (key, user, name) = match identify(proxy, incoming, log_ctx) {
+        Ok(who) => who,
         Err(e) => return reject(request, e),
     };
-    let user = match proxy.authenticate(&key) {
-        Ok(user) => user,
-        Err(e) => return reject(request, e),
-    };
-    log_ctx.user = Some(user.name.clone());
-    let name = container_name(&proxy.cfg.prefix, &key);
-    log_ctx.container = Some(name.clone());
     let websocket = incoming.is_websocket_upgrade();
     let lease = match proxy.acquire(&name, &key, &user, websocket) {
         Ok(lease) => lease,
@@ -581,6 +574,21 @@ fn route(
     } else {
         proxy_http(proxy, request, incoming, &key, &lease)
     }
+}
+
+/// Whose request this is: the key, Outline's user for it, and the name of their
+/// container (also noted for the request's log line).
+fn identify(
+    proxy: &Proxy,
+    incoming: &Incoming,
+    log_ctx: &mut LogContext,
+) -> Result<(String, User, String), ProxyError> {
+    let key = extract_key(incoming)?;
+    let user = proxy.authenticate(&key)?;
+    let name = container_name(&proxy.cfg.prefix, &key);
+    log_ctx.user = Some(user.name.clone());
+    log_ctx.container = Some(name.clone());
+    Ok((key, user, name))
 }
 
 /// The MCP spec's DNS-rebinding rule: a browser Origin must be one we allow.
@@ -2243,20 +2251,13 @@ fn health_endpoint(
     }
     let has_key = incoming.header("x-outline-api-key").is_some() || incoming.header("authorization").is_some();
     if has_key {
-        let key = match extract_key(incoming) {
-            Ok(k) => k,
+        let (_, user, name) = match identify(proxy, incoming, log_ctx) {
+            Ok(who) => who,
             Err(e) => return reject(request, e),
         };
-        let user = match proxy.authenticate(&key) {
-            Ok(u) => u,
-            Err(e) => return reject(request, e),
-        };
-        let name = container_name(&proxy.cfg.prefix, &key);
         let state = lock(&proxy.registry).get(&name).map(|e| e.state).unwrap_or(State::Missing);
         body["user"] = json!({"id": user.id, "name": user.name, "email": user.email});
         body["container"] = json!({"name": name, "state": state.as_str()});
-        log_ctx.user = Some(user.name);
-        log_ctx.container = Some(name);
     }
     let status = if docker.is_ok() { 200 } else { 503 };
     send_json(request, incoming, status, &body, &[]);
