@@ -7,7 +7,7 @@
 //!
 //! The file reads in the order a request meets it:
 //!   1. configuration (environment variables, `--help`)
-//!   2. the HTTP front door (tiny_http, a thread per request, framing checks)
+//!   2. the HTTP front door (tiny_http, a thread per connection, request checks)
 //!   3. keys and the Outline verdict cache
 //!   4. the container registry and the docker CLI
 //!   5. proxying HTTP (streaming both ways) and relaying WebSockets
@@ -344,9 +344,9 @@ fn print_help() {
 }
 
 // ======================================================================================
-// 2. The HTTP front door: tiny_http (vendored, see vendor/tiny_http/PATCHES.md) hands
-//    each parsed request to its own thread. Framing that tiny_http would get wrong is
-//    refused here, before anything reaches a container.
+// 2. The HTTP front door: tiny_http (vendored, see vendor/tiny_http/PATCHES.md) parses
+//    each request, refuses ambiguous framing, and hands it to the handler on its
+//    connection's own thread. What else is not fit to forward is refused here.
 // ======================================================================================
 
 /// Everything a handler needs from the request line and headers.
@@ -2573,7 +2573,7 @@ fn spawn_background(proxy: &Arc<Proxy>) {
 }
 
 /// `serve`: rebuild the registry, start the background threads and the request
-/// workers, serve until SIGTERM, then let requests in flight finish (up to 30 s).
+/// server, serve until SIGTERM, then let requests in flight finish (up to 30 s).
 fn run_serve(cfg: Config) -> ExitCode {
     let proxy = Arc::new(Proxy::new(cfg));
     match proxy.rediscover() {
