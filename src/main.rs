@@ -2375,75 +2375,56 @@ fn render_stats(s: &Snapshot) -> Value {
 }
 
 fn render_metrics(s: &Snapshot) -> String {
+    let running = s.containers.iter().filter(|c| c.state == State::Running).count();
+    let totals: [(&str, &str, &str, String); 8] = [
+        ("mcp_proxy_containers_tracked", "gauge", "Containers the proxy knows.", s.containers.len().to_string()),
+        ("mcp_proxy_containers_running", "gauge", "Containers running.", running.to_string()),
+        ("mcp_proxy_docker_up", "gauge", "1 when the Docker daemon answers.", u8::from(s.docker_ok).to_string()),
+        (
+            "mcp_proxy_auth_cache_hits_total",
+            "counter",
+            "Requests answered from the key cache.",
+            s.auth_hits.to_string(),
+        ),
+        (
+            "mcp_proxy_auth_cache_misses_total",
+            "counter",
+            "Requests that needed Outline's verdict.",
+            s.auth_misses.to_string(),
+        ),
+        (
+            "mcp_proxy_auth_failures_total",
+            "counter",
+            "Requests refused or failed at authentication.",
+            s.auth_failures.to_string(),
+        ),
+        ("mcp_proxy_outline_calls_total", "counter", "Calls made to Outline's auth.info.", s.outline_calls.to_string()),
+        ("mcp_proxy_uptime_seconds", "gauge", "Seconds since the proxy started.", s.uptime.to_string()),
+    ];
+    type PerContainer = fn(&ContainerSnapshot) -> String;
+    let per_container: [(&str, &str, &str, PerContainer); 5] = [
+        ("mcp_proxy_container_up", "gauge", "1 when the container is running.", |c| {
+            u8::from(c.state == State::Running).to_string()
+        }),
+        ("mcp_proxy_container_active_requests", "gauge", "Requests and streams in flight.", |c| c.active.to_string()),
+        ("mcp_proxy_container_websockets", "gauge", "Open WebSocket sessions.", |c| c.websockets.to_string()),
+        ("mcp_proxy_container_requests_total", "counter", "Requests routed to the container.", |c| {
+            c.requests_total.to_string()
+        }),
+        ("mcp_proxy_container_idle_seconds", "gauge", "Seconds since the last request ended.", |c| {
+            c.idle_seconds.to_string()
+        }),
+    ];
     let mut out = String::new();
-    let mut gauge = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
+    for (name, kind, help, value) in totals {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+    }
+    for (name, kind, help, value) in per_container {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (labels, value) in rows {
-            out.push_str(&format!("{name}{labels} {value}\n"));
+        for c in &s.containers {
+            out.push_str(&format!("{name}{{container=\"{}\"}} {}\n", c.name, value(c)));
         }
-    };
-    let one = |v: String| vec![(String::new(), v)];
-    let per = |f: &dyn Fn(&ContainerSnapshot) -> String| -> Vec<(String, String)> {
-        s.containers.iter().map(|c| (format!("{{container=\"{}\"}}", c.name), f(c))).collect()
-    };
-    gauge("mcp_proxy_containers_tracked", "gauge", "Containers the proxy knows.", one(s.containers.len().to_string()));
-    gauge(
-        "mcp_proxy_containers_running",
-        "gauge",
-        "Containers running.",
-        one(s.containers.iter().filter(|c| c.state == State::Running).count().to_string()),
-    );
-    gauge("mcp_proxy_docker_up", "gauge", "1 when the Docker daemon answers.", one(u8::from(s.docker_ok).to_string()));
-    gauge(
-        "mcp_proxy_auth_cache_hits_total",
-        "counter",
-        "Requests answered from the key cache.",
-        one(s.auth_hits.to_string()),
-    );
-    gauge(
-        "mcp_proxy_auth_cache_misses_total",
-        "counter",
-        "Requests that needed Outline's verdict.",
-        one(s.auth_misses.to_string()),
-    );
-    gauge(
-        "mcp_proxy_auth_failures_total",
-        "counter",
-        "Requests refused or failed at authentication.",
-        one(s.auth_failures.to_string()),
-    );
-    gauge(
-        "mcp_proxy_outline_calls_total",
-        "counter",
-        "Calls made to Outline's auth.info.",
-        one(s.outline_calls.to_string()),
-    );
-    gauge("mcp_proxy_uptime_seconds", "gauge", "Seconds since the proxy started.", one(s.uptime.to_string()));
-    gauge(
-        "mcp_proxy_container_up",
-        "gauge",
-        "1 when the container is running.",
-        per(&|c| u8::from(c.state == State::Running).to_string()),
-    );
-    gauge(
-        "mcp_proxy_container_active_requests",
-        "gauge",
-        "Requests and streams in flight.",
-        per(&|c| c.active.to_string()),
-    );
-    gauge("mcp_proxy_container_websockets", "gauge", "Open WebSocket sessions.", per(&|c| c.websockets.to_string()));
-    gauge(
-        "mcp_proxy_container_requests_total",
-        "counter",
-        "Requests routed to the container.",
-        per(&|c| c.requests_total.to_string()),
-    );
-    gauge(
-        "mcp_proxy_container_idle_seconds",
-        "gauge",
-        "Seconds since the last request ended.",
-        per(&|c| c.idle_seconds.to_string()),
-    );
+    }
     out
 }
 
