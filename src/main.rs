@@ -1196,7 +1196,10 @@ impl Proxy {
     /// Decides under the lock; never calls Docker.
     fn plan(&self, name: &str, user: &User, websocket: bool) -> Result<Plan, ProxyError> {
         let mut registry = lock(&self.registry);
-        let running = registry.values().filter(|e| e.state == State::Running || e.transition.is_some()).count();
+        // counted only under a cap: no walk over every container on each request
+        let at_cap = self.cfg.max_running > 0
+            && registry.values().filter(|e| e.state == State::Running || e.transition.is_some()).count()
+                >= self.cfg.max_running;
         let entry = registry.entry(name.to_string()).or_insert_with(|| Entry::new(State::Missing));
         if user.name != entry.user && !user.name.is_empty() {
             entry.user = user.name.clone();
@@ -1216,7 +1219,7 @@ impl Proxy {
         let flight = Flight::new();
         entry.transition = Some(flight.clone());
         let mut evict = None;
-        if self.cfg.max_running > 0 && running >= self.cfg.max_running {
+        if at_cap {
             let victim = registry
                 .iter()
                 .filter(|(n, e)| *n != name && e.state == State::Running && e.is_idle_and_settled())
@@ -1246,15 +1249,7 @@ impl Proxy {
     fn start(&self, name: &str, key: &str, user: &User, evict: Option<String>, known: State) -> TransitionResult {
         if let Some(victim) = evict {
             log::info!("at MCP_PROXY_MAX_RUNNING={}: stopping least recently used {victim}", self.cfg.max_running);
-            let stopped = self.docker_stop(&victim);
-            let mut registry = lock(&self.registry);
-            if let Some(v) = registry.get_mut(&victim) {
-                v.transition = None;
-                if stopped.is_ok() {
-                    v.state = State::Stopped;
-                    v.stopped_at = Some(SystemTime::now());
-                }
-            }
+            self.put_to_sleep(&victim);
         }
         let begun = Instant::now();
         // what the registry knows saves a docker call on the way (tens of ms): a known
@@ -2467,7 +2462,10 @@ impl Proxy {
         // stops run side by side: one slow container does not delay the others
         thread::scope(|scope| {
             for (name, flight) in &to_stop {
-                scope.spawn(move || self.put_to_sleep(name, flight));
+                scope.spawn(move || {
+                    self.put_to_sleep(name);
+                    flight.finish(Ok(()));
+                });
             }
         });
         for (name, flight) in to_remove {
@@ -2494,7 +2492,10 @@ impl Proxy {
         });
     }
 
-    fn put_to_sleep(&self, name: &str, flight: &Flight<TransitionResult>) {
+    /// Stops a container whose transition the caller holds, arms its boot burst for
+    /// the next wake, and records the outcome (the caller finishes the flight). Used
+    /// by the sleeper and by the cap's eviction alike.
+    fn put_to_sleep(&self, name: &str) {
         let result = self.docker_stop(name);
         if result.is_ok() {
             log::info!("stopped idle container {name}");
@@ -2512,8 +2513,6 @@ impl Proxy {
                 entry.state = State::Missing;
             }
         }
-        drop(registry);
-        flight.finish(Ok(()));
     }
 
     /// Asks Docker whether it answers; on its return, rebuilds the registry.
