@@ -122,19 +122,19 @@ class Proxy:
     def client(self, **kw):
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
 
-    def get(self, path, key=None, headers=None, **kw):
+    def request(self, method, path, key=None, headers=None, **kw):
+        """One request on a fresh connection, with the key header when a key is given."""
         h = dict(headers or {})
         if key:
             h["X-Outline-API-Key"] = key
         with self.client() as c:
-            return c.get(path, headers=h, **kw)
+            return c.request(method, path, headers=h, **kw)
+
+    def get(self, path, key=None, headers=None, **kw):
+        return self.request("GET", path, key, headers, **kw)
 
     def post(self, path, key=None, headers=None, **kw):
-        h = dict(headers or {})
-        if key:
-            h["X-Outline-API-Key"] = key
-        with self.client() as c:
-            return c.post(path, headers=h, **kw)
+        return self.request("POST", path, key, headers, **kw)
 
     def containers(self, all=True):
         """Names of this proxy's containers (by its unique prefix)."""
