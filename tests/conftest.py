@@ -48,6 +48,33 @@ def wait_for(condition, timeout=20.0, interval=0.05, what="condition"):
         time.sleep(interval)
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "takes_docker_away: stops the Docker daemon for a while; runs after every other test")
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked takes_docker_away run last (a stable sort keeps the rest in order)."""
+    items.sort(key=lambda item: item.get_closest_marker("takes_docker_away") is not None)
+
+
+def assert_key_kept_secret(proxy, key, env_mode=False):
+    """The one list of places a key must never be: the proxy's log, and each of the
+    proxy's containers' configuration, files and log. In `env` mode a container holds
+    the key in its environment by design; then only its arguments are checked."""
+    assert key not in proxy.log(), "the key is in the proxy's log"
+    for name in proxy.containers():
+        info = proxy.inspect(name)
+        if env_mode:
+            assert key not in " ".join(info["Args"] + [info["Path"]]), f"the key is in {name}'s arguments"
+        else:
+            assert key not in json.dumps(info), f"the key is in {name}'s configuration"
+            exported = subprocess.run(["docker", "export", name], capture_output=True, check=True).stdout
+            assert key.encode() not in exported, f"the key is in {name}'s files"
+        logs = docker("logs", name)
+        assert key not in logs.stdout + logs.stderr, f"the key is in {name}'s log"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def docker_engine():
     """Every integration test needs the real Docker Engine: fail loudly without it."""

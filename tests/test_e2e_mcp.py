@@ -13,7 +13,7 @@ import pytest
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from conftest import ROOT, docker, wait_for
+from conftest import ROOT, assert_key_kept_secret, wait_for
 from test_nginx import Nginx
 
 MCP_PATH = "/mcp"
@@ -116,12 +116,9 @@ def test_two_users_through_the_proxy_with_the_real_server(real_proxy, outline):
     warm_total = time.monotonic() - t0
     assert_sees_only_own_data(warm, "alice", "bob")
 
-    # the key is in no container's configuration or files
-    for name, key in ((proxy.container_name(alice), alice), (proxy.container_name(bob), bob)):
-        assert key not in docker("container", "inspect", name).stdout
-        exported = subprocess.run(["docker", "export", name], capture_output=True, check=True).stdout
-        assert key.encode() not in exported
-    assert alice not in proxy.log() and bob not in proxy.log()
+    # neither key is in the log, or in any container's configuration, files or log
+    assert_key_kept_secret(proxy, alice)
+    assert_key_kept_secret(proxy, bob)
     print(f"\nreal mcp-outline: first session (create + boot) {first * 1000:.0f} ms, "
           f"warm session {warm_total * 1000:.0f} ms (initialize {warm['initialize_seconds'] * 1000:.0f} ms, "
           f"search_documents {warm['search_seconds'] * 1000:.0f} ms)")
@@ -130,7 +127,11 @@ def test_two_users_through_the_proxy_with_the_real_server(real_proxy, outline):
 def test_sleep_wake_and_proxy_restart_with_the_real_server(real_proxy, outline):
     proxy = real_proxy(idle_timeout="2s", sweep_interval="1s")
     key = outline.add_user("carol")
+    # dave is a real user with his own data, active on the same proxy: what carol
+    # sees must hold none of it
+    dave = outline.add_user("dave")
     name = proxy.container_name(key)
+    assert_sees_only_own_data(run_session(proxy.url, dave), "dave", "carol")
     # a session the client leaves open (no DELETE at the end)
     first = run_session(proxy.url, key, terminate_on_close=False)
     assert_sees_only_own_data(first, "carol", "dave")
@@ -140,7 +141,7 @@ def test_sleep_wake_and_proxy_restart_with_the_real_server(real_proxy, outline):
     # learns to initialize again (MCP spec, session management)
     # the client left without a DELETE: its open GET stream ends at the server's next
     # ping (sse-starlette pings every 15 s), then the idle clock runs
-    wait_for(lambda: proxy.stats()["containers"][0]["state"] == "stopped", timeout=90, what="sleep")
+    wait_for(lambda: proxy.state(name) == "exited", timeout=90, what="sleep")
     t0 = time.monotonic()
     stale = raw_mcp_call(proxy.url, key, first["session_id"])
     wake = time.monotonic() - t0
@@ -167,18 +168,24 @@ def test_sleep_wake_and_proxy_restart_with_the_real_server(real_proxy, outline):
     assert before["session_id"] == after["session_id"]
     assert_sees_only_own_data(after, "carol", "dave")
     assert_sees_only_own_data(run_session(proxy.url, key), "carol", "dave")
-    assert proxy.containers() == [name]
+    assert_sees_only_own_data(run_session(proxy.url, dave), "dave", "carol")
+    assert proxy.containers() == sorted([name, proxy.container_name(dave)])
     print(f"\nreal mcp-outline: wake (stopped -> first answer through the proxy) {wake * 1000:.0f} ms")
 
 
 def test_env_key_mode_with_the_real_server(real_proxy, outline):
     proxy = real_proxy(key_mode="env")
     key = outline.add_user("erin")
+    # frank is a real user whose container holds his own key (env mode): erin's
+    # requests must never reach it
+    frank = outline.add_user("frank")
+    assert_sees_only_own_data(run_session(proxy.url, frank), "frank", "erin")
     result = run_session(proxy.url, key, header="Authorization")
     assert_sees_only_own_data(result, "erin", "frank")
-    info = proxy.inspect(proxy.container_name(key))
-    assert key not in " ".join(info["Args"])  # in its environment, never its arguments
-    assert key not in proxy.log()
+    assert_sees_only_own_data(run_session(proxy.url, frank), "frank", "erin")
+    assert proxy.containers() == sorted([proxy.container_name(key), proxy.container_name(frank)])
+    for k in (key, frank):  # in its environment, never its arguments
+        assert_key_kept_secret(proxy, k, env_mode=True)
 
 
 def test_the_real_server_through_nginx_over_https(real_proxy, outline, tmp_path):

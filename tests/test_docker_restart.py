@@ -1,12 +1,17 @@
-"""The Docker daemon stopped and started again under a running proxy. Named to run
-last: it takes the daemon away from everything else for a few seconds."""
+"""The Docker daemon stopped and started again under a running proxy. Marked
+takes_docker_away, so it runs after every other test (conftest orders it last): it
+takes the daemon away from everything else for a few seconds."""
 
 import os
 import signal
 import subprocess
 import time
 
+import pytest
+
 from conftest import wait_for
+
+pytestmark = pytest.mark.takes_docker_away
 
 
 def dockerd_pid():
