@@ -48,7 +48,7 @@ mod config {
         ("MCP_PROXY_CONTAINER_PORT", "3000", "port the MCP server listens on inside the container"),
         ("MCP_PROXY_READY_PATH", "/health", "a GET here answering (status < 500) means the container is ready"),
         ("MCP_PROXY_CONTAINER_PREFIX", "mcp-", "container names are {prefix}{first 12 hex of sha256(key)}"),
-        ("MCP_PROXY_NETWORK", "bridge", "docker network the containers join"),
+        ("MCP_PROXY_NETWORK", "outline-mcp-proxy", "docker network the containers join; created when missing as a bridge with inter-container traffic off (enable_icc=false), so containers cannot reach each other"),
         ("MCP_PROXY_MEMORY", "256m", "memory limit per container (swap is not allowed on top)"),
         ("MCP_PROXY_CPUS", "0.3", "CPU limit per container once it is ready"),
         ("MCP_PROXY_BOOT_CPUS", "1", "CPU limit while a container boots, brought down to MCP_PROXY_CPUS once ready (0 = no boot burst)"),
@@ -62,6 +62,7 @@ mod config {
         ("MCP_PROXY_START_TIMEOUT", "60s", "longest wait for a container to become ready"),
         ("MCP_PROXY_RESPONSE_TIMEOUT", "300s", "longest wait for a container's response headers (504 beyond); a streamed body has no limit"),
         ("MCP_PROXY_HEADER_TIMEOUT", "30s", "a client silent this long while sending its request (or between requests) is disconnected"),
+        ("MCP_PROXY_MAX_CONNECTIONS", "1500", "connections served at once; beyond it 503 with Retry-After before a thread is spent (1500 x 2 threads for WebSockets fits the unit's TasksMax=4096)"),
         ("MCP_PROXY_MAX_RUNNING", "0", "0 = no cap; else, at the cap, the least recently used idle container is stopped, or 503 with Retry-After"),
         ("MCP_PROXY_MAX_BODY", "10m", "largest request body (413 beyond)"),
         ("MCP_PROXY_STATS_USER", "admin", "user for /stats and /metrics"),
@@ -100,6 +101,7 @@ mod config {
         pub start_timeout: Duration,
         pub response_timeout: Duration,
         pub header_timeout: Duration,
+        pub max_connections: usize,
         pub max_running: usize,
         pub max_body: u64,
         pub stats_user: String,
@@ -221,6 +223,10 @@ mod config {
                 }
             }
             let max_running = number("MCP_PROXY_MAX_RUNNING")? as usize;
+            let max_connections = number("MCP_PROXY_MAX_CONNECTIONS")? as usize;
+            if max_connections == 0 {
+                return Err(bad_setting("MCP_PROXY_MAX_CONNECTIONS", "0", "at least 1"));
+            }
             let stats_password = Some(get("MCP_PROXY_STATS_PASSWORD")).filter(|p| !p.is_empty());
             let allowed_origins = get("MCP_PROXY_ALLOWED_ORIGINS")
                 .split(',')
@@ -258,6 +264,7 @@ mod config {
                 start_timeout,
                 response_timeout,
                 header_timeout,
+                max_connections,
                 max_running,
                 max_body: size("MCP_PROXY_MAX_BODY")?,
                 stats_user: get("MCP_PROXY_STATS_USER"),
@@ -534,6 +541,8 @@ mod error {
         AtCapacity(usize),
         GatewayTimeout(String),
         ShuttingDown,
+        /// Found by the HTTP library while reading a request (its status, its reason).
+        Wire(u16, String),
     }
 
     impl ProxyError {
@@ -551,6 +560,7 @@ mod error {
                 | ProxyError::AtCapacity(_)
                 | ProxyError::ShuttingDown => 503,
                 ProxyError::GatewayTimeout(_) => 504,
+                ProxyError::Wire(status, _) => *status,
             }
         }
 
@@ -569,6 +579,14 @@ mod error {
                 ProxyError::AtCapacity(_) => "at_capacity",
                 ProxyError::GatewayTimeout(_) => "container_timeout",
                 ProxyError::ShuttingDown => "shutting_down",
+                ProxyError::Wire(status, _) => match status {
+                    408 => "request_timeout",
+                    417 => "expectation_failed",
+                    431 => "headers_too_large",
+                    503 => "too_many_connections",
+                    505 => "http_version_not_supported",
+                    _ => "bad_request",
+                },
             }
         }
 
@@ -583,7 +601,8 @@ mod error {
                 | ProxyError::DockerUnavailable(m)
                 | ProxyError::ContainerFailed(m)
                 | ProxyError::StartTimeout(m)
-                | ProxyError::GatewayTimeout(m) => m.clone(),
+                | ProxyError::GatewayTimeout(m)
+                | ProxyError::Wire(_, m) => m.clone(),
                 ProxyError::OperatorOnly => "The statistics need the operator's credentials.".into(),
                 ProxyError::TooLarge(max) => {
                     format!("The request body is larger than the {max} bytes this proxy accepts.")
@@ -854,9 +873,12 @@ mod http1 {
         let _ = send_body(request, incoming, status, &headers, value.to_string().as_bytes(), false);
     }
 
+    /// An error answer. When the request has a body, the connection is closed after
+    /// it, unread: the rest of a refused body must never be read as the next request
+    /// (and a declared 10^13 bytes are not waited for).
     pub fn send_error(request: tiny_http::Request, incoming: &Incoming, error: &ProxyError) {
-        let _ =
-            send_body(request, incoming, error.status(), &error.headers(), &error.body(), error.closes_connection());
+        let close = error.closes_connection() || incoming.has_body();
+        let _ = send_body(request, incoming, error.status(), &error.headers(), &error.body(), close);
     }
 
     /// Status and headers of an HTTP/1.1 response, read up to the blank line.
@@ -957,12 +979,28 @@ mod front {
         let cfg = &proxy.cfg;
         let listener =
             std::net::TcpListener::bind(cfg.listen).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+        widen_backlog(&listener, LISTEN_BACKLOG);
         let handler_proxy = proxy.clone();
         let handler: Arc<dyn Fn(tiny_http::Request) + Send + Sync> =
             Arc::new(move |request| handle_request(&handler_proxy, request));
-        let server =
-            tiny_http::Server::from_listener_with_read_timeout(listener, None, Some(cfg.header_timeout), Some(handler))
-                .map_err(|e| format!("cannot serve on {}: {e}", cfg.listen))?;
+        // what the library answers by itself (a malformed head, a connection over the
+        // cap) is worded as every other error of the proxy's
+        let error_page: tiny_http::ErrorPage = Arc::new(|status, reason| {
+            let error = ProxyError::Wire(status, reason.to_string());
+            ("application/json".to_string(), error.body())
+        });
+        let handling =
+            tiny_http::Handling { handler, max_connections: cfg.max_connections, error_page: Some(error_page) };
+        let server = tiny_http::Server::from_listener_with_read_timeout(
+            listener,
+            None,
+            Some(cfg.header_timeout),
+            Some(handling),
+        )
+        .map_err(|e| format!("cannot serve on {}: {e}", cfg.listen))?;
+        if let Some(accept) = server.take_accept_thread() {
+            crate::background::supervise(proxy, "accept", accept)?;
+        }
         log::info!(
             "listening on {} (image {}, key mode {:?}, Outline {})",
             cfg.listen,
@@ -971,6 +1009,23 @@ mod front {
             cfg.outline_url
         );
         Ok(server)
+    }
+
+    /// Connections the kernel queues before accept. std listens with 128: a burst beyond
+    /// it (300 clients opening streams at once) waits out a SYN retransmit, a whole
+    /// second. nginx listens with 511, uvicorn with 2048; the kernel caps it at somaxconn.
+    const LISTEN_BACKLOG: i32 = 1024;
+
+    fn widen_backlog(listener: &std::net::TcpListener, backlog: i32) {
+        use std::os::fd::AsRawFd;
+        extern "C" {
+            fn listen(fd: i32, backlog: i32) -> i32;
+        }
+        // SAFETY: the descriptor is the listener's own and open for the call; listen()
+        // on a socket that already listens changes only its backlog.
+        if unsafe { listen(listener.as_raw_fd(), backlog) } != 0 {
+            log::warn!("could not widen the listen backlog: {}", std::io::Error::last_os_error());
+        }
     }
 
     /// Who a request is from, noted for its log line.
@@ -1018,6 +1073,14 @@ mod front {
     /// replaced: a log line is one line.
     pub fn log_safe(path: &str) -> String {
         path.chars().take(200).map(|c| if c.is_control() { '?' } else { c }).collect()
+    }
+
+    /// A value from outside (an Outline display name) in a log line: quoted, with
+    /// quotes, backslashes and control characters escaped, and cut short, so it can
+    /// neither end the line nor pass for another field.
+    pub fn log_value(value: &str) -> String {
+        let short: String = value.chars().take(100).collect();
+        format!("{short:?}")
     }
 
     /// Checks form, size and origin, then sends the request to the endpoint or the
@@ -1074,7 +1137,7 @@ mod front {
         let credential = auth::extract(incoming)?;
         let user = proxy.auth.verify(&credential.key)?;
         let name = auth::container_name(&proxy.cfg.prefix, &credential.key);
-        log_ctx.user = Some(user.name.clone());
+        log_ctx.user = Some(log_value(&user.name));
         log_ctx.container = Some(name.clone());
         Ok((credential, user, name))
     }
@@ -1132,10 +1195,11 @@ mod auth {
         incoming.header(KEY_HEADER).is_some() || incoming.header("authorization").is_some()
     }
 
-    /// Whether a client header carried the credential (so it is not passed on as sent:
-    /// the key header is added again only in `header` mode).
-    pub fn is_credential_header(lower_name: &str, source: KeySource) -> bool {
-        lower_name == KEY_HEADER || (lower_name == "authorization" && source == KeySource::Bearer)
+    /// Whether a client header can carry a credential. Neither is passed on as sent:
+    /// only the key that was checked reaches a container (added again in `header`
+    /// mode), never a second one the client put in the other header.
+    pub fn is_credential_header(lower_name: &str) -> bool {
+        lower_name == KEY_HEADER || lower_name == "authorization"
     }
 
     /// The caller's key: X-Outline-API-Key, else `Authorization: Bearer`. Refuses
@@ -1785,6 +1849,11 @@ mod docker {
         }
     }
 
+    fn is_missing_network(stderr: &str) -> bool {
+        let s = stderr.to_ascii_lowercase();
+        s.contains("no such network") || (s.contains("network") && s.contains("not found"))
+    }
+
     pub fn first_line(s: &str) -> String {
         s.lines().next().unwrap_or("").chars().take(300).collect()
     }
@@ -1995,8 +2064,35 @@ mod docker {
             self.run(&["image", "inspect", "--format", "{{.Id}}", image], None, SHORT).map(|_| ())
         }
 
-        pub fn network_present(&self, network: &str) -> Result<(), DockerError> {
-            self.run(&["network", "inspect", "--format", "{{.Name}}", network], None, SHORT).map(|_| ())
+        /// Whether containers on the network can reach each other (ICC), or None when
+        /// the network does not exist.
+        pub fn network_icc(&self, network: &str) -> Result<Option<bool>, DockerError> {
+            let format = "{{index .Options \"com.docker.network.bridge.enable_icc\"}}";
+            match self.run(&["network", "inspect", "--format", format, network], None, SHORT) {
+                Ok(out) => Ok(Some(out.trim() != "false")),
+                Err(DockerError::Failed(m)) if is_missing_network(&m) => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+
+        /// A bridge network of the proxy's own on which containers cannot reach each other.
+        pub fn create_isolated_network(&self, network: &str) -> Result<(), DockerError> {
+            let label = format!("{LABEL_MANAGED}=true");
+            let args = [
+                "network",
+                "create",
+                "--driver",
+                "bridge",
+                "--opt",
+                "com.docker.network.bridge.enable_icc=false",
+                "--label",
+                &label,
+                network,
+            ];
+            match self.run(&args, None, SHORT) {
+                Err(DockerError::Failed(m)) if m.contains("already exists") => Ok(()),
+                other => other.map(|_| ()),
+            }
         }
 
         /// Runs the CLI with a time limit. `env` is the only way a secret reaches it
@@ -2092,7 +2188,7 @@ mod containers {
     //! every decision and `docker` for every act.
     use crate::auth::{Credential, User};
     use crate::config::{Config, KeyMode};
-    use crate::docker::{ContainerSpec, Docker, DockerError, Wake};
+    use crate::docker::{ContainerInfo, ContainerSpec, Docker, DockerError, Wake};
     use crate::error::ProxyError;
     use crate::registry::{Lease, Plan, Registry, State, StopOutcome, TransitionResult};
     use crate::util::{agent_base, lock};
@@ -2220,7 +2316,7 @@ mod containers {
             }
         }
 
-        fn inspect(&self, name: &str) -> Result<Option<crate::docker::ContainerInfo>, ProxyError> {
+        fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, ProxyError> {
             self.docker
                 .inspect(name, &self.cfg.network)
                 .map_err(|e| e.into_proxy_error(&format!("inspect container {name}")))
@@ -2324,6 +2420,26 @@ mod containers {
             self.registry.after_stop(name, outcome);
         }
 
+        /// The containers' network: made when missing, with inter-container traffic
+        /// off; an operator's own network is used as it is (with a warning when its
+        /// containers can reach each other).
+        pub fn ensure_network(&self) -> Result<(), ProxyError> {
+            let network = &self.cfg.network;
+            let what = format!("set up network {network}");
+            match self.docker.network_icc(network).map_err(|e| e.into_proxy_error(&what))? {
+                Some(false) => Ok(()),
+                Some(true) => {
+                    log::warn!("docker network {network} lets containers reach each other (enable_icc is not false)");
+                    Ok(())
+                }
+                None => {
+                    self.docker.create_isolated_network(network).map_err(|e| e.into_proxy_error(&what))?;
+                    log::info!("created docker network {network} (inter-container traffic off)");
+                    Ok(())
+                }
+            }
+        }
+
         pub fn docker_ok(&self) -> Result<(), String> {
             lock(&self.docker_status).clone()
         }
@@ -2334,7 +2450,7 @@ mod relay {
     //! Owns carrying a request to its container and the answer back: HTTP streamed both
     //! ways (one retry, on a fresh lease, when the container never answered) and
     //! WebSocket frames relayed unchanged. Calls `http1`, `auth` (key headers), `containers`.
-    use crate::auth::{self, describe_ureq_error, Credential, KeySource};
+    use crate::auth::{self, describe_ureq_error, Credential};
     use crate::config::{Config, KeyMode};
     use crate::containers::Want;
     use crate::error::ProxyError;
@@ -2394,7 +2510,6 @@ mod relay {
     /// credential headers, Host and Expect; plus X-Forwarded-*, and the key when given.
     pub fn upstream_request_headers(
         incoming: &Incoming,
-        source: KeySource,
         forward_key: Option<&str>,
         address: SocketAddr,
     ) -> Vec<(String, String)> {
@@ -2404,7 +2519,7 @@ mod relay {
             let lower = name.to_ascii_lowercase();
             let dropped = is_hop_by_hop(&lower, &connection)
                 || matches!(lower.as_str(), "host" | "expect" | "x-forwarded-for" | "content-length")
-                || auth::is_credential_header(&lower, source);
+                || auth::is_credential_header(&lower);
             if !dropped {
                 out.push((name.clone(), value.clone()));
             }
@@ -2522,7 +2637,7 @@ mod relay {
         credential: &Credential,
         address: SocketAddr,
     ) -> Result<ureq::http::Response<ureq::Body>, Failure> {
-        let headers = upstream_request_headers(incoming, credential.source, upstream.forward_key(credential), address);
+        let headers = upstream_request_headers(incoming, upstream.forward_key(credential), address);
         let url = format!("http://{address}{}", incoming.target);
         let mut builder = ureq::http::Request::builder().method(incoming.method.as_str()).uri(&url);
         for (name, value) in &headers {
@@ -2743,7 +2858,7 @@ mod relay {
             .map_err(|e| ProxyError::ContainerUnreachable(format!("socket: {e}")))?;
         let _ = stream.set_read_timeout(Some(proxy.cfg.response_timeout));
         let forward_key = proxy.upstream.forward_key(credential);
-        let handshake = websocket_handshake(incoming, credential.source, forward_key, lease.address);
+        let handshake = websocket_handshake(incoming, forward_key, lease.address);
         let (status, headers) = (&stream)
             .write_all(handshake.as_bytes())
             .and_then(|_| http1::read_response_head(&mut reader))
@@ -2829,14 +2944,9 @@ mod relay {
 
     /// The upgrade request for the container. The client's Sec-WebSocket-Key is passed
     /// on, so the container's Sec-WebSocket-Accept is valid for the client too.
-    fn websocket_handshake(
-        incoming: &Incoming,
-        source: KeySource,
-        forward_key: Option<&str>,
-        address: SocketAddr,
-    ) -> String {
+    fn websocket_handshake(incoming: &Incoming, forward_key: Option<&str>, address: SocketAddr) -> String {
         let mut out = format!("GET {} HTTP/1.1\r\n", incoming.target);
-        let mut headers = upstream_request_headers(incoming, source, forward_key, address);
+        let mut headers = upstream_request_headers(incoming, forward_key, address);
         headers.push(("Connection".into(), "Upgrade".into()));
         headers.push(("Upgrade".into(), "websocket".into()));
         for (name, value) in headers {
@@ -2907,7 +3017,7 @@ mod ops {
     //! same figures as JSON and Prometheus text), and the `check` and `cleanup`
     //! commands. Calls `registry` (figures), `docker` (verbs), `auth` (Outline).
     use crate::auth::{self, Verifier};
-    use crate::config::Config;
+    use crate::config::{Config, KeyMode};
     use crate::docker::{first_line, Docker};
     use crate::error::ProxyError;
     use crate::front::{identify, reject, LogContext, RouteResult};
@@ -3103,6 +3213,13 @@ mod ops {
             ok &= passed;
         };
         report(true, format!("settings are valid (listen {}, key mode {:?})", cfg.listen, cfg.key_mode));
+        if cfg.key_mode == KeyMode::Env {
+            println!(
+                "! key mode env: each container holds its user's key, and mcp-outline uses it for a request \
+                 without one, so any process on this host that can reach the container acts as that user; \
+                 Docker also keeps the key in its container config on disk. Prefer header mode (mcp-outline >= 1.6)."
+            );
+        }
         let docker = Docker::new(&cfg.docker);
         let version = docker.server_version();
         match &version {
@@ -3114,9 +3231,27 @@ mod ops {
                 Ok(()) => report(true, format!("image {} is present", cfg.image)),
                 Err(_) => report(false, format!("image {} is missing: docker pull {}", cfg.image, cfg.image)),
             }
-            match docker.network_present(&cfg.network) {
-                Ok(()) => report(true, format!("docker network {} exists", cfg.network)),
-                Err(_) => report(false, format!("docker network {} does not exist", cfg.network)),
+            match docker.network_icc(&cfg.network) {
+                Ok(Some(false)) => report(
+                    true,
+                    format!("docker network {} keeps containers apart (inter-container traffic off)", cfg.network),
+                ),
+                Ok(Some(true)) => report(
+                    false,
+                    format!(
+                        "docker network {} lets containers reach each other: set MCP_PROXY_NETWORK to a network \
+                         the proxy makes itself (it creates a missing one with enable_icc=false)",
+                        cfg.network
+                    ),
+                ),
+                Ok(None) => report(
+                    true,
+                    format!("docker network {} will be created at start-up, inter-container traffic off", cfg.network),
+                ),
+                Err(e) => report(
+                    false,
+                    format!("cannot inspect docker network {}: {}", cfg.network, first_line(&e.message())),
+                ),
             }
             match docker.list_managed(&cfg.network, &cfg.prefix) {
                 Ok(list) => report(
@@ -3204,14 +3339,15 @@ mod background {
     use crate::error::ProxyError;
     use crate::util::lock;
     use crate::Proxy;
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
     use std::thread;
     use std::time::Duration;
 
-    /// Starts both threads; one that cannot be started stops start-up.
+    /// Starts both threads, each supervised; one that cannot be started stops start-up.
     pub fn spawn(proxy: &Arc<Proxy>) -> Result<(), String> {
         let sleeper = proxy.clone();
-        thread::Builder::new()
+        let handle = thread::Builder::new()
             .name("sleeper".into())
             .spawn(move || loop {
                 thread::sleep(sleeper.cfg.sweep_interval);
@@ -3219,15 +3355,34 @@ mod background {
                 sleeper.auth.prune();
             })
             .map_err(|e| format!("cannot start the sleeper thread: {e}"))?;
+        supervise(proxy, "sleeper", handle)?;
         let watcher = proxy.clone();
-        thread::Builder::new()
+        let handle = thread::Builder::new()
             .name("docker-watch".into())
             .spawn(move || loop {
                 thread::sleep(Duration::from_secs(5));
                 watch_docker(&watcher.containers);
             })
             .map_err(|e| format!("cannot start the Docker watcher thread: {e}"))?;
-        Ok(())
+        supervise(proxy, "Docker watcher", handle)
+    }
+
+    /// Liveness the service manager can see: if a thread the proxy cannot do without
+    /// (accepting, the sleeper, the watcher) ever ends while not stopping, the process
+    /// exits with 70, and systemd's `Restart=on-failure` starts it again.
+    pub fn supervise(proxy: &Arc<Proxy>, what: &'static str, handle: thread::JoinHandle<()>) -> Result<(), String> {
+        let proxy = proxy.clone();
+        thread::Builder::new()
+            .name("supervisor".into())
+            .spawn(move || {
+                let how = if handle.join().is_err() { "panicked" } else { "returned" };
+                if !proxy.life.stopping.load(Ordering::SeqCst) {
+                    log::error!("the {what} thread {how}; exiting so the service manager restarts the proxy");
+                    std::process::exit(70);
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| format!("cannot supervise the {what} thread: {e}"))
     }
 
     /// One pass of the sleeper: stop idle containers (side by side, so one slow
@@ -3276,6 +3431,7 @@ mod background {
     /// restarted proxy reuses every container.
     fn rediscover(containers: &Containers) -> Result<usize, ProxyError> {
         let cfg = &containers.cfg;
+        containers.ensure_network()?;
         let listed = containers
             .docker
             .list_managed(&cfg.network, &cfg.prefix)
@@ -3549,7 +3705,7 @@ mod tests {
         assert_eq!(cfg.container_port, 3000);
         assert_eq!(cfg.ready_path, "/health");
         assert_eq!(cfg.prefix, "mcp-");
-        assert_eq!(cfg.network, "bridge");
+        assert_eq!(cfg.network, "outline-mcp-proxy");
         assert_eq!(cfg.memory_bytes, 256 << 20);
         assert_eq!(cfg.cpus, 0.3);
         assert_eq!(cfg.pids_limit, 128);
@@ -3561,6 +3717,7 @@ mod tests {
         assert_eq!(cfg.auth_fail_ttl, Duration::from_secs(10));
         assert_eq!(cfg.start_timeout, Duration::from_secs(60));
         assert_eq!(cfg.max_running, 0);
+        assert_eq!(cfg.max_connections, 1500);
         assert_eq!(cfg.max_body, 10 << 20);
         assert_eq!(cfg.stats_user, "admin");
         assert_eq!(cfg.stats_password, None);
@@ -3674,7 +3831,7 @@ mod tests {
             ("X-Forwarded-For", "1.2.3.4"),
         ]);
         let addr: SocketAddr = "172.17.0.5:3000".parse().unwrap();
-        let out = upstream_request_headers(&inc, KeySource::KeyHeader, Some("client-key"), addr);
+        let out = upstream_request_headers(&inc, Some("client-key"), addr);
         let names: Vec<String> = out.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
         for gone in ["connection", "x-private", "keep-alive", "te", "proxy-authorization"] {
             assert!(!names.contains(&gone.to_string()), "{gone} forwarded");
@@ -3687,13 +3844,16 @@ mod tests {
         assert_eq!(header_value(&out, "x-forwarded-host"), Some("proxy.example.com"));
         assert_eq!(out.iter().filter(|(n, _)| n.eq_ignore_ascii_case("x-outline-api-key")).count(), 1);
         // env mode: the container holds the key, requests do not carry it
-        let env_mode = upstream_request_headers(&inc, KeySource::KeyHeader, None, addr);
+        let env_mode = upstream_request_headers(&inc, None, addr);
         assert!(header_value(&env_mode, "x-outline-api-key").is_none());
-        // a key sent as Bearer is not passed on as Authorization
+        // a key sent as Bearer is not passed on as Authorization; nor is a second key
+        // beside X-Outline-API-Key: only the checked key reaches the container
         let bearer = incoming(&[("Authorization", "Bearer k")]);
-        assert!(
-            header_value(&upstream_request_headers(&bearer, KeySource::Bearer, None, addr), "authorization").is_none()
-        );
+        assert!(header_value(&upstream_request_headers(&bearer, None, addr), "authorization").is_none());
+        let both = incoming(&[("X-Outline-API-Key", "checked"), ("Authorization", "Bearer another")]);
+        let out = upstream_request_headers(&both, Some("checked"), addr);
+        assert!(header_value(&out, "authorization").is_none());
+        assert_eq!(header_value(&out, "x-outline-api-key"), Some("checked"));
     }
 
     #[test]

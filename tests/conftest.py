@@ -110,10 +110,13 @@ class Proxy:
         self.port = int(env["MCP_PROXY_LISTEN"].rsplit(":", 1)[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = None
+        self.wrapper = []  # a command to run the binary under (prlimit, setpriv, ...)
+        self.binary = BINARY
 
     def start(self, wait=True):
         self.log_file = open(self.log_path, "ab")
-        self.process = subprocess.Popen([str(BINARY)], env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.wrapper + [str(self.binary)], env=self.env, stdout=self.log_file,
+                                        stderr=subprocess.STDOUT)
         if wait:
             wait_for(self._answers, timeout=20, what="the proxy to listen")
         return self
@@ -221,3 +224,23 @@ def make_proxy(outline, gateway, tmp_path):
     for p in started:
         p.stop(sig=signal.SIGKILL)
         p.cleanup()
+
+
+@pytest.fixture(scope="session")
+def mcp_outline_image():
+    """Built once per run (and reused across runs while the pins are the same)."""
+    r = subprocess.run([str(ROOT / "tests" / "build-mcp-outline-image.sh")], capture_output=True, text=True,
+                       timeout=1200)
+    if r.returncode != 0:
+        pytest.fail(f"could not build the mcp-outline image:\n{r.stderr[-3000:]}", pytrace=False)
+    return r.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture()
+def real_proxy(make_proxy, mcp_outline_image):
+    def factory(**settings):
+        settings.setdefault("image", mcp_outline_image)
+        settings.setdefault("start_timeout", "90s")
+        return make_proxy(**settings)
+
+    return factory

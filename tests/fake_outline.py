@@ -95,13 +95,14 @@ class FakeOutline:
         self.server.shutdown()
         self.server.server_close()
 
-    def add_user(self, name):
-        """Registers a user; returns its fresh API key."""
+    def add_user(self, name, display_name=None):
+        """Registers a user (shown as display_name, else the name capitalised); returns
+        its fresh API key."""
         key = f"ol_api_{name}_{secrets.token_hex(16)}"
         uid = secrets.token_hex(8)
         self.users[key] = {
             "id": uid,
-            "name": name.capitalize(),
+            "name": display_name if display_name is not None else name.capitalize(),
             "email": f"{name}@example.com",
             "documents": [
                 {"id": f"doc-{name}-{i}", "title": f"{name.capitalize()}'s note {i}",

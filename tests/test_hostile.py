@@ -23,9 +23,13 @@ def raw_exchange(proxy, data, timeout=5.0, shut_write=False):
     """Sends bytes as they are; returns (status or None, headers, body, closed)."""
     s = socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout)
     try:
-        s.sendall(data)
-        if shut_write:
-            s.shutdown(socket.SHUT_WR)
+        try:
+            s.sendall(data)
+            if shut_write:
+                s.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before the rest was read (a 413 at once): the answer still waits
+
         received = b""
         closed = False
         deadline = time.monotonic() + timeout

@@ -353,7 +353,7 @@ def test_containers_are_hardened_and_limited(make_proxy, outline):
     assert "/tmp" in host["Tmpfs"]
     assert host["RestartPolicy"]["Name"] == "unless-stopped"
     assert host["LogConfig"]["Config"]["max-size"] == "5m"
-    assert host["NetworkMode"] == "bridge"
+    assert host["NetworkMode"] == "outline-mcp-proxy"  # its own network, inter-container traffic off
     assert not host.get("PortBindings")
     assert info["Config"]["User"] == "65534:65534"
     assert info["Config"]["Labels"]["outline-mcp-proxy.managed"] == "true"

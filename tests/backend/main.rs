@@ -13,7 +13,8 @@
 //!   GET  /ws-refuse         refuses the upgrade with 403
 //!   ANY  /empty             202 with an empty body (Content-Length: 0), as MCP answers a notification
 //!   GET  /seen              every request target received so far (to prove what never arrived)
-//! BACKEND_MODE=exit exits at once with code 3; BACKEND_BOOT_MS delays listening.
+//! BACKEND_MODE=exit exits at once with code 3; BACKEND_BOOT_MS delays listening;
+//! BACKEND_MODE=probe with PROBE_ADDR=ip:port exits 0 if it can connect there, else 1.
 
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -49,15 +50,47 @@ fn main() {
         eprintln!("BACKEND_MODE=exit: exiting");
         std::process::exit(3);
     }
+    if mode == "probe" {
+        std::process::exit(probe());
+    }
     if let Some(ms) = std::env::var("BACKEND_BOOT_MS").ok().and_then(|v| v.parse().ok()) {
         std::thread::sleep(Duration::from_millis(ms));
     }
     let port = std::env::var("MCP_PORT").unwrap_or_else(|_| "3000".into());
     let listener = TcpListener::bind(format!("0.0.0.0:{port}")).expect("bind");
+    widen_backlog(&listener);
     eprintln!("test backend listening on {port}");
     for stream in listener.incoming().flatten() {
         let never_ready = mode == "never-ready";
         std::thread::spawn(move || serve_connection(stream, never_ready));
+    }
+}
+
+/// Listens with uvicorn's backlog (2048), as mcp-outline does; std's is 128.
+fn widen_backlog(listener: &TcpListener) {
+    use std::os::fd::AsRawFd;
+    extern "C" {
+        fn listen(fd: i32, backlog: i32) -> i32;
+    }
+    // SAFETY: the listener's own open descriptor; only its backlog changes.
+    unsafe {
+        listen(listener.as_raw_fd(), 2048);
+    }
+}
+
+/// BACKEND_MODE=probe: can this container open a TCP connection to PROBE_ADDR
+/// (ip:port)? Exit 0 when it can, 1 when it cannot within 2 s, 2 on a bad address.
+fn probe() -> i32 {
+    let Some(addr) = std::env::var("PROBE_ADDR").ok().and_then(|a| a.parse().ok()) else {
+        eprintln!("PROBE_ADDR must be ip:port");
+        return 2;
+    };
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("probe {addr}: {e}");
+            1
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use std::io::Error as IoError;
 use std::io::Result as IoResult;
 use std::io::{BufReader, BufWriter, ErrorKind, Read};
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream}; // PATCH: the socket handle
 use std::str::FromStr;
 
 use crate::common::{HTTPVersion, Method};
@@ -38,6 +38,9 @@ pub struct ClientConnection {
     // PATCH: a second handle on the TCP socket, given to each request
     control: Option<std::sync::Arc<TcpStream>>,
 
+    // PATCH: how errors found while reading a request are worded (the embedder's format)
+    error_page: Option<crate::ErrorPage>,
+
     // PATCH: raised by a request's handler (`Request::close_connection`): no further
     // request is read from this connection, whatever is still buffered
     closing: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -69,7 +72,9 @@ impl ClientConnection {
     pub fn new(
         write_socket: RefinedTcpStream,
         mut read_socket: RefinedTcpStream,
+        // PATCH: the socket handle and the embedder's error page
         control: Option<TcpStream>,
+        error_page: Option<crate::ErrorPage>,
     ) -> ClientConnection {
         // one shared handle for every request of the connection (no dup per request)
         let control = control.map(std::sync::Arc::new);
@@ -86,8 +91,10 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            // PATCH: the socket handle, the close flag, the error page
             control,
             closing: Default::default(),
+            error_page,
         }
     }
 
@@ -139,6 +146,7 @@ impl ClientConnection {
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
+                // PATCH: an over-long line, a bad request line and an idle timeout told apart
                 let line = self.read_next_line().map_err(|e| match e.kind() {
                     ErrorKind::InvalidData => ReadError::HeadersTooLarge,
                     ErrorKind::InvalidInput => ReadError::WrongRequestLine,
@@ -204,6 +212,7 @@ impl ClientConnection {
             *self.remote_addr.as_ref().unwrap(),
             data_source,
             writer,
+            // PATCH: the socket handle and the close flag, for each request
             self.control.clone(),
             self.closing.clone(),
         )
@@ -214,6 +223,7 @@ impl ClientConnection {
                 request::RequestCreationError::ExpectationFailed => {
                     ReadError::ExpectationFailed(version)
                 }
+                // PATCH: ambiguous Content-Length / Transfer-Encoding
                 request::RequestCreationError::AmbiguousFraming(why) => {
                     ReadError::AmbiguousFraming(version, why)
                 }
@@ -231,7 +241,7 @@ impl Iterator for ClientConnection {
     /// Blocks until the next Request is available.
     /// Returns None when no new Requests will come from the client.
     fn next(&mut self) -> Option<Request> {
-
+        // PATCH: answers are built by error_answer (upstream imported Response here)
         // the client sent a "connection: close" header in this previous request
         //  or is using HTTP 1.0, meaning that no new request will come
         if self.no_more_requests {
@@ -242,7 +252,8 @@ impl Iterator for ClientConnection {
             let rq = match self.read() {
                 Err(ReadError::WrongRequestLine) => {
                     let writer = self.sink.next().unwrap();
-                    let response = json_error(400, "bad_request", "The request line is not valid HTTP/1.1.");
+                    // PATCH: every error below is worded by error_answer (the embedder's page)
+                    let response = error_answer(self.error_page.as_ref(), 400, "The request line is not valid HTTP/1.1.");
                     response
                         .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                         .ok();
@@ -252,7 +263,9 @@ impl Iterator for ClientConnection {
 
                 Err(ReadError::WrongHeader(ver)) => {
                     let writer = self.sink.next().unwrap();
-                    let response = json_error(400, "bad_request", "A header line is not valid HTTP.");
+                    // PATCH: worded by error_answer; over-long heads are a 431, an idle
+                    // keep-alive ends quietly
+                    let response = error_answer(self.error_page.as_ref(), 400, "A header line is not valid HTTP.");
                     response.raw_print(writer, ver, &[], false, None).ok();
                     return None; // we don't know where the next request would start,
                                  // se we have to close
@@ -260,7 +273,7 @@ impl Iterator for ClientConnection {
 
                 Err(ReadError::HeadersTooLarge) => {
                     let writer = self.sink.next().unwrap();
-                    let response = json_error(431, "headers_too_large", "The request's headers are too large or too many.");
+                    let response = error_answer(self.error_page.as_ref(), 431, "The request's headers are too large or too many.");
                     response
                         .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                         .ok();
@@ -271,7 +284,7 @@ impl Iterator for ClientConnection {
 
                 Err(ReadError::AmbiguousFraming(ver, why)) => {
                     let writer = self.sink.next().unwrap();
-                    let response = json_error(400, "bad_request", why);
+                    let response = error_answer(self.error_page.as_ref(), 400, why);
                     response.raw_print(writer, ver, &[], false, None).ok();
                     return None; // where the next request would start is unknown: close
                 }
@@ -281,7 +294,7 @@ impl Iterator for ClientConnection {
                 {
                     // request timeout
                     let writer = self.sink.next().unwrap();
-                    let response = json_error(408, "request_timeout", "The request's headers did not arrive in time.");
+                    let response = error_answer(self.error_page.as_ref(), 408, "The request's headers did not arrive in time.");
                     response
                         .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                         .ok();
@@ -290,7 +303,8 @@ impl Iterator for ClientConnection {
 
                 Err(ReadError::ExpectationFailed(ver)) => {
                     let writer = self.sink.next().unwrap();
-                    let response = json_error(417, "expectation_failed", "Only Expect: 100-continue is supported.");
+                    // PATCH: worded by error_answer, and the connection closed
+                    let response = error_answer(self.error_page.as_ref(), 417, "Only Expect: 100-continue is supported.");
                     response.raw_print(writer, ver, &[], false, None).ok();
                     return None; // TODO: should be recoverable, but needs handling in case of body
                 }
@@ -303,7 +317,7 @@ impl Iterator for ClientConnection {
             // checking HTTP version
             if *rq.http_version() > (1, 1) {
                 let writer = self.sink.next().unwrap();
-                let response = json_error(505, "http_version_not_supported", "This server only supports HTTP versions 1.0 and 1.1.");
+                let response = error_answer(self.error_page.as_ref(), 505, "This server only supports HTTP versions 1.0 and 1.1.");
                 response
                     .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                     .ok();
@@ -338,15 +352,20 @@ impl Iterator for ClientConnection {
 }
 
 /// PATCH (outline-mcp-proxy): errors found while reading a request are answered with
-/// a JSON body `{"error","message"}` and the connection is closed.
-fn json_error(status: u16, code: &str, message: &str) -> crate::Response<std::io::Cursor<Vec<u8>>> {
-    let body = format!("{{\"error\":\"{}\",\"message\":\"{}\"}}", code, message);
-    crate::Response::from_data(body.into_bytes())
+/// their status and a reason, in the embedder's words when it gave an error page (else
+/// as plain text), and the connection is closed.
+fn error_answer(
+    page: Option<&crate::ErrorPage>,
+    status: u16,
+    reason: &str,
+) -> crate::Response<std::io::Cursor<Vec<u8>>> {
+    let (content_type, body) = crate::error_page_or_plain(page, status, reason);
+    crate::Response::from_data(body)
         .with_status_code(crate::StatusCode(status))
         .with_header(
-            "Content-Type: application/json"
+            format!("Content-Type: {}", content_type)
                 .parse::<crate::Header>()
-                .expect("static header"),
+                .unwrap_or_else(|_| "Content-Type: text/plain".parse().expect("static header")),
         )
         .with_header("Connection: close".parse::<crate::Header>().expect("static header"))
 }

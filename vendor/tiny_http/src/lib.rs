@@ -141,6 +141,63 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // PATCH (outline-mcp-proxy): connections being served (with a handler), and the
+    // accept thread, so the embedding program can notice that it ended
+    live_connections: Arc<std::sync::atomic::AtomicUsize>,
+    accept_thread: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
+}
+
+/// PATCH (outline-mcp-proxy): how the embedding program words an error the library
+/// answers by itself (a malformed request, a connection over the cap): given the status
+/// and a reason, the content type and body. Without one, the reason as plain text.
+pub type ErrorPage = Arc<dyn Fn(u16, &str) -> (String, Vec<u8>) + Send + Sync>;
+
+/// PATCH (outline-mcp-proxy): a handler for each request on its connection's own
+/// thread, the most connections served at once (0: no cap), and the error page.
+#[derive(Clone)]
+pub struct Handling {
+    pub handler: Arc<dyn Fn(Request) + Send + Sync>,
+    pub max_connections: usize,
+    pub error_page: Option<ErrorPage>,
+}
+
+fn error_page_or_plain(page: Option<&ErrorPage>, status: u16, reason: &str) -> (String, Vec<u8>) {
+    match page {
+        Some(page) => page(status, reason),
+        None => ("text/plain".to_string(), format!("{}\n", reason).into_bytes()),
+    }
+}
+
+/// PATCH (outline-mcp-proxy): counts a connection as live while its thread runs.
+struct LiveConnection(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for LiveConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// PATCH (outline-mcp-proxy): a connection beyond the cap gets a plain 503 and is
+/// closed, before a thread is spent on it. The embedding program words its own errors;
+/// this one never reaches it.
+fn refuse_busy(mut sock: Connection, page: Option<&ErrorPage>) {
+    use std::io::Write;
+    if let Connection::Tcp(ref s) = sock {
+        let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+    }
+    let (content_type, body) =
+        error_page_or_plain(page, 503, "The proxy is serving as many connections as it may; try again shortly.");
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        content_type,
+        body.len()
+    );
+    let _ = sock.write_all(head.as_bytes()).and_then(|_| sock.write_all(&body));
+    let _ = sock.flush();
+    if let Connection::Tcp(ref s) = sock {
+        let _ = s.shutdown(Shutdown::Write);
+    }
 }
 
 enum Message {
@@ -261,7 +318,7 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
         read_timeout: Option<std::time::Duration>,
-        handler: Option<Arc<dyn Fn(Request) + Send + Sync>>,
+        handling: Option<Handling>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
         // building the "close" variable
@@ -305,7 +362,10 @@ impl Server {
 
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
-        thread::spawn(move || {
+        // PATCH: live connections counted; the accept thread kept, named, and its spawn checked
+        let live_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let inside_live = live_connections.clone();
+        let accept_thread = thread::Builder::new().name("accept".into()).spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
 
@@ -314,6 +374,15 @@ impl Server {
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
+                        // PATCH: over the cap, refused before a thread is spent
+                        if let Some(h) = handling.as_ref() {
+                            let live = inside_live.load(std::sync::atomic::Ordering::SeqCst);
+                            if h.max_connections > 0 && live >= h.max_connections {
+                                log::warn!("at the connection cap ({}): refusing one with 503", h.max_connections);
+                                refuse_busy(sock, h.error_page.as_ref());
+                                continue;
+                            }
+                        }
                         // PATCH: header timeout, and a handle on the socket for the request
                         let control = sock.tcp_control(read_timeout);
                         let (read_closable, write_closable) = match ssl {
@@ -341,25 +410,41 @@ impl Server {
                             Some(ref _ssl) => unreachable!(),
                         };
 
-                        Ok(ClientConnection::new(write_closable, read_closable, control))
+                        let page = handling.as_ref().and_then(|h| h.error_page.clone());
+                        Ok(ClientConnection::new(write_closable, read_closable, control, page))
                     }
                     Err(e) => Err(e),
                 };
 
                 match new_client {
                     Ok(client) => {
+                        if let Some(handler) = handling.as_ref().map(|h| h.handler.clone()) {
+                            // PATCH: a thread of its own for every connection, straight
+                            // from accept (the pool's "is a thread waiting?" check raced:
+                            // a burst queued connections behind threads that never came
+                            // back from a stream). A thread that cannot be had (a task
+                            // limit, memory) costs this connection only: it is closed,
+                            // logged, and accepting goes on.
+                            inside_live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let live = LiveConnection(inside_live.clone());
+                            let spawned = thread::Builder::new().name("conn".into()).spawn(move || {
+                                let _live = live;
+                                // PATCH: handled here, in order, on this connection's thread
+                                for rq in client {
+                                    handler(rq);
+                                }
+                            });
+                            if let Err(e) = spawned {
+                                log::error!("no thread for a new connection ({}): closed it", e);
+                            }
+                            continue;
+                        }
                         let messages = inside_messages.clone();
-                        let handler = handler.clone();
                         let mut client = Some(client);
                         tasks_pool.spawn(Box::new(move || {
                             if let Some(client) = client.take() {
-                                if let Some(handler) = handler.as_ref() {
-                                    // PATCH: handled here, in order, on this connection's thread
-                                    for rq in client {
-                                        handler(rq);
-                                    }
                                 // Synchronization is needed for HTTPS requests to avoid a deadlock
-                                } else if client.secure() {
+                                if client.secure() {
                                     let (sender, receiver) = mpsc::channel();
                                     for rq in client {
                                         messages.push(rq.with_notify_sender(sender.clone()).into());
@@ -384,13 +469,15 @@ impl Server {
                 }
             }
             log::debug!("Terminating accept thread");
-        });
+        })?;
 
         // result
         Ok(Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            live_connections,
+            accept_thread: std::sync::Mutex::new(Some(accept_thread)),
         })
     }
 
@@ -409,9 +496,16 @@ impl Server {
     }
 
     /// Returns the number of clients currently connected to the server.
+    /// PATCH (outline-mcp-proxy): the connections being served with a handler
+    /// (upstream's was `unimplemented!()`).
     pub fn num_connections(&self) -> usize {
-        unimplemented!()
-        //self.requests_receiver.lock().len()
+        self.live_connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// PATCH (outline-mcp-proxy): the accept thread's handle (once), so the embedding
+    /// program can notice if accepting ever ends.
+    pub fn take_accept_thread(&self) -> Option<thread::JoinHandle<()>> {
+        self.accept_thread.lock().ok().and_then(|mut handle| handle.take())
     }
 
     /// Blocks until an HTTP request has been submitted and returns it.

@@ -2,7 +2,7 @@ use std::io::Error as IoError;
 use std::io::{self, Cursor, ErrorKind, Read, Write};
 
 use std::fmt;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream}; // PATCH: the socket handle
 use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
@@ -186,6 +186,7 @@ pub fn new_request<R, W>(
     remote_addr: Option<SocketAddr>,
     mut source_data: R,
     writer: W,
+    // PATCH: the connection's socket handle and close flag
     socket: Option<std::sync::Arc<TcpStream>>,
     closing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Request, RequestCreationError>
@@ -268,6 +269,8 @@ where
             Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
         } else {
             let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
+            // PATCH (outline-mcp-proxy): not drained once the handler closes the connection
+            let data_reader = data_reader.skip_drain_when(closing.clone());
             Box::new(FusedReader::new(data_reader)) as Box<dyn Read + Send + 'static>
         }
     } else if transfer_encoding.is_some() {
@@ -293,6 +296,7 @@ where
         body_length: content_length,
         must_send_continue: expects_continue,
         notify_when_responded: None,
+        // PATCH
         socket,
         closing,
     })
@@ -433,16 +437,6 @@ impl Request {
         self.data_reader.as_mut().unwrap()
     }
 
-    /// Turns the `Request` into a writer.
-    ///
-    /// The writer has a raw access to the stream to the user.
-    /// This function is useful for things like CGI.
-    ///
-    /// Note that the destruction of the `Writer` object may trigger
-    /// some events. For exemple if a client has sent multiple requests and the requests
-    /// have been processed in parallel, the destruction of a writer will trigger
-    /// the writing of the next response.
-    /// Therefore you should always destroy the `Writer` as soon as possible.
     /// PATCH (outline-mcp-proxy): the connection's TCP socket, to change its timeouts
     /// or to shut it down (which also wakes a thread blocked reading it).
     /// None for Unix sockets.
@@ -476,6 +470,16 @@ impl Request {
         (reader, writer)
     }
 
+    /// Turns the `Request` into a writer.
+    ///
+    /// The writer has a raw access to the stream to the user.
+    /// This function is useful for things like CGI.
+    ///
+    /// Note that the destruction of the `Writer` object may trigger
+    /// some events. For exemple if a client has sent multiple requests and the requests
+    /// have been processed in parallel, the destruction of a writer will trigger
+    /// the writing of the next response.
+    /// Therefore you should always destroy the `Writer` as soon as possible.
     #[inline]
     pub fn into_writer(mut self) -> Box<dyn Write + Send + 'static> {
         let writer = self.extract_writer_impl();
@@ -597,6 +601,7 @@ impl<T> ReadWrite for T where T: Read + Write {}
 mod tests {
     use super::Request;
 
+    // PATCH (outline-mcp-proxy): the framing checks
     #[test]
     fn ambiguous_framing_is_refused() {
         use crate::{HTTPVersion, Header};

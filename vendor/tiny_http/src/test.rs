@@ -73,8 +73,8 @@ impl From<TestRequest> for Request {
             Some(mock.remote_addr),
             mock.body.as_bytes(),
             std::io::sink(),
-            None,
-            Default::default(),
+            None,               // PATCH: no socket handle
+            Default::default(), // PATCH: the close flag
         )
         .unwrap()
     }

@@ -15,6 +15,10 @@ where
     reader: R,
     size: usize,
     last_read_signal: Sender<IoResult<()>>,
+    // PATCH (outline-mcp-proxy): set when the handler closes the connection; then the
+    // unread rest is not drained (an error answered before the body, e.g. a 413 for a
+    // declared 10^13 bytes, goes out at once and the connection is closed unread)
+    skip_drain: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl<R> EqualReader<R>
@@ -28,9 +32,16 @@ where
             reader,
             size,
             last_read_signal: tx,
+            skip_drain: None,
         };
 
         (r, rx)
+    }
+
+    /// PATCH (outline-mcp-proxy): no drain on drop once `flag` is set.
+    pub fn skip_drain_when(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.skip_drain = Some(flag);
+        self
     }
 }
 
@@ -65,6 +76,12 @@ where
 {
     fn drop(&mut self) {
         let mut remaining_to_read = self.size;
+        // PATCH (outline-mcp-proxy): a connection being closed is not drained
+        if let Some(flag) = &self.skip_drain {
+            if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                remaining_to_read = 0;
+            }
+        }
 
         // PATCH (outline-mcp-proxy): upstream allocated the whole unread remainder
         // at once (a Content-Length of 10^13 aborted the process); drain in chunks.
