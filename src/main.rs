@@ -12,6 +12,7 @@
 //!   http1       the wire: request form, headers, framing, the one writer of heads
 //!   front       the front door: the listener, routing, the request's log line
 //!   auth        the key from the request, and Outline's verdict on it (cached)
+//!   sessions    the clients' MCP sessions, which outlive containers
 //!   registry    what the proxy knows of each container: plans, leases, sweeps (no I/O)
 //!   docker      every docker CLI call, as named verbs with typed results
 //!   containers  bringing a user's container to ready, and putting it to sleep
@@ -54,7 +55,8 @@ mod config {
         ("MCP_PROXY_BOOT_CPUS", "1", "CPU limit while a container boots, brought down to MCP_PROXY_CPUS once ready (0 = no boot burst)"),
         ("MCP_PROXY_PIDS_LIMIT", "128", "process limit per container"),
         ("MCP_PROXY_KEY_MODE", "header", "header: the key reaches the container per request as x-outline-api-key and never Docker; env: OUTLINE_API_KEY is set in the container (older images)"),
-        ("MCP_PROXY_IDLE_TIMEOUT", "15m", "stop a container idle this long (never one with a request or stream in flight)"),
+        ("MCP_PROXY_IDLE_TIMEOUT", "15m", "a container with no MCP traffic this long sleeps (a request, a response still streaming, or a WebSocket keeps it awake; a client's open notification stream does not)"),
+        ("MCP_PROXY_SSE_KEEPALIVE", "15s", "comment keep-alives on a client's notification stream while the proxy holds it (its container asleep or gone); below nginx's proxy_read_timeout"),
         ("MCP_PROXY_SWEEP_INTERVAL", "60s", "how often the sleeper thread looks"),
         ("MCP_PROXY_REMOVE_AFTER", "7d", "remove containers stopped this long (0 = never)"),
         ("MCP_PROXY_AUTH_TTL", "60s", "how long Outline's yes for a key is trusted (0 = ask on every request)"),
@@ -94,6 +96,7 @@ mod config {
         pub pids_limit: u32,
         pub key_mode: KeyMode,
         pub idle_timeout: Duration,
+        pub sse_keepalive: Duration,
         pub sweep_interval: Duration,
         pub remove_after: Option<Duration>,
         pub auth_ttl: Duration,
@@ -210,6 +213,10 @@ mod config {
                 return Err(bad_setting("MCP_PROXY_SWEEP_INTERVAL", "0", "more than 0"));
             }
             let remove_after = duration("MCP_PROXY_REMOVE_AFTER")?;
+            let sse_keepalive = duration("MCP_PROXY_SSE_KEEPALIVE")?;
+            if sse_keepalive.is_zero() {
+                return Err(bad_setting("MCP_PROXY_SSE_KEEPALIVE", "0", "more than 0"));
+            }
             let start_timeout = duration("MCP_PROXY_START_TIMEOUT")?;
             let response_timeout = duration("MCP_PROXY_RESPONSE_TIMEOUT")?;
             let header_timeout = duration("MCP_PROXY_HEADER_TIMEOUT")?;
@@ -257,6 +264,7 @@ mod config {
                 pids_limit,
                 key_mode,
                 idle_timeout: duration("MCP_PROXY_IDLE_TIMEOUT")?,
+                sse_keepalive,
                 sweep_interval,
                 remove_after: Some(remove_after).filter(|d| !d.is_zero()),
                 auth_ttl: duration("MCP_PROXY_AUTH_TTL")?,
@@ -440,6 +448,7 @@ fn run_serve(cfg: Config) -> ExitCode {
 pub struct Proxy {
     pub cfg: Config,
     pub auth: auth::Verifier,
+    pub sessions: Arc<sessions::Sessions>,
     pub containers: containers::Containers,
     pub upstream: relay::Upstream,
     pub life: Life,
@@ -449,9 +458,11 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(cfg: Config) -> Proxy {
+        let sessions = Arc::new(sessions::Sessions::default());
         Proxy {
             auth: auth::Verifier::new(&cfg),
-            containers: containers::Containers::new(&cfg),
+            containers: containers::Containers::new(&cfg, sessions.clone()),
+            sessions,
             upstream: relay::Upstream::new(&cfg),
             life: Life::default(),
             stats_credentials: ops::stats_credentials(&cfg),
@@ -958,6 +969,7 @@ mod front {
     use crate::containers::Want;
     use crate::error::ProxyError;
     use crate::http1::{self, Incoming};
+    use crate::sessions::{Route, SESSION_HEADER};
     use crate::{ops, relay, InFlight, Proxy};
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
@@ -1105,6 +1117,12 @@ mod front {
             Err(e) => return reject(request, e),
         };
         let want = Want::new(&proxy.cfg, name, &user, &credential);
+        if relay::is_notification_stream(incoming) {
+            let client_id = incoming.header(SESSION_HEADER).unwrap_or("").trim();
+            if let Route::Own { .. } = proxy.sessions.route(Some(client_id), &want.name, None) {
+                return relay::hold_stream(proxy, request, incoming, &credential, &want.name, client_id);
+            }
+        }
         let websocket = incoming.is_websocket_upgrade();
         let lease = match proxy.containers.acquire(&want, websocket, &proxy.life.stopping) {
             Ok(lease) => lease,
@@ -1418,6 +1436,232 @@ mod auth {
     }
 }
 
+mod sessions {
+    //! Owns the clients' MCP sessions: which client session id belongs to whom, which
+    //! upstream session (of which container incarnation) it stands for, the client's own
+    //! `initialize`, and when one must be opened again. Pure; calls `util` only.
+    use crate::util::{lock, Flight};
+    use serde_json::Value;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, AtomicUsize};
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::{Duration, Instant};
+
+    /// The header that names a session, both ways.
+    pub const SESSION_HEADER: &str = "mcp-session-id";
+    /// Sessions remembered per owner; the least recently used beyond it is forgotten.
+    const MAX_PER_OWNER: usize = 64;
+
+    /// A new upstream session being opened for a client session: waiters share it.
+    pub type Opening = Arc<Flight<Result<String, crate::error::ProxyError>>>;
+
+    struct ClientSession {
+        /// The container name it is bound to (who opened it, or first presented it).
+        owner: String,
+        upstream_id: String,
+        /// The container incarnation that issued `upstream_id`, when known.
+        incarnation: Option<String>,
+        /// The client's own `initialize` params, replayed to open a new upstream session.
+        init_params: Option<Value>,
+        last_used: Instant,
+        opening: Option<Opening>,
+        /// The client ended it (DELETE): never opened again, so the container's own 404
+        /// tells the client (kept, within the bound, only to remember that).
+        ended: bool,
+    }
+
+    /// What to do with a request's session header.
+    #[derive(Debug, PartialEq)]
+    pub enum Route {
+        /// No session: passed through untouched (stateless revisions, `initialize`).
+        Plain,
+        /// Another owner's session id, or one its client ended: sent as it came, never
+        /// mapped or reopened, so the container answers it (404).
+        Foreign,
+        /// The owner's session, sent upstream as `upstream_id`. `stale`: the proxy knows
+        /// the container that issued it is gone, so a new one must be opened first.
+        Own { client_id: String, upstream_id: String, stale: bool },
+    }
+
+    /// How to open a new upstream session for a client session.
+    pub enum Reopen {
+        /// This request opens it (and must call `reopened` or `reopen_failed`).
+        Lead(Opening, Option<Value>),
+        /// Another request is opening it: wait for its result.
+        Follow(Opening),
+    }
+
+    #[derive(Default)]
+    pub struct Counters {
+        pub resurrections: AtomicU64,
+        pub held_streams: AtomicUsize,
+    }
+
+    pub struct Sessions {
+        table: Mutex<HashMap<String, ClientSession>>,
+        /// Bumped when a container starts or a session is (re)mapped: held streams wake.
+        changes: Mutex<u64>,
+        changed: Condvar,
+        pub counters: Counters,
+    }
+
+    impl Default for Sessions {
+        fn default() -> Sessions {
+            Sessions {
+                table: Mutex::new(HashMap::new()),
+                changes: Mutex::new(0),
+                changed: Condvar::new(),
+                counters: Counters::default(),
+            }
+        }
+    }
+
+    impl Sessions {
+        /// Decides how a request's session is sent. A session id the proxy has not seen
+        /// (after a restart, or on another host) is bound to the owner presenting it.
+        pub fn route(&self, client_id: Option<&str>, owner: &str, incarnation: Option<&str>) -> Route {
+            let Some(client_id) = client_id else { return Route::Plain };
+            let mut table = lock(&self.table);
+            let session = table.entry(client_id.to_string()).or_insert_with(|| ClientSession {
+                owner: owner.to_string(),
+                upstream_id: client_id.to_string(),
+                incarnation: None,
+                init_params: None,
+                last_used: Instant::now(),
+                opening: None,
+                ended: false,
+            });
+            if session.owner != owner || session.ended {
+                return Route::Foreign;
+            }
+            session.last_used = Instant::now();
+            let stale = matches!((&session.incarnation, incarnation), (Some(had), Some(now)) if had != now);
+            let route =
+                Route::Own { client_id: client_id.to_string(), upstream_id: session.upstream_id.clone(), stale };
+            self.bound_owner(&mut table, owner);
+            route
+        }
+
+        /// Forgets the least recently used of an owner's sessions beyond the bound.
+        fn bound_owner(&self, table: &mut HashMap<String, ClientSession>, owner: &str) {
+            let mut own: Vec<(Instant, String)> =
+                table.iter().filter(|(_, s)| s.owner == owner).map(|(id, s)| (s.last_used, id.clone())).collect();
+            if own.len() <= MAX_PER_OWNER {
+                return;
+            }
+            own.sort();
+            for (_, id) in own.iter().take(own.len() - MAX_PER_OWNER) {
+                table.remove(id);
+            }
+        }
+
+        /// The container answered for this session: it knows it in this incarnation.
+        pub fn confirm(&self, client_id: &str, incarnation: Option<&str>) {
+            if let (Some(session), Some(now)) = (lock(&self.table).get_mut(client_id), incarnation) {
+                if session.incarnation.as_deref() != Some(now) {
+                    session.incarnation = Some(now.to_string());
+                }
+            }
+        }
+
+        /// A client's own `initialize` was answered with a new session.
+        pub fn opened(&self, owner: &str, session_id: &str, incarnation: Option<&str>, init_params: Option<Value>) {
+            let mut table = lock(&self.table);
+            table.insert(
+                session_id.to_string(),
+                ClientSession {
+                    owner: owner.to_string(),
+                    upstream_id: session_id.to_string(),
+                    incarnation: incarnation.map(str::to_string),
+                    init_params,
+                    last_used: Instant::now(),
+                    opening: None,
+                    ended: false,
+                },
+            );
+            self.bound_owner(&mut table, owner);
+            drop(table);
+            self.notify_change();
+        }
+
+        /// Claims the reopening of a session, or joins the one under way.
+        pub fn reopen(&self, client_id: &str) -> Option<Reopen> {
+            let mut table = lock(&self.table);
+            let session = table.get_mut(client_id)?;
+            if let Some(opening) = &session.opening {
+                return Some(Reopen::Follow(opening.clone()));
+            }
+            let opening = Flight::new();
+            session.opening = Some(opening.clone());
+            Some(Reopen::Lead(opening, session.init_params.clone()))
+        }
+
+        /// A new upstream session stands for the client's from now on.
+        pub fn reopened(&self, client_id: &str, opening: &Opening, upstream_id: &str, incarnation: Option<&str>) {
+            if let Some(session) = lock(&self.table).get_mut(client_id) {
+                session.upstream_id = upstream_id.to_string();
+                session.incarnation = incarnation.map(str::to_string);
+                session.opening = None;
+            }
+            self.counters.resurrections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            opening.finish(Ok(upstream_id.to_string()));
+            self.notify_change();
+        }
+
+        pub fn reopen_failed(&self, client_id: &str, opening: &Opening, error: crate::error::ProxyError) {
+            if let Some(session) = lock(&self.table).get_mut(client_id) {
+                session.opening = None;
+            }
+            opening.finish(Err(error));
+        }
+
+        /// The client ended its session (DELETE): the mapping goes with it.
+        pub fn ended(&self, client_id: &str, owner: &str) {
+            if let Some(session) = lock(&self.table).get_mut(client_id).filter(|s| s.owner == owner) {
+                session.ended = true;
+                session.init_params = None;
+            }
+        }
+
+        /// The upstream id a held stream attaches with, when the session is the owner's
+        /// and was not issued by another incarnation than `incarnation`.
+        pub fn attachable(&self, client_id: &str, owner: &str, incarnation: Option<&str>) -> Option<String> {
+            let table = lock(&self.table);
+            let session = table.get(client_id).filter(|s| s.owner == owner && !s.ended)?;
+            match (&session.incarnation, incarnation) {
+                (Some(had), Some(now)) if had != now => None,
+                _ => Some(session.upstream_id.clone()),
+            }
+        }
+
+        /// Sessions per owner (container name), for /stats and /metrics.
+        pub fn per_owner(&self) -> HashMap<String, usize> {
+            let mut counts = HashMap::new();
+            for session in lock(&self.table).values().filter(|s| !s.ended) {
+                *counts.entry(session.owner.clone()).or_insert(0) += 1;
+            }
+            counts
+        }
+
+        pub fn notify_change(&self) {
+            *lock(&self.changes) += 1;
+            self.changed.notify_all();
+        }
+
+        pub fn generation(&self) -> u64 {
+            *lock(&self.changes)
+        }
+
+        /// Waits until something changed since `seen`, or `limit` passed.
+        pub fn wait_change(&self, seen: u64, limit: Duration) -> u64 {
+            let guard = lock(&self.changes);
+            let (guard, _) =
+                self.changed.wait_timeout_while(guard, limit, |now| *now == seen).unwrap_or_else(|e| e.into_inner());
+            *guard
+        }
+    }
+}
+
 mod registry {
     //! Owns what the proxy knows of each container (state, address, leases, counters)
     //! and every decision made on it: plans, sweep selection, the removal policy. Pure:
@@ -1457,6 +1701,8 @@ mod registry {
     pub struct Entry {
         pub state: State,
         pub address: Option<SocketAddr>,
+        /// Which process of the container answers there (see `ContainerInfo`).
+        pub incarnation: Option<String>,
         pub user: String,
         pub created_at: Option<SystemTime>,
         pub last_used: SystemTime,
@@ -1474,6 +1720,7 @@ mod registry {
             Entry {
                 state,
                 address: None,
+                incarnation: None,
                 user: String::new(),
                 created_at: None,
                 last_used: SystemTime::now(),
@@ -1515,6 +1762,7 @@ mod registry {
         registry: Arc<Registry>,
         pub name: String,
         pub address: SocketAddr,
+        pub incarnation: Option<String>,
         websocket: bool,
     }
 
@@ -1559,6 +1807,8 @@ mod registry {
         pub websockets: usize,
         pub requests_total: u64,
         pub address: Option<SocketAddr>,
+        /// Client sessions bound to it (filled in by `ops`).
+        pub sessions: usize,
     }
 
     /// The removal policy, for the sleeper and `cleanup` alike: stopped at least
@@ -1602,7 +1852,8 @@ mod registry {
                 if websocket {
                     entry.websockets += 1;
                 }
-                let lease = Lease { registry: self.clone(), name: name.to_string(), address, websocket };
+                let incarnation = entry.incarnation.clone();
+                let lease = Lease { registry: self.clone(), name: name.to_string(), address, incarnation, websocket };
                 return Ok(Plan::Route(lease));
             }
             let known = entry.state;
@@ -1656,12 +1907,21 @@ mod registry {
             }
         }
 
-        pub fn mark_running(&self, name: &str, address: SocketAddr) {
+        pub fn mark_running(&self, name: &str, address: SocketAddr, incarnation: Option<String>) {
             if let Some(entry) = lock(&self.entries).get_mut(name) {
                 entry.state = State::Running;
                 entry.address = Some(address);
+                entry.incarnation = incarnation;
                 entry.stopped_at = None;
             }
+        }
+
+        /// Where a running container answers, without a lease: for what must not keep
+        /// it awake (a held notification stream).
+        pub fn peek_running(&self, name: &str) -> Option<(SocketAddr, Option<String>)> {
+            let entries = lock(&self.entries);
+            let entry = entries.get(name).filter(|e| e.state == State::Running && e.transition.is_none())?;
+            Some((entry.address?, entry.incarnation.clone()))
         }
 
         /// A connection to the container failed: forget what we believed about it, so
@@ -1730,6 +1990,7 @@ mod registry {
                 }
                 entry.state = if info.running { State::Running } else { State::Stopped };
                 entry.address = info.address.map(|ip| SocketAddr::new(ip, port));
+                entry.incarnation = info.incarnation.clone();
                 entry.created_at = info.created_at;
                 entry.stopped_at = if info.running { None } else { info.finished_at };
                 if entry.user.is_empty() {
@@ -1769,6 +2030,7 @@ mod registry {
                     websockets: e.websockets,
                     requests_total: e.requests_total,
                     address: e.address,
+                    sessions: 0,
                 })
                 .collect();
             containers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1944,6 +2206,9 @@ mod docker {
     #[derive(Debug, Clone)]
     pub struct ContainerInfo {
         pub name: String,
+        /// Docker's id and the start time of its current process: a container that was
+        /// restarted or replaced has another one, and knows none of the sessions before.
+        pub incarnation: Option<String>,
         pub running: bool,
         pub restarting: bool,
         pub exit_code: i64,
@@ -1963,8 +2228,13 @@ mod docker {
                 let state = &c["State"];
                 let address =
                     c["NetworkSettings"]["Networks"][network]["IPAddress"].as_str().and_then(|ip| ip.parse().ok());
+                let incarnation = match (c["Id"].as_str(), state["StartedAt"].as_str()) {
+                    (Some(id), Some(started)) => Some(format!("{}@{started}", &id[..id.len().min(12)])),
+                    _ => None,
+                };
                 ContainerInfo {
                     name: c["Name"].as_str().unwrap_or("").trim_start_matches('/').to_string(),
+                    incarnation,
                     running: state["Running"].as_bool().unwrap_or(false),
                     restarting: state["Restarting"].as_bool().unwrap_or(false),
                     exit_code: state["ExitCode"].as_i64().unwrap_or(0),
@@ -2191,12 +2461,13 @@ mod containers {
     use crate::docker::{ContainerInfo, ContainerSpec, Docker, DockerError, Wake};
     use crate::error::ProxyError;
     use crate::registry::{Lease, Plan, Registry, State, StopOutcome, TransitionResult};
+    use crate::sessions::Sessions;
     use crate::util::{agent_base, lock};
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     use std::thread;
-    use std::time::{Duration, Instant, SystemTime};
+    use std::time::{Duration, Instant};
 
     /// The container a request wants: its name, its owner's label, and the key only
     /// where the container is to hold it (`env` mode).
@@ -2218,14 +2489,17 @@ mod containers {
         pub registry: Arc<Registry>,
         pub docker: Docker,
         ready_agent: ureq::Agent,
+        /// Told when a container starts, so held notification streams attach again.
+        sessions: Arc<Sessions>,
         /// Whether Docker answered at the watcher's last look (for /health).
         pub docker_status: Mutex<Result<(), String>>,
     }
 
     impl Containers {
-        pub fn new(cfg: &Config) -> Containers {
+        pub fn new(cfg: &Config, sessions: Arc<Sessions>) -> Containers {
             Containers {
                 cfg: cfg.clone(),
+                sessions,
                 registry: Arc::new(Registry::new(cfg.max_running)),
                 docker: Docker::new(&cfg.docker),
                 // the readiness probe: short, never pooled
@@ -2271,14 +2545,16 @@ mod containers {
             let begun = Instant::now();
             let name = &want.name;
             let how = self.wake(want, known)?;
-            let (address, created_at) = self.running_address(name)?;
-            self.registry.note_address(name, address, created_at);
+            let (address, info) = self.running_address(name)?;
+            self.registry.note_address(name, address, info.created_at);
             self.wait_until_ready(name, address)?;
             if how != Wake::Running {
                 log::info!("container {name} {} and ready in {}ms", how.as_str(), begun.elapsed().as_millis());
                 self.settle_cpus(name);
             }
-            self.registry.mark_running(name, address);
+            self.registry.mark_running(name, address, info.incarnation);
+            // held notification streams may attach again
+            self.sessions.notify_change();
             Ok(())
         }
 
@@ -2322,13 +2598,13 @@ mod containers {
                 .map_err(|e| e.into_proxy_error(&format!("inspect container {name}")))
         }
 
-        /// Where the container listens now that it runs (and when it was created).
-        fn running_address(&self, name: &str) -> Result<(SocketAddr, Option<SystemTime>), ProxyError> {
+        /// Where the container listens now that it runs, and what Docker says of it.
+        fn running_address(&self, name: &str) -> Result<(SocketAddr, ContainerInfo), ProxyError> {
             let info = self
                 .inspect(name)?
                 .ok_or_else(|| ProxyError::ContainerFailed(format!("Container {name} vanished while starting.")))?;
             match (info.address, info.restarting || !info.running) {
-                (Some(ip), false) => Ok((SocketAddr::new(ip, self.cfg.container_port), info.created_at)),
+                (Some(ip), false) => Ok((SocketAddr::new(ip, self.cfg.container_port), info)),
                 (_, true) => Err(ProxyError::ContainerFailed(format!(
                     "Container {name} exited (code {}) as it started; see `docker logs {name}`.",
                     info.exit_code
@@ -2457,13 +2733,15 @@ mod relay {
     use crate::front::{reject, RouteResult};
     use crate::http1::{self, header_tokens, header_value, is_hop_by_hop, Framing, Incoming};
     use crate::registry::Lease;
+    use crate::sessions::{Reopen, Route, SESSION_HEADER};
     use crate::util::agent_base;
     use crate::{InFlight, Proxy};
+    use serde_json::{json, Value};
     use std::io::{self, BufReader, Read, Write};
     use std::net::{Shutdown, SocketAddr, TcpStream};
     use std::sync::Arc;
     use std::thread;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     /// The pooled HTTP client to the containers, and what it must know of the settings.
     pub struct Upstream {
@@ -2512,6 +2790,7 @@ mod relay {
         incoming: &Incoming,
         forward_key: Option<&str>,
         address: SocketAddr,
+        session: Option<&str>,
     ) -> Vec<(String, String)> {
         let connection = header_tokens(&incoming.headers, "connection");
         let mut out: Vec<(String, String)> = Vec::with_capacity(incoming.headers.len() + 4);
@@ -2520,8 +2799,13 @@ mod relay {
             let dropped = is_hop_by_hop(&lower, &connection)
                 || matches!(lower.as_str(), "host" | "expect" | "x-forwarded-for" | "content-length")
                 || auth::is_credential_header(&lower);
-            if !dropped {
-                out.push((name.clone(), value.clone()));
+            if dropped {
+                continue;
+            }
+            match (lower.as_str(), session) {
+                // the upstream session that stands for the client's
+                (SESSION_HEADER, Some(upstream)) => out.push((name.clone(), upstream.to_string())),
+                _ => out.push((name.clone(), value.clone())),
             }
         }
         out.push(("Host".into(), address.to_string()));
@@ -2628,16 +2912,65 @@ mod relay {
         }
     }
 
-    /// Sends the request (its body streamed from the client) and waits for the head
-    /// of the container's answer.
+    /// Largest request body kept in memory so that it can be sent again (after a new
+    /// upstream session is opened): a JSON-RPC message is far smaller. Larger bodies
+    /// stream through and are sent once.
+    const REPLAY_LIMIT: u64 = 1 << 20;
+
+    /// The body the container gets.
+    enum Outgoing {
+        None,
+        /// Read whole (a JSON-RPC message of declared length): can be sent again.
+        Bytes(Vec<u8>),
+        /// Streamed from the client as it arrives: can be sent once.
+        Stream,
+    }
+
+    impl Outgoing {
+        /// Reads a small POST body whole; leaves others to stream.
+        fn take(request: &mut tiny_http::Request, incoming: &Incoming, max_body: u64) -> Result<Outgoing, ProxyError> {
+            if !incoming.has_body() {
+                return Ok(Outgoing::None);
+            }
+            match incoming.declared_length() {
+                Some(len) if incoming.method == "POST" && len <= REPLAY_LIMIT.min(max_body) => {
+                    let mut bytes = Vec::with_capacity(len as usize);
+                    let mut body = BodyReader { inner: request.as_reader(), read: 0, max: max_body, fault: None };
+                    match body.read_to_end(&mut bytes) {
+                        Ok(_) => Ok(Outgoing::Bytes(bytes)),
+                        Err(_) => Err(body
+                            .fault
+                            .unwrap_or_else(|| ProxyError::BadRequest("The request body could not be read.".into()))),
+                    }
+                }
+                _ => Ok(Outgoing::Stream),
+            }
+        }
+
+        fn resendable(&self) -> bool {
+            !matches!(self, Outgoing::Stream)
+        }
+
+        /// The client's `initialize` params, when this body is its `initialize`.
+        fn initialize_params(&self) -> Option<Value> {
+            let Outgoing::Bytes(bytes) = self else { return None };
+            let message: Value = serde_json::from_slice(bytes).ok()?;
+            (message.get("method")?.as_str()? == "initialize").then(|| message.get("params").cloned())?
+        }
+    }
+
+    /// Sends the request, with `session` as its Mcp-Session-Id when given, and waits
+    /// for the head of the container's answer.
     fn send_upstream(
         upstream: &Upstream,
         request: &mut tiny_http::Request,
+        body: &Outgoing,
         incoming: &Incoming,
         credential: &Credential,
         address: SocketAddr,
+        session: Option<&str>,
     ) -> Result<ureq::http::Response<ureq::Body>, Failure> {
-        let headers = upstream_request_headers(incoming, upstream.forward_key(credential), address);
+        let headers = upstream_request_headers(incoming, upstream.forward_key(credential), address, session);
         let url = format!("http://{address}{}", incoming.target);
         let mut builder = ureq::http::Request::builder().method(incoming.method.as_str()).uri(&url);
         for (name, value) in &headers {
@@ -2650,18 +2983,27 @@ mod relay {
             .body(())
             .map_err(|_| Failure::Client(ProxyError::BadRequest("The request cannot be forwarded as sent.".into())))?
             .into_parts();
-        let mut body = BodyReader { inner: request.as_reader(), read: 0, max: upstream.max_body, fault: None };
-        let result = if incoming.has_body() {
-            let sendable = ureq::SendBody::from_reader(&mut body);
-            upstream.agent.run(ureq::http::Request::from_parts(parts, sendable))
-        } else {
-            upstream.agent.run(ureq::http::Request::from_parts(parts, ()))
-        };
-        result.map_err(|e| classify(e, body.fault.take(), body.read, upstream.response_timeout))
+        let waited = upstream.response_timeout;
+        match body {
+            Outgoing::None => {
+                upstream.agent.run(ureq::http::Request::from_parts(parts, ())).map_err(|e| classify(e, None, 0, waited))
+            }
+            Outgoing::Bytes(bytes) => upstream
+                .agent
+                .run(ureq::http::Request::from_parts(parts, bytes.as_slice()))
+                .map_err(|e| classify(e, None, 0, waited)),
+            Outgoing::Stream => {
+                let mut body = BodyReader { inner: request.as_reader(), read: 0, max: upstream.max_body, fault: None };
+                let sendable = ureq::SendBody::from_reader(&mut body);
+                let result = upstream.agent.run(ureq::http::Request::from_parts(parts, sendable));
+                result.map_err(|e| classify(e, body.fault.take(), body.read, waited))
+            }
+        }
     }
 
     /// Send → classify the failure → one retry with a fresh lease when the container
-    /// never answered and the request can be sent again whole → stream the answer.
+    /// never answered and the request can be sent again whole; a session the container
+    /// does not know (or the proxy knows it cannot) is opened again → stream the answer.
     pub fn proxy_http(
         proxy: &Arc<Proxy>,
         mut request: tiny_http::Request,
@@ -2671,16 +3013,53 @@ mod relay {
         mut lease: Lease,
     ) -> RouteResult {
         let socket = request.socket();
-        let mut retried = false;
+        let route = proxy.sessions.route(incoming.header(SESSION_HEADER), &want.name, lease.incarnation.as_deref());
+        let body = match Outgoing::take(&mut request, incoming, proxy.upstream.max_body) {
+            Ok(body) => body,
+            Err(e) => return reject(request, e),
+        };
+        let mut session = match &route {
+            Route::Own { client_id, stale: true, .. } if body.resendable() => {
+                match reopen_session(proxy, incoming, credential, &lease, client_id) {
+                    Ok(id) => Some(id),
+                    Err(e) => return reject(request, e),
+                }
+            }
+            Route::Own { upstream_id, .. } => Some(upstream_id.clone()),
+            Route::Foreign | Route::Plain => None,
+        };
+        let (mut retried, mut reopened) = (false, false);
         let response = loop {
-            match send_upstream(&proxy.upstream, &mut request, incoming, credential, lease.address) {
-                Ok(response) => break response,
+            let sent = send_upstream(
+                &proxy.upstream,
+                &mut request,
+                &body,
+                incoming,
+                credential,
+                lease.address,
+                session.as_deref(),
+            );
+            match sent {
+                Ok(response) => {
+                    let unknown_session = response.status().as_u16() == 404 && incoming.method != "DELETE";
+                    let Route::Own { client_id, .. } = &route else { break response };
+                    if !unknown_session || reopened || !body.resendable() {
+                        break response;
+                    }
+                    // the container does not know this session (it slept, was replaced,
+                    // or this is another host): open one for the client, send again
+                    reopened = true;
+                    match reopen_session(proxy, incoming, credential, &lease, client_id) {
+                        Ok(id) => session = Some(id),
+                        Err(_) => break response,
+                    }
+                }
                 Err(Failure::Client(e) | Failure::Failed(e)) => return reject(request, e),
                 Err(Failure::NeverAnswered { resendable, error }) => {
                     // the container moved or died since we last looked: look again (and
                     // start it if need be), then try once more
                     proxy.containers.registry.mark_unknown(&lease.name);
-                    if !resendable || retried {
+                    if !(resendable || body.resendable()) || retried {
                         return reject(request, error);
                     }
                     retried = true;
@@ -2692,9 +3071,164 @@ mod relay {
             }
         };
         let status = response.status().as_u16();
-        stream_response(proxy, request, incoming, response, socket.as_deref()).map_err(|e| (None, e))?;
+        let client_session = note_session(proxy, incoming, &route, &body, &lease, &response);
+        stream_response(proxy, request, incoming, response, socket.as_deref(), client_session.as_deref())
+            .map_err(|e| (None, e))?;
         drop(lease);
         Ok(status)
+    }
+
+    /// Records what an answer says of the client's session; returns the session id the
+    /// client is to see in the answer's Mcp-Session-Id (its own, never the upstream's).
+    fn note_session(
+        proxy: &Proxy,
+        incoming: &Incoming,
+        route: &Route,
+        body: &Outgoing,
+        lease: &Lease,
+        response: &ureq::http::Response<ureq::Body>,
+    ) -> Option<String> {
+        let ok = response.status().is_success();
+        let incarnation = lease.incarnation.as_deref();
+        match route {
+            Route::Own { client_id, .. } => {
+                if incoming.method == "DELETE" {
+                    proxy.sessions.ended(client_id, &lease.name);
+                } else if ok {
+                    proxy.sessions.confirm(client_id, incarnation);
+                }
+                Some(client_id.clone())
+            }
+            Route::Plain => {
+                let opened = response.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok());
+                if let (true, Some(id), Some(params)) = (ok, opened, body.initialize_params()) {
+                    proxy.sessions.opened(&lease.name, id, incarnation, Some(params));
+                }
+                None
+            }
+            Route::Foreign => None,
+        }
+    }
+
+    /// Opens a new upstream session for a client session, or waits for the one another
+    /// request is opening: `initialize` with the client's own recorded params (else its
+    /// protocol version), then `notifications/initialized`.
+    fn reopen_session(
+        proxy: &Proxy,
+        incoming: &Incoming,
+        credential: &Credential,
+        lease: &Lease,
+        client_id: &str,
+    ) -> Result<String, ProxyError> {
+        let gone = || ProxyError::ContainerUnreachable("The session could not be opened again.".into());
+        match proxy.sessions.reopen(client_id).ok_or_else(gone)? {
+            Reopen::Follow(opening) => opening.wait(),
+            Reopen::Lead(opening, params) => {
+                let begun = Instant::now();
+                match open_upstream_session(proxy, incoming, credential, lease, params) {
+                    Ok(id) => {
+                        proxy.sessions.reopened(client_id, &opening, &id, lease.incarnation.as_deref());
+                        log::info!("session resurrected container={} {}ms", lease.name, begun.elapsed().as_millis());
+                        Ok(id)
+                    }
+                    Err(e) => {
+                        log::warn!("could not resurrect a session in {}: {}", lease.name, e.message());
+                        proxy.sessions.reopen_failed(client_id, &opening, e.clone());
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// The protocol version to offer when the client's own `initialize` is not known
+    /// and its request names none.
+    const FALLBACK_PROTOCOL_VERSION: &str = "2025-03-26";
+
+    fn open_upstream_session(
+        proxy: &Proxy,
+        incoming: &Incoming,
+        credential: &Credential,
+        lease: &Lease,
+        params: Option<Value>,
+    ) -> Result<String, ProxyError> {
+        let version = incoming.header("mcp-protocol-version").unwrap_or(FALLBACK_PROTOCOL_VERSION).trim();
+        let params = params.unwrap_or_else(|| {
+            json!({
+                "protocolVersion": version,
+                "capabilities": {},
+                "clientInfo": {"name": "outline-mcp-proxy", "version": env!("CARGO_PKG_VERSION")},
+            })
+        });
+        let initialize =
+            json!({"jsonrpc": "2.0", "id": "outline-mcp-proxy-reopen", "method": "initialize", "params": params});
+        let (session, answer) = mcp_call(proxy, incoming, credential, lease.address, None, None, &initialize)?;
+        let failed =
+            |why: &str| ProxyError::ContainerUnreachable(format!("The container refused a new session ({why})."));
+        let session = session.ok_or_else(|| failed("no session id"))?;
+        let result = answer.get("result").ok_or_else(|| failed("no result"))?;
+        let negotiated = result.get("protocolVersion").and_then(Value::as_str).unwrap_or(version).to_string();
+        let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        mcp_call(proxy, incoming, credential, lease.address, Some(&session), Some(&negotiated), &initialized)?;
+        Ok(session)
+    }
+
+    /// One JSON-RPC message the proxy sends for a client (a new session's handshake):
+    /// the answer's session id and its JSON (from a JSON body or the first SSE event).
+    fn mcp_call(
+        proxy: &Proxy,
+        incoming: &Incoming,
+        credential: &Credential,
+        address: SocketAddr,
+        session: Option<&str>,
+        version: Option<&str>,
+        message: &Value,
+    ) -> Result<(Option<String>, Value), ProxyError> {
+        let url = format!("http://{address}{}", incoming.path);
+        let mut builder = ureq::http::Request::post(&url)
+            .header("Host", address.to_string())
+            .header("Content-Type", "application/json")
+            .header("Accept", "application/json, text/event-stream");
+        if let Some(key) = proxy.upstream.forward_key(credential) {
+            builder = builder.header(auth::KEY_HEADER, key);
+        }
+        if let Some(session) = session {
+            builder = builder.header(SESSION_HEADER, session);
+        }
+        if let Some(version) = version {
+            builder = builder.header("MCP-Protocol-Version", version);
+        }
+        let request = builder
+            .body(message.to_string())
+            .map_err(|_| ProxyError::BadRequest("The session handshake cannot be sent.".into()))?;
+        let unreachable = |e: ureq::Error| {
+            ProxyError::ContainerUnreachable(format!(
+                "The container could not be reached ({}).",
+                describe_ureq_error(&e)
+            ))
+        };
+        let mut response = proxy.upstream.agent.run(request).map_err(unreachable)?;
+        if !response.status().is_success() {
+            return Err(ProxyError::ContainerUnreachable(format!(
+                "The container answered {} to a session handshake.",
+                response.status().as_u16()
+            )));
+        }
+        let session = response.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let event_stream = is_event_stream(response.headers());
+        let text = response.body_mut().with_config().limit(1 << 20).read_to_string().unwrap_or_default();
+        Ok((session, first_json(&text, event_stream)))
+    }
+
+    /// The JSON of a body, or of its first SSE `data:` line; Null when there is none.
+    fn first_json(text: &str, event_stream: bool) -> Value {
+        if !event_stream {
+            return serde_json::from_str(text).unwrap_or(Value::Null);
+        }
+        text.lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .find_map(|data| serde_json::from_str(data.trim()).ok())
+            .unwrap_or(Value::Null)
     }
 
     fn is_event_stream(headers: &ureq::http::HeaderMap) -> bool {
@@ -2712,9 +3246,18 @@ mod relay {
         incoming: &Incoming,
         response: ureq::http::Response<ureq::Body>,
         socket: Option<&TcpStream>,
+        client_session: Option<&str>,
     ) -> Result<(), ProxyError> {
         let status = response.status().as_u16();
         let mut headers = downstream_response_headers(response.headers());
+        if let Some(id) = client_session {
+            // the client sees its own session id, never the upstream one behind it
+            for (name, value) in headers.iter_mut() {
+                if name.eq_ignore_ascii_case(SESSION_HEADER) {
+                    *value = id.to_string();
+                }
+            }
+        }
         let event_stream = is_event_stream(response.headers());
         let _long_lived = event_stream.then(|| InFlight::long_lived(&proxy.life));
         if event_stream {
@@ -2792,6 +3335,136 @@ mod relay {
             writer.write_all(b"0\r\n\r\n").map_err(client_gone)?;
         }
         Ok(())
+    }
+
+    /// A client's standalone notification stream (GET, `Accept: text/event-stream`): the
+    /// proxy holds it, so it neither keeps a container awake nor dies with one.
+    pub fn is_notification_stream(incoming: &Incoming) -> bool {
+        incoming.method == "GET"
+            && incoming.header(SESSION_HEADER).is_some()
+            && header_tokens(&incoming.headers, "accept").iter().any(|t| t.starts_with("text/event-stream"))
+    }
+
+    /// How one attachment to the container's stream ended.
+    enum Attached {
+        /// The container's stream ended (it slept, died, or closed it).
+        Ended,
+        /// The container would not give a stream for this session now.
+        Refused,
+        ClientGone,
+    }
+
+    /// Holds a client's notification stream: attached to the container's own stream
+    /// while the container runs and knows the session, else kept open with SSE comment
+    /// keep-alives; it never wakes the container (a POST does), and attaches again when
+    /// the container starts or the session is opened again.
+    pub fn hold_stream(
+        proxy: &Arc<Proxy>,
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        credential: &Credential,
+        owner: &str,
+        client_id: &str,
+    ) -> RouteResult {
+        let headers = vec![
+            ("Content-Type".to_string(), "text/event-stream".to_string()),
+            ("Cache-Control".to_string(), "no-cache".to_string()),
+            ("X-Accel-Buffering".to_string(), "no".to_string()),
+            ("Mcp-Session-Id".to_string(), client_id.to_string()),
+        ];
+        let mut writer = request.into_writer();
+        if http1::write_head(&mut writer, 200, &headers, Framing::Chunked, false).and_then(|_| writer.flush()).is_err()
+        {
+            return Ok(200);
+        }
+        let _long_lived = InFlight::long_lived(&proxy.life);
+        let _held = HeldStream::count(proxy);
+        let keepalive = proxy.cfg.sse_keepalive;
+        let mut seen = proxy.sessions.generation();
+        let mut last_write = Instant::now();
+        while !proxy.life.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            let attachable = proxy.containers.registry.peek_running(owner).and_then(|(address, incarnation)| {
+                let upstream_id = proxy.sessions.attachable(client_id, owner, incarnation.as_deref())?;
+                Some((address, upstream_id))
+            });
+            if let Some((address, upstream_id)) = attachable {
+                let attached = attach(proxy, incoming, credential, address, &upstream_id, &mut writer, &mut last_write);
+                if let Attached::ClientGone = attached {
+                    return Ok(200);
+                }
+            }
+            seen = proxy.sessions.wait_change(seen, keepalive.saturating_sub(last_write.elapsed()));
+            if last_write.elapsed() >= keepalive {
+                if write_chunk(&mut writer, b": keepalive\n\n").is_err() {
+                    return Ok(200);
+                }
+                last_write = Instant::now();
+            }
+        }
+        let _ = writer.write_all(b"0\r\n\r\n").and_then(|_| writer.flush());
+        Ok(200)
+    }
+
+    /// Counts a held stream for /stats while alive.
+    struct HeldStream<'a>(&'a std::sync::atomic::AtomicUsize);
+
+    impl<'a> HeldStream<'a> {
+        fn count(proxy: &'a Proxy) -> HeldStream<'a> {
+            let held = &proxy.sessions.counters.held_streams;
+            held.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            HeldStream(held)
+        }
+    }
+
+    impl Drop for HeldStream<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn write_chunk(writer: &mut dyn Write, bytes: &[u8]) -> io::Result<()> {
+        write!(writer, "{:x}\r\n", bytes.len())
+            .and_then(|_| writer.write_all(bytes))
+            .and_then(|_| writer.write_all(b"\r\n"))
+            .and_then(|_| writer.flush())
+    }
+
+    /// Opens the container's notification stream for the session and passes its events
+    /// on, until either side ends.
+    fn attach(
+        proxy: &Proxy,
+        incoming: &Incoming,
+        credential: &Credential,
+        address: SocketAddr,
+        upstream_id: &str,
+        writer: &mut dyn Write,
+        last_write: &mut Instant,
+    ) -> Attached {
+        let headers =
+            upstream_request_headers(incoming, proxy.upstream.forward_key(credential), address, Some(upstream_id));
+        let url = format!("http://{address}{}", incoming.target);
+        let mut builder = ureq::http::Request::get(&url);
+        for (name, value) in headers.iter().filter(|(n, _)| !n.eq_ignore_ascii_case("last-event-id")) {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        let Ok(request) = builder.body(()) else { return Attached::Refused };
+        let response = match proxy.upstream.agent.run(request) {
+            Ok(response) if response.status().as_u16() == 200 && is_event_stream(response.headers()) => response,
+            _ => return Attached::Refused,
+        };
+        let mut body = response.into_body().into_reader();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match body.read(&mut buf) {
+                Ok(0) | Err(_) => return Attached::Ended,
+                Ok(n) => {
+                    if write_chunk(writer, &buf[..n]).is_err() {
+                        return Attached::ClientGone;
+                    }
+                    *last_write = Instant::now();
+                }
+            }
+        }
     }
 
     /// The container's side of a WebSocket handshake: the socket, a reader on it, and
@@ -2946,7 +3619,7 @@ mod relay {
     /// on, so the container's Sec-WebSocket-Accept is valid for the client too.
     fn websocket_handshake(incoming: &Incoming, forward_key: Option<&str>, address: SocketAddr) -> String {
         let mut out = format!("GET {} HTTP/1.1\r\n", incoming.target);
-        let mut headers = upstream_request_headers(incoming, forward_key, address);
+        let mut headers = upstream_request_headers(incoming, forward_key, address, None);
         headers.push(("Connection".into(), "Upgrade".into()));
         headers.push(("Upgrade".into(), "websocket".into()));
         for (name, value) in headers {
@@ -3098,14 +3771,23 @@ mod ops {
         auth_misses: u64,
         auth_failures: u64,
         outline_calls: u64,
+        held_streams: usize,
+        resurrections: u64,
         uptime: u64,
         docker_ok: bool,
     }
 
     pub fn snapshot(proxy: &Proxy) -> Snapshot {
         let counters = &proxy.auth.counters;
+        let mut containers = proxy.containers.registry.snapshot();
+        let sessions = proxy.sessions.per_owner();
+        for c in containers.iter_mut() {
+            c.sessions = sessions.get(&c.name).copied().unwrap_or(0);
+        }
         Snapshot {
-            containers: proxy.containers.registry.snapshot(),
+            containers,
+            held_streams: proxy.sessions.counters.held_streams.load(Ordering::Relaxed),
+            resurrections: proxy.sessions.counters.resurrections.load(Ordering::Relaxed),
             auth_hits: counters.hits.load(Ordering::Relaxed),
             auth_misses: counters.misses.load(Ordering::Relaxed),
             auth_failures: counters.failures.load(Ordering::Relaxed),
@@ -3131,6 +3813,7 @@ mod ops {
                     "websockets": c.websockets,
                     "requests_total": c.requests_total,
                     "address": c.address.map(|a| a.to_string()),
+                    "sessions": c.sessions,
                 })
             })
             .collect();
@@ -3139,6 +3822,7 @@ mod ops {
             "running_count": s.containers.iter().filter(|c| c.state == State::Running).count(),
             "containers": containers,
             "auth": {"hits": s.auth_hits, "misses": s.auth_misses, "failures": s.auth_failures, "outline_calls": s.outline_calls},
+            "sessions": {"held_streams": s.held_streams, "resurrections": s.resurrections},
             "docker": if s.docker_ok { "ok" } else { "unreachable" },
             "uptime_seconds": s.uptime,
         })
@@ -3146,7 +3830,7 @@ mod ops {
 
     pub fn render_metrics(s: &Snapshot) -> String {
         let running = s.containers.iter().filter(|c| c.state == State::Running).count();
-        let totals: [(&str, &str, &str, String); 8] = [
+        let totals: [(&str, &str, &str, String); 10] = [
             ("mcp_proxy_containers_tracked", "gauge", "Containers the proxy knows.", s.containers.len().to_string()),
             ("mcp_proxy_containers_running", "gauge", "Containers running.", running.to_string()),
             ("mcp_proxy_docker_up", "gauge", "1 when the Docker daemon answers.", u8::from(s.docker_ok).to_string()),
@@ -3174,10 +3858,22 @@ mod ops {
                 "Calls made to Outline's auth.info.",
                 s.outline_calls.to_string(),
             ),
+            (
+                "mcp_proxy_held_streams",
+                "gauge",
+                "Clients' notification streams the proxy holds open.",
+                s.held_streams.to_string(),
+            ),
+            (
+                "mcp_proxy_session_resurrections_total",
+                "counter",
+                "Upstream sessions opened again for a client's session.",
+                s.resurrections.to_string(),
+            ),
             ("mcp_proxy_uptime_seconds", "gauge", "Seconds since the proxy started.", s.uptime.to_string()),
         ];
         type PerContainer = fn(&ContainerSnapshot) -> String;
-        let per_container: [(&str, &str, &str, PerContainer); 5] = [
+        let per_container: [(&str, &str, &str, PerContainer); 6] = [
             ("mcp_proxy_container_up", "gauge", "1 when the container is running.", |c| {
                 u8::from(c.state == State::Running).to_string()
             }),
@@ -3190,6 +3886,9 @@ mod ops {
             }),
             ("mcp_proxy_container_idle_seconds", "gauge", "Seconds since the last request ended.", |c| {
                 c.idle_seconds.to_string()
+            }),
+            ("mcp_proxy_container_sessions", "gauge", "Client MCP sessions bound to the container.", |c| {
+                c.sessions.to_string()
             }),
         ];
         let mut out = String::new();
@@ -3831,7 +4530,7 @@ mod tests {
             ("X-Forwarded-For", "1.2.3.4"),
         ]);
         let addr: SocketAddr = "172.17.0.5:3000".parse().unwrap();
-        let out = upstream_request_headers(&inc, Some("client-key"), addr);
+        let out = upstream_request_headers(&inc, Some("client-key"), addr, None);
         let names: Vec<String> = out.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
         for gone in ["connection", "x-private", "keep-alive", "te", "proxy-authorization"] {
             assert!(!names.contains(&gone.to_string()), "{gone} forwarded");
@@ -3844,14 +4543,14 @@ mod tests {
         assert_eq!(header_value(&out, "x-forwarded-host"), Some("proxy.example.com"));
         assert_eq!(out.iter().filter(|(n, _)| n.eq_ignore_ascii_case("x-outline-api-key")).count(), 1);
         // env mode: the container holds the key, requests do not carry it
-        let env_mode = upstream_request_headers(&inc, None, addr);
+        let env_mode = upstream_request_headers(&inc, None, addr, None);
         assert!(header_value(&env_mode, "x-outline-api-key").is_none());
         // a key sent as Bearer is not passed on as Authorization; nor is a second key
         // beside X-Outline-API-Key: only the checked key reaches the container
         let bearer = incoming(&[("Authorization", "Bearer k")]);
-        assert!(header_value(&upstream_request_headers(&bearer, None, addr), "authorization").is_none());
+        assert!(header_value(&upstream_request_headers(&bearer, None, addr, None), "authorization").is_none());
         let both = incoming(&[("X-Outline-API-Key", "checked"), ("Authorization", "Bearer another")]);
-        let out = upstream_request_headers(&both, Some("checked"), addr);
+        let out = upstream_request_headers(&both, Some("checked"), addr, None);
         assert!(header_value(&out, "authorization").is_none());
         assert_eq!(header_value(&out, "x-outline-api-key"), Some("checked"));
     }
@@ -4091,5 +4790,53 @@ mod tests {
         let stats = render_stats(&snapshot(&proxy));
         assert_eq!(stats["total_containers"], 1);
         assert_eq!(stats["containers"][0]["state"], "running");
+    }
+
+    #[test]
+    fn sessions_are_bound_to_their_owner_and_reopened_when_stale() {
+        use crate::sessions::{Reopen, Route, Sessions};
+        let s = Sessions::default();
+        assert_eq!(s.route(None, "mcp-a", None), Route::Plain);
+        // a client's own initialize, answered by incarnation i1
+        s.opened("mcp-a", "s1", Some("i1"), Some(serde_json::json!({"protocolVersion": "2025-06-18"})));
+        let own = |upstream: &str, stale| Route::Own { client_id: "s1".into(), upstream_id: upstream.into(), stale };
+        assert_eq!(s.route(Some("s1"), "mcp-a", Some("i1")), own("s1", false));
+        // the same id with another user's key is never mapped
+        assert_eq!(s.route(Some("s1"), "mcp-b", Some("i1")), Route::Foreign);
+        // a container that is not the one that issued it: stale, and no stream attaches
+        assert_eq!(s.route(Some("s1"), "mcp-a", Some("i2")), own("s1", true));
+        assert_eq!(s.attachable("s1", "mcp-a", Some("i2")), None);
+        assert_eq!(s.attachable("s1", "mcp-b", Some("i1")), None);
+        // one request reopens, the others wait for it; the client's params are replayed
+        let Some(Reopen::Lead(opening, params)) = s.reopen("s1") else { panic!("expected to lead") };
+        assert_eq!(params.unwrap()["protocolVersion"], "2025-06-18");
+        assert!(matches!(s.reopen("s1"), Some(Reopen::Follow(_))));
+        s.reopened("s1", &opening, "u2", Some("i2"));
+        assert_eq!(opening.wait().unwrap(), "u2");
+        assert_eq!(s.route(Some("s1"), "mcp-a", Some("i2")), own("u2", false));
+        assert_eq!(s.attachable("s1", "mcp-a", Some("i2")).as_deref(), Some("u2"));
+        assert_eq!(s.counters.resurrections.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // an id first seen after a restart is bound to whoever presents it first
+        assert!(matches!(s.route(Some("s9"), "mcp-b", None), Route::Own { .. }));
+        assert_eq!(s.route(Some("s9"), "mcp-a", None), Route::Foreign);
+        // DELETE by another owner does nothing; by the owner, the mapping goes
+        s.ended("s1", "mcp-b");
+        assert_eq!(s.per_owner().get("mcp-a"), Some(&1));
+        s.ended("s1", "mcp-a");
+        assert_eq!(s.per_owner().get("mcp-a"), None);
+        // and an ended session is never opened again: the container's 404 answers
+        assert_eq!(s.route(Some("s1"), "mcp-a", Some("i2")), Route::Foreign);
+        assert_eq!(s.attachable("s1", "mcp-a", Some("i2")), None);
+    }
+
+    #[test]
+    fn sessions_per_owner_are_bounded() {
+        let s = crate::sessions::Sessions::default();
+        for i in 0..100 {
+            s.opened("mcp-a", &format!("s{i}"), None, None);
+        }
+        s.opened("mcp-b", "other", None, None);
+        assert_eq!(s.per_owner()["mcp-a"], 64);
+        assert_eq!(s.per_owner()["mcp-b"], 1);
     }
 }

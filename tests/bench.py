@@ -325,6 +325,51 @@ def bench_wake_and_create(outline, image):
         proxy.cleanup()
 
 
+def mcp_post(url, key, message, session=None):
+    headers = {"X-Outline-API-Key": key, "Accept": "application/json, text/event-stream",
+               "Content-Type": "application/json", "MCP-Protocol-Version": "2025-06-18"}
+    if session:
+        headers["Mcp-Session-Id"] = session
+    return httpx.post(url + "/mcp", headers=headers, content=json.dumps(message), timeout=120)
+
+
+def bench_resurrection(outline, image):
+    """The first call in a session after a wake pays one extra initialize (the proxy
+    opens a new upstream session for the client): measured next to a plain wake."""
+    say(f"\n== 2b. wake with a session held open, real mcp-outline ({image}) ==")
+    key = outline.add_user("resurrect")
+    proxy = start_proxy(outline, "bench-resurrect-", image=image, idle_timeout="1h")
+    name = proxy.container_name(key)
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                       "clientInfo": {"name": "bench", "version": "1"}}}
+    r = mcp_post(proxy.url, key, init)
+    session = r.headers["mcp-session-id"]
+    mcp_post(proxy.url, key, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
+    call = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    assert mcp_post(proxy.url, key, call, session).status_code == 200
+    resurrected, plain = [], []
+    for _ in range(ROUNDS):
+        for sample, request in ((resurrected, lambda: mcp_post(proxy.url, key, call, session)),
+                                (plain, lambda: httpx.get(proxy.url + "/ready", timeout=120,
+                                                          headers={"X-Outline-API-Key": key}))):
+            docker("stop", name)
+            docker("update", "--cpus", "1", name)
+            t0 = time.monotonic()
+            assert request().status_code == 200
+            sample.append(time.monotonic() - t0)
+    med = statistics.median
+    extra = med(resurrected) - med(plain)
+    say(f"wake + the client's old session answered: {med(resurrected) * 1000:.0f} ms; plain wake: "
+        f"{med(plain) * 1000:.0f} ms; the new upstream session costs {extra * 1000:.0f} ms; medians of {ROUNDS}")
+    RESULTS.append(("wake with a session held open", f"{med(resurrected) * 1000:.0f} ms to the first answer in the "
+                    f"client's old session; plain wake {med(plain) * 1000:.0f} ms; the extra initialize "
+                    f"{extra * 1000:.0f} ms"))
+    assert "session resurrected" in proxy.log()
+    proxy.stop()
+    proxy.cleanup()
+
+
 def bench_streams(outline):
     say("\n== 3. memory and threads holding 300 SSE streams ==")
     key = outline.add_user("streams")
@@ -374,6 +419,7 @@ def main():
         bench_warm_path(outline)
     if "wake" in only:
         bench_wake_and_create(outline, image)
+        bench_resurrection(outline, image)
     if "streams" in only:
         bench_streams(outline)
     say("\n| measure | result |\n|---|---|")

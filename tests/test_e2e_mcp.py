@@ -5,38 +5,16 @@ stand-in. Also through the real nginx over HTTPS."""
 
 import anyio
 import json
-import subprocess
 import time
 
 import httpx
-import pytest
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from conftest import ROOT, assert_key_kept_secret, wait_for
+from conftest import assert_key_kept_secret, wait_for
 from test_nginx import Nginx
 
 MCP_PATH = "/mcp"
-
-
-@pytest.fixture(scope="session")
-def mcp_outline_image():
-    """Built once per run (and reused across runs while the pins are the same)."""
-    r = subprocess.run([str(ROOT / "tests" / "build-mcp-outline-image.sh")], capture_output=True, text=True,
-                       timeout=1200)
-    if r.returncode != 0:
-        pytest.fail(f"could not build the mcp-outline image:\n{r.stderr[-3000:]}", pytrace=False)
-    return r.stdout.strip().splitlines()[-1]
-
-
-@pytest.fixture()
-def real_proxy(make_proxy, mcp_outline_image):
-    def factory(**settings):
-        settings.setdefault("image", mcp_outline_image)
-        settings.setdefault("start_timeout", "90s")
-        return make_proxy(**settings)
-
-    return factory
 
 
 def http_client(key, verify=True, header="X-Outline-API-Key"):
@@ -136,16 +114,16 @@ def test_sleep_wake_and_proxy_restart_with_the_real_server(real_proxy, outline):
     first = run_session(proxy.url, key, terminate_on_close=False)
     assert_sees_only_own_data(first, "carol", "dave")
 
-    # asleep: the next request wakes it; the old session died with the old process,
-    # and the container's 404 passes through unchanged: that is how the client
-    # learns to initialize again (MCP spec, session management)
-    # the client left without a DELETE: its open GET stream ends at the server's next
-    # ping (sse-starlette pings every 15 s), then the idle clock runs
+    # asleep: the next request wakes it, and the session the client left open still
+    # works: the old process took it along, so the proxy opens a new upstream session
+    # with the client's own recorded initialize and maps the client's id onto it
     wait_for(lambda: proxy.state(name) == "exited", timeout=90, what="sleep")
     t0 = time.monotonic()
     stale = raw_mcp_call(proxy.url, key, first["session_id"])
     wake = time.monotonic() - t0
-    assert stale.status_code == 404, stale.text
+    assert stale.status_code == 200, stale.text
+    assert stale.headers["mcp-session-id"] == first["session_id"]
+    assert "search_documents" in stale.text
     woken = run_session(proxy.url, key)
     assert_sees_only_own_data(woken, "carol", "dave")
 
@@ -170,7 +148,8 @@ def test_sleep_wake_and_proxy_restart_with_the_real_server(real_proxy, outline):
     assert_sees_only_own_data(run_session(proxy.url, key), "carol", "dave")
     assert_sees_only_own_data(run_session(proxy.url, dave), "dave", "carol")
     assert proxy.containers() == sorted([name, proxy.container_name(dave)])
-    print(f"\nreal mcp-outline: wake (stopped -> first answer through the proxy) {wake * 1000:.0f} ms")
+    print(f"\nreal mcp-outline: wake and resurrection (stopped -> first answer in the old session) "
+          f"{wake * 1000:.0f} ms")
 
 
 def test_env_key_mode_with_the_real_server(real_proxy, outline):

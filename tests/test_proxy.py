@@ -72,9 +72,12 @@ def test_method_headers_and_body_reach_the_container_and_the_answer_comes_back(m
     assert headers["x-forwarded-for"] == "127.0.0.1"
     assert headers["x-outline-api-key"] == key  # header key mode: per request
     assert "x-hop" not in headers and "connection" not in headers
-    # the container's headers come back
-    assert r.headers["mcp-session-id"] == "backend-session"
+    # the container's headers come back; the session header as the client's own id
+    # (the proxy owns the session and maps it onto the container's)
+    assert r.headers["mcp-session-id"] == "sess-1"
     assert r.headers["x-backend"] == "test"
+    # without a session, the container's session header passes unchanged
+    assert proxy.get("/echo", key=key).headers["mcp-session-id"] == "backend-session"
 
 
 def test_an_empty_answer_arrives_at_once_on_a_kept_alive_connection(make_proxy, outline):
