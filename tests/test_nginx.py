@@ -155,7 +155,7 @@ def test_an_mcp_request_through_https(make_proxy, nginx_factory, outline):
     assert headers["x-forwarded-proto"] == "https"
     assert headers["mcp-session-id"] == "s-1"
     assert headers["x-outline-api-key"] == key
-    assert r.headers["mcp-session-id"] == "backend-session"
+    assert r.headers["mcp-session-id"] == "s-1"  # the client sees its own session id (the proxy owns it)
     assert health.json()["status"] == "healthy"
 
 
