@@ -56,6 +56,8 @@ mod config {
         ("MCP_PROXY_PIDS_LIMIT", "128", "process limit per container"),
         ("MCP_PROXY_KEY_MODE", "header", "header: the key reaches the container per request as x-outline-api-key and never Docker; env: OUTLINE_API_KEY is set in the container (older images)"),
         ("MCP_PROXY_IDLE_TIMEOUT", "15m", "a container with no MCP traffic this long sleeps (a request, a response still streaming, or a WebSocket keeps it awake; a client's open notification stream does not)"),
+        ("MCP_PROXY_SPARES", "1", "booted, unassigned containers kept ready in header mode: a user without a running container takes one at once (0 = off; with spares on, an idle container is removed rather than stopped)"),
+        ("MCP_PROXY_USER_MAX_INFLIGHT", "0", "0 = no limit; else a user's requests in flight beyond it get 429 with Retry-After"),
         ("MCP_PROXY_SSE_KEEPALIVE", "15s", "comment keep-alives on a client's notification stream while the proxy holds it (its container asleep or gone); below nginx's proxy_read_timeout"),
         ("MCP_PROXY_SWEEP_INTERVAL", "60s", "how often the sleeper thread looks"),
         ("MCP_PROXY_REMOVE_AFTER", "7d", "remove containers stopped this long (0 = never)"),
@@ -105,6 +107,8 @@ mod config {
         pub response_timeout: Duration,
         pub header_timeout: Duration,
         pub max_connections: usize,
+        pub spares: usize,
+        pub user_max_inflight: usize,
         pub max_running: usize,
         pub max_body: u64,
         pub stats_user: String,
@@ -273,6 +277,9 @@ mod config {
                 response_timeout,
                 header_timeout,
                 max_connections,
+                // spares hold no user's key: only in header mode
+                spares: if key_mode == KeyMode::Header { number("MCP_PROXY_SPARES")? as usize } else { 0 },
+                user_max_inflight: number("MCP_PROXY_USER_MAX_INFLIGHT")? as usize,
                 max_running,
                 max_body: size("MCP_PROXY_MAX_BODY")?,
                 stats_user: get("MCP_PROXY_STATS_USER"),
@@ -550,6 +557,8 @@ mod error {
         ContainerFailed(String),
         StartTimeout(String),
         AtCapacity(usize),
+        /// One user's requests in flight reached MCP_PROXY_USER_MAX_INFLIGHT.
+        UserBusy(usize),
         GatewayTimeout(String),
         ShuttingDown,
         /// Found by the HTTP library while reading a request (its status, its reason).
@@ -563,6 +572,7 @@ mod error {
                 ProxyError::Unauthorized(_) | ProxyError::OperatorOnly => 401,
                 ProxyError::Forbidden(_) => 403,
                 ProxyError::RequestTimeout(_) => 408,
+                ProxyError::UserBusy(_) => 429,
                 ProxyError::TooLarge(_) => 413,
                 ProxyError::OutlineUnreachable(_) | ProxyError::ContainerUnreachable(_) => 502,
                 ProxyError::DockerUnavailable(_)
@@ -588,6 +598,7 @@ mod error {
                 ProxyError::ContainerFailed(_) => "container_failed",
                 ProxyError::StartTimeout(_) => "start_timeout",
                 ProxyError::AtCapacity(_) => "at_capacity",
+                ProxyError::UserBusy(_) => "too_many_requests",
                 ProxyError::GatewayTimeout(_) => "container_timeout",
                 ProxyError::ShuttingDown => "shutting_down",
                 ProxyError::Wire(status, _) => match status {
@@ -622,12 +633,18 @@ mod error {
                     format!("All {max} container slots are busy with requests in flight; try again shortly.")
                 }
                 ProxyError::ShuttingDown => "The proxy is restarting; try again shortly.".into(),
+                ProxyError::UserBusy(max) => {
+                    format!(
+                        "You have {max} requests in flight, as many as this proxy allows one user; try again shortly."
+                    )
+                }
             }
         }
 
         pub fn retry_after(&self) -> Option<u32> {
             match self {
                 ProxyError::AtCapacity(_) => Some(30),
+                ProxyError::UserBusy(_) => Some(1),
                 ProxyError::DockerUnavailable(_)
                 | ProxyError::StartTimeout(_)
                 | ProxyError::ContainerFailed(_)
@@ -1154,7 +1171,8 @@ mod front {
     ) -> Result<(Credential, User, String), ProxyError> {
         let credential = auth::extract(incoming)?;
         let user = proxy.auth.verify(&credential.key)?;
-        let name = auth::container_name(&proxy.cfg.prefix, &credential.key);
+        let owner = auth::owner_id(proxy.cfg.key_mode, &user, &credential.key);
+        let name = auth::container_name(&proxy.cfg.prefix, &owner);
         log_ctx.user = Some(log_value(&user.name));
         log_ctx.container = Some(name.clone());
         Ok((credential, user, name))
@@ -1180,7 +1198,7 @@ mod auth {
     //! Owns the caller's credential (which headers carry it) and Outline's verdict on it:
     //! cached by the key's sha256, one call to Outline for concurrent misses. Calls
     //! `http1` (headers), `util`, and Outline over ureq.
-    use crate::config::Config;
+    use crate::config::{Config, KeyMode};
     use crate::error::ProxyError;
     use crate::http1::Incoming;
     use crate::util::{agent_base, lock, Flight};
@@ -1260,14 +1278,26 @@ mod auth {
         hex::encode(Sha256::digest(key.as_bytes()))
     }
 
-    pub fn container_name(prefix: &str, key: &str) -> String {
-        format!("{prefix}{}", &key_hash(key)[..12])
+    /// Whose container a request is for, as 128 bits of sha256 (32 hex digits): in
+    /// `header` mode the Outline user (team and user id), so every key of a user reaches
+    /// one container; in `env` mode the key itself, which that container holds.
+    pub fn owner_id(mode: KeyMode, user: &User, key: &str) -> String {
+        let hash = match mode {
+            KeyMode::Header => key_hash(&format!("{}:{}", user.team_id, user.id)),
+            KeyMode::Env => key_hash(key),
+        };
+        hash[..32].to_string()
+    }
+
+    pub fn container_name(prefix: &str, owner: &str) -> String {
+        format!("{prefix}{owner}")
     }
 
     /// Who a key belongs to, as Outline says.
     #[derive(Clone, Debug, PartialEq)]
     pub struct User {
         pub id: String,
+        pub team_id: String,
         pub name: String,
         pub email: String,
     }
@@ -1402,16 +1432,18 @@ mod auth {
         }
     }
 
-    /// `{"data":{"user":{"id","name","email"}}}` → the user.
+    /// `{"data":{"user":{"id","name","email"},"team":{"id"}}}` → the user.
     pub fn parse_auth_info(body: &str) -> Option<User> {
         let value: Value = serde_json::from_str(body).ok()?;
-        let user = value.get("data")?.get("user")?;
+        let data = value.get("data")?;
+        let user = data.get("user")?;
         let field = |k: &str| user.get(k).and_then(Value::as_str).unwrap_or("").to_string();
         let id = field("id");
         if id.is_empty() {
             return None;
         }
-        Some(User { name: field("name"), email: field("email"), id })
+        let team_id = data.get("team").and_then(|t| t.get("id")).and_then(Value::as_str).unwrap_or("").to_string();
+        Some(User { name: field("name"), email: field("email"), id, team_id })
     }
 
     /// A ureq error in words, never with a header (so never with a key).
@@ -1666,7 +1698,7 @@ mod registry {
     //! Owns what the proxy knows of each container (state, address, leases, counters)
     //! and every decision made on it: plans, sweep selection, the removal policy. Pure:
     //! no Docker, no HTTP; its one lock is held only for field updates. Calls `util`.
-    use crate::docker::ContainerInfo;
+    use crate::docker::{ContainerInfo, Event};
     use crate::error::ProxyError;
     use crate::util::{lock, Flight};
     use std::collections::HashMap;
@@ -1703,6 +1735,10 @@ mod registry {
         pub address: Option<SocketAddr>,
         /// Which process of the container answers there (see `ContainerInfo`).
         pub incarnation: Option<String>,
+        /// Booted ahead of time, assigned to nobody yet.
+        pub spare: bool,
+        /// The image it was made from, when known.
+        pub image_id: Option<String>,
         pub user: String,
         pub created_at: Option<SystemTime>,
         pub last_used: SystemTime,
@@ -1721,6 +1757,8 @@ mod registry {
                 state,
                 address: None,
                 incarnation: None,
+                spare: false,
+                image_id: None,
                 user: String::new(),
                 created_at: None,
                 last_used: SystemTime::now(),
@@ -1754,6 +1792,11 @@ mod registry {
             evict: Option<String>,
             known: State,
         },
+        /// A ready spare, claimed for this user: renamed to the user's name, no restart.
+        TakeSpare {
+            flight: Transition,
+            spare: String,
+        },
     }
 
     /// A request's hold on a running container: while any lease is alive the sleeper
@@ -1783,6 +1826,9 @@ mod registry {
     /// How a stop ended, for the registry.
     pub enum StopOutcome {
         Stopped,
+        /// Removed rather than stopped (spares on, or an older image): a spare serves
+        /// the user's next wake.
+        Retired,
         /// Removed behind our back: nothing to stop, the next request creates it.
         Gone,
         Failed,
@@ -1809,6 +1855,7 @@ mod registry {
         pub address: Option<SocketAddr>,
         /// Client sessions bound to it (filled in by `ops`).
         pub sessions: usize,
+        pub spare: bool,
     }
 
     /// The removal policy, for the sleeper and `cleanup` alike: stopped at least
@@ -1820,15 +1867,30 @@ mod registry {
         }
     }
 
+    /// An address belongs to one container: when `name` is found at it, any other
+    /// entry still holding it is stale (its container was replaced behind our back),
+    /// and is inspected again before anything is routed to it.
+    fn forget_address_elsewhere(entries: &mut HashMap<String, Entry>, name: &str, address: SocketAddr) {
+        for (other, entry) in entries.iter_mut() {
+            if other != name && entry.address == Some(address) {
+                entry.address = None;
+                if entry.transition.is_none() {
+                    entry.state = State::Unknown;
+                }
+            }
+        }
+    }
+
     /// One entry per container name, behind one Mutex.
     pub struct Registry {
         pub entries: Mutex<HashMap<String, Entry>>,
         max_running: usize,
+        user_max_inflight: usize,
     }
 
     impl Registry {
-        pub fn new(max_running: usize) -> Registry {
-            Registry { entries: Mutex::new(HashMap::new()), max_running }
+        pub fn new(max_running: usize, user_max_inflight: usize) -> Registry {
+            Registry { entries: Mutex::new(HashMap::new()), max_running, user_max_inflight }
         }
 
         /// Routes to a running container, waits for a transition under way, or claims
@@ -1847,6 +1909,9 @@ mod registry {
                 return Ok(Plan::Wait(flight.clone()));
             }
             if let (State::Running, Some(address)) = (entry.state, entry.address) {
+                if self.user_max_inflight > 0 && entry.active >= self.user_max_inflight {
+                    return Err(ProxyError::UserBusy(self.user_max_inflight));
+                }
                 entry.active += 1;
                 entry.requests_total += 1;
                 if websocket {
@@ -1858,6 +1923,17 @@ mod registry {
             }
             let known = entry.state;
             let flight = entry.begin();
+            // a ready spare serves at once, and takes no new slot under the cap
+            let spare = entries
+                .iter()
+                .find(|(n, e)| *n != name && e.spare && e.state == State::Running && e.is_idle_and_settled())
+                .map(|(n, _)| n.clone());
+            if let Some(spare) = spare {
+                if let Some(s) = entries.get_mut(&spare) {
+                    s.transition = Some(flight.clone());
+                }
+                return Ok(Plan::TakeSpare { flight, spare });
+            }
             if !at_cap {
                 return Ok(Plan::Start { flight, evict: None, known });
             }
@@ -1882,6 +1958,83 @@ mod registry {
             }
         }
 
+        /// A spare becomes `name`'s container: the entry takes its address, incarnation
+        /// and image, and the spare's entry goes (its transition ends with the user's).
+        pub fn adopt_spare(&self, spare: &str, name: &str) {
+            let mut entries = lock(&self.entries);
+            let Some(taken) = entries.remove(spare) else { return };
+            if let Some(entry) = entries.get_mut(name) {
+                entry.state = State::Running;
+                entry.address = taken.address;
+                entry.incarnation = taken.incarnation;
+                entry.image_id = taken.image_id;
+                entry.created_at = taken.created_at;
+                entry.stopped_at = None;
+            }
+        }
+
+        /// A claimed spare that could not be taken goes back to the pool (or is
+        /// forgotten when it is gone).
+        pub fn release_spare(&self, spare: &str, gone: bool) {
+            let mut entries = lock(&self.entries);
+            if gone {
+                entries.remove(spare);
+            } else if let Some(entry) = entries.get_mut(spare) {
+                entry.transition = None;
+            }
+        }
+
+        /// A new spare, booting: counted at once, so only one boot at a time is started.
+        pub fn begin_spare(&self, name: &str) -> Transition {
+            let mut entry = Entry::new(State::Missing);
+            entry.spare = true;
+            let flight = entry.begin();
+            lock(&self.entries).insert(name.to_string(), entry);
+            flight
+        }
+
+        pub fn spare_ready(&self, name: &str, address: SocketAddr, incarnation: Option<String>, image_id: &str) {
+            self.mark_running(name, address, incarnation);
+            if let Some(entry) = lock(&self.entries).get_mut(name) {
+                entry.image_id = Some(image_id.to_string());
+                entry.transition = None;
+            }
+        }
+
+        /// Whether another spare may boot now: fewer than `wanted`, no user's container
+        /// starting (user traffic first), and room under the cap.
+        pub fn wants_spare(&self, wanted: usize) -> bool {
+            let mut entries = lock(&self.entries);
+            // a spare removed or killed behind the proxy's back is forgotten
+            entries.retain(|_, e| !(e.spare && e.transition.is_none() && e.state != State::Running));
+            let spares = entries.values().filter(|e| e.spare).count();
+            let user_starting = entries.values().any(|e| !e.spare && e.transition.is_some());
+            let running = entries.values().filter(|e| e.state == State::Running || e.transition.is_some()).count();
+            spares < wanted && !user_starting && (self.max_running == 0 || running < self.max_running)
+        }
+
+        /// Claims the settled spares not of `image_id`, to be replaced.
+        pub fn claim_outdated_spares(&self, image_id: &str) -> Vec<(String, Transition)> {
+            let mut claimed = Vec::new();
+            for (name, entry) in lock(&self.entries).iter_mut() {
+                let outdated = entry.image_id.as_deref().is_some_and(|id| id != image_id);
+                if entry.spare && outdated && entry.is_idle_and_settled() {
+                    claimed.push((name.clone(), entry.begin()));
+                }
+            }
+            claimed
+        }
+
+        pub fn note_image(&self, name: &str, image_id: &str) {
+            if let Some(entry) = lock(&self.entries).get_mut(name) {
+                entry.image_id = Some(image_id.to_string()).filter(|id| !id.is_empty());
+            }
+        }
+
+        pub fn image_of(&self, name: &str) -> Option<String> {
+            lock(&self.entries).get(name).and_then(|e| e.image_id.clone())
+        }
+
         /// Ends a start: waiters get `result`; a failure leaves the state in doubt
         /// (unless Docker was simply away).
         pub fn finish_transition(&self, name: &str, flight: &Transition, result: TransitionResult) {
@@ -1901,18 +2054,78 @@ mod registry {
 
         /// Where a starting container is, before it is ready.
         pub fn note_address(&self, name: &str, address: SocketAddr, created_at: Option<SystemTime>) {
-            if let Some(entry) = lock(&self.entries).get_mut(name) {
+            let mut entries = lock(&self.entries);
+            forget_address_elsewhere(&mut entries, name, address);
+            if let Some(entry) = entries.get_mut(name) {
                 entry.address = Some(address);
                 entry.created_at = created_at.or(entry.created_at);
             }
         }
 
         pub fn mark_running(&self, name: &str, address: SocketAddr, incarnation: Option<String>) {
-            if let Some(entry) = lock(&self.entries).get_mut(name) {
+            let mut entries = lock(&self.entries);
+            forget_address_elsewhere(&mut entries, name, address);
+            if let Some(entry) = entries.get_mut(name) {
                 entry.state = State::Running;
                 entry.address = Some(address);
                 entry.incarnation = incarnation;
                 entry.stopped_at = None;
+            }
+        }
+
+        /// What a line of Docker's event stream means for the registry: a start the
+        /// proxy did not make must be inspected (its address and incarnation are new);
+        /// a death or removal makes a cached address worthless at once.
+        pub fn observe(&self, event: &Event) -> Option<String> {
+            let mut entries = lock(&self.entries);
+            let settled = |entries: &HashMap<String, Entry>, name: &str| {
+                entries.get(name).is_some_and(|e| e.transition.is_none())
+            };
+            match event {
+                Event::Start(name) if settled(&entries, name) => return Some(name.clone()),
+                Event::Die(name) | Event::Destroy(name) if settled(&entries, name) => {
+                    if let Some(entry) = entries.get_mut(name) {
+                        entry.state = if matches!(event, Event::Destroy(_)) { State::Missing } else { State::Unknown };
+                        entry.address = None;
+                        entry.incarnation = None;
+                    }
+                }
+                Event::Rename { from, to } => {
+                    if let Some(entry) = entries.get_mut(from).filter(|e| e.transition.is_none()) {
+                        entry.state = State::Missing;
+                        entry.address = None;
+                    }
+                    if settled(&entries, to) {
+                        return Some(to.clone());
+                    }
+                }
+                _ => {}
+            }
+            None
+        }
+
+        /// A container someone else started, as Docker now describes it.
+        pub fn observe_started(&self, name: &str, address: Option<SocketAddr>, incarnation: Option<String>) {
+            let mut entries = lock(&self.entries);
+            if let Some(address) = address {
+                forget_address_elsewhere(&mut entries, name, address);
+            }
+            if let Some(entry) = entries.get_mut(name).filter(|e| e.transition.is_none()) {
+                entry.state = if address.is_some() { State::Running } else { State::Unknown };
+                entry.address = address;
+                entry.incarnation = incarnation;
+                entry.stopped_at = None;
+            }
+        }
+
+        /// Docker's event stream broke off (a daemon restart): nothing cached is
+        /// trusted until the registry is rebuilt; every container is inspected again
+        /// before traffic is routed to it.
+        pub fn distrust_all(&self) {
+            for entry in lock(&self.entries).values_mut() {
+                if entry.transition.is_none() && entry.state == State::Running {
+                    entry.state = State::Unknown;
+                }
             }
         }
 
@@ -1940,7 +2153,8 @@ mod registry {
             let now = Instant::now();
             let mut sweep = Sweep::default();
             for (name, entry) in lock(&self.entries).iter_mut() {
-                if !entry.is_idle_and_settled() {
+                // a spare is idle by design: the keeper looks after it
+                if entry.spare || !entry.is_idle_and_settled() {
                     continue;
                 }
                 let idle_for = now.saturating_duration_since(entry.idle_since);
@@ -1962,7 +2176,11 @@ mod registry {
                         entry.state = State::Stopped;
                         entry.stopped_at = Some(SystemTime::now());
                     }
-                    StopOutcome::Gone => entry.state = State::Missing,
+                    StopOutcome::Gone | StopOutcome::Retired => {
+                        entry.state = State::Missing;
+                        entry.address = None;
+                        entry.incarnation = None;
+                    }
                     StopOutcome::Failed => {}
                 }
             }
@@ -1991,6 +2209,8 @@ mod registry {
                 entry.state = if info.running { State::Running } else { State::Stopped };
                 entry.address = info.address.map(|ip| SocketAddr::new(ip, port));
                 entry.incarnation = info.incarnation.clone();
+                entry.spare = info.spare && info.name.contains(crate::docker::SPARE_MARK);
+                entry.image_id = Some(info.image_id.clone()).filter(|id| !id.is_empty());
                 entry.created_at = info.created_at;
                 entry.stopped_at = if info.running { None } else { info.finished_at };
                 if entry.user.is_empty() {
@@ -2031,6 +2251,7 @@ mod registry {
                     requests_total: e.requests_total,
                     address: e.address,
                     sessions: 0,
+                    spare: e.spare,
                 })
                 .collect();
             containers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -2052,7 +2273,16 @@ mod docker {
     use std::time::{Duration, Instant, SystemTime};
 
     pub const LABEL_MANAGED: &str = "outline-mcp-proxy.managed";
+    /// The proxy's prefix, exactly: a proxy adopts only containers whose label is its
+    /// own (prefix `mcp-` never takes `mcp-staging-`'s).
+    pub const LABEL_PREFIX: &str = "outline-mcp-proxy.prefix";
+    /// The owner id the container was made for (its name is prefix + owner).
+    pub const LABEL_OWNER: &str = "outline-mcp-proxy.owner";
     pub const LABEL_USER: &str = "outline-mcp-proxy.user";
+    /// `spare` for a container booted ahead of time for whoever needs one next.
+    pub const LABEL_ROLE: &str = "outline-mcp-proxy.role";
+    /// A spare's name after the prefix: `spare-` and 16 hex digits.
+    pub const SPARE_MARK: &str = "spare-";
     const CONTAINER_USER: &str = "65534:65534";
     const SHORT: Duration = Duration::from_secs(15);
     const LONG: Duration = Duration::from_secs(60);
@@ -2142,6 +2372,8 @@ mod docker {
     /// only in `env` mode; in `header` mode it never reaches Docker.
     pub struct ContainerSpec<'a> {
         pub name: &'a str,
+        pub prefix: &'a str,
+        pub owner: &'a str,
         pub user_label: &'a str,
         pub env_key: Option<&'a str>,
         pub image: &'a str,
@@ -2160,6 +2392,9 @@ mod docker {
             let options: Vec<(&str, String)> = vec![
                 ("--name", self.name.to_string()),
                 ("--label", format!("{LABEL_MANAGED}=true")),
+                ("--label", format!("{LABEL_PREFIX}={}", self.prefix)),
+                ("--label", format!("{LABEL_OWNER}={}", self.owner)),
+                ("--label", format!("{LABEL_ROLE}={}", if self.owner.is_empty() { "spare" } else { "user" })),
                 ("--label", format!("{LABEL_USER}={}", sanitize_label(self.user_label))),
                 ("--restart", "unless-stopped".into()),
                 ("--memory", memory.clone()),
@@ -2202,6 +2437,65 @@ mod docker {
         s.chars().filter(|c| !c.is_control()).take(100).collect()
     }
 
+    /// Adopted only when its labels say this proxy's prefix exactly and its name is
+    /// that prefix and the owner its label gives.
+    /// A spare carries no owner label: its name says whether it is still a spare or was
+    /// taken by a user (renamed to prefix + owner id, the owner kept in the registry).
+    pub fn is_ours(c: &ContainerInfo, prefix: &str) -> bool {
+        let Some(rest) = c.name.strip_prefix(prefix) else { return false };
+        let owned_name = rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit());
+        c.prefix_label == prefix
+            && if c.spare {
+                rest.starts_with(SPARE_MARK) || owned_name
+            } else {
+                !c.owner_label.is_empty() && rest == c.owner_label
+            }
+    }
+
+    /// A long-running child (the event stream) dies with the proxy, even a SIGKILLed
+    /// one: Linux's parent-death signal, set between fork and exec.
+    fn end_with_parent(command: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        const PR_SET_PDEATHSIG: i32 = 1;
+        const SIGKILL: u64 = 9;
+        extern "C" {
+            fn prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
+        }
+        // SAFETY: runs in the forked child before exec; prctl is async-signal-safe and
+        // touches only the child's own process attributes.
+        unsafe {
+            command.pre_exec(|| {
+                prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+                Ok(())
+            });
+        }
+    }
+
+    /// One line of `docker events` that the registry cares about.
+    #[derive(Debug, PartialEq)]
+    pub enum Event {
+        Start(String),
+        Die(String),
+        Destroy(String),
+        Rename { from: String, to: String },
+    }
+
+    pub fn parse_event(line: &str) -> Option<Event> {
+        let value: Value = serde_json::from_str(line).ok()?;
+        let attributes = &value["Actor"]["Attributes"];
+        let name = attributes["name"].as_str()?.trim_start_matches('/').to_string();
+        match value["Action"].as_str().or_else(|| value["status"].as_str())? {
+            "start" => Some(Event::Start(name)),
+            "die" => Some(Event::Die(name)),
+            "destroy" => Some(Event::Destroy(name)),
+            "rename" => {
+                let from = attributes["oldName"].as_str()?.trim_start_matches('/').to_string();
+                Some(Event::Rename { from, to: name })
+            }
+            _ => None,
+        }
+    }
+
     /// What `docker inspect` says of one container.
     #[derive(Debug, Clone)]
     pub struct ContainerInfo {
@@ -2216,6 +2510,11 @@ mod docker {
         pub created_at: Option<SystemTime>,
         pub finished_at: Option<SystemTime>,
         pub user: String,
+        pub prefix_label: String,
+        pub owner_label: String,
+        pub spare: bool,
+        /// The image it was made from (an id), to replace those of an older image.
+        pub image_id: String,
     }
 
     pub fn parse_inspect(json_text: &str, network: &str) -> Vec<ContainerInfo> {
@@ -2242,6 +2541,10 @@ mod docker {
                     created_at: c["Created"].as_str().and_then(parse_rfc3339),
                     finished_at: state["FinishedAt"].as_str().and_then(parse_rfc3339),
                     user: c["Config"]["Labels"][LABEL_USER].as_str().unwrap_or("").to_string(),
+                    prefix_label: c["Config"]["Labels"][LABEL_PREFIX].as_str().unwrap_or("").to_string(),
+                    owner_label: c["Config"]["Labels"][LABEL_OWNER].as_str().unwrap_or("").to_string(),
+                    spare: c["Config"]["Labels"][LABEL_ROLE].as_str() == Some("spare"),
+                    image_id: c["Image"].as_str().unwrap_or("").to_string(),
                 }
             })
             .collect()
@@ -2292,6 +2595,24 @@ mod docker {
             self.run(&["rm", name], None, LONG).map(|_| ())
         }
 
+        /// Stops and removes at once (a container that holds nothing of its user).
+        pub fn remove_force(&self, name: &str) -> Result<(), DockerError> {
+            match self.run(&["rm", "--force", name], None, LONG) {
+                Err(DockerError::NoSuchContainer) => Ok(()),
+                other => other.map(|_| ()),
+            }
+        }
+
+        /// A spare becomes a user's: a rename, no restart.
+        pub fn rename(&self, from: &str, to: &str) -> Result<(), DockerError> {
+            self.run(&["rename", from, to], None, SHORT).map(|_| ())
+        }
+
+        /// The id of the image a reference names now (after a `docker pull`, the new one).
+        pub fn image_id(&self, image: &str) -> Result<String, DockerError> {
+            self.run(&["image", "inspect", "--format", "{{.Id}}", image], None, SHORT).map(|v| v.trim().to_string())
+        }
+
         pub fn set_cpus(&self, name: &str, cpus: f64) -> Result<(), DockerError> {
             self.run(&["update", "--cpus", &cpus.to_string(), name], None, SHORT).map(|_| ())
         }
@@ -2305,25 +2626,43 @@ mod docker {
             }
         }
 
-        /// The labelled containers whose names carry this proxy's prefix (several
-        /// proxies may share one Docker).
+        /// This proxy's containers: labelled with its prefix exactly, and named for the
+        /// owner their label gives (several proxies may share one Docker).
         pub fn list_managed(&self, network: &str, prefix: &str) -> Result<Vec<ContainerInfo>, DockerError> {
-            let filter = format!("label={LABEL_MANAGED}=true");
-            let ids = self.run(&["ps", "--all", "--quiet", "--no-trunc", "--filter", &filter], None, SHORT)?;
-            let ids: Vec<&str> = ids.split_whitespace().collect();
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut args = vec!["container", "inspect"];
-            args.extend(ids);
-            match self.run(&args, None, SHORT) {
-                Ok(out) => {
-                    Ok(parse_inspect(&out, network).into_iter().filter(|c| c.name.starts_with(prefix)).collect())
+            let filter = format!("label={LABEL_PREFIX}={prefix}");
+            for _ in 0..3 {
+                let ids = self.run(&["ps", "--all", "--quiet", "--no-trunc", "--filter", &filter], None, SHORT)?;
+                let ids: Vec<&str> = ids.split_whitespace().collect();
+                if ids.is_empty() {
+                    return Ok(Vec::new());
                 }
-                // one vanished between ps and inspect: the others are still printed
-                Err(DockerError::NoSuchContainer) => Ok(Vec::new()),
-                Err(e) => Err(e),
+                let mut args = vec!["container", "inspect"];
+                args.extend(ids);
+                match self.run(&args, None, SHORT) {
+                    Ok(out) => {
+                        return Ok(parse_inspect(&out, network).into_iter().filter(|c| is_ours(c, prefix)).collect())
+                    }
+                    // one was removed between ps and inspect: list again
+                    Err(DockerError::NoSuchContainer) => continue,
+                    Err(e) => return Err(e),
+                }
             }
+            Err(DockerError::Unavailable("containers kept vanishing while being listed".into()))
+        }
+
+        /// Docker's own event stream for this proxy's containers since `since` (Unix
+        /// seconds), one JSON object a line; runs until Docker goes away or it is killed.
+        pub fn events(&self, prefix: &str, since: u64) -> Result<std::process::Child, DockerError> {
+            let filter = format!("label={LABEL_PREFIX}={prefix}");
+            let mut command = Command::new(&self.cli);
+            command
+                .args(["events", "--filter", "type=container", "--filter", &filter, "--format", "{{json .}}"])
+                .args(["--since", &since.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null());
+            end_with_parent(&mut command);
+            command.spawn().map_err(|e| DockerError::Unavailable(format!("cannot run {}: {e}", self.cli)))
         }
 
         pub fn server_version(&self) -> Result<String, DockerError> {
@@ -2465,6 +2804,7 @@ mod containers {
     use crate::util::{agent_base, lock};
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Condvar;
     use std::sync::{Arc, Mutex};
     use std::thread;
     use std::time::{Duration, Instant};
@@ -2484,6 +2824,17 @@ mod containers {
         }
     }
 
+    /// `len` random hex digits (sha256 of the time, the process and a counter: names,
+    /// not secrets).
+    fn random_hex(len: usize) -> String {
+        use sha2::{Digest, Sha256};
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let digest = Sha256::digest(format!("{}:{}:{n}", now.as_nanos(), std::process::id()));
+        hex::encode(digest)[..len.min(64)].to_string()
+    }
+
     pub struct Containers {
         pub cfg: Config,
         pub registry: Arc<Registry>,
@@ -2493,6 +2844,10 @@ mod containers {
         sessions: Arc<Sessions>,
         /// Whether Docker answered at the watcher's last look (for /health).
         pub docker_status: Mutex<Result<(), String>>,
+        /// The current image's id, as last seen.
+        image_id: Mutex<Option<String>>,
+        /// Raised when a spare was taken or a container retired: the keeper looks.
+        spare_signal: (Mutex<bool>, Condvar),
     }
 
     impl Containers {
@@ -2500,7 +2855,7 @@ mod containers {
             Containers {
                 cfg: cfg.clone(),
                 sessions,
-                registry: Arc::new(Registry::new(cfg.max_running)),
+                registry: Arc::new(Registry::new(cfg.max_running, cfg.user_max_inflight)),
                 docker: Docker::new(&cfg.docker),
                 // the readiness probe: short, never pooled
                 ready_agent: agent_base()
@@ -2509,6 +2864,8 @@ mod containers {
                     .build()
                     .new_agent(),
                 docker_status: Mutex::new(Ok(())),
+                image_id: Mutex::new(None),
+                spare_signal: (Mutex::new(false), Condvar::new()),
             }
         }
 
@@ -2525,6 +2882,11 @@ mod containers {
                     Plan::Wait(flight) => flight.wait()?,
                     Plan::Start { flight, evict, known } => {
                         let result = self.bring_up(want, evict, known);
+                        self.registry.finish_transition(&want.name, &flight, result.clone());
+                        result?;
+                    }
+                    Plan::TakeSpare { flight, spare } => {
+                        let result = self.take_spare(want, &spare);
                         self.registry.finish_transition(&want.name, &flight, result.clone());
                         result?;
                     }
@@ -2547,6 +2909,7 @@ mod containers {
             let how = self.wake(want, known)?;
             let (address, info) = self.running_address(name)?;
             self.registry.note_address(name, address, info.created_at);
+            self.registry.note_image(name, &info.image_id);
             self.wait_until_ready(name, address)?;
             if how != Wake::Running {
                 log::info!("container {name} {} and ready in {}ms", how.as_str(), begun.elapsed().as_millis());
@@ -2558,11 +2921,128 @@ mod containers {
             Ok(())
         }
 
+        /// Makes a ready spare the user's container: a rename (the user's old container,
+        /// if one is left, removed first), no restart; a new spare boots behind it. When
+        /// the spare cannot be had, the container is made the ordinary way.
+        fn take_spare(&self, want: &Want, spare: &str) -> TransitionResult {
+            let begun = Instant::now();
+            let renamed = match self.docker.rename(spare, &want.name) {
+                Err(DockerError::NameInUse) => {
+                    self.docker.remove_force(&want.name).and_then(|_| self.docker.rename(spare, &want.name))
+                }
+                other => other,
+            };
+            match renamed {
+                Ok(()) => {
+                    self.registry.adopt_spare(spare, &want.name);
+                    log::info!("container {} took spare {spare} in {}ms", want.name, begun.elapsed().as_millis());
+                    self.sessions.notify_change();
+                    self.spare_wanted();
+                    Ok(())
+                }
+                Err(e) => {
+                    log::warn!("could not take spare {spare}: {}", e.message());
+                    self.registry.release_spare(spare, e == DockerError::NoSuchContainer);
+                    self.bring_up(want, None, State::Unknown)
+                }
+            }
+        }
+
+        /// Wakes the spare keeper (a spare was taken).
+        fn spare_wanted(&self) {
+            *lock(&self.spare_signal.0) = true;
+            self.spare_signal.1.notify_all();
+        }
+
+        /// Waits until a spare is wanted, or `limit` passed.
+        pub fn wait_spare_wanted(&self, limit: Duration) {
+            let guard = lock(&self.spare_signal.0);
+            let (mut guard, _) = self
+                .spare_signal
+                .1
+                .wait_timeout_while(guard, limit, |wanted| !*wanted)
+                .unwrap_or_else(|e| e.into_inner());
+            *guard = false;
+        }
+
+        /// Keeps MCP_PROXY_SPARES spares of the current image booted: boots one at a time,
+        /// only when no user's container is starting; replaces those of an older image.
+        pub fn keep_spares(&self) {
+            // looked up even without spares: a stopped container of an older image is
+            // replaced rather than woken
+            let Some(image_id) = self.current_image() else { return };
+            if self.cfg.spares == 0 {
+                return;
+            }
+            for (name, flight) in self.registry.claim_outdated_spares(&image_id) {
+                log::info!("replacing spare {name}: {} is now another image", self.cfg.image);
+                let _ = self.docker.remove_force(&name);
+                self.registry.release_spare(&name, true);
+                flight.finish(Ok(()));
+            }
+            while self.registry.wants_spare(self.cfg.spares) {
+                let name = format!("{}{}{}", self.cfg.prefix, crate::docker::SPARE_MARK, random_hex(16));
+                let flight = self.registry.begin_spare(&name);
+                let result = self.boot_spare(&name, &image_id);
+                if let Err(e) = &result {
+                    log::warn!("could not boot spare {name}: {}", e.message());
+                    let _ = self.docker.remove_force(&name);
+                    self.registry.release_spare(&name, true);
+                }
+                flight.finish(result.clone());
+                if result.is_err() {
+                    return;
+                }
+            }
+        }
+
+        fn boot_spare(&self, name: &str, image_id: &str) -> TransitionResult {
+            let begun = Instant::now();
+            let spare = Want { name: name.to_string(), user_label: String::new(), env_key: None };
+            let mut spec = self.spec(&spare);
+            spec.owner = "";
+            self.docker.create(&spec).map_err(|e| e.into_proxy_error(&format!("create spare {name}")))?;
+            let (address, info) = self.running_address(name)?;
+            self.wait_until_ready(name, address)?;
+            self.settle_cpus(name);
+            self.registry.spare_ready(name, address, info.incarnation, image_id);
+            log::info!("spare {name} ready in {}ms", begun.elapsed().as_millis());
+            Ok(())
+        }
+
+        /// The id of the image MCP_PROXY_IMAGE names now (after a `docker pull`, the new
+        /// one); remembered for when Docker does not answer.
+        pub fn current_image(&self) -> Option<String> {
+            match self.docker.image_id(&self.cfg.image) {
+                Ok(id) => {
+                    *lock(&self.image_id) = Some(id.clone());
+                    Some(id)
+                }
+                Err(_) => lock(&self.image_id).clone(),
+            }
+        }
+
+        /// Whether a container was made from an image other than the current one.
+        fn outdated(&self, name: &str) -> bool {
+            let cached = lock(&self.image_id).clone();
+            let current = cached.or_else(|| self.current_image());
+            matches!((self.registry.image_of(name), current), (Some(had), Some(now)) if had != now)
+        }
+
         /// What the registry knows saves a docker call on the way (tens of ms): a known
         /// stopped container is started, a never-seen one created; only when in doubt
         /// (a failed connection, a failed start) is Docker asked first.
         fn wake(&self, want: &Want, known: State) -> Result<Wake, ProxyError> {
             let spec = self.spec(want);
+            if known == State::Stopped && self.outdated(&want.name) {
+                // never woken on an older image: replaced by one of the current
+                log::info!("replacing {}: {} is now another image", want.name, self.cfg.image);
+                let _ = self.docker.remove_force(&want.name);
+                return self
+                    .docker
+                    .create(&spec)
+                    .map_err(|e| e.into_proxy_error(&format!("create container {}", want.name)));
+            }
             let result = match known {
                 State::Stopped => self.docker.wake_or_create(&spec),
                 State::Missing => self.docker.create(&spec),
@@ -2580,6 +3060,8 @@ mod containers {
             let c = &self.cfg;
             ContainerSpec {
                 name: &want.name,
+                prefix: &c.prefix,
+                owner: want.name.strip_prefix(c.prefix.as_str()).unwrap_or(&want.name),
                 user_label: &want.user_label,
                 env_key: want.env_key.as_deref(),
                 image: &c.image,
@@ -2681,6 +3163,23 @@ mod containers {
         /// the next wake, and records the outcome (the caller finishes the flight). Used
         /// by the sleeper and by the cap's eviction alike.
         pub fn put_to_sleep(&self, name: &str) {
+            if self.cfg.spares > 0 || self.outdated(name) {
+                // it holds nothing of its user (header mode) or is of an older image: a
+                // spare of the current image serves the next wake
+                let outcome = match self.docker.remove_force(name) {
+                    Ok(()) => {
+                        log::info!("removed idle container {name} (the next wake takes a spare)");
+                        StopOutcome::Retired
+                    }
+                    Err(e) => {
+                        log::warn!("could not remove {name}: {}", e.message());
+                        StopOutcome::Failed
+                    }
+                };
+                self.registry.after_stop(name, outcome);
+                self.spare_wanted();
+                return;
+            }
             let outcome = match self.docker.stop(name) {
                 Ok(()) => {
                     log::info!("stopped idle container {name}");
@@ -2713,6 +3212,24 @@ mod containers {
                     log::info!("created docker network {network} (inter-container traffic off)");
                     Ok(())
                 }
+            }
+        }
+
+        /// A container someone else started (Docker's restart policy, an operator):
+        /// inspected at once, so its new address and incarnation are the ones used.
+        pub fn observe_start(&self, name: &str) {
+            match self.inspect(name) {
+                Ok(Some(info)) => {
+                    let address =
+                        info.address.filter(|_| info.running).map(|ip| SocketAddr::new(ip, self.cfg.container_port));
+                    self.registry.observe_started(name, address, info.incarnation);
+                    self.sessions.notify_change();
+                }
+                Ok(None) => {
+                    // removed again meanwhile: the same as its destroy event
+                    self.registry.observe(&crate::docker::Event::Destroy(name.to_string()));
+                }
+                Err(e) => log::warn!("could not inspect {name} after it started: {}", e.message()),
             }
         }
 
@@ -3814,12 +4331,14 @@ mod ops {
                     "requests_total": c.requests_total,
                     "address": c.address.map(|a| a.to_string()),
                     "sessions": c.sessions,
+                    "spare": c.spare,
                 })
             })
             .collect();
         json!({
             "total_containers": s.containers.len(),
             "running_count": s.containers.iter().filter(|c| c.state == State::Running).count(),
+            "spares_ready": s.containers.iter().filter(|c| c.spare && c.state == State::Running).count(),
             "containers": containers,
             "auth": {"hits": s.auth_hits, "misses": s.auth_misses, "failures": s.auth_failures, "outline_calls": s.outline_calls},
             "sessions": {"held_streams": s.held_streams, "resurrections": s.resurrections},
@@ -3830,7 +4349,9 @@ mod ops {
 
     pub fn render_metrics(s: &Snapshot) -> String {
         let running = s.containers.iter().filter(|c| c.state == State::Running).count();
-        let totals: [(&str, &str, &str, String); 10] = [
+        let spares = s.containers.iter().filter(|c| c.spare && c.state == State::Running).count();
+        let totals: [(&str, &str, &str, String); 11] = [
+            ("mcp_proxy_spares_ready", "gauge", "Warm spares booted and unassigned.", spares.to_string()),
             ("mcp_proxy_containers_tracked", "gauge", "Containers the proxy knows.", s.containers.len().to_string()),
             ("mcp_proxy_containers_running", "gauge", "Containers running.", running.to_string()),
             ("mcp_proxy_docker_up", "gauge", "1 when the Docker daemon answers.", u8::from(s.docker_ok).to_string()),
@@ -4063,7 +4584,59 @@ mod background {
                 watch_docker(&watcher.containers);
             })
             .map_err(|e| format!("cannot start the Docker watcher thread: {e}"))?;
-        supervise(proxy, "Docker watcher", handle)
+        supervise(proxy, "Docker watcher", handle)?;
+        let follower = proxy.clone();
+        let handle = thread::Builder::new()
+            .name("docker-events".into())
+            .spawn(move || loop {
+                follow_events(&follower.containers);
+                thread::sleep(Duration::from_secs(1));
+            })
+            .map_err(|e| format!("cannot start the Docker event follower: {e}"))?;
+        supervise(proxy, "Docker event follower", handle)?;
+        let keeper = proxy.clone();
+        let handle = thread::Builder::new()
+            .name("spares".into())
+            .spawn(move || loop {
+                keeper.containers.keep_spares();
+                keeper.containers.wait_spare_wanted(Duration::from_secs(2));
+            })
+            .map_err(|e| format!("cannot start the spare keeper: {e}"))?;
+        supervise(proxy, "spare keeper", handle)
+    }
+
+    /// The registry follows Docker's own event stream, so a cached address is never
+    /// used for a container that was removed, replaced or restarted behind the
+    /// proxy's back. Rebuilt from a fresh listing first (events since then are
+    /// replayed); when the stream breaks off (the daemon went away), nothing cached
+    /// is trusted until it is rebuilt.
+    fn follow_events(containers: &Containers) {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs().saturating_sub(1))
+            .unwrap_or(0);
+        if rediscover(containers).is_err() {
+            return;
+        }
+        let mut child = match containers.docker.events(&containers.cfg.prefix, since) {
+            Ok(child) => child,
+            Err(e) => {
+                log::warn!("cannot follow Docker's events: {}", e.message());
+                return;
+            }
+        };
+        if let Some(stdout) = child.stdout.take() {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+                let Ok(line) = line else { break };
+                if let Some(started) = crate::docker::parse_event(&line).and_then(|e| containers.registry.observe(&e)) {
+                    containers.observe_start(&started);
+                }
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        containers.registry.distrust_all();
+        log::warn!("Docker's event stream ended; the registry is rebuilt when Docker answers");
     }
 
     /// Liveness the service manager can see: if a thread the proxy cannot do without
@@ -4162,12 +4735,8 @@ mod background {
         };
         match (was_ok, &result) {
             (true, Err(reason)) => log::error!("Docker stopped answering: {reason}"),
-            (false, Ok(())) => {
-                log::info!("Docker answers again; rebuilding the registry");
-                if let Err(e) = rediscover(containers) {
-                    log::warn!("could not rebuild the registry: {}", e.message());
-                }
-            }
+            // the event follower rebuilds the registry when Docker is back
+            (false, Ok(())) => log::info!("Docker answers again"),
             _ => {}
         }
     }
@@ -4487,10 +5056,38 @@ mod tests {
     }
 
     #[test]
-    fn names_come_from_the_key_hash() {
+    fn names_come_from_the_user_in_header_mode_and_the_key_in_env_mode() {
         let h = auth::key_hash("secret");
         assert_eq!(h, "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b");
-        assert_eq!(auth::container_name("mcp-", "secret"), "mcp-2bb80d537b1d");
+        let ann = User { id: "u1".into(), team_id: "t1".into(), name: "Ann".into(), email: String::new() };
+        // every key of a user: one owner; 128 bits of the hash
+        let by_user = auth::owner_id(KeyMode::Header, &ann, "key-1");
+        assert_eq!(by_user, auth::owner_id(KeyMode::Header, &ann, "key-2"));
+        assert_eq!(by_user, auth::key_hash("t1:u1")[..32]);
+        let other_team = User { team_id: "t2".into(), ..ann.clone() };
+        assert_ne!(by_user, auth::owner_id(KeyMode::Header, &other_team, "key-1"));
+        // env mode: the key is baked in, so one container per key
+        assert_eq!(auth::owner_id(KeyMode::Env, &ann, "secret"), "2bb80d537b1da3e38bd30361aa855686");
+        assert_ne!(auth::owner_id(KeyMode::Env, &ann, "key-1"), auth::owner_id(KeyMode::Env, &ann, "key-2"));
+        assert_eq!(auth::container_name("mcp-", &by_user).len(), 4 + 32);
+    }
+
+    #[test]
+    fn only_this_prefixs_containers_are_adopted() {
+        let info = |name: &str, prefix: &str, owner: &str| {
+            let text = format!(
+                r#"[{{"Name":"/{name}","State":{{}},"Config":{{"Labels":{{"outline-mcp-proxy.prefix":"{prefix}","outline-mcp-proxy.owner":"{owner}"}}}}}}]"#
+            );
+            parse_inspect(&text, "bridge").remove(0)
+        };
+        let owner = "0123456789abcdef0123456789abcdef";
+        assert!(crate::docker::is_ours(&info(&format!("mcp-{owner}"), "mcp-", owner), "mcp-"));
+        // a proxy with prefix mcp- leaves mcp-staging-'s alone, though the name starts with mcp-
+        let staging = info(&format!("mcp-staging-{owner}"), "mcp-staging-", owner);
+        assert!(!crate::docker::is_ours(&staging, "mcp-"));
+        assert!(crate::docker::is_ours(&staging, "mcp-staging-"));
+        // a name that does not match its owner label is not adopted
+        assert!(!crate::docker::is_ours(&info("mcp-someone-else", "mcp-", owner), "mcp-"));
     }
 
     #[test]
@@ -4620,16 +5217,23 @@ mod tests {
 
     #[test]
     fn idle_selection_skips_busy_and_recent_containers() {
-        let proxy = test_proxy(&[("MCP_PROXY_IDLE_TIMEOUT", "60s"), ("MCP_PROXY_DOCKER", "/bin/true")]);
-        let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
-        for (name, idle_secs, active) in [("mcp-idle", 120, 0), ("mcp-busy", 120, 1), ("mcp-recent", 10, 0)] {
-            lock(&proxy.containers.registry.entries).insert(name.to_string(), running_entry(addr, idle_secs, active));
+        // spares off: idle containers are stopped (kept for a docker start); spares on:
+        // removed (a spare serves the next wake)
+        for (spares, slept) in [("0", State::Stopped), ("1", State::Missing)] {
+            let settings =
+                [("MCP_PROXY_IDLE_TIMEOUT", "60s"), ("MCP_PROXY_DOCKER", "/bin/true"), ("MCP_PROXY_SPARES", spares)];
+            let proxy = test_proxy(&settings);
+            let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
+            for (name, idle_secs, active) in [("mcp-idle", 120, 0), ("mcp-busy", 120, 1), ("mcp-recent", 10, 0)] {
+                lock(&proxy.containers.registry.entries)
+                    .insert(name.to_string(), running_entry(addr, idle_secs, active));
+            }
+            crate::background::sweep(&proxy.containers);
+            let entries = lock(&proxy.containers.registry.entries);
+            assert_eq!(entries["mcp-idle"].state, slept);
+            assert_eq!(entries["mcp-busy"].state, State::Running);
+            assert_eq!(entries["mcp-recent"].state, State::Running);
         }
-        crate::background::sweep(&proxy.containers);
-        let entries = lock(&proxy.containers.registry.entries);
-        assert_eq!(entries["mcp-idle"].state, State::Stopped);
-        assert_eq!(entries["mcp-busy"].state, State::Running);
-        assert_eq!(entries["mcp-recent"].state, State::Running);
     }
 
     #[test]
@@ -4644,8 +5248,9 @@ mod tests {
 
     #[test]
     fn auth_info_answers_are_parsed() {
-        let body = r#"{"ok":true,"data":{"user":{"id":"u1","name":"Ann","email":"a@x"},"team":{}}}"#;
-        assert_eq!(parse_auth_info(body), Some(User { id: "u1".into(), name: "Ann".into(), email: "a@x".into() }));
+        let body = r#"{"ok":true,"data":{"user":{"id":"u1","name":"Ann","email":"a@x"},"team":{"id":"t1"}}}"#;
+        let ann = User { id: "u1".into(), team_id: "t1".into(), name: "Ann".into(), email: "a@x".into() };
+        assert_eq!(parse_auth_info(body), Some(ann));
         assert_eq!(parse_auth_info(r#"{"ok":true,"data":{}}"#), None);
         assert_eq!(parse_auth_info("not json"), None);
     }
@@ -4694,6 +5299,8 @@ mod tests {
     fn spec_for<'a>(name: &'a str, user: &'a str, env_key: Option<&'a str>) -> ContainerSpec<'a> {
         ContainerSpec {
             name,
+            prefix: "mcp-",
+            owner: name.strip_prefix("mcp-").unwrap_or(name),
             user_label: user,
             env_key,
             image: "img",
@@ -4731,7 +5338,7 @@ mod tests {
 
     #[test]
     fn only_env_mode_lets_the_key_into_container_code() {
-        let user = User { id: "u".into(), name: "Ann".into(), email: String::new() };
+        let user = User { id: "u".into(), team_id: "t".into(), name: "Ann".into(), email: String::new() };
         let credential = Credential { key: "k-123".into(), source: KeySource::KeyHeader };
         for (mode, holds) in [("header", false), ("env", true)] {
             let cfg = Config::load(&env(&[("MCP_PROXY_KEY_MODE", mode)])).unwrap();
@@ -4838,5 +5445,46 @@ mod tests {
         s.opened("mcp-b", "other", None, None);
         assert_eq!(s.per_owner()["mcp-a"], 64);
         assert_eq!(s.per_owner()["mcp-b"], 1);
+    }
+
+    #[test]
+    fn dockers_events_keep_the_registry_exact() {
+        use crate::docker::{parse_event, Event};
+        let line = |action: &str, extra: &str| {
+            format!(
+                r#"{{"Type":"container","Action":"{action}","Actor":{{"ID":"abc","Attributes":{{"name":"mcp-a"{extra}}}}}}}"#
+            )
+        };
+        assert_eq!(parse_event(&line("start", "")), Some(Event::Start("mcp-a".into())));
+        assert_eq!(parse_event(&line("die", "")), Some(Event::Die("mcp-a".into())));
+        assert_eq!(parse_event(&line("destroy", "")), Some(Event::Destroy("mcp-a".into())));
+        assert_eq!(
+            parse_event(&line("rename", r#","oldName":"/mcp-old""#)),
+            Some(Event::Rename { from: "mcp-old".into(), to: "mcp-a".into() })
+        );
+        assert_eq!(parse_event(&line("exec_start", "")), None);
+        assert_eq!(parse_event("not json"), None);
+
+        let proxy = test_proxy(&[]);
+        let registry = &proxy.containers.registry;
+        let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
+        lock(&registry.entries).insert("mcp-a".into(), running_entry(addr, 0, 0));
+        lock(&registry.entries).insert("mcp-b".into(), running_entry("172.17.0.10:3000".parse().unwrap(), 0, 0));
+        // removed behind the proxy's back: its address is forgotten at once
+        assert_eq!(registry.observe(&Event::Destroy("mcp-a".into())), None);
+        assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Missing);
+        assert_eq!(lock(&registry.entries)["mcp-a"].address, None);
+        // started by someone else: to be inspected
+        assert_eq!(registry.observe(&Event::Start("mcp-b".into())), Some("mcp-b".into()));
+        // a new container found at an address another entry still holds: that one is stale
+        registry.observe_started("mcp-a", Some("172.17.0.10:3000".parse().unwrap()), Some("i2".into()));
+        let entries = lock(&registry.entries);
+        assert_eq!(entries["mcp-a"].state, State::Running);
+        assert_eq!(entries["mcp-b"].state, State::Unknown);
+        assert_eq!(entries["mcp-b"].address, None);
+        drop(entries);
+        // the event stream broke off: nothing running is trusted until inspected
+        registry.distrust_all();
+        assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Unknown);
     }
 }

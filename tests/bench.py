@@ -104,10 +104,11 @@ def start_proxy(outline, prefix, **settings):
         "MCP_PROXY_CONTAINER_PREFIX": prefix,
         "MCP_PROXY_LOG": "warn",
         "MCP_PROXY_START_TIMEOUT": "120s",
+        "MCP_PROXY_SPARES": "0",  # the spare benchmark turns them on
     }
     env.update({k if k.startswith(("MCP_", "OUTLINE_")) else f"MCP_PROXY_{k.upper()}": str(v)
                 for k, v in settings.items()})
-    return Proxy(env, Path(tempfile.mkdtemp()) / "proxy.log", prefix).start()
+    return Proxy(env, Path(tempfile.mkdtemp()) / "proxy.log", prefix, outline).start()
 
 
 def rss_kib(pid):
@@ -370,6 +371,73 @@ def bench_resurrection(outline, image):
     proxy.cleanup()
 
 
+def spares_ready(proxy):
+    return sum(1 for c in proxy.stats()["containers"] if c.get("spare") and c["state"] == "running")
+
+
+def memory_mib(name):
+    used = docker("stats", "--no-stream", "--format", "{{.MemUsage}}", name).stdout.strip().split("/")[0].strip()
+    scale = 1 / 1024 if used.endswith("KiB") else 1024 if used.endswith("GiB") else 1
+    return float(re.match(r"([\d.]+)", used).group(1)) * scale
+
+
+def bench_spares(outline, image):
+    """Create and wake with a warm spare ready, real mcp-outline: through the proxy
+    (auth cached), against the physical limit measured by hand in the same run: a
+    rename of a booted container plus the first MCP round trip to it."""
+    say(f"\n== 2c. create and wake with a warm spare ready, real mcp-outline ({image}) ==")
+    proxy = start_proxy(outline, "bench-spare-", image=image, spares="1", idle_timeout="1h")
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                       "clientInfo": {"name": "bench", "version": "1"}}}
+    creates, wakes, physical = [], [], []
+    for i in range(ROUNDS):
+        key = outline.add_user(f"spare{i}")
+        name = proxy.container_name(key)
+        for sample in (creates, wakes):
+            wait_for(lambda: spares_ready(proxy) == 1, timeout=120, what="a spare")
+            assert httpx.get(proxy.url + "/health", headers={"X-Outline-API-Key": key}).status_code == 200
+            t0 = time.monotonic()
+            assert mcp_post(proxy.url, key, init).status_code == 200
+            sample.append(time.monotonic() - t0)
+            # asleep as the sleeper leaves it with spares on: removed
+            docker("rm", "--force", name)
+            wait_for(lambda: next((c["state"] for c in proxy.stats()["containers"] if c["name"] == name), "missing")
+                     == "missing", timeout=10, what="the registry to see the removal")
+    # by hand: a booted container of the same image, renamed, then the first MCP round trip
+    for i in range(ROUNDS):
+        tmp = f"bench-phys-spare-{i}"
+        docker("run", "--detach", "--init", "--read-only", "--name", tmp, "--memory", "268435456",
+               "--cpus", "0.3", "--tmpfs", "/tmp:rw,noexec,nosuid,size=64m", "--user", "65534:65534",
+               "--env", "HOME=/tmp", "--env", f"OUTLINE_API_URL=http://{docker_gateway()}:{outline.port}/api", image)
+        ip = container_ip(tmp)
+        poll_ready(ip)
+        t0 = time.monotonic()
+        docker("rename", tmp, tmp + "-taken")
+        r = httpx.post(f"http://{ip}:3000/mcp", content=json.dumps(init), timeout=60,
+                       headers={"Accept": "application/json, text/event-stream", "Content-Type": "application/json"})
+        assert r.status_code == 200
+        physical.append(time.monotonic() - t0)
+        docker("rm", "-f", tmp + "-taken")
+    med = statistics.median
+    say(f"create with a spare: {med(creates) * 1000:.0f} ms; wake with a spare: {med(wakes) * 1000:.0f} ms; "
+        f"by hand (rename + first MCP round trip): {med(physical) * 1000:.0f} ms; medians of {ROUNDS}")
+    RESULTS.append(("create with a warm spare", f"{med(creates) * 1000:.0f} ms through the proxy (first MCP round "
+                    f"trip answered); rename + round trip by hand {med(physical) * 1000:.0f} ms"))
+    RESULTS.append(("wake with a warm spare", f"{med(wakes) * 1000:.0f} ms through the proxy"))
+    wait_for(lambda: spares_ready(proxy) == 1, timeout=120, what="a spare")
+    time.sleep(3)  # let the spare settle before its memory is read
+    spare_mib = memory_mib(proxy.spares()[0])
+    usable = 2048 - 600
+    say(f"one spare: {spare_mib:.0f} MiB; running users per 2 GB: about {int(usable // spare_mib)} without spares, "
+        f"{int((usable - spare_mib) // spare_mib)} with one")
+    RESULTS.append(("one warm spare", f"{spare_mib:.0f} MiB; about {int(usable // spare_mib)} running users per 2 GB "
+                    f"without spares, {int((usable - spare_mib) // spare_mib)} with one (600 MiB kept for the OS, "
+                    f"Docker, nginx, the proxy)"))
+    proxy.stop()
+    proxy.cleanup()
+
+
 def bench_streams(outline):
     say("\n== 3. memory and threads holding 300 SSE streams ==")
     key = outline.add_user("streams")
@@ -420,6 +488,7 @@ def main():
     if "wake" in only:
         bench_wake_and_create(outline, image)
         bench_resurrection(outline, image)
+        bench_spares(outline, image)
     if "streams" in only:
         bench_streams(outline)
     say("\n| measure | result |\n|---|---|")

@@ -103,8 +103,9 @@ def outline():
 class Proxy:
     """The release binary, started with the given settings, its log in a file."""
 
-    def __init__(self, env, log_path, prefix):
+    def __init__(self, env, log_path, prefix, outline=None):
         self.env = env
+        self.outline = outline
         self.log_path = log_path
         self.prefix = prefix
         self.port = int(env["MCP_PROXY_LISTEN"].rsplit(":", 1)[1])
@@ -167,16 +168,29 @@ class Proxy:
         return self.request("POST", path, key, headers, **kw)
 
     def containers(self, all=True):
-        """Names of this proxy's containers (by its unique prefix)."""
+        """Names of this proxy's users' containers (by its unique prefix; spares apart)."""
+        return [n for n in self._names(all) if not n.startswith(self.prefix + "spare-")]
+
+    def spares(self):
+        """Names of this proxy's warm spares, running or not."""
+        return [n for n in self._names(True) if n.startswith(self.prefix + "spare-")]
+
+    def _names(self, all):
         args = ["ps", "--format", "{{.Names}}", "--filter", f"name=^{self.prefix}"]
         if all:
             args.insert(1, "--all")
         return sorted(n for n in docker(*args).stdout.split() if n.startswith(self.prefix))
 
     def container_name(self, key):
+        """The proxy's name for the container serving `key`: 128 bits of sha256 of the
+        Outline user (team and user id) in header mode, of the key in env mode."""
         import hashlib
 
-        return self.prefix + hashlib.sha256(key.encode()).hexdigest()[:12]
+        if self.env.get("MCP_PROXY_KEY_MODE") == "env":
+            material = key
+        else:
+            material = f"{self.outline.team_id}:{self.outline.users[key]['id']}"
+        return self.prefix + hashlib.sha256(material.encode()).hexdigest()[:32]
 
     def inspect(self, name):
         return json.loads(docker("container", "inspect", name).stdout)[0]
@@ -190,7 +204,7 @@ class Proxy:
             return c.get("/stats", auth=auth).json()
 
     def cleanup(self):
-        names = self.containers()
+        names = self._names(True)
         if names:
             docker("rm", "--force", *names, check=False)
 
@@ -211,12 +225,14 @@ def make_proxy(outline, gateway, tmp_path):
             "MCP_PROXY_CONTAINER_PREFIX": prefix,
             "MCP_PROXY_START_TIMEOUT": "20s",
             "MCP_PROXY_LOG": "info",
+            # warm spares are on by default for operators; tests opt in (spares=1)
+            "MCP_PROXY_SPARES": "0",
         }
         for k, v in settings.items():
             # upper case: a variable as named (OUTLINE_URL, DOCKER_HOST, SSL_CERT_FILE);
             # lower case: a proxy setting (idle_timeout -> MCP_PROXY_IDLE_TIMEOUT)
             env[k if k.isupper() else f"MCP_PROXY_{k.upper()}"] = str(v)
-        proxy = Proxy(env, tmp_path / f"proxy-{len(started)}.log", prefix)
+        proxy = Proxy(env, tmp_path / f"proxy-{len(started)}.log", prefix, outline)
         started.append(proxy)
         return proxy.start() if start else proxy
 

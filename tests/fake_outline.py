@@ -24,6 +24,7 @@ class FakeOutline:
         self.keys_seen = []  # the keys each auth.info call carried (to count per key)
         self.delay = 0.0  # seconds before answering
         self.status_override = None  # e.g. 500 to make it fail
+        self.team_id = "team-1"
         self.lock = threading.Lock()
         outer = self
 
@@ -114,6 +115,13 @@ class FakeOutline:
         }
         return key
 
+    def add_key(self, key):
+        """Another API key of the user who has `key` (Outline users make keys freely)."""
+        user = self.users[key]
+        new = f"ol_api_{user['email'].split('@')[0]}_{secrets.token_hex(16)}"
+        self.users[new] = user
+        return new
+
     def count(self, endpoint):
         with self.lock:
             return self.calls.get(endpoint, 0)
@@ -122,12 +130,11 @@ class FakeOutline:
         with self.lock:
             return sum(1 for k in self.keys_seen if k == key)
 
-    @staticmethod
-    def answer(endpoint, user, args):
+    def answer(self, endpoint, user, args):
         public = {k: user[k] for k in ("id", "name", "email")}
         if endpoint == "/api/auth.info":
             return {"ok": True, "status": 200,
-                    "data": {"user": public, "team": {"id": "team-1", "name": "Test team"}}}
+                    "data": {"user": public, "team": {"id": self.team_id, "name": "Test team"}}}
         if endpoint == "/api/documents.search":
             query = str(args.get("query", "")).lower()
             hits = [d for d in user["documents"] if query in (d["title"] + d["text"]).lower()]

@@ -227,13 +227,45 @@ def test_a_restarted_proxy_rediscovers_and_reuses_containers(make_proxy, outline
 
 
 def test_proxies_with_other_prefixes_leave_each_others_containers_alone(make_proxy, outline):
-    mine = make_proxy(idle_timeout="1s", sweep_interval="1s")
+    import secrets
+
+    base = f"t{secrets.token_hex(3)}-"
+    # the other proxy's prefix is the start of this one's: names alone would confuse them
+    mine = make_proxy(prefix=base + "staging-", idle_timeout="1s", sweep_interval="1s", remove_after="1s")
     key = outline.add_user("gina")
     echo(mine, key)
-    other = make_proxy(idle_timeout="1s", sweep_interval="1s")
+    other = make_proxy(prefix=base, idle_timeout="1s", sweep_interval="1s", remove_after="1s")
     assert other.stats()["total_containers"] == 0
     wait_for(lambda: mine.state(mine.container_name(key)) == "exited", timeout=20, what="sleep")
     assert "stopped idle container" not in other.log()
+    other.restart()  # adopts nothing of mine at start-up either
+    assert other.stats()["total_containers"] == 0
+    r = run_binary("cleanup", env=dict(other.env, MCP_PROXY_REMOVE_AFTER="1s"))
+    assert r.returncode == 0 and "0 container(s) removed" in r.stdout, r.stdout
+    assert mine.state(mine.container_name(key)) == "exited"
+
+
+def test_every_key_of_a_user_reaches_one_container(make_proxy, outline):
+    proxy = make_proxy()
+    first = outline.add_user("hugo")
+    second = outline.add_key(first)
+    a, b = echo(proxy, first), echo(proxy, second)
+    assert a["hostname"] == b["hostname"]
+    assert proxy.containers() == [proxy.container_name(first)] == [proxy.container_name(second)]
+    # 128 bits of the user's hash in the name
+    assert len(proxy.container_name(first)) == len(proxy.prefix) + 32
+    labels = proxy.inspect(proxy.container_name(first))["Config"]["Labels"]
+    assert labels["outline-mcp-proxy.prefix"] == proxy.prefix
+    assert proxy.container_name(first) == proxy.prefix + labels["outline-mcp-proxy.owner"]
+
+
+def test_in_env_mode_each_key_has_its_own_container(make_proxy, outline):
+    proxy = make_proxy(key_mode="env")
+    first = outline.add_user("ines")
+    second = outline.add_key(first)
+    assert echo(proxy, first, "/env")["OUTLINE_API_KEY_set"]
+    echo(proxy, second, "/env")
+    assert proxy.containers() == sorted([proxy.container_name(first), proxy.container_name(second)])
 
 
 def test_docker_unavailable_gives_503(make_proxy, outline):
