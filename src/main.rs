@@ -2603,6 +2603,44 @@ mod docker {
             }
         }
 
+        /// Runs `python3 -c probe url` in a throwaway container of `image` on `network`:
+        /// Ok(true) when it exits 0, Ok(false) when it fails, Err when it cannot run.
+        pub fn probe_from_image(
+            &self,
+            image: &str,
+            network: &str,
+            probe: &str,
+            url: &str,
+        ) -> Result<bool, DockerError> {
+            let args = [
+                "run",
+                "--rm",
+                "--network",
+                network,
+                "--user",
+                "65534:65534",
+                "--read-only",
+                "--cap-drop",
+                "ALL",
+                "--entrypoint",
+                "python3",
+                image,
+                "-c",
+                probe,
+                url,
+            ];
+            match self.run(&args, None, LONG) {
+                Ok(_) => Ok(true),
+                Err(DockerError::Failed(m))
+                    if m.contains("executable file not found") || m.contains("no such file") =>
+                {
+                    Err(DockerError::Failed(m))
+                }
+                Err(DockerError::Failed(_)) => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+
         /// A spare becomes a user's: a rename, no restart.
         pub fn rename(&self, from: &str, to: &str) -> Result<(), DockerError> {
             self.run(&["rename", from, to], None, SHORT).map(|_| ())
@@ -4485,6 +4523,10 @@ mod ops {
                 Err(e) => report(false, format!("cannot list containers: {}", e.message())),
             }
         }
+        if version.is_ok() && matches!(docker.network_icc(&cfg.network), Ok(Some(_))) {
+            check_outline_from_a_container(cfg, &docker, &mut report);
+        }
+        check_installed_host(&mut report);
         match Verifier::new(cfg).ask_outline("outline-mcp-proxy-check") {
             Err(ProxyError::Unauthorized(_)) => {
                 report(true, format!("Outline answers at {}/api/auth.info", cfg.outline_url))
@@ -4507,6 +4549,116 @@ mod ops {
         } else {
             println!("Some checks failed.");
             ExitCode::FAILURE
+        }
+    }
+
+    /// Where `systemd/install.sh` puts nginx's site for the proxy.
+    const NGINX_SITE: &str = "/etc/nginx/conf.d/mcp.conf";
+
+    /// The seed's verify.sh on an installed host: the services, the health endpoint
+    /// through nginx, the certificate's expiry. Skipped where they are not installed.
+    fn check_installed_host(report: &mut dyn FnMut(bool, String)) {
+        if std::path::Path::new("/run/systemd/system").exists() {
+            for (unit, fix) in [
+                ("mcp-proxy", "sudo systemctl start mcp-proxy; journalctl -u mcp-proxy -n 50"),
+                ("nginx", "sudo nginx -t && sudo systemctl start nginx"),
+            ] {
+                let state = std::process::Command::new("systemctl")
+                    .args(["is-active", unit])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                    .unwrap_or_else(|e| e.to_string());
+                match state.as_str() {
+                    "active" => report(true, format!("service {unit} is active")),
+                    other => report(false, format!("service {unit} is {other}: {fix}")),
+                }
+            }
+        }
+        let Ok(site) = std::fs::read_to_string(NGINX_SITE) else { return };
+        // nginx's own routing is what is checked here, on loopback: the certificate is
+        // checked for its expiry below, not for trust (a self-signed one at first)
+        let agent = crate::util::agent_base()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .tls_config(ureq::tls::TlsConfig::builder().disable_verification(true).build())
+            .build()
+            .new_agent();
+        match agent.get("https://127.0.0.1/health").call() {
+            Ok(r) if r.status().as_u16() == 200 => {
+                report(true, "the health endpoint answers through nginx (https)".into())
+            }
+            Ok(r) => report(false, format!("through nginx /health answers {}: is the proxy running?", r.status())),
+            Err(e) => report(
+                false,
+                format!(
+                    "through nginx /health does not answer ({}): sudo nginx -t; systemctl status nginx",
+                    describe(&e)
+                ),
+            ),
+        }
+        let certificate = site.lines().find_map(|l| {
+            l.trim().strip_prefix("ssl_certificate ").map(|v| v.trim().trim_end_matches(';').to_string())
+        });
+        if let Some(path) = certificate {
+            match certificate_days_left(&path) {
+                Some(days) if days > 14 => {
+                    report(true, format!("the certificate {path} is valid for {days} more days"))
+                }
+                Some(days) => {
+                    report(false, format!("the certificate {path} expires in {days} days: sudo certbot renew"))
+                }
+                None => {
+                    report(false, format!("cannot read the certificate {path}: sudo certbot --nginx -d <your domain>"))
+                }
+            }
+        }
+    }
+
+    fn describe(e: &ureq::Error) -> String {
+        crate::auth::describe_ureq_error(e)
+    }
+
+    /// Days until a PEM certificate's notAfter, by `openssl x509` (on every host nginx
+    /// serves TLS from).
+    fn certificate_days_left(path: &str) -> Option<i64> {
+        let out =
+            std::process::Command::new("openssl").args(["x509", "-enddate", "-noout", "-in", path]).output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let not_after = parse_openssl_date(text.trim().strip_prefix("notAfter=")?)?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+        Some((not_after - now) / 86400)
+    }
+
+    /// `Nov 26 07:00:00 2027 GMT` → Unix seconds.
+    pub fn parse_openssl_date(text: &str) -> Option<i64> {
+        const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+        let mut parts = text.split_whitespace();
+        let name = parts.next()?;
+        let month = MONTHS.iter().position(|m| *m == name)? as i64 + 1;
+        let day: i64 = parts.next()?.parse().ok()?;
+        let mut hms = parts.next()?.split(':').map(|v| v.parse::<i64>());
+        let (h, m, s) = (hms.next()?.ok()?, hms.next()?.ok()?, hms.next()?.ok()?);
+        let year: i64 = parts.next()?.parse().ok()?;
+        Some(crate::util::days_from_civil(year, month, day) * 86400 + h * 3600 + m * 60 + s)
+    }
+
+    /// Can a container on the proxy's network reach Outline? Asked from the image itself
+    /// (mcp-outline brings python3); an image without it cannot be asked.
+    fn check_outline_from_a_container(cfg: &Config, docker: &Docker, report: &mut dyn FnMut(bool, String)) {
+        let url = format!("{}/api/auth.info", cfg.container_outline_url);
+        let probe = "import sys, urllib.request, urllib.error\n\
+                     try:\n    urllib.request.urlopen(urllib.request.Request(sys.argv[1], data=b'{}', \
+                     headers={'Content-Type': 'application/json'}), timeout=5)\n\
+                     except urllib.error.HTTPError:\n    pass\n";
+        match docker.probe_from_image(&cfg.image, &cfg.network, probe, &url) {
+            Ok(true) => report(true, format!("Outline ({url}) answers from a container on {}", cfg.network)),
+            Ok(false) => report(
+                false,
+                format!(
+                    "a container on {} cannot reach Outline at {url}: check MCP_PROXY_CONTAINER_OUTLINE_URL and the firewall",
+                    cfg.network
+                ),
+            ),
+            Err(_) => println!("! could not ask from a container whether Outline answers (the image has no python3)"),
         }
     }
 
@@ -5486,5 +5638,13 @@ mod tests {
         // the event stream broke off: nothing running is trusted until inspected
         registry.distrust_all();
         assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Unknown);
+    }
+
+    #[test]
+    fn certificate_dates_are_read() {
+        let t = crate::ops::parse_openssl_date("Nov 26 07:00:00 2027 GMT").unwrap();
+        assert_eq!(format_rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(t as u64)), "2027-11-26T07:00:00Z");
+        assert_eq!(crate::ops::parse_openssl_date("Feb  3 01:02:03 2030 GMT").map(|t| t % 86400), Some(3723));
+        assert_eq!(crate::ops::parse_openssl_date("Foo 1 00:00:00 2030 GMT"), None);
     }
 }

@@ -1,0 +1,173 @@
+"""From a fresh host to a first MCP call in one command, under a real systemd (issue 16).
+
+A Debian bookworm container with systemd as PID 1 (tests/build-systemd-image.sh), the
+host's Docker socket mounted in, the host's network (so its nginx, the proxy and the
+users' containers reach each other as on one host). systemd/install.sh runs in it as an
+operator would; then the official MCP SDK, from outside, over TLS through that nginx,
+gets an answer from the real mcp-outline container the proxy under systemd started.
+The unit's sandbox is checked as applied (a mount sandbox silently skipped would prove
+nothing), and a test drop-in makes a blocked system call kill the process."""
+
+import os
+import secrets
+import ssl
+import subprocess
+
+import anyio
+import httpx
+import pytest
+
+from conftest import ROOT, docker, docker_gateway, wait_for
+from test_e2e_mcp import assert_sees_only_own_data, mcp_session
+
+SYSTEMD_RUN = ["--cap-add", "SYS_ADMIN", "--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+               "--tmpfs", "/run", "--tmpfs", "/run/lock", "-v", "/var/run/docker.sock:/var/run/docker.sock",
+               "--network", "host"]
+INSTALLED = ["/usr/local/bin/outline-mcp-proxy", "/etc/outline-mcp-proxy.env", "/etc/systemd/system/mcp-proxy.service",
+             "/etc/nginx/conf.d/mcp.conf", "/etc/ssl/certs/self-signed.crt", "/etc/ssl/private/self-signed.key",
+             "/etc/nginx/.htpasswd"]
+
+
+@pytest.fixture(scope="module")
+def systemd_image():
+    r = subprocess.run([str(ROOT / "tests" / "build-systemd-image.sh")], capture_output=True, text=True, timeout=1200)
+    if r.returncode != 0:
+        pytest.fail(f"could not build the systemd image:\n{r.stderr[-3000:]}", pytrace=False)
+    return r.stdout.strip().splitlines()[-1]
+
+
+class Host:
+    """A systemd host in a container."""
+
+    def __init__(self, image):
+        self.name = f"outline-mcp-proxy-host-{secrets.token_hex(3)}"
+        docker("run", "--detach", "--name", self.name, *SYSTEMD_RUN, "-v", f"{ROOT}:/src:ro", image)
+        wait_for(self._booted, timeout=60, interval=0.2, what="systemd to boot")
+
+    def _booted(self):
+        r = self.sh("systemctl is-system-running", check=False)
+        return r.stdout.strip() in ("running", "degraded")
+
+    def sh(self, command, check=True, timeout=300):
+        r = subprocess.run(["docker", "exec", self.name, "bash", "-c", command], capture_output=True, text=True,
+                           timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{command!r} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        return r
+
+    def main_pid(self):
+        return int(self.sh("systemctl show -p MainPID --value mcp-proxy").stdout.strip())
+
+    def active(self, unit="mcp-proxy"):
+        return self.sh(f"systemctl is-active {unit}", check=False).stdout.strip() == "active"
+
+    def remove(self):
+        docker("rm", "--force", self.name, check=False)
+
+
+@pytest.fixture()
+def host(systemd_image):
+    h = Host(systemd_image)
+    yield h
+    h.remove()
+
+
+def health_through_nginx(cafile):
+    try:
+        return httpx.get("https://localhost/health", verify=ssl.create_default_context(cafile=cafile), timeout=5)
+    except httpx.HTTPError:
+        return None
+
+
+def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline, mcp_outline_image, tmp_path):
+    prefix = f"t{secrets.token_hex(3)}-"
+    # the socket's group, as the host's docker package made it
+    host.sh(f"groupadd --system -g {os.stat('/var/run/docker.sock').st_gid} docker")
+    # a blocked system call kills the service in this test, instead of failing quietly
+    host.sh("mkdir -p /etc/systemd/system/mcp-proxy.service.d && printf '[Service]\\nSystemCallErrorNumber=kill\\n'"
+            " > /etc/systemd/system/mcp-proxy.service.d/test.conf")
+    install = ("/src/systemd/install.sh --domain localhost "
+               f"--outline-url http://127.0.0.1:{outline.port} --image {mcp_outline_image} --no-pull "
+               f"--set MCP_PROXY_CONTAINER_OUTLINE_URL=http://{docker_gateway()}:{outline.port} "
+               f"--set MCP_PROXY_CONTAINER_PREFIX={prefix} --set MCP_PROXY_START_TIMEOUT=120s")
+    try:
+        first = host.sh(install, check=False)
+        assert first.returncode == 0, first.stdout + first.stderr
+        out = first.stdout
+        for line in ("✓ Docker daemon answers", "✓ service mcp-proxy is active", "✓ service nginx is active",
+                     "✓ the health endpoint answers through nginx", "✓ Outline answers at",
+                     "is valid for 36", "user admin, password ", "sudo certbot --nginx -d localhost"):
+            assert line in out, f"{line!r} not in:\n{out}"
+        assert "✗" not in out, out
+        assert host.sh("stat -c '%a %U %G' /etc/outline-mcp-proxy.env").stdout.split() == ["640", "root",
+                                                                                          "mcp-proxy"]
+        assert "docker" in host.sh("id -nG mcp-proxy").stdout.split()
+
+        # the sandbox is really applied to the running service
+        pid = host.main_pid()
+        status = host.sh(f"cat /proc/{pid}/status").stdout
+        assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status, status
+        assert "CapEff:\t0000000000000000" in status
+        root_mount = next(l for l in host.sh(f"cat /proc/{pid}/mountinfo").stdout.splitlines()
+                          if l.split()[4] == "/")
+        assert "ro" in root_mount.split()[5].split(","), root_mount
+        # TasksMax really bounds it (a private cgroup namespace would silently not)
+        cgroup = next(l.split(":", 2)[2] for l in host.sh(f"cat /proc/{pid}/cgroup").stdout.splitlines()
+                      if l.split(":")[1] == "pids")
+        assert cgroup.endswith("/system.slice/mcp-proxy.service"), cgroup
+        assert host.sh(f"cat /sys/fs/cgroup/pids{cgroup}/pids.max").stdout.strip() == "4096"
+
+        # a real client, from outside, over TLS through the host's nginx
+        cafile = str(tmp_path / "host.crt")
+        docker("cp", f"{host.name}:/etc/ssl/certs/self-signed.crt", cafile)
+        key = outline.add_user("alice")
+        outline.add_user("bob")
+        result = anyio.run(lambda: mcp_session("https://localhost", key,
+                                               verify=ssl.create_default_context(cafile=cafile)))
+        assert_sees_only_own_data(result, "alice", "bob")
+
+        # systemctl stop ends it cleanly
+        host.sh("systemctl stop mcp-proxy")
+        show = host.sh("systemctl show -p Result -p ExecMainStatus mcp-proxy").stdout
+        assert "Result=success" in show and "ExecMainStatus=0" in show, show
+        # killed: systemd starts it again, and it serves
+        host.sh("systemctl start mcp-proxy")
+        killed = host.main_pid()
+        host.sh("systemctl kill -s KILL mcp-proxy")
+        wait_for(lambda: host.active() and host.main_pid() not in (0, killed), timeout=30, what="a restart")
+        wait_for(lambda: (r := health_through_nginx(cafile)) is not None and r.status_code == 200, timeout=30,
+                 what="the proxy to serve again after SIGKILL")
+        # Docker stopped and started: the service stays and serves again
+        host.sh("systemctl stop docker")
+        assert host.active(), "the proxy must not stop with Docker"
+        host.sh("systemctl start docker")
+        assert host.active()
+        result = anyio.run(lambda: mcp_session("https://localhost", key,
+                                               verify=ssl.create_default_context(cafile=cafile)))
+        assert_sees_only_own_data(result, "alice", "bob")
+
+        # a second run changes nothing
+        stamps = host.sh("stat -c '%n %Y %s' " + " ".join(INSTALLED)).stdout
+        pid = host.main_pid()
+        second = host.sh(install, check=False)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "changed:" not in second.stdout and "password" not in second.stdout, second.stdout
+        assert host.sh("stat -c '%n %Y %s' " + " ".join(INSTALLED)).stdout == stamps
+        assert host.main_pid() == pid
+
+        # --uninstall leaves a clean host, and the users' containers alone
+        users_containers = [n for n in docker("ps", "-a", "--format", "{{.Names}}").stdout.split()
+                            if n.startswith(prefix)]
+        assert users_containers
+        host.sh("/src/systemd/install.sh --uninstall")
+        left = host.sh("ls " + " ".join(INSTALLED) + " 2>/dev/null; true").stdout.strip()
+        assert left == "", left
+        assert host.sh("id mcp-proxy", check=False).returncode != 0
+        assert not host.active()
+        assert host.active("nginx")
+        for name in users_containers:
+            assert docker("container", "inspect", name, check=False).returncode == 0
+    finally:
+        names = [n for n in docker("ps", "-a", "--format", "{{.Names}}").stdout.split() if n.startswith(prefix)]
+        if names:
+            docker("rm", "--force", *names, check=False)
