@@ -18,7 +18,7 @@
 //!   containers  bringing a user's container to ready, and putting it to sleep
 //!   relay       HTTP streamed both ways, and WebSocket frames
 //!   ops         /health, /stats, /metrics, and the `check` and `cleanup` commands
-//!   background  the sleeper and the Docker watcher threads
+//!   background  the sleeper, the Docker watcher and event follower, the spare keeper
 //!   signals     SIGTERM and SIGINT, taken with sigwait
 //!   util        lock recovery, single flights, constant-time compare, base64, time
 //!
@@ -2862,24 +2862,13 @@ mod containers {
         }
     }
 
-    /// `len` random hex digits (sha256 of the time, the process and a counter: names,
-    /// not secrets).
-    fn random_hex(len: usize) -> String {
-        use sha2::{Digest, Sha256};
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let digest = Sha256::digest(format!("{}:{}:{n}", now.as_nanos(), std::process::id()));
-        hex::encode(digest)[..len.min(64)].to_string()
-    }
-
     pub struct Containers {
         pub cfg: Config,
         pub registry: Arc<Registry>,
         pub docker: Docker,
         ready_agent: ureq::Agent,
         /// Told when a container starts, so held notification streams attach again.
-        sessions: Arc<Sessions>,
+        pub sessions: Arc<Sessions>,
         /// Whether Docker answered at the watcher's last look (for /health).
         pub docker_status: Mutex<Result<(), String>>,
         /// The current image's id, as last seen.
@@ -3003,51 +2992,6 @@ mod containers {
             *guard = false;
         }
 
-        /// Keeps MCP_PROXY_SPARES spares of the current image booted: boots one at a time,
-        /// only when no user's container is starting; replaces those of an older image.
-        pub fn keep_spares(&self) {
-            // looked up even without spares: a stopped container of an older image is
-            // replaced rather than woken
-            let Some(image_id) = self.current_image() else { return };
-            if self.cfg.spares == 0 {
-                return;
-            }
-            for (name, flight) in self.registry.claim_outdated_spares(&image_id) {
-                log::info!("replacing spare {name}: {} is now another image", self.cfg.image);
-                let _ = self.docker.remove_force(&name);
-                self.registry.release_spare(&name, true);
-                flight.finish(Ok(()));
-            }
-            while self.registry.wants_spare(self.cfg.spares) {
-                let name = format!("{}{}{}", self.cfg.prefix, crate::docker::SPARE_MARK, random_hex(16));
-                let flight = self.registry.begin_spare(&name);
-                let result = self.boot_spare(&name, &image_id);
-                if let Err(e) = &result {
-                    log::warn!("could not boot spare {name}: {}", e.message());
-                    let _ = self.docker.remove_force(&name);
-                    self.registry.release_spare(&name, true);
-                }
-                flight.finish(result.clone());
-                if result.is_err() {
-                    return;
-                }
-            }
-        }
-
-        fn boot_spare(&self, name: &str, image_id: &str) -> TransitionResult {
-            let begun = Instant::now();
-            let spare = Want { name: name.to_string(), user_label: String::new(), env_key: None };
-            let mut spec = self.spec(&spare);
-            spec.owner = "";
-            self.docker.create(&spec).map_err(|e| e.into_proxy_error(&format!("create spare {name}")))?;
-            let (address, info) = self.running_address(name)?;
-            self.wait_until_ready(name, address)?;
-            self.settle_cpus(name);
-            self.registry.spare_ready(name, address, info.incarnation, image_id);
-            log::info!("spare {name} ready in {}ms", begun.elapsed().as_millis());
-            Ok(())
-        }
-
         /// The id of the image MCP_PROXY_IMAGE names now (after a `docker pull`, the new
         /// one); remembered for when Docker does not answer.
         pub fn current_image(&self) -> Option<String> {
@@ -3094,7 +3038,7 @@ mod containers {
             result.map_err(|e| e.into_proxy_error(&format!("start container {}", want.name)))
         }
 
-        fn spec<'a>(&'a self, want: &'a Want) -> ContainerSpec<'a> {
+        pub fn spec<'a>(&'a self, want: &'a Want) -> ContainerSpec<'a> {
             let c = &self.cfg;
             ContainerSpec {
                 name: &want.name,
@@ -3112,14 +3056,14 @@ mod containers {
             }
         }
 
-        fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, ProxyError> {
+        pub fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, ProxyError> {
             self.docker
                 .inspect(name, &self.cfg.network)
                 .map_err(|e| e.into_proxy_error(&format!("inspect container {name}")))
         }
 
         /// Where the container listens now that it runs, and what Docker says of it.
-        fn running_address(&self, name: &str) -> Result<(SocketAddr, ContainerInfo), ProxyError> {
+        pub fn running_address(&self, name: &str) -> Result<(SocketAddr, ContainerInfo), ProxyError> {
             let info = self
                 .inspect(name)?
                 .ok_or_else(|| ProxyError::ContainerFailed(format!("Container {name} vanished while starting.")))?;
@@ -3138,7 +3082,7 @@ mod containers {
 
         /// Polls READY_PATH every 25 ms until it answers, the container exits, or
         /// START_TIMEOUT passes.
-        fn wait_until_ready(&self, name: &str, address: SocketAddr) -> TransitionResult {
+        pub fn wait_until_ready(&self, name: &str, address: SocketAddr) -> TransitionResult {
             let url = format!("http://{address}{}", self.cfg.ready_path);
             let deadline = Instant::now() + self.cfg.start_timeout;
             let mut last_exit_check = Instant::now();
@@ -3171,7 +3115,7 @@ mod containers {
 
         /// After a boot with the burst, the steady CPU limit: off the request path when
         /// a thread can be had, else at once.
-        fn settle_cpus(&self, name: &str) {
+        pub fn settle_cpus(&self, name: &str) {
             if !self.cfg.has_boot_burst() {
                 return;
             }
@@ -3231,44 +3175,6 @@ mod containers {
                 }
             };
             self.registry.after_stop(name, outcome);
-        }
-
-        /// The containers' network: made when missing, with inter-container traffic
-        /// off; an operator's own network is used as it is (with a warning when its
-        /// containers can reach each other).
-        pub fn ensure_network(&self) -> Result<(), ProxyError> {
-            let network = &self.cfg.network;
-            let what = format!("set up network {network}");
-            match self.docker.network_icc(network).map_err(|e| e.into_proxy_error(&what))? {
-                Some(false) => Ok(()),
-                Some(true) => {
-                    log::warn!("docker network {network} lets containers reach each other (enable_icc is not false)");
-                    Ok(())
-                }
-                None => {
-                    self.docker.create_isolated_network(network).map_err(|e| e.into_proxy_error(&what))?;
-                    log::info!("created docker network {network} (inter-container traffic off)");
-                    Ok(())
-                }
-            }
-        }
-
-        /// A container someone else started (Docker's restart policy, an operator):
-        /// inspected at once, so its new address and incarnation are the ones used.
-        pub fn observe_start(&self, name: &str) {
-            match self.inspect(name) {
-                Ok(Some(info)) => {
-                    let address =
-                        info.address.filter(|_| info.running).map(|ip| SocketAddr::new(ip, self.cfg.container_port));
-                    self.registry.observe_started(name, address, info.incarnation);
-                    self.sessions.notify_change();
-                }
-                Ok(None) => {
-                    // removed again meanwhile: the same as its destroy event
-                    self.registry.observe(&crate::docker::Event::Destroy(name.to_string()));
-                }
-                Err(e) => log::warn!("could not inspect {name} after it started: {}", e.message()),
-            }
         }
 
         pub fn docker_ok(&self) -> Result<(), String> {
@@ -4704,17 +4610,20 @@ mod ops {
 }
 
 mod background {
-    //! Owns what runs beside requests: the sleeper (idle containers to sleep, long-stopped
-    //! ones removed, expired verdicts out) and the Docker watcher, which rebuilds the
-    //! registry from Docker's listing. Calls `containers`, `registry`, `docker`, `auth`.
-    use crate::containers::Containers;
+    //! Owns what runs beside requests, each thread supervised: the sleeper, the Docker
+    //! watcher, the event follower (the registry kept exact), the spare keeper, and the
+    //! containers' network. Calls `containers`, `registry`, `docker`, `auth`.
+    use crate::containers::{Containers, Want};
     use crate::error::ProxyError;
+    use crate::registry::TransitionResult;
     use crate::util::lock;
     use crate::Proxy;
+    use std::net::SocketAddr;
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
     use std::thread;
     use std::time::Duration;
+    use std::time::Instant;
 
     /// Starts both threads, each supervised; one that cannot be started stops start-up.
     pub fn spawn(proxy: &Arc<Proxy>) -> Result<(), String> {
@@ -4750,7 +4659,7 @@ mod background {
         let handle = thread::Builder::new()
             .name("spares".into())
             .spawn(move || loop {
-                keeper.containers.keep_spares();
+                keep_spares(&keeper.containers);
                 keeper.containers.wait_spare_wanted(Duration::from_secs(2));
             })
             .map_err(|e| format!("cannot start the spare keeper: {e}"))?;
@@ -4781,7 +4690,7 @@ mod background {
             for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
                 let Ok(line) = line else { break };
                 if let Some(started) = crate::docker::parse_event(&line).and_then(|e| containers.registry.observe(&e)) {
-                    containers.observe_start(&started);
+                    observe_start(containers, &started);
                 }
             }
         }
@@ -4789,6 +4698,100 @@ mod background {
         let _ = child.wait();
         containers.registry.distrust_all();
         log::warn!("Docker's event stream ended; the registry is rebuilt when Docker answers");
+    }
+
+    /// Keeps MCP_PROXY_SPARES spares of the current image booted: boots one at a time,
+    /// only when no user's container is starting; replaces those of an older image.
+    pub fn keep_spares(containers: &Containers) {
+        // looked up even without spares: a stopped container of an older image is
+        // replaced rather than woken
+        let Some(image_id) = containers.current_image() else { return };
+        if containers.cfg.spares == 0 {
+            return;
+        }
+        for (name, flight) in containers.registry.claim_outdated_spares(&image_id) {
+            log::info!("replacing spare {name}: {} is now another image", containers.cfg.image);
+            let _ = containers.docker.remove_force(&name);
+            containers.registry.release_spare(&name, true);
+            flight.finish(Ok(()));
+        }
+        while containers.registry.wants_spare(containers.cfg.spares) {
+            let name = format!("{}{}{}", containers.cfg.prefix, crate::docker::SPARE_MARK, random_hex(16));
+            let flight = containers.registry.begin_spare(&name);
+            let result = boot_spare(containers, &name, &image_id);
+            if let Err(e) = &result {
+                log::warn!("could not boot spare {name}: {}", e.message());
+                let _ = containers.docker.remove_force(&name);
+                containers.registry.release_spare(&name, true);
+            }
+            flight.finish(result.clone());
+            if result.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn boot_spare(containers: &Containers, name: &str, image_id: &str) -> TransitionResult {
+        let begun = Instant::now();
+        let spare = Want { name: name.to_string(), user_label: String::new(), env_key: None };
+        let mut spec = containers.spec(&spare);
+        spec.owner = "";
+        containers.docker.create(&spec).map_err(|e| e.into_proxy_error(&format!("create spare {name}")))?;
+        let (address, info) = containers.running_address(name)?;
+        containers.wait_until_ready(name, address)?;
+        containers.settle_cpus(name);
+        containers.registry.spare_ready(name, address, info.incarnation, image_id);
+        log::info!("spare {name} ready in {}ms", begun.elapsed().as_millis());
+        Ok(())
+    }
+
+    /// The containers' network: made when missing, with inter-container traffic
+    /// off; an operator's own network is used as it is (with a warning when its
+    /// containers can reach each other).
+    pub fn ensure_network(containers: &Containers) -> Result<(), ProxyError> {
+        let network = &containers.cfg.network;
+        let what = format!("set up network {network}");
+        match containers.docker.network_icc(network).map_err(|e| e.into_proxy_error(&what))? {
+            Some(false) => Ok(()),
+            Some(true) => {
+                log::warn!("docker network {network} lets containers reach each other (enable_icc is not false)");
+                Ok(())
+            }
+            None => {
+                containers.docker.create_isolated_network(network).map_err(|e| e.into_proxy_error(&what))?;
+                log::info!("created docker network {network} (inter-container traffic off)");
+                Ok(())
+            }
+        }
+    }
+
+    /// A container someone else started (Docker's restart policy, an operator):
+    /// inspected at once, so its new address and incarnation are the ones used.
+    pub fn observe_start(containers: &Containers, name: &str) {
+        match containers.inspect(name) {
+            Ok(Some(info)) => {
+                let address =
+                    info.address.filter(|_| info.running).map(|ip| SocketAddr::new(ip, containers.cfg.container_port));
+                containers.registry.observe_started(name, address, info.incarnation);
+                containers.sessions.notify_change();
+            }
+            Ok(None) => {
+                // removed again meanwhile: the same as its destroy event
+                containers.registry.observe(&crate::docker::Event::Destroy(name.to_string()));
+            }
+            Err(e) => log::warn!("could not inspect {name} after it started: {}", e.message()),
+        }
+    }
+
+    /// `len` random hex digits (sha256 of the time, the process and a counter: names,
+    /// not secrets).
+    fn random_hex(len: usize) -> String {
+        use sha2::{Digest, Sha256};
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let digest = Sha256::digest(format!("{}:{}:{n}", now.as_nanos(), std::process::id()));
+        hex::encode(digest)[..len.min(64)].to_string()
     }
 
     /// Liveness the service manager can see: if a thread the proxy cannot do without
@@ -4855,7 +4858,7 @@ mod background {
     /// restarted proxy reuses every container.
     fn rediscover(containers: &Containers) -> Result<usize, ProxyError> {
         let cfg = &containers.cfg;
-        containers.ensure_network()?;
+        ensure_network(containers)?;
         let listed = containers
             .docker
             .list_managed(&cfg.network, &cfg.prefix)

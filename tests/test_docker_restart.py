@@ -10,7 +10,7 @@ import time
 import anyio
 import pytest
 
-from conftest import wait_for
+from conftest import docker, wait_for
 from test_e2e_mcp import assert_sees_only_own_data
 from test_sessions import one_session_across
 
@@ -94,3 +94,25 @@ def test_an_sdk_session_survives_a_docker_daemon_restart(real_proxy, outline):
         assert result["session_id"] == results[0][1]["session_id"], label
         assert_sees_only_own_data(result, "olga", "pete")
     assert "session resurrected" in proxy.log()
+
+
+def test_after_a_daemon_restart_no_user_is_answered_by_anothers_container(make_proxy, outline):
+    """Two users active; the daemon restarts (their containers come back with it, at
+    addresses that may have swapped): every answer comes from the user's own container."""
+    from test_containers import answered_by, small_network
+
+    net = small_network()
+    try:
+        proxy = make_proxy(network=net)
+        users = [outline.add_user("ulla"), outline.add_user("viktor")]
+        for key in users:
+            got, expected = answered_by(proxy, key)
+            assert got == expected
+        restart_dockerd()
+        wait_for(lambda: proxy.get("/health").status_code == 200, timeout=30, what="/health to recover")
+        for key in users * 3:
+            got, expected = answered_by(proxy, key)
+            assert got == expected, "a request was answered by another user's container"
+        proxy.cleanup()
+    finally:
+        docker("network", "rm", net, check=False)

@@ -57,6 +57,19 @@ async def one_session_across(url, key, events, verify=True):
     return results
 
 
+def initialized_session(url, key, terminate_on_close):
+    """Opens a session (initialize only) and leaves it, with a DELETE or without; its id."""
+    async def run():
+        async with http_client(key) as client:
+            async with streamable_http_client(url + MCP_PATH, http_client=client,
+                                              terminate_on_close=terminate_on_close) as (read, write, get_id):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    return get_id()
+
+    return anyio.run(run)
+
+
 def test_an_sdk_session_survives_sleep_removal_and_restart(real_proxy, outline):
     proxy = real_proxy(**SESSION_SETTINGS)
     carol, dave = outline.add_user("carol"), outline.add_user("dave")
@@ -103,15 +116,7 @@ def test_a_session_id_replayed_with_another_users_key_gets_404(real_proxy, outli
     proxy = real_proxy()
     alice, mallory = outline.add_user("alice"), outline.add_user("mallory")
 
-    async def open_session():
-        async with http_client(alice) as client:
-            async with streamable_http_client(proxy.url + MCP_PATH, http_client=client,
-                                              terminate_on_close=False) as (read, write, get_id):
-                async with ClientSession(read, write) as session:
-                    await session.initialize()
-                    return get_id()
-
-    alice_session = anyio.run(open_session)
+    alice_session = initialized_session(proxy.url, alice, terminate_on_close=False)
     stolen = raw_mcp_call(proxy.url, mallory, alice_session)
     assert stolen.status_code == 404, stolen.text
     assert "Alice" not in stolen.text
@@ -129,15 +134,7 @@ def test_a_client_that_ended_its_session_reinitializes_by_itself(real_proxy, out
     proxy = real_proxy()
     key = outline.add_user("ivan")
 
-    async def session_then_delete():
-        async with http_client(key) as client:
-            async with streamable_http_client(proxy.url + MCP_PATH, http_client=client,
-                                              terminate_on_close=True) as (read, write, get_id):
-                async with ClientSession(read, write) as session:
-                    await session.initialize()
-                    return get_id()
-
-    ended = anyio.run(session_then_delete)
+    ended = initialized_session(proxy.url, key, terminate_on_close=True)
     # the ended session is not opened again behind the client's back: the container's 404
     gone = raw_mcp_call(proxy.url, key, ended)
     assert gone.status_code == 404, gone.text
