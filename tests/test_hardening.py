@@ -72,9 +72,30 @@ def test_every_stream_of_a_burst_gets_its_first_event_within_a_second(make_proxy
 
 def test_connections_over_the_cap_get_503_before_a_thread_is_spent(make_proxy):
     proxy = make_proxy(max_connections=4, header_timeout="30s")
-    idle = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(4)]
+    idle = []
+
+    def fill():
+        """Four idle connections the proxy holds: one it refused (while a slot was still
+        taken by the fixture's own probe of the port) is replaced."""
+        for s in list(idle):
+            s.setblocking(False)
+            try:
+                s.recv(1)  # an answer (a 503) or the end: refused
+                refused_here = True
+            except BlockingIOError:
+                refused_here = False  # nothing to read: held open by the proxy
+            except OSError:
+                refused_here = True  # reset
+            s.setblocking(True)
+            if refused_here:
+                idle.remove(s)
+                s.close()
+        while len(idle) < 4:
+            idle.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
+
     try:
         def refused():
+            fill()
             result = raw_exchange(proxy, HEALTH, timeout=3)
             return result if result[0] == 503 else None
 

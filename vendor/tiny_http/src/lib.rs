@@ -197,6 +197,36 @@ fn refuse_busy(mut sock: Connection, page: Option<&ErrorPage>) {
     let _ = sock.flush();
     if let Connection::Tcp(ref s) = sock {
         let _ = s.shutdown(Shutdown::Write);
+        // a lingering close, as nginx does: the client's unread request would make the
+        // close a reset, which can destroy the 503 before the client reads it
+        let _ = s.set_read_timeout(Some(Duration::from_millis(250)));
+        let mut discard = [0u8; 4096];
+        let mut drained = 0;
+        while drained < 64 * 1024 {
+            match std::io::Read::read(&mut &*s, &mut discard) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    }
+}
+
+/// PATCH (outline-mcp-proxy): connections over the cap are answered by one thread, not
+/// the accept loop (its lingering close must not hold accepting up) and not a thread
+/// each (the cap is there to spare them); beyond its small queue they are dropped.
+fn start_refuser(page: Option<ErrorPage>) -> Option<mpsc::SyncSender<Connection>> {
+    let (tx, rx) = mpsc::sync_channel::<Connection>(64);
+    let spawned = thread::Builder::new().name("refuse".into()).spawn(move || {
+        for sock in rx {
+            refuse_busy(sock, page.as_ref());
+        }
+    });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            log::error!("no thread to answer connections over the cap ({}): they are dropped", e);
+            None
+        }
     }
 }
 
@@ -365,6 +395,7 @@ impl Server {
         // PATCH: live connections counted; the accept thread kept, named, and its spawn checked
         let live_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let inside_live = live_connections.clone();
+        let refuser = handling.as_ref().filter(|h| h.max_connections > 0).and_then(|h| start_refuser(h.error_page.clone()));
         let accept_thread = thread::Builder::new().name("accept".into()).spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
@@ -379,7 +410,10 @@ impl Server {
                             let live = inside_live.load(std::sync::atomic::Ordering::SeqCst);
                             if h.max_connections > 0 && live >= h.max_connections {
                                 log::warn!("at the connection cap ({}): refusing one with 503", h.max_connections);
-                                refuse_busy(sock, h.error_page.as_ref());
+                                // a full queue (or no refuser) drops the connection
+                                if let Some(refuser) = refuser.as_ref() {
+                                    let _ = refuser.try_send(sock);
+                                }
                                 continue;
                             }
                         }
