@@ -398,7 +398,9 @@ impl Server {
         let refuser = handling.as_ref().filter(|h| h.max_connections > 0).and_then(|h| start_refuser(h.error_page.clone()));
         let accept_thread = thread::Builder::new().name("accept".into()).spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
-            let tasks_pool = util::TaskPool::new();
+            // PATCH: with a handler no pool is made (its idle threads were spawned with a
+            // panicking thread::spawn, which under a task limit killed the accept thread)
+            let tasks_pool = if handling.is_none() { Some(util::TaskPool::new()) } else { None };
 
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
@@ -475,6 +477,7 @@ impl Server {
                         }
                         let messages = inside_messages.clone();
                         let mut client = Some(client);
+                        let Some(tasks_pool) = tasks_pool.as_ref() else { continue };
                         tasks_pool.spawn(Box::new(move || {
                             if let Some(client) = client.take() {
                                 // Synchronization is needed for HTTPS requests to avoid a deadlock
