@@ -4867,8 +4867,10 @@ mod background {
         Ok(listed.len())
     }
 
-    /// At start-up: adopt this proxy's containers, or note that Docker is away.
+    /// At start-up: adopt this proxy's containers (and learn the current image's id, so
+    /// no wake pays for that lookup), or note that Docker is away.
     pub fn adopt_existing(containers: &Containers) {
+        containers.current_image();
         match rediscover(containers) {
             Ok(n) => log::info!("found {n} existing container(s) of this proxy"),
             Err(e) => {
