@@ -4497,7 +4497,7 @@ mod ops {
                 false,
                 format!(
                     "through nginx /health does not answer ({}): sudo nginx -t; systemctl status nginx",
-                    describe(&e)
+                    crate::auth::describe_ureq_error(&e)
                 ),
             ),
         }
@@ -4517,10 +4517,6 @@ mod ops {
                 }
             }
         }
-    }
-
-    fn describe(e: &ureq::Error) -> String {
-        crate::auth::describe_ureq_error(e)
     }
 
     /// Days until a PEM certificate's notAfter, by `openssl x509` (on every host nginx
@@ -4627,43 +4623,40 @@ mod background {
 
     /// Starts both threads, each supervised; one that cannot be started stops start-up.
     pub fn spawn(proxy: &Arc<Proxy>) -> Result<(), String> {
-        let sleeper = proxy.clone();
+        keep_running(proxy, "sleeper", "sleeper", |p| {
+            thread::sleep(p.cfg.sweep_interval);
+            sweep(&p.containers);
+            p.auth.prune();
+        })?;
+        keep_running(proxy, "docker-watch", "Docker watcher", |p| {
+            thread::sleep(Duration::from_secs(5));
+            watch_docker(&p.containers);
+        })?;
+        keep_running(proxy, "docker-events", "Docker event follower", |p| {
+            follow_events(&p.containers);
+            thread::sleep(Duration::from_secs(1));
+        })?;
+        keep_running(proxy, "spares", "spare keeper", |p| {
+            keep_spares(&p.containers);
+            p.containers.wait_spare_wanted(Duration::from_secs(2));
+        })
+    }
+
+    /// A supervised thread that runs `step` over and over for the proxy's life.
+    fn keep_running(
+        proxy: &Arc<Proxy>,
+        thread_name: &str,
+        what: &'static str,
+        step: impl Fn(&Proxy) + Send + 'static,
+    ) -> Result<(), String> {
+        let own = proxy.clone();
         let handle = thread::Builder::new()
-            .name("sleeper".into())
+            .name(thread_name.into())
             .spawn(move || loop {
-                thread::sleep(sleeper.cfg.sweep_interval);
-                sweep(&sleeper.containers);
-                sleeper.auth.prune();
+                step(&own);
             })
-            .map_err(|e| format!("cannot start the sleeper thread: {e}"))?;
-        supervise(proxy, "sleeper", handle)?;
-        let watcher = proxy.clone();
-        let handle = thread::Builder::new()
-            .name("docker-watch".into())
-            .spawn(move || loop {
-                thread::sleep(Duration::from_secs(5));
-                watch_docker(&watcher.containers);
-            })
-            .map_err(|e| format!("cannot start the Docker watcher thread: {e}"))?;
-        supervise(proxy, "Docker watcher", handle)?;
-        let follower = proxy.clone();
-        let handle = thread::Builder::new()
-            .name("docker-events".into())
-            .spawn(move || loop {
-                follow_events(&follower.containers);
-                thread::sleep(Duration::from_secs(1));
-            })
-            .map_err(|e| format!("cannot start the Docker event follower: {e}"))?;
-        supervise(proxy, "Docker event follower", handle)?;
-        let keeper = proxy.clone();
-        let handle = thread::Builder::new()
-            .name("spares".into())
-            .spawn(move || loop {
-                keep_spares(&keeper.containers);
-                keeper.containers.wait_spare_wanted(Duration::from_secs(2));
-            })
-            .map_err(|e| format!("cannot start the spare keeper: {e}"))?;
-        supervise(proxy, "spare keeper", handle)
+            .map_err(|e| format!("cannot start the {what} thread: {e}"))?;
+        supervise(proxy, what, handle)
     }
 
     /// The registry follows Docker's own event stream, so a cached address is never
