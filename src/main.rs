@@ -11,6 +11,9 @@
 //!   error       the one error type: status, code, message, the JSON body
 //!   http1       the wire: request form, headers, framing, the one writer of heads
 //!   front       the front door: the listener, routing, the request's log line
+//!   oauth       the OAuth resource /oauth/mcp: discovery, clients, authorize, tokens
+//!   signin      the person's sign-in: the consent page, and Outline's own OAuth
+//!   grants      clients, codes and grants: token hashes, credentials sealed at rest
 //!   auth        the key from the request, and Outline's verdict on it (cached)
 //!   sessions    the clients' MCP sessions, which outlive containers
 //!   registry    what the proxy knows of each container: plans, leases, sweeps (no I/O)
@@ -72,6 +75,15 @@ mod config {
         ("MCP_PROXY_STATS_USER", "admin", "user for /stats and /metrics"),
         ("MCP_PROXY_STATS_PASSWORD", "", "when set, /stats and /metrics demand it (HTTP Basic), besides nginx"),
         ("MCP_PROXY_ALLOWED_ORIGINS", "", "comma-separated browser origins allowed; any other Origin header gets 403"),
+        ("MCP_PROXY_OAUTH_PATH", "/oauth/mcp", "the MCP resource for clients that sign in with OAuth (Claude's and ChatGPT's connector dialogs); its endpoints are under /oauth; /mcp and the root well-known paths advertise no OAuth (empty = no OAuth front door)"),
+        ("MCP_PROXY_PUBLIC_URL", "", "https://host as clients reach the proxy, for OAuth's issuer and resource; empty = from each request's Host and X-Forwarded-Proto (nginx sets both)"),
+        ("MCP_PROXY_STATE_DIR", "", "where OAuth grants survive restarts (token hashes and credentials sealed under keys derived from the tokens, mode 0600); empty = $STATE_DIRECTORY (systemd's StateDirectory), and without that grants are kept in memory only"),
+        ("OUTLINE_OAUTH_CLIENT_ID", "", "an OAuth app made in Outline (Settings > Applications) with redirect URI https://HOST/oauth/callback: people sign in with their Outline account; unset = they paste an Outline API key on the proxy's sign-in page"),
+        ("OUTLINE_OAUTH_CLIENT_SECRET", "", "that app's secret (put it in the env file, never on a command line)"),
+        ("OUTLINE_OAUTH_SCOPE", "read write", "the scopes asked of Outline for that app"),
+        ("MCP_PROXY_OAUTH_ACCESS_TTL", "1h", "life of the proxy's OAuth access tokens"),
+        ("MCP_PROXY_OAUTH_REFRESH_TTL", "30d", "life of its refresh tokens (each use rotates them)"),
+        ("MCP_PROXY_OAUTH_REGISTER_LIMIT", "20", "OAuth client registrations (RFC 7591) allowed per source address per hour"),
         ("MCP_PROXY_DOCKER", "docker", "the docker CLI to run"),
         ("MCP_PROXY_LOG", "info", "log level: error, warn, info, debug, trace"),
     ];
@@ -116,6 +128,29 @@ mod config {
         pub allowed_origins: Vec<String>,
         pub docker: String,
         pub log_level: log::LevelFilter,
+        /// Empty when the OAuth front door is off.
+        pub oauth_path: String,
+        pub public_url: Option<String>,
+        pub state_dir: Option<std::path::PathBuf>,
+        pub outline_oauth: Option<OutlineOAuthApp>,
+        pub oauth_access_ttl: Duration,
+        pub oauth_refresh_ttl: Duration,
+        pub oauth_register_limit: u32,
+    }
+
+    /// The operator's OAuth app in Outline.
+    #[derive(Clone)]
+    pub struct OutlineOAuthApp {
+        pub client_id: String,
+        pub client_secret: String,
+        pub scope: String,
+    }
+
+    /// Never prints the secret (Config is printed in debug logs and test failures).
+    impl std::fmt::Debug for OutlineOAuthApp {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("OutlineOAuthApp").field("client_id", &self.client_id).finish_non_exhaustive()
+        }
     }
 
     /// A configuration error names the variable and what is wrong with its value.
@@ -248,6 +283,7 @@ mod config {
             if docker.trim().is_empty() {
                 return Err(bad_setting("MCP_PROXY_DOCKER", &docker, "a command"));
             }
+            let oauth = load_oauth(&get, &duration, key_mode)?;
             let log_raw = get("MCP_PROXY_LOG");
             let log_level = log_raw
                 .trim()
@@ -287,6 +323,13 @@ mod config {
                 allowed_origins,
                 docker,
                 log_level,
+                oauth_path: oauth.path,
+                public_url: oauth.public_url,
+                state_dir: oauth.state_dir,
+                outline_oauth: oauth.app,
+                oauth_access_ttl: oauth.access_ttl,
+                oauth_refresh_ttl: oauth.refresh_ttl,
+                oauth_register_limit: oauth.register_limit,
             })
         }
 
@@ -299,6 +342,99 @@ mod config {
         pub fn has_boot_burst(&self) -> bool {
             self.boot_cpus > self.cpus
         }
+    }
+
+    struct OAuthSettings {
+        path: String,
+        public_url: Option<String>,
+        state_dir: Option<std::path::PathBuf>,
+        app: Option<OutlineOAuthApp>,
+        access_ttl: Duration,
+        refresh_ttl: Duration,
+        register_limit: u32,
+    }
+
+    /// The OAuth front door's settings, checked together.
+    fn load_oauth(
+        get: &dyn Fn(&str) -> String,
+        duration: &dyn Fn(&str) -> Result<Duration, String>,
+        key_mode: KeyMode,
+    ) -> Result<OAuthSettings, String> {
+        let path = get("MCP_PROXY_OAUTH_PATH").trim().trim_end_matches('/').to_string();
+        let path_ok = path.is_empty()
+            || (path.starts_with('/')
+                && path != "/mcp"
+                && !path.starts_with("/.well-known")
+                && !matches!(
+                    path.as_str(),
+                    "/oauth/register" | "/oauth/authorize" | "/oauth/callback" | "/oauth/token" | "/oauth/revoke"
+                )
+                && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b)));
+        if !path_ok {
+            return Err(bad_setting("MCP_PROXY_OAUTH_PATH", &path, "a path such as /oauth/mcp (not /mcp), or empty"));
+        }
+        let public_raw = get("MCP_PROXY_PUBLIC_URL");
+        let public = public_raw.trim().trim_end_matches('/');
+        let public_url = if public.is_empty() {
+            None
+        } else {
+            let rest = public.strip_prefix("https://").or_else(|| public.strip_prefix("http://"));
+            match rest {
+                Some(host) if !host.is_empty() && !host.contains(['/', '?', '#', ' ', '@']) => Some(public.to_string()),
+                _ => {
+                    return Err(bad_setting("MCP_PROXY_PUBLIC_URL", &public_raw, "https://host[:port] without a path"))
+                }
+            }
+        };
+        let dir_raw = get("MCP_PROXY_STATE_DIR");
+        let dir = if dir_raw.trim().is_empty() { get("STATE_DIRECTORY") } else { dir_raw };
+        // systemd may list several state directories separated by ':'; ours is the first
+        let dir = dir.split(':').next().unwrap_or("").trim().to_string();
+        let state_dir = if dir.is_empty() {
+            None
+        } else if !dir.starts_with('/') || !std::path::Path::new(&dir).is_dir() {
+            return Err(bad_setting("MCP_PROXY_STATE_DIR", &dir, "an existing directory (an absolute path)"));
+        } else {
+            Some(std::path::PathBuf::from(dir))
+        };
+        let (id, secret) = (get("OUTLINE_OAUTH_CLIENT_ID"), get("OUTLINE_OAUTH_CLIENT_SECRET"));
+        let app = match (id.trim(), secret.trim()) {
+            ("", "") => None,
+            ("", _) | (_, "") => {
+                return Err(bad_setting(
+                    "OUTLINE_OAUTH_CLIENT_ID",
+                    id.trim(),
+                    "set together with OUTLINE_OAUTH_CLIENT_SECRET (both or neither)",
+                ))
+            }
+            (_, _) if key_mode == KeyMode::Env => {
+                return Err(bad_setting(
+                    "OUTLINE_OAUTH_CLIENT_ID",
+                    id.trim(),
+                    "unset in MCP_PROXY_KEY_MODE=env (Outline's tokens change hourly; a container holds one key)",
+                ))
+            }
+            (id, secret) => Some(OutlineOAuthApp {
+                client_id: id.to_string(),
+                client_secret: secret.to_string(),
+                scope: get("OUTLINE_OAUTH_SCOPE").trim().to_string(),
+            }),
+        };
+        let access_ttl = duration("MCP_PROXY_OAUTH_ACCESS_TTL")?;
+        let refresh_ttl = duration("MCP_PROXY_OAUTH_REFRESH_TTL")?;
+        if access_ttl.is_zero() || refresh_ttl < access_ttl {
+            return Err(bad_setting(
+                "MCP_PROXY_OAUTH_REFRESH_TTL",
+                &get("MCP_PROXY_OAUTH_REFRESH_TTL"),
+                "at least MCP_PROXY_OAUTH_ACCESS_TTL, which must be more than 0",
+            ));
+        }
+        let limit_raw = get("MCP_PROXY_OAUTH_REGISTER_LIMIT");
+        let register_limit = match limit_raw.trim().parse::<u32>() {
+            Ok(n) if n > 0 => n,
+            _ => return Err(bad_setting("MCP_PROXY_OAUTH_REGISTER_LIMIT", &limit_raw, "a positive whole number")),
+        };
+        Ok(OAuthSettings { path, public_url, state_dir, app, access_ttl, refresh_ttl, register_limit })
     }
 
     /// `90`, `90s`, `15m`, `2h`, `7d` (and `250ms`).
@@ -458,6 +594,8 @@ pub struct Proxy {
     pub sessions: Arc<sessions::Sessions>,
     pub containers: containers::Containers,
     pub upstream: relay::Upstream,
+    /// The OAuth front door, unless MCP_PROXY_OAUTH_PATH is empty.
+    pub oauth: Option<oauth::FrontDoor>,
     pub life: Life,
     /// `Basic …` for /stats and /metrics, when a password is set.
     pub stats_credentials: Option<String>,
@@ -471,6 +609,7 @@ impl Proxy {
             containers: containers::Containers::new(&cfg, sessions.clone()),
             sessions,
             upstream: relay::Upstream::new(&cfg),
+            oauth: (!cfg.oauth_path.is_empty()).then(|| oauth::FrontDoor::new(&cfg)),
             life: Life::default(),
             stats_credentials: ops::stats_credentials(&cfg),
             cfg,
@@ -546,6 +685,8 @@ mod error {
         BadRequest(String),
         /// No key, or one Outline refuses.
         Unauthorized(String),
+        /// At the OAuth resource: no token or a bad one (message, `WWW-Authenticate` challenge).
+        TokenRequired(String, String),
         /// /stats or /metrics without the operator's password.
         OperatorOnly,
         Forbidden(String),
@@ -569,7 +710,7 @@ mod error {
         pub fn status(&self) -> u16 {
             match self {
                 ProxyError::BadRequest(_) => 400,
-                ProxyError::Unauthorized(_) | ProxyError::OperatorOnly => 401,
+                ProxyError::Unauthorized(_) | ProxyError::TokenRequired(..) | ProxyError::OperatorOnly => 401,
                 ProxyError::Forbidden(_) => 403,
                 ProxyError::RequestTimeout(_) => 408,
                 ProxyError::UserBusy(_) => 429,
@@ -588,7 +729,9 @@ mod error {
         pub fn code(&self) -> &'static str {
             match self {
                 ProxyError::BadRequest(_) => "bad_request",
-                ProxyError::Unauthorized(_) | ProxyError::OperatorOnly => "unauthorized",
+                ProxyError::Unauthorized(_) | ProxyError::TokenRequired(..) | ProxyError::OperatorOnly => {
+                    "unauthorized"
+                }
                 ProxyError::Forbidden(_) => "forbidden",
                 ProxyError::RequestTimeout(_) => "request_timeout",
                 ProxyError::TooLarge(_) => "body_too_large",
@@ -624,6 +767,7 @@ mod error {
                 | ProxyError::ContainerFailed(m)
                 | ProxyError::StartTimeout(m)
                 | ProxyError::GatewayTimeout(m)
+                | ProxyError::TokenRequired(m, _)
                 | ProxyError::Wire(_, m) => m.clone(),
                 ProxyError::OperatorOnly => "The statistics need the operator's credentials.".into(),
                 ProxyError::TooLarge(max) => {
@@ -660,10 +804,11 @@ mod error {
         }
 
         /// The `WWW-Authenticate` challenge of a 401.
-        fn challenge(&self) -> Option<&'static str> {
+        fn challenge(&self) -> Option<String> {
             match self {
-                ProxyError::Unauthorized(_) => Some("Bearer realm=\"outline-mcp-proxy\""),
-                ProxyError::OperatorOnly => Some("Basic realm=\"outline-mcp-proxy stats\""),
+                ProxyError::Unauthorized(_) => Some("Bearer realm=\"outline-mcp-proxy\"".into()),
+                ProxyError::TokenRequired(_, challenge) => Some(challenge.clone()),
+                ProxyError::OperatorOnly => Some("Basic realm=\"outline-mcp-proxy stats\"".into()),
                 _ => None,
             }
         }
@@ -682,7 +827,7 @@ mod error {
                 headers.push(("Retry-After".to_string(), secs.to_string()));
             }
             if let Some(challenge) = self.challenge() {
-                headers.push(("WWW-Authenticate".to_string(), challenge.to_string()));
+                headers.push(("WWW-Authenticate".to_string(), challenge));
             }
             headers
         }
@@ -732,6 +877,19 @@ mod http1 {
 
         pub fn header(&self, name: &str) -> Option<&str> {
             header_value(&self.headers, name)
+        }
+
+        /// The same request at another target (the OAuth resource, as the container's /mcp).
+        pub fn with_target(&self, target: &str) -> Incoming {
+            Incoming {
+                method: self.method.clone(),
+                target: target.to_string(),
+                path: target.split('?').next().unwrap_or("").to_string(),
+                http10: self.http10,
+                headers: self.headers.clone(),
+                remote: self.remote,
+                wants_close: self.wants_close,
+            }
         }
 
         pub fn is_websocket_upgrade(&self) -> bool {
@@ -987,7 +1145,7 @@ mod front {
     use crate::error::ProxyError;
     use crate::http1::{self, Incoming};
     use crate::sessions::{Route, SESSION_HEADER};
-    use crate::{ops, relay, InFlight, Proxy};
+    use crate::{oauth, ops, relay, InFlight, Proxy};
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
     use std::time::Instant;
@@ -1123,13 +1281,32 @@ mod front {
         if let Err(e) = admit(&proxy.cfg, incoming) {
             return reject(request, e);
         }
+        // the OAuth endpoints answer browsers of any origin (their own pages check theirs)
+        if let Some(door) = &proxy.oauth {
+            if let Some(endpoint) = door.endpoint_for(&incoming.path) {
+                return oauth::serve(proxy, door, request, incoming, endpoint);
+            }
+        }
+        if let Err(e) = check_origin(&proxy.cfg, incoming) {
+            return reject(request, e);
+        }
         match (incoming.method.as_str(), incoming.path.as_str()) {
             ("GET" | "HEAD", "/health") => return ops::health_endpoint(proxy, request, incoming, log_ctx),
             ("GET" | "HEAD", "/stats") => return ops::stats_endpoint(proxy, request, incoming, false),
             ("GET" | "HEAD", "/metrics") => return ops::stats_endpoint(proxy, request, incoming, true),
             _ => {}
         }
-        let (credential, user, name) = match identify(proxy, incoming, log_ctx) {
+        // the OAuth resource: the token's grant gives the credential; the container
+        // sees the request at its own /mcp
+        let resource_request;
+        let (incoming, who) = match proxy.oauth.as_ref().filter(|door| door.is_resource(&incoming.path)) {
+            Some(door) => {
+                resource_request = oauth::as_container_request(incoming);
+                (&resource_request, oauth::identify(proxy, door, incoming, log_ctx))
+            }
+            None => (incoming, identify(proxy, incoming, log_ctx)),
+        };
+        let (credential, user, name) = match who {
             Ok(who) => who,
             Err(e) => return reject(request, e),
         };
@@ -1152,14 +1329,13 @@ mod front {
         }
     }
 
-    /// What every request must pass before anything else: its form, its declared
-    /// size, and its browser origin.
+    /// What every request must pass before anything else: its form and its declared size.
     fn admit(cfg: &Config, incoming: &Incoming) -> Result<(), ProxyError> {
         http1::check_request_form(incoming)?;
         if incoming.declared_length().is_some_and(|len| len > cfg.max_body) {
             return Err(ProxyError::TooLarge(cfg.max_body));
         }
-        check_origin(cfg, incoming)
+        Ok(())
     }
 
     /// Whose request this is: the credential, Outline's user for it, and the name of
@@ -1171,11 +1347,17 @@ mod front {
     ) -> Result<(Credential, User, String), ProxyError> {
         let credential = auth::extract(incoming)?;
         let user = proxy.auth.verify(&credential.key)?;
-        let owner = auth::owner_id(proxy.cfg.key_mode, &user, &credential.key);
+        let name = note_user(proxy, &user, &credential, log_ctx);
+        Ok((credential, user, name))
+    }
+
+    /// The name of the user's container, noted with the user for the request's log line.
+    pub fn note_user(proxy: &Proxy, user: &User, credential: &Credential, log_ctx: &mut LogContext) -> String {
+        let owner = auth::owner_id(proxy.cfg.key_mode, user, &credential.key);
         let name = auth::container_name(&proxy.cfg.prefix, &owner);
         log_ctx.user = Some(log_value(&user.name));
         log_ctx.container = Some(name.clone());
-        Ok((credential, user, name))
+        name
     }
 
     /// The MCP spec's DNS-rebinding rule: a browser Origin must be one we allow.
@@ -1189,6 +1371,1947 @@ mod front {
                 } else {
                     Err(ProxyError::Forbidden("This Origin is not allowed to use the proxy.".into()))
                 }
+            }
+        }
+    }
+}
+
+mod oauth {
+    //! Owns the OAuth front door: the resource MCP_PROXY_OAUTH_PATH (`/oauth/mcp`), its
+    //! discovery documents, clients (metadata documents, then RFC 7591 registration), the
+    //! authorize, callback, token and revoke endpoints, and the bearer token of a request
+    //! turned into that user's Outline credential. Calls `signin` (the person's step),
+    //! `grants` (the store), `auth` (Outline's verdict), `front` (who), `http1`, `util`.
+    use crate::auth::{Credential, KeySource, User};
+    use crate::error::ProxyError;
+    use crate::front::LogContext;
+    use crate::grants::{self, Client, Opened, Pending, Sealed, Store, TokenRefused, Upstream};
+    use crate::http1::{self, Incoming};
+    use crate::signin::{self, OutlineApp, UpstreamRefusal};
+    use crate::util::{base64url, constant_time_eq, lock, now_unix, parse_form, Flight};
+    use crate::Proxy;
+    use serde_json::{json, Value};
+    use sha2::{Digest, Sha256};
+    use std::collections::HashMap;
+    use std::io::Read;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    /// The one scope: using the MCP server as yourself.
+    pub const SCOPE: &str = "mcp";
+    /// The issuer is `{public URL}/oauth`; every endpoint is under it.
+    pub const ISSUER_PATH: &str = "/oauth";
+    const RESOURCE_METADATA: &str = "/.well-known/oauth-protected-resource";
+    const SERVER_METADATA: &str = "/.well-known/oauth-authorization-server";
+    /// A client metadata document: at most this big, this slow, and never redirected.
+    const DOCUMENT_MAX_BYTES: u64 = 5 * 1024;
+    const DOCUMENT_TIMEOUT: Duration = Duration::from_secs(5);
+    const DOCUMENT_CACHE: Duration = Duration::from_secs(600);
+    const DOCUMENTS_AT_ONCE: usize = 8;
+    const FORM_MAX_BYTES: u64 = 16 * 1024;
+    /// Outline's access token is renewed when it has less than this to live.
+    const OUTLINE_RENEW_BEFORE: u64 = 300;
+
+    type Renewal = Result<Sealed, UpstreamRefusal>;
+
+    pub struct FrontDoor {
+        pub grants: Store,
+        outline_app: Option<OutlineApp>,
+        resource_path: String,
+        public_url: Option<String>,
+        register_per_hour: u32,
+        fetcher: ureq::Agent,
+        fetching: AtomicUsize,
+        documents: Mutex<HashMap<String, (Client, Instant)>>,
+        registrations: Mutex<HashMap<String, (f64, Instant)>>,
+        renewing: Mutex<HashMap<String, Arc<Flight<Renewal>>>>,
+    }
+
+    /// The endpoints of the front door.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum Endpoint {
+        ResourceMetadata,
+        ServerMetadata,
+        Register,
+        Authorize,
+        Callback,
+        Token,
+        Revoke,
+    }
+
+    /// An OAuth error as RFC 6749 words it: `{"error","error_description"}`.
+    #[derive(Debug, PartialEq)]
+    pub struct OAuthError {
+        pub status: u16,
+        pub code: &'static str,
+        pub description: String,
+    }
+
+    fn oauth_error(status: u16, code: &'static str, description: &str) -> OAuthError {
+        OAuthError { status, code, description: description.to_string() }
+    }
+
+    fn storage_error() -> OAuthError {
+        oauth_error(503, "temporarily_unavailable", "The proxy could not record the grant; try again.")
+    }
+
+    fn refused(e: TokenRefused) -> OAuthError {
+        match e {
+            TokenRefused::InvalidGrant(why) => oauth_error(400, "invalid_grant", why),
+            TokenRefused::Replayed => {
+                oauth_error(400, "invalid_grant", "The refresh token was already used; the grant is revoked.")
+            }
+            TokenRefused::Storage => storage_error(),
+        }
+    }
+
+    /// What an endpoint answers.
+    enum Reply {
+        Json(u16, Value),
+        Page { status: u16, html: String, cookie: Option<String> },
+        Redirect { location: String, cookie: Option<String> },
+        Error(OAuthError),
+        Preflight,
+    }
+
+    impl FrontDoor {
+        pub fn new(cfg: &crate::config::Config) -> FrontDoor {
+            let fetcher = crate::util::agent_base()
+                .https_only(true)
+                .timeout_global(Some(DOCUMENT_TIMEOUT))
+                .max_response_header_size(16 * 1024)
+                .tls_config(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::PlatformVerifier).build())
+                .build()
+                .new_agent();
+            let outline_app = cfg
+                .outline_oauth
+                .as_ref()
+                .map(|app| OutlineApp::new(&cfg.outline_url, &app.client_id, &app.client_secret, &app.scope));
+            FrontDoor {
+                grants: Store::open(cfg.state_dir.clone(), cfg.oauth_access_ttl, cfg.oauth_refresh_ttl),
+                outline_app,
+                resource_path: cfg.oauth_path.clone(),
+                public_url: cfg.public_url.clone(),
+                register_per_hour: cfg.oauth_register_limit,
+                fetcher,
+                fetching: AtomicUsize::new(0),
+                documents: Mutex::new(HashMap::new()),
+                registrations: Mutex::new(HashMap::new()),
+                renewing: Mutex::new(HashMap::new()),
+            }
+        }
+
+        pub fn is_resource(&self, path: &str) -> bool {
+            path == self.resource_path
+        }
+
+        pub fn endpoint_for(&self, path: &str) -> Option<Endpoint> {
+            if path.strip_prefix(RESOURCE_METADATA) == Some(self.resource_path.as_str()) {
+                return Some(Endpoint::ResourceMetadata);
+            }
+            if path.strip_prefix(SERVER_METADATA) == Some(ISSUER_PATH) {
+                return Some(Endpoint::ServerMetadata);
+            }
+            match path.strip_prefix(ISSUER_PATH)? {
+                "/register" => Some(Endpoint::Register),
+                "/authorize" => Some(Endpoint::Authorize),
+                "/callback" => Some(Endpoint::Callback),
+                "/token" => Some(Endpoint::Token),
+                "/revoke" => Some(Endpoint::Revoke),
+                _ => None,
+            }
+        }
+
+        /// `https://host` as clients reach the proxy: MCP_PROXY_PUBLIC_URL, else the
+        /// request's Host and X-Forwarded-Proto (nginx sets both).
+        fn public_base(&self, incoming: &Incoming) -> Result<String, OAuthError> {
+            if let Some(url) = &self.public_url {
+                return Ok(url.clone());
+            }
+            let host = incoming.header("host").map(str::trim).unwrap_or("");
+            let host_ok = !host.is_empty()
+                && host.len() <= 255
+                && host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+            if !host_ok {
+                return Err(oauth_error(400, "invalid_request", "The Host header is missing or not a host name."));
+            }
+            let https = incoming.header("x-forwarded-proto").is_some_and(|p| p.trim().eq_ignore_ascii_case("https"));
+            Ok(format!("{}://{host}", if https { "https" } else { "http" }))
+        }
+
+        fn resource_url(&self, base: &str) -> String {
+            format!("{base}{}", self.resource_path)
+        }
+
+        /// The challenge of a 401 at the resource: where its metadata is, and the scope.
+        fn challenge(&self, base: &str, error: Option<&str>) -> String {
+            let mut challenge = format!(
+                "Bearer resource_metadata=\"{base}{RESOURCE_METADATA}{}\", scope=\"{SCOPE}\"",
+                self.resource_path
+            );
+            if let Some(error) = error {
+                challenge.push_str(&format!(", error=\"{error}\""));
+            }
+            challenge
+        }
+
+        /// Forgets expired sign-ins, codes, tokens and rate-limit buckets (the sleeper calls this).
+        pub fn prune(&self) {
+            self.grants.prune();
+            let now = Instant::now();
+            lock(&self.documents).retain(|_, (_, until)| *until > now);
+            let per_hour = f64::from(self.register_per_hour);
+            lock(&self.registrations).retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * per_hour / 3600.0 < per_hour
+            });
+        }
+    }
+
+    /// The request to the resource, as the container sees it: at `/mcp`, query kept.
+    pub fn as_container_request(incoming: &Incoming) -> Incoming {
+        let query = incoming.target.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+        incoming.with_target(&format!("/mcp{query}"))
+    }
+
+    /// Whose request to the resource this is: the bearer token opens its grant, whose
+    /// Outline credential is checked with Outline like any key (and renewed first when
+    /// it is Outline's own token near its end).
+    pub fn identify(
+        proxy: &Proxy,
+        door: &FrontDoor,
+        incoming: &Incoming,
+        log_ctx: &mut LogContext,
+    ) -> Result<(Credential, User, String), ProxyError> {
+        let base = door.public_base(incoming).map_err(|e| ProxyError::BadRequest(e.description))?;
+        let challenge = |error: Option<&str>| door.challenge(&base, error);
+        let Some(token) = bearer_token(incoming) else {
+            return Err(ProxyError::TokenRequired(
+                "Sign in to use this server: your client is sent to this proxy's sign-in with Outline.".into(),
+                challenge(None),
+            ));
+        };
+        let invalid = |why: &str| ProxyError::TokenRequired(why.to_string(), challenge(Some("invalid_token")));
+        let opened = door.grants.open_with_access(&token).map_err(|e| match e {
+            TokenRefused::Storage => ProxyError::OutlineUnreachable("The sign-in store could not be read.".into()),
+            _ => invalid("The access token is unknown, expired or revoked; refresh it or sign in again."),
+        })?;
+        if opened.resource != door.resource_url(&base) {
+            return Err(invalid("The access token was issued for another resource."));
+        }
+        let sealed = renewed_upstream(door, &token, opened)?;
+        let credential = Credential { key: sealed.upstream.credential().to_string(), source: KeySource::KeyHeader };
+        let user = proxy.auth.verify(&credential.key).map_err(|e| match e {
+            ProxyError::Unauthorized(_) => invalid("Outline no longer accepts this sign-in; sign in again."),
+            other => other,
+        })?;
+        let name = crate::front::note_user(proxy, &user, &credential, log_ctx);
+        Ok((credential, user, name))
+    }
+
+    /// The grant's upstream credential, with Outline's own access token renewed first
+    /// when it is near its end (one renewal per grant at a time; the others wait).
+    fn renewed_upstream(door: &FrontDoor, token: &str, opened: Opened) -> Result<Sealed, ProxyError> {
+        let Upstream::Outline { expires_at, .. } = &opened.sealed.upstream else {
+            return Ok(opened.sealed);
+        };
+        if *expires_at > now_unix() + OUTLINE_RENEW_BEFORE {
+            return Ok(opened.sealed);
+        }
+        let still_good = *expires_at > now_unix();
+        let (flight, leads) = {
+            let mut renewing = lock(&door.renewing);
+            match renewing.get(&opened.grant_id) {
+                Some(flight) => (flight.clone(), false),
+                None => {
+                    let flight = Flight::new();
+                    renewing.insert(opened.grant_id.clone(), flight.clone());
+                    (flight, true)
+                }
+            }
+        };
+        let result = if leads {
+            let result = renew_outline_token(door, token);
+            lock(&door.renewing).remove(&opened.grant_id);
+            flight.finish(result.clone());
+            result
+        } else {
+            flight.wait()
+        };
+        match result {
+            Ok(sealed) => Ok(sealed),
+            Err(UpstreamRefusal::Unreachable) if still_good => Ok(opened.sealed),
+            Err(UpstreamRefusal::Unreachable) => {
+                Err(ProxyError::OutlineUnreachable("Outline could not be reached to renew the sign-in.".into()))
+            }
+            Err(UpstreamRefusal::Refused) => {
+                Err(ProxyError::Unauthorized("Outline no longer accepts this sign-in; sign in again.".into()))
+            }
+        }
+    }
+
+    /// Leader of a renewal: opens the grant again (another leader may have renewed it
+    /// meanwhile), asks Outline for new tokens, and seals them into the grant.
+    fn renew_outline_token(door: &FrontDoor, token: &str) -> Renewal {
+        let Some(app) = &door.outline_app else { return Err(UpstreamRefusal::Refused) };
+        let opened = door.grants.open_with_access(token).map_err(|_| UpstreamRefusal::Refused)?;
+        let Upstream::Outline { refresh_token, expires_at, .. } = &opened.sealed.upstream else {
+            return Ok(opened.sealed);
+        };
+        if *expires_at > now_unix() + OUTLINE_RENEW_BEFORE {
+            return Ok(opened.sealed);
+        }
+        match app.refresh(refresh_token) {
+            Ok(upstream) => {
+                let mut sealed = opened.sealed.clone();
+                sealed.upstream = upstream;
+                door.grants.reseal(&opened, &sealed).map_err(|_| UpstreamRefusal::Unreachable)?;
+                Ok(sealed)
+            }
+            Err(UpstreamRefusal::Refused) => {
+                log::info!("Outline refused to renew a sign-in: its grant is revoked");
+                let _ = door.grants.revoke_grant(&opened.grant_id);
+                Err(UpstreamRefusal::Refused)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn bearer_token(incoming: &Incoming) -> Option<String> {
+        let auth = incoming.header("authorization")?.trim();
+        let scheme = auth.get(..7)?;
+        let token = auth.get(7..)?.trim();
+        (scheme.eq_ignore_ascii_case("bearer ") && !token.is_empty() && token.len() <= 256).then(|| token.to_string())
+    }
+
+    /// One request to an endpoint of the front door, answered.
+    pub fn serve(
+        proxy: &Proxy,
+        door: &FrontDoor,
+        mut request: tiny_http::Request,
+        incoming: &Incoming,
+        endpoint: Endpoint,
+    ) -> crate::front::RouteResult {
+        let reply = match door.public_base(incoming) {
+            Err(e) => Reply::Error(e),
+            Ok(base) => match (endpoint, incoming.method.as_str()) {
+                (_, "OPTIONS") if endpoint != Endpoint::Authorize && endpoint != Endpoint::Callback => Reply::Preflight,
+                (Endpoint::ResourceMetadata, "GET" | "HEAD") => Reply::Json(200, resource_metadata(door, &base)),
+                (Endpoint::ServerMetadata, "GET" | "HEAD") => Reply::Json(200, server_metadata(&base)),
+                (Endpoint::Authorize, "GET") => authorize_start(door, incoming, &base),
+                (Endpoint::Callback, "GET") => outline_callback(proxy, door, incoming, &base),
+                (Endpoint::Register | Endpoint::Token | Endpoint::Revoke | Endpoint::Authorize, "POST") => {
+                    match read_form(&mut request, incoming) {
+                        Err(e) => Reply::Error(e),
+                        Ok(body) => match endpoint {
+                            Endpoint::Register => register(door, incoming, &body),
+                            Endpoint::Token => token(proxy, door, &body),
+                            Endpoint::Revoke => revoke(door, &body),
+                            _ => authorize_answer(proxy, door, incoming, &base, &body),
+                        },
+                    }
+                }
+                _ => Reply::Error(oauth_error(405, "invalid_request", "This method is not used at this address.")),
+            },
+        };
+        Ok(send(request, incoming, reply))
+    }
+
+    fn send(request: tiny_http::Request, incoming: &Incoming, reply: Reply) -> u16 {
+        let text = |n: &str, v: &str| (n.to_string(), v.to_string());
+        let api_headers = || {
+            vec![
+                text("Content-Type", "application/json"),
+                text("Cache-Control", "no-store"),
+                text("Pragma", "no-cache"),
+                text("Access-Control-Allow-Origin", "*"),
+            ]
+        };
+        let (status, headers, body) = match reply {
+            Reply::Json(status, value) => (status, api_headers(), value.to_string().into_bytes()),
+            Reply::Error(e) => {
+                let mut headers = api_headers();
+                if e.status == 429 {
+                    headers.push(text("Retry-After", "60"));
+                }
+                if e.status == 405 {
+                    headers.push(text("Allow", "GET, POST, OPTIONS"));
+                }
+                let body = json!({"error": e.code, "error_description": e.description});
+                (e.status, headers, body.to_string().into_bytes())
+            }
+            Reply::Page { status, html, cookie } => {
+                let mut headers = signin::page_headers();
+                headers.extend(cookie.map(|c| text("Set-Cookie", &c)));
+                (status, headers, html.into_bytes())
+            }
+            Reply::Redirect { location, cookie } => {
+                let mut headers = signin::page_headers();
+                headers.push(text("Location", &location));
+                headers.extend(cookie.map(|c| text("Set-Cookie", &c)));
+                (303, headers, Vec::new())
+            }
+            Reply::Preflight => {
+                let headers = vec![
+                    text("Access-Control-Allow-Origin", "*"),
+                    text("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                    text("Access-Control-Allow-Headers", "Authorization, Content-Type, MCP-Protocol-Version"),
+                    text("Access-Control-Max-Age", "600"),
+                ];
+                (204, headers, Vec::new())
+            }
+        };
+        let _ = http1::send_body(request, incoming, status, &headers, &body, false);
+        status
+    }
+
+    /// A form or JSON body of at most 16 KiB.
+    fn read_form(request: &mut tiny_http::Request, incoming: &Incoming) -> Result<Vec<u8>, OAuthError> {
+        if incoming.declared_length().is_some_and(|len| len > FORM_MAX_BYTES) {
+            return Err(oauth_error(413, "invalid_request", "The request body is too large."));
+        }
+        let mut body = Vec::new();
+        request
+            .as_reader()
+            .take(FORM_MAX_BYTES + 1)
+            .read_to_end(&mut body)
+            .map_err(|_| oauth_error(400, "invalid_request", "The request body could not be read."))?;
+        if body.len() as u64 > FORM_MAX_BYTES {
+            return Err(oauth_error(413, "invalid_request", "The request body is too large."));
+        }
+        Ok(body)
+    }
+
+    /// RFC 9728: what the resource is and who issues its tokens.
+    fn resource_metadata(door: &FrontDoor, base: &str) -> Value {
+        json!({
+            "resource": door.resource_url(base),
+            "authorization_servers": [format!("{base}{ISSUER_PATH}")],
+            "scopes_supported": [SCOPE],
+            "bearer_methods_supported": ["header"],
+            "resource_name": "Outline",
+        })
+    }
+
+    /// RFC 8414: the proxy's own authorization server.
+    fn server_metadata(base: &str) -> Value {
+        let issuer = format!("{base}{ISSUER_PATH}");
+        json!({
+            "issuer": issuer,
+            "authorization_endpoint": format!("{issuer}/authorize"),
+            "token_endpoint": format!("{issuer}/token"),
+            "registration_endpoint": format!("{issuer}/register"),
+            "revocation_endpoint": format!("{issuer}/revoke"),
+            "scopes_supported": [SCOPE],
+            "response_types_supported": ["code"],
+            "response_modes_supported": ["query"],
+            "grant_types_supported": ["authorization_code", "refresh_token"],
+            "code_challenge_methods_supported": ["S256"],
+            "token_endpoint_auth_methods_supported": ["none"],
+            "revocation_endpoint_auth_methods_supported": ["none"],
+            "client_id_metadata_document_supported": true,
+            "authorization_response_iss_parameter_supported": true,
+        })
+    }
+
+    /// Where a redirect URI may point: https anywhere, http only to this computer
+    /// (RFC 8252 loopback), or an app's own scheme; never a script, a file or a fragment.
+    pub fn check_redirect_uri(uri: &str) -> Result<(), &'static str> {
+        if uri.is_empty() || uri.len() > 2000 || uri.bytes().any(|b| b <= b' ' || b == 0x7f) || uri.contains('#') {
+            return Err("A redirect URI must be a plain URL without spaces or a fragment.");
+        }
+        let Some((scheme, rest)) = uri.split_once(':') else { return Err("A redirect URI needs a scheme.") };
+        let scheme = scheme.to_ascii_lowercase();
+        match scheme.as_str() {
+            "https" => match host_of(uri) {
+                Some(host) if !host.is_empty() => Ok(()),
+                _ => Err("An https redirect URI needs a host."),
+            },
+            "http" if loopback_parts(uri).is_some() => Ok(()),
+            "http" => Err("An http redirect URI must be a loopback address (127.0.0.1, [::1] or localhost)."),
+            "javascript" | "data" | "file" | "vbscript" | "blob" | "about" | "ws" | "wss" | "ftp" => {
+                Err("This kind of redirect URI is not allowed.")
+            }
+            _ if scheme.starts_with(|c: char| c.is_ascii_lowercase())
+                && scheme.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
+                && !rest.is_empty() =>
+            {
+                Ok(())
+            }
+            _ => Err("The redirect URI's scheme is not valid."),
+        }
+    }
+
+    /// `scheme://host[:port]/…` → host (lower-cased, port cut, brackets kept).
+    fn host_of(uri: &str) -> Option<String> {
+        let rest = uri.split_once("://")?.1;
+        let authority = rest.split(['/', '?']).next()?;
+        if authority.contains('@') {
+            return None;
+        }
+        let host = if authority.starts_with('[') {
+            authority.split_inclusive(']').next()?
+        } else {
+            authority.split(':').next()?
+        };
+        Some(host.to_ascii_lowercase())
+    }
+
+    /// An http loopback URI as (host, path and query), its port left out (RFC 8252 §7.3:
+    /// a native app's port is chosen when it runs).
+    fn loopback_parts(uri: &str) -> Option<(String, String)> {
+        let rest = uri.strip_prefix("http://").or_else(|| uri.strip_prefix("HTTP://"))?;
+        let host = host_of(uri)?;
+        if !["127.0.0.1", "[::1]", "localhost"].contains(&host.as_str()) {
+            return None;
+        }
+        let path = rest.find(['/', '?']).map(|i| &rest[i..]).unwrap_or("/");
+        Some((host, path.to_string()))
+    }
+
+    /// The redirect URI asked for is one the client registered (for loopback: any port).
+    pub fn redirect_matches(registered: &[String], asked: &str) -> bool {
+        registered
+            .iter()
+            .any(|r| r == asked || matches!((loopback_parts(r), loopback_parts(asked)), (Some(a), Some(b)) if a == b))
+    }
+
+    /// RFC 7591: a public client (no secret) for the authorization code grant,
+    /// limited per source address.
+    fn register(door: &FrontDoor, incoming: &Incoming, body: &[u8]) -> Reply {
+        if !take_registration_slot(door, incoming) {
+            return Reply::Error(oauth_error(
+                429,
+                "too_many_requests",
+                "Too many client registrations from this address; try again later.",
+            ));
+        }
+        let invalid = |why: &str| Reply::Error(oauth_error(400, "invalid_client_metadata", why));
+        let Ok(meta) = serde_json::from_slice::<Value>(body) else {
+            return invalid("The registration must be a JSON object.");
+        };
+        let redirect_uris = match redirect_uris_of(&meta) {
+            Ok(uris) => uris,
+            Err(why) => return Reply::Error(oauth_error(400, "invalid_redirect_uri", why)),
+        };
+        let listed = |field: &str| -> Option<Vec<String>> {
+            meta.get(field)?.as_array().map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        };
+        if listed("grant_types").is_some_and(|g| g.iter().any(|t| t != "authorization_code" && t != "refresh_token")) {
+            return invalid("Only the authorization_code and refresh_token grants are offered.");
+        }
+        if listed("response_types").is_some_and(|r| r.iter().any(|t| t != "code")) {
+            return invalid("Only the code response type is offered.");
+        }
+        let name = client_name_of(&meta, &redirect_uris);
+        let client_id = match grants::new_secret("client") {
+            Ok(id) => id,
+            Err(_) => return Reply::Error(storage_error()),
+        };
+        let client = Client {
+            id: client_id.clone(),
+            name: name.clone(),
+            redirect_uris: redirect_uris.clone(),
+            created_at: now_unix(),
+        };
+        if door.grants.add_client(client).is_err() {
+            return Reply::Error(storage_error());
+        }
+        log::info!("OAuth client registered: {}", crate::front::log_value(&name));
+        Reply::Json(
+            201,
+            json!({
+                "client_id": client_id,
+                "client_id_issued_at": now_unix(),
+                "client_name": name,
+                "redirect_uris": redirect_uris,
+                "grant_types": ["authorization_code", "refresh_token"],
+                "response_types": ["code"],
+                "token_endpoint_auth_method": "none",
+                "scope": SCOPE,
+            }),
+        )
+    }
+
+    /// A token bucket per source address (nginx's X-Real-IP when the request comes
+    /// through a local nginx): MCP_PROXY_OAUTH_REGISTER_LIMIT an hour, all at once at most.
+    fn take_registration_slot(door: &FrontDoor, incoming: &Incoming) -> bool {
+        let remote = incoming.remote.map(|a| a.ip());
+        let source = match (remote, incoming.header("x-real-ip")) {
+            (Some(ip), Some(real)) if ip.is_loopback() => real.trim().to_string(),
+            (Some(ip), _) => ip.to_string(),
+            (None, _) => "unknown".to_string(),
+        };
+        let per_hour = f64::from(door.register_per_hour);
+        let now = Instant::now();
+        let mut buckets = lock(&door.registrations);
+        let (tokens, at) = buckets.entry(source).or_insert((per_hour, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_hour / 3600.0).min(per_hour);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn redirect_uris_of(meta: &Value) -> Result<Vec<String>, &'static str> {
+        let uris: Vec<String> = meta
+            .get("redirect_uris")
+            .and_then(Value::as_array)
+            .ok_or("redirect_uris (a list) is required.")?
+            .iter()
+            .map(|u| u.as_str().map(str::to_string).ok_or("Every redirect URI must be a string."))
+            .collect::<Result<_, _>>()?;
+        if uris.is_empty() || uris.len() > 10 {
+            return Err("Between one and ten redirect URIs are allowed.");
+        }
+        for uri in &uris {
+            check_redirect_uri(uri)?;
+        }
+        Ok(uris)
+    }
+
+    /// What the consent page calls the client: its `client_name` (printable, at most
+    /// 80 characters), else the host it sends people back to.
+    fn client_name_of(meta: &Value, redirect_uris: &[String]) -> String {
+        let name: String = meta
+            .get("client_name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(80)
+            .collect();
+        let name = name.trim().to_string();
+        if name.is_empty() {
+            redirect_uris.first().map(|u| redirect_host(u)).unwrap_or_else(|| "An application".into())
+        } else {
+            name
+        }
+    }
+
+    /// Where the person goes back to, in words.
+    fn redirect_host(uri: &str) -> String {
+        if let Some((host, _)) = loopback_parts(uri) {
+            return format!("an app on this computer ({host})");
+        }
+        match host_of(uri) {
+            Some(host) => host,
+            None => format!("the app that opens {}: links", uri.split(':').next().unwrap_or("")),
+        }
+    }
+
+    /// The client behind a `client_id`: a registered one, or, for an https URL, the
+    /// metadata document found there (fetched with limits, cached ten minutes).
+    fn client_for(door: &FrontDoor, client_id: &str) -> Result<Client, String> {
+        if !client_id.starts_with("https://") {
+            return door.grants.client(client_id).ok_or_else(|| "This client is not registered here.".into());
+        }
+        if let Some((client, until)) = lock(&door.documents).get(client_id) {
+            if *until > Instant::now() {
+                return Ok(client.clone());
+            }
+        }
+        let path = client_id["https://".len()..].split_once('/').map(|(_, p)| p).unwrap_or("");
+        if path.is_empty() || client_id.contains('#') || client_id.len() > 2000 || host_of(client_id).is_none() {
+            return Err("A client_id URL must be https with a path and no fragment.".into());
+        }
+        if door.fetching.fetch_add(1, Ordering::SeqCst) >= DOCUMENTS_AT_ONCE {
+            door.fetching.fetch_sub(1, Ordering::SeqCst);
+            return Err("Too many client documents are being fetched; try again shortly.".into());
+        }
+        let fetched = fetch_client_document(door, client_id);
+        door.fetching.fetch_sub(1, Ordering::SeqCst);
+        let client = fetched?;
+        let mut documents = lock(&door.documents);
+        if documents.len() >= 1000 {
+            documents.retain(|_, (_, until)| *until > Instant::now());
+        }
+        if documents.len() < 1000 {
+            documents.insert(client_id.to_string(), (client.clone(), Instant::now() + DOCUMENT_CACHE));
+        }
+        Ok(client)
+    }
+
+    fn fetch_client_document(door: &FrontDoor, url: &str) -> Result<Client, String> {
+        let failed = |why: &str| format!("The client's metadata document could not be used: {why}");
+        let mut response = door
+            .fetcher
+            .get(url)
+            .header("Accept", "application/json")
+            .call()
+            .map_err(|e| failed(&crate::auth::describe_ureq_error(&e)))?;
+        let status = response.status().as_u16();
+        if (300..400).contains(&status) {
+            return Err(failed("it redirects elsewhere, and redirects are not followed."));
+        }
+        if status != 200 {
+            return Err(failed(&format!("its server answered {status}.")));
+        }
+        let body = response.body_mut().with_config().limit(DOCUMENT_MAX_BYTES).read_to_vec().map_err(|e| match e {
+            ureq::Error::BodyExceedsLimit(_) => failed("it is larger than 5 KiB."),
+            other => failed(&crate::auth::describe_ureq_error(&other)),
+        })?;
+        let meta: Value = serde_json::from_slice(&body).map_err(|_| failed("it is not JSON."))?;
+        if meta.get("client_id").and_then(Value::as_str) != Some(url) {
+            return Err(failed("its client_id is not its own URL."));
+        }
+        let redirect_uris = redirect_uris_of(&meta).map_err(failed)?;
+        let name = client_name_of(&meta, &redirect_uris);
+        Ok(Client { id: url.to_string(), name, redirect_uris, created_at: now_unix() })
+    }
+
+    /// `GET /oauth/authorize`: the client and its redirect URI are checked (a bad one
+    /// gets a page, never a redirect), then the request (PKCE S256, the resource), then
+    /// the consent page is shown with a cookie tying it to this browser.
+    fn authorize_start(door: &FrontDoor, incoming: &Incoming, base: &str) -> Reply {
+        let query = incoming.target.split_once('?').map(|(_, q)| q).unwrap_or("");
+        let params = match single_valued(parse_form(query.as_bytes())) {
+            Ok(params) => params,
+            Err(why) => return problem(400, why),
+        };
+        let get = |k: &str| params.get(k).map(String::as_str).filter(|v| !v.is_empty());
+        let Some(client_id) = get("client_id") else { return problem(400, "The request names no client (client_id).") };
+        let client = match client_for(door, client_id) {
+            Ok(client) => client,
+            Err(why) => return problem(400, &why),
+        };
+        let Some(redirect_uri) = get("redirect_uri") else {
+            return problem(400, "The request has no redirect_uri.");
+        };
+        if !redirect_matches(&client.redirect_uris, redirect_uri) {
+            return problem(400, "The redirect_uri is not one this client registered.");
+        }
+        let state = get("state").map(str::to_string);
+        let back = |code: &'static str, why: &str| Reply::Redirect {
+            location: client_redirect(
+                redirect_uri,
+                &[("error", code), ("error_description", why)],
+                state.as_deref(),
+                base,
+            ),
+            cookie: None,
+        };
+        if get("response_type") != Some("code") {
+            return back("unsupported_response_type", "Only response_type=code is offered.");
+        }
+        let challenge = get("code_challenge").unwrap_or("");
+        if get("code_challenge_method") != Some("S256") || !is_pkce_challenge(challenge) {
+            return back("invalid_request", "PKCE with code_challenge_method=S256 is required.");
+        }
+        match get("resource") {
+            None => return back("invalid_target", "The resource parameter (RFC 8707) is required."),
+            Some(resource) if resource.trim_end_matches('/') != door.resource_url(base) => {
+                return back("invalid_target", "This server issues tokens only for its own resource.")
+            }
+            Some(_) => {}
+        }
+        let (Ok(request_id), Ok(csrf), Ok(outline_verifier)) =
+            (grants::new_secret("rq"), grants::new_secret("cs"), grants::new_secret("ov"))
+        else {
+            return problem(503, "The proxy could not start a sign-in; try again.");
+        };
+        let pending = Pending {
+            client_id: client.id.clone(),
+            client_name: client.name.clone(),
+            redirect_uri: redirect_uri.to_string(),
+            state,
+            code_challenge: challenge.to_string(),
+            resource: door.resource_url(base),
+            csrf_hash: grants::token_hash(&csrf),
+            outline_verifier,
+            attempts: 0,
+            expires: Instant::now() + Duration::from_secs(600),
+        };
+        door.grants.add_pending(&request_id, pending.clone());
+        let cookie = signin::set_cookie(&request_id, &csrf, base.starts_with("https://"));
+        consent(door, &pending, &request_id, &csrf, None, Some(cookie))
+    }
+
+    fn consent(
+        door: &FrontDoor,
+        pending: &Pending,
+        request_id: &str,
+        csrf: &str,
+        error: Option<&str>,
+        cookie: Option<String>,
+    ) -> Reply {
+        let html = signin::consent_page(&signin::Page {
+            client_name: &pending.client_name,
+            redirect_host: &redirect_host(&pending.redirect_uri),
+            request_id,
+            csrf,
+            asks_for_key: door.outline_app.is_none(),
+            error,
+        });
+        Reply::Page { status: if error.is_some() { 400 } else { 200 }, html, cookie }
+    }
+
+    fn problem(status: u16, why: &str) -> Reply {
+        Reply::Page { status, html: signin::problem_page(why), cookie: None }
+    }
+
+    /// `POST /oauth/authorize`: the person's answer on the consent page. Checked to
+    /// come from that page in this browser (same origin, the cookie and the form agree).
+    fn authorize_answer(proxy: &Proxy, door: &FrontDoor, incoming: &Incoming, base: &str, body: &[u8]) -> Reply {
+        if !same_origin(incoming, base) {
+            return problem(403, "This form must be sent from the sign-in page itself.");
+        }
+        let form = match single_valued(parse_form(body)) {
+            Ok(form) => form,
+            Err(why) => return problem(400, why),
+        };
+        let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+        let request_id = field("request");
+        let Some(pending) = door.grants.pending(request_id) else {
+            return problem(400, "This sign-in has expired or was already used; start again from your app.");
+        };
+        if !browser_owns(incoming, request_id, field("csrf"), &pending) {
+            return problem(403, "This sign-in was started in another browser; start again from your app.");
+        }
+        let clear = Some(signin::clear_cookie(request_id));
+        if field("action") != "allow" {
+            door.grants.take_pending(request_id);
+            let location = client_redirect(
+                &pending.redirect_uri,
+                &[("error", "access_denied"), ("error_description", "The person declined.")],
+                pending.state.as_deref(),
+                base,
+            );
+            return Reply::Redirect { location, cookie: clear };
+        }
+        if let Some(app) = &door.outline_app {
+            let callback = format!("{base}{ISSUER_PATH}/callback");
+            let location = app.authorize_url(&callback, request_id, &pkce_challenge(&pending.outline_verifier));
+            return Reply::Redirect { location, cookie: None };
+        }
+        let key = field("api_key").trim();
+        if !crate::auth::is_plausible_key(key) || key.starts_with(grants::TOKEN_PREFIX) {
+            door.grants.count_attempt(request_id);
+            let why = "That does not look like an Outline API key: paste the whole key.";
+            return consent(door, &pending, request_id, field("csrf"), Some(why), None);
+        }
+        match proxy.auth.ask_outline(key) {
+            Ok(user) => finish_sign_in(door, request_id, Upstream::ApiKey { key: key.to_string() }, &user, base),
+            Err(ProxyError::Unauthorized(_)) => {
+                if door.grants.count_attempt(request_id) >= 5 {
+                    return problem(400, "Outline refused five keys; start again from your app.");
+                }
+                let why = "Outline does not accept this API key. Check it and try again.";
+                consent(door, &pending, request_id, field("csrf"), Some(why), None)
+            }
+            Err(_) => {
+                let why = "Outline could not be reached to check the key; try again in a moment.";
+                consent(door, &pending, request_id, field("csrf"), Some(why), None)
+            }
+        }
+    }
+
+    /// `GET /oauth/callback`: Outline sends the person back with its code.
+    fn outline_callback(proxy: &Proxy, door: &FrontDoor, incoming: &Incoming, base: &str) -> Reply {
+        let Some(app) = &door.outline_app else {
+            return problem(400, "Sign-in with Outline is not set up on this server.");
+        };
+        let query = incoming.target.split_once('?').map(|(_, q)| q).unwrap_or("");
+        let params = match single_valued(parse_form(query.as_bytes())) {
+            Ok(params) => params,
+            Err(why) => return problem(400, why),
+        };
+        let get = |k: &str| params.get(k).map(String::as_str).unwrap_or("");
+        let request_id = get("state");
+        let Some(pending) = door.grants.pending(request_id) else {
+            return problem(400, "This sign-in has expired or was already used; start again from your app.");
+        };
+        let csrf = signin::cookie_value(cookie_headers(incoming), &signin::cookie_name(request_id)).unwrap_or_default();
+        if !browser_owns(incoming, request_id, &csrf, &pending) {
+            return problem(403, "This sign-in was started in another browser; start again from your app.");
+        }
+        if get("code").is_empty() {
+            door.grants.take_pending(request_id);
+            let location = client_redirect(
+                &pending.redirect_uri,
+                &[("error", "access_denied"), ("error_description", "Outline did not grant access.")],
+                pending.state.as_deref(),
+                base,
+            );
+            return Reply::Redirect { location, cookie: Some(signin::clear_cookie(request_id)) };
+        }
+        let callback = format!("{base}{ISSUER_PATH}/callback");
+        let upstream = match app.exchange(get("code"), &callback, &pending.outline_verifier) {
+            Ok(upstream) => upstream,
+            Err(UpstreamRefusal::Refused) => return problem(400, "Outline did not accept the sign-in; start again."),
+            Err(UpstreamRefusal::Unreachable) => return problem(502, "Outline could not be reached; try again."),
+        };
+        match proxy.auth.ask_outline(upstream.credential()) {
+            Ok(user) => finish_sign_in(door, request_id, upstream, &user, base),
+            Err(_) => problem(502, "Outline did not say who signed in; try again."),
+        }
+    }
+
+    /// The person is known: a one-time code goes back to the client's redirect URI.
+    fn finish_sign_in(door: &FrontDoor, request_id: &str, upstream: Upstream, user: &User, base: &str) -> Reply {
+        let Some(pending) = door.grants.take_pending(request_id) else {
+            return problem(400, "This sign-in has expired; start again from your app.");
+        };
+        let Ok(code) = door.grants.issue_code(&pending, Sealed::new(upstream, user)) else {
+            return problem(503, "The proxy could not finish the sign-in; try again.");
+        };
+        log::info!(
+            "OAuth sign-in of user={} for client {}",
+            crate::front::log_value(&user.name),
+            crate::front::log_value(&pending.client_name)
+        );
+        let location = client_redirect(&pending.redirect_uri, &[("code", &code)], pending.state.as_deref(), base);
+        Reply::Redirect { location, cookie: Some(signin::clear_cookie(request_id)) }
+    }
+
+    fn cookie_headers(incoming: &Incoming) -> impl Iterator<Item = &str> {
+        incoming.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("cookie")).map(|(_, v)| v.as_str())
+    }
+
+    /// The cookie set with the consent page and the form's copy agree with the sign-in.
+    fn browser_owns(incoming: &Incoming, request_id: &str, form_csrf: &str, pending: &Pending) -> bool {
+        let cookie =
+            signin::cookie_value(cookie_headers(incoming), &signin::cookie_name(request_id)).unwrap_or_default();
+        let expected = pending.csrf_hash.as_bytes();
+        !cookie.is_empty()
+            && constant_time_eq(grants::token_hash(&cookie).as_bytes(), expected)
+            && constant_time_eq(grants::token_hash(form_csrf).as_bytes(), expected)
+    }
+
+    /// A browser's form post comes from this origin (Origin and Sec-Fetch-Site, when sent).
+    fn same_origin(incoming: &Incoming, base: &str) -> bool {
+        let origin_ok = incoming.header("origin").is_none_or(|o| o.trim().eq_ignore_ascii_case(base));
+        let site_ok = incoming.header("sec-fetch-site").is_none_or(|s| matches!(s.trim(), "same-origin" | "none"));
+        origin_ok && site_ok
+    }
+
+    /// The client's redirect URI with the answer added (and `state` and `iss`, RFC 9207).
+    fn client_redirect(redirect_uri: &str, params: &[(&str, &str)], state: Option<&str>, base: &str) -> String {
+        let issuer = format!("{base}{ISSUER_PATH}");
+        let mut url = redirect_uri.to_string();
+        let mut separator = if url.contains('?') { '&' } else { '?' };
+        let all =
+            params.iter().copied().chain(state.map(|s| ("state", s))).chain(std::iter::once(("iss", issuer.as_str())));
+        for (name, value) in all {
+            url.push(separator);
+            url.push_str(name);
+            url.push('=');
+            url.push_str(&crate::util::percent_encode(value));
+            separator = '&';
+        }
+        url
+    }
+
+    /// A form, refused when a parameter comes twice (RFC 6749 §3.1).
+    fn single_valued(pairs: Vec<(String, String)>) -> Result<HashMap<String, String>, &'static str> {
+        let mut map = HashMap::new();
+        for (name, value) in pairs {
+            if map.insert(name, value).is_some() {
+                return Err("A parameter was given more than once.");
+            }
+        }
+        Ok(map)
+    }
+
+    fn is_pkce_challenge(challenge: &str) -> bool {
+        challenge.len() == 43 && challenge.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }
+
+    fn is_pkce_verifier(verifier: &str) -> bool {
+        (43..=128).contains(&verifier.len())
+            && verifier.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+    }
+
+    pub fn pkce_challenge(verifier: &str) -> String {
+        base64url(&Sha256::digest(verifier.as_bytes()))
+    }
+
+    /// `POST /oauth/token`: a code (with its PKCE verifier) or a refresh token for tokens.
+    fn token(proxy: &Proxy, door: &FrontDoor, body: &[u8]) -> Reply {
+        let form = match single_valued(parse_form(body)) {
+            Ok(form) => form,
+            Err(why) => return Reply::Error(oauth_error(400, "invalid_request", why)),
+        };
+        let result = match form.get("grant_type").map(String::as_str) {
+            Some("authorization_code") => redeem_code(door, &form),
+            Some("refresh_token") => refresh(proxy, door, &form),
+            Some(_) => Err(oauth_error(
+                400,
+                "unsupported_grant_type",
+                "Only authorization_code and refresh_token are offered.",
+            )),
+            None => Err(oauth_error(400, "invalid_request", "grant_type is required.")),
+        };
+        match result {
+            Ok(issued) => Reply::Json(
+                200,
+                json!({
+                    "access_token": issued.access_token,
+                    "token_type": "Bearer",
+                    "expires_in": issued.expires_in,
+                    "refresh_token": issued.refresh_token,
+                    "scope": SCOPE,
+                }),
+            ),
+            Err(e) => Reply::Error(e),
+        }
+    }
+
+    fn required<'a>(form: &'a HashMap<String, String>, name: &str) -> Result<&'a str, OAuthError> {
+        form.get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| oauth_error(400, "invalid_request", &format!("{name} is required.")))
+    }
+
+    /// The code is spent whatever happens next; a wrong client, redirect URI, verifier
+    /// or resource gets nothing.
+    fn redeem_code(door: &FrontDoor, form: &HashMap<String, String>) -> Result<grants::Issued, OAuthError> {
+        let code_text = required(form, "code")?;
+        let client_id = required(form, "client_id")?;
+        let redirect_uri = required(form, "redirect_uri")?;
+        let verifier = required(form, "code_verifier")?;
+        let code = door.grants.take_code(code_text).map_err(refused)?;
+        let wrong = |why: &str| Err(oauth_error(400, "invalid_grant", why));
+        if code.client_id != client_id {
+            return wrong("The code was issued to another client.");
+        }
+        if code.redirect_uri != redirect_uri {
+            return wrong("The redirect_uri differs from the authorization request's.");
+        }
+        if !is_pkce_verifier(verifier)
+            || !constant_time_eq(pkce_challenge(verifier).as_bytes(), code.code_challenge.as_bytes())
+        {
+            return wrong("The PKCE code_verifier does not match the code_challenge.");
+        }
+        if form.get("resource").is_some_and(|r| r.trim_end_matches('/') != code.resource) {
+            return Err(oauth_error(400, "invalid_target", "The resource differs from the authorization request's."));
+        }
+        door.grants.create_grant(code_text, &code).map_err(refused)
+    }
+
+    /// A refresh token for new tokens (the old one retired), once Outline has said the
+    /// grant's credential is still good: a revoked key or refused Outline token ends
+    /// the grant (`invalid_grant`).
+    fn refresh(proxy: &Proxy, door: &FrontDoor, form: &HashMap<String, String>) -> Result<grants::Issued, OAuthError> {
+        let refresh_token = required(form, "refresh_token")?;
+        let client_id = required(form, "client_id")?;
+        let opened = door.grants.open_with_refresh(refresh_token).map_err(refused)?;
+        if opened.client_id != client_id {
+            return Err(oauth_error(400, "invalid_grant", "The refresh token was issued to another client."));
+        }
+        if form.get("resource").is_some_and(|r| r.trim_end_matches('/') != opened.resource) {
+            return Err(oauth_error(400, "invalid_target", "The refresh token is for another resource."));
+        }
+        let unavailable = || oauth_error(503, "temporarily_unavailable", "Outline could not be reached; try again.");
+        let gone = |door: &FrontDoor, opened: &Opened, why: &str| {
+            let _ = door.grants.revoke_grant(&opened.grant_id);
+            oauth_error(400, "invalid_grant", why)
+        };
+        match (&opened.sealed.upstream, &door.outline_app) {
+            (Upstream::Outline { refresh_token: outline_refresh, .. }, Some(app)) => match app.refresh(outline_refresh)
+            {
+                Ok(upstream) => {
+                    let mut sealed = opened.sealed.clone();
+                    sealed.upstream = upstream;
+                    door.grants.reseal(&opened, &sealed).map_err(refused)?;
+                }
+                Err(UpstreamRefusal::Refused) => {
+                    return Err(gone(door, &opened, "Outline no longer accepts this sign-in; sign in again."))
+                }
+                Err(UpstreamRefusal::Unreachable) => return Err(unavailable()),
+            },
+            (Upstream::Outline { .. }, None) => {
+                return Err(gone(door, &opened, "Sign-in with Outline is no longer set up here; sign in again."))
+            }
+            (Upstream::ApiKey { key }, _) => match proxy.auth.ask_outline(key) {
+                Ok(_) => {}
+                Err(ProxyError::Unauthorized(_)) => {
+                    proxy.auth.forget(key);
+                    return Err(gone(door, &opened, "Outline no longer accepts the API key of this sign-in."));
+                }
+                Err(_) => return Err(unavailable()),
+            },
+        }
+        door.grants.rotate(&opened, refresh_token).map_err(refused)
+    }
+
+    /// `POST /oauth/revoke` (RFC 7009): the token's whole grant ends, and Outline's own
+    /// tokens with it. Always 200: the client cannot act on anything else.
+    fn revoke(door: &FrontDoor, body: &[u8]) -> Reply {
+        let form: HashMap<String, String> = parse_form(body).into_iter().collect();
+        let token = form.get("token").map(String::as_str).unwrap_or("");
+        if let Some(grant_id) = door.grants.grant_of(token) {
+            let owner = door.grants.client_of(&grant_id);
+            let client_ok = form.get("client_id").is_none_or(|c| Some(c) == owner.as_ref());
+            if client_ok {
+                let opened = door.grants.open_with_access(token).or_else(|_| door.grants.open_with_refresh(token));
+                if let (Ok(opened), Some(app)) = (opened, &door.outline_app) {
+                    if let Upstream::Outline { refresh_token, .. } = &opened.sealed.upstream {
+                        app.revoke(refresh_token);
+                    }
+                }
+                if door.grants.revoke_grant(&grant_id).is_err() {
+                    return Reply::Error(storage_error());
+                }
+                log::info!("OAuth grant revoked by its client");
+            }
+        }
+        Reply::Json(200, json!({}))
+    }
+}
+
+mod signin {
+    //! Owns the person's step of an OAuth sign-in: the consent page (with the API-key
+    //! field when no Outline OAuth app is set), its cookie and anti-framing headers, and
+    //! the proxy's own OAuth client of Outline (authorize, token, refresh, revoke).
+    //! Calls `grants` (the Upstream type), `auth` (ureq error words), `util`, ureq.
+    use crate::auth::describe_ureq_error;
+    use crate::grants::Upstream;
+    use crate::util::{agent_base, now_unix, percent_encode};
+    use serde_json::Value;
+    use std::time::Duration;
+
+    /// Outline's OAuth app, as the operator registered it (OUTLINE_OAUTH_CLIENT_ID and
+    /// OUTLINE_OAUTH_CLIENT_SECRET).
+    pub struct OutlineApp {
+        outline_url: String,
+        client_id: String,
+        client_secret: String,
+        scope: String,
+        agent: ureq::Agent,
+    }
+
+    /// Why Outline did not give (or renew) its tokens.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    pub enum UpstreamRefusal {
+        /// Outline refused: the code, or the refresh token, is no longer good.
+        Refused,
+        Unreachable,
+    }
+
+    impl OutlineApp {
+        pub fn new(outline_url: &str, client_id: &str, client_secret: &str, scope: &str) -> OutlineApp {
+            let agent = agent_base()
+                .https_only(false)
+                .timeout_global(Some(Duration::from_secs(10)))
+                .tls_config(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::PlatformVerifier).build())
+                .build()
+                .new_agent();
+            OutlineApp {
+                outline_url: outline_url.to_string(),
+                client_id: client_id.to_string(),
+                client_secret: client_secret.to_string(),
+                scope: scope.to_string(),
+                agent,
+            }
+        }
+
+        /// Where the browser goes to sign in at Outline (no secret in it).
+        pub fn authorize_url(&self, callback: &str, state: &str, challenge: &str) -> String {
+            format!(
+                "{}/oauth/authorize?response_type=code&client_id={}&redirect_uri={}&state={}&scope={}&code_challenge={}&code_challenge_method=S256",
+                self.outline_url,
+                percent_encode(&self.client_id),
+                percent_encode(callback),
+                percent_encode(state),
+                percent_encode(&self.scope),
+                percent_encode(challenge),
+            )
+        }
+
+        /// Outline's code → Outline's tokens (`POST /oauth/token`, the secret in the body).
+        pub fn exchange(&self, code: &str, callback: &str, verifier: &str) -> Result<Upstream, UpstreamRefusal> {
+            self.token_request(&[
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("redirect_uri", callback),
+                ("code_verifier", verifier),
+            ])
+        }
+
+        /// New tokens for old: Outline rotates its refresh token on every use.
+        pub fn refresh(&self, refresh_token: &str) -> Result<Upstream, UpstreamRefusal> {
+            self.token_request(&[("grant_type", "refresh_token"), ("refresh_token", refresh_token)])
+        }
+
+        /// Tells Outline a token is no longer wanted (best effort: RFC 7009 answers 200).
+        pub fn revoke(&self, token: &str) {
+            let url = format!("{}/oauth/revoke", self.outline_url);
+            let form = [("token", token), ("client_id", &self.client_id), ("client_secret", &self.client_secret)];
+            if let Err(e) = self.agent.post(&url).send_form(form) {
+                log::warn!("Outline /oauth/revoke failed: {}", describe_ureq_error(&e));
+            }
+        }
+
+        fn token_request(&self, params: &[(&str, &str)]) -> Result<Upstream, UpstreamRefusal> {
+            let url = format!("{}/oauth/token", self.outline_url);
+            let mut form: Vec<(&str, &str)> = params.to_vec();
+            form.push(("client_id", &self.client_id));
+            form.push(("client_secret", &self.client_secret));
+            let mut response =
+                self.agent.post(&url).header("Accept", "application/json").send_form(form).map_err(|e| {
+                    log::warn!("Outline /oauth/token failed: {}", describe_ureq_error(&e));
+                    UpstreamRefusal::Unreachable
+                })?;
+            let status = response.status().as_u16();
+            if status == 400 || status == 401 {
+                return Err(UpstreamRefusal::Refused);
+            }
+            if status != 200 {
+                log::warn!("Outline /oauth/token answered {status}");
+                return Err(UpstreamRefusal::Unreachable);
+            }
+            let body = response
+                .body_mut()
+                .with_config()
+                .limit(64 * 1024)
+                .read_to_string()
+                .map_err(|_| UpstreamRefusal::Unreachable)?;
+            parse_outline_tokens(&body).ok_or_else(|| {
+                log::warn!("Outline /oauth/token answered without tokens");
+                UpstreamRefusal::Unreachable
+            })
+        }
+    }
+
+    /// `{"access_token","refresh_token","expires_in",...}` → the upstream credential.
+    pub fn parse_outline_tokens(body: &str) -> Option<Upstream> {
+        let value: Value = serde_json::from_str(body).ok()?;
+        let text = |k: &str| value.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
+        let expires_in = value.get("expires_in").and_then(Value::as_u64).unwrap_or(3600);
+        Some(Upstream::Outline {
+            access_token: text("access_token")?,
+            refresh_token: text("refresh_token")?,
+            expires_at: now_unix() + expires_in,
+        })
+    }
+
+    /// What the consent page shows and carries.
+    pub struct Page<'a> {
+        pub client_name: &'a str,
+        pub redirect_host: &'a str,
+        pub request_id: &'a str,
+        pub csrf: &'a str,
+        /// The API-key field (no Outline OAuth app), or a button to Outline.
+        pub asks_for_key: bool,
+        pub error: Option<&'a str>,
+    }
+
+    pub fn html_escape(text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        for c in text.chars() {
+            match c {
+                '&' => out.push_str("&amp;"),
+                '<' => out.push_str("&lt;"),
+                '>' => out.push_str("&gt;"),
+                '"' => out.push_str("&quot;"),
+                '\'' => out.push_str("&#39;"),
+                c if c.is_control() => {}
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    pub fn consent_page(page: &Page) -> String {
+        let client = html_escape(page.client_name);
+        let host = html_escape(page.redirect_host);
+        let error =
+            page.error.map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", html_escape(e))).unwrap_or_default();
+        let field = if page.asks_for_key {
+            "<label for=\"api_key\">Your Outline API key</label>\n\
+             <input id=\"api_key\" name=\"api_key\" type=\"password\" autocomplete=\"off\" spellcheck=\"false\" required autofocus>\n\
+             <p class=\"hint\">Make one in Outline under <em>Settings → API &amp; Apps</em>. It is checked with Outline, \
+             stored only encrypted, and never appears in an address or a log.</p>\n\
+             <button type=\"submit\" name=\"action\" value=\"allow\">Connect</button>"
+        } else {
+            "<p class=\"hint\">You will sign in with your Outline account and come back here.</p>\n\
+             <button type=\"submit\" name=\"action\" value=\"allow\">Continue with Outline</button>"
+        };
+        format!(
+            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+             <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+             <meta name=\"referrer\" content=\"same-origin\"><title>Connect {client} to Outline</title>\
+             <style>{STYLE}</style></head>\n<body><main>\n\
+             <h1>Connect <span id=\"client\">{client}</span> to Outline</h1>\n\
+             <p><strong>{client}</strong> asks to read and edit your Outline documents as you. \
+             When you connect, you go back to <strong id=\"redirect-host\">{host}</strong>.</p>\n{error}\n\
+             <form method=\"post\" action=\"/oauth/authorize\">\n\
+             <input type=\"hidden\" name=\"request\" value=\"{}\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\n\
+             {field}\n<button type=\"submit\" name=\"action\" value=\"deny\" class=\"secondary\" formnovalidate>Cancel</button>\n\
+             </form>\n<p class=\"small\">If you did not start this, close this page.</p>\n</main></body></html>\n",
+            html_escape(page.request_id),
+            html_escape(page.csrf),
+        )
+    }
+
+    /// A page for a sign-in that cannot go on (and cannot be sent back to the client).
+    pub fn problem_page(message: &str) -> String {
+        format!(
+            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Cannot connect to Outline</title>\
+             <style>{STYLE}</style></head>\n<body><main><h1>Cannot connect to Outline</h1>\n\
+             <p class=\"error\" role=\"alert\">{}</p></main></body></html>\n",
+            html_escape(message)
+        )
+    }
+
+    const STYLE: &str = "body{font:16px/1.5 system-ui,sans-serif;background:#f4f5f7;color:#111;margin:0}\
+        main{max-width:28rem;margin:4rem auto;background:#fff;padding:2rem;border-radius:12px;box-shadow:0 2px 12px #0002}\
+        h1{font-size:1.3rem;margin-top:0}label{display:block;font-weight:600;margin:1rem 0 .3rem}\
+        input[type=password]{width:100%;box-sizing:border-box;padding:.6rem;font:inherit;border:1px solid #bbb;border-radius:6px}\
+        button{font:inherit;padding:.6rem 1.2rem;border-radius:6px;border:0;background:#0366d6;color:#fff;margin:1rem .5rem 0 0;cursor:pointer}\
+        button.secondary{background:#e4e6ea;color:#111}.hint,.small{color:#555;font-size:.9rem}.error{color:#b00020;font-weight:600}";
+
+    /// Headers of every page of the sign-in: not cached, not framed (clickjacking),
+    /// no referrer sent to other sites, nothing loaded from elsewhere.
+    pub fn page_headers() -> Vec<(String, String)> {
+        [
+            ("Content-Type", "text/html; charset=utf-8"),
+            ("Cache-Control", "no-store"),
+            ("X-Frame-Options", "DENY"),
+            (
+                "Content-Security-Policy",
+                "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'",
+            ),
+            ("Referrer-Policy", "same-origin"),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// The cookie that ties a sign-in to the browser that started it (double submit:
+    /// the form carries the same value; another site can neither read nor set it).
+    pub fn cookie_name(request_id: &str) -> String {
+        format!("omp_signin_{}", request_id.chars().rev().take(12).collect::<String>())
+    }
+
+    pub fn set_cookie(request_id: &str, csrf: &str, secure: bool) -> String {
+        format!(
+            "{}={csrf}; Path=/oauth; Max-Age=600; HttpOnly; SameSite=Lax{}",
+            cookie_name(request_id),
+            if secure { "; Secure" } else { "" }
+        )
+    }
+
+    pub fn clear_cookie(request_id: &str) -> String {
+        format!("{}=; Path=/oauth; Max-Age=0; HttpOnly; SameSite=Lax", cookie_name(request_id))
+    }
+
+    /// A cookie's value from the request's Cookie headers.
+    pub fn cookie_value<'a>(cookie_headers: impl Iterator<Item = &'a str>, name: &str) -> Option<String> {
+        cookie_headers
+            .flat_map(|h| h.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
+mod grants {
+    //! Owns what OAuth sign-in leaves behind: registered clients, sign-ins in progress,
+    //! authorization codes, and grants with their tokens, kept only as sha256 hashes. A
+    //! grant's Outline credential is sealed (XChaCha20-Poly1305) under a random key that
+    //! is itself stored only wrapped under keys derived (HKDF-SHA256) from the client's
+    //! tokens: the state file without a token reveals no credential. Calls `util`, std.
+    use crate::auth::User;
+    use crate::util::{base64url, lock, now_unix};
+    use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+    use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+    use serde::{Deserialize, Serialize};
+    use sha2::{Digest, Sha256};
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// Every token and code the proxy issues starts with this, so `/mcp` can refuse one
+    /// without showing it to Outline.
+    pub const TOKEN_PREFIX: &str = "omp_";
+    const STATE_FILE: &str = "oauth-grants.json";
+    /// Old refresh tokens remembered per grant: one presented again means it leaked.
+    const RETIRED_KEPT: usize = 8;
+    /// Access tokens alive at once per grant (a refresh does not cut requests in flight).
+    const ACCESS_KEPT: usize = 4;
+
+    /// What the container is given: a pasted API key, or Outline's own OAuth tokens.
+    #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+    #[serde(tag = "kind", rename_all = "snake_case")]
+    pub enum Upstream {
+        ApiKey { key: String },
+        Outline { access_token: String, refresh_token: String, expires_at: u64 },
+    }
+
+    impl Upstream {
+        /// The credential sent to Outline and to the container as `x-outline-api-key`.
+        pub fn credential(&self) -> &str {
+            match self {
+                Upstream::ApiKey { key } => key,
+                Upstream::Outline { access_token, .. } => access_token,
+            }
+        }
+    }
+
+    /// What a grant's sealed box holds: the credential and whose it is.
+    #[derive(Serialize, Deserialize, Clone, Debug)]
+    pub struct Sealed {
+        pub upstream: Upstream,
+        pub user_id: String,
+        pub team_id: String,
+        pub name: String,
+        pub email: String,
+    }
+
+    impl Sealed {
+        pub fn new(upstream: Upstream, user: &User) -> Sealed {
+            Sealed {
+                upstream,
+                user_id: user.id.clone(),
+                team_id: user.team_id.clone(),
+                name: user.name.clone(),
+                email: user.email.clone(),
+            }
+        }
+    }
+
+    /// A client allowed to ask for sign-ins: registered (RFC 7591) or described by
+    /// its own metadata document (its `id` is that document's URL).
+    #[derive(Serialize, Deserialize, Clone, Debug)]
+    pub struct Client {
+        pub id: String,
+        pub name: String,
+        pub redirect_uris: Vec<String>,
+        pub created_at: u64,
+    }
+
+    /// A sign-in between the authorize request and the person's answer.
+    #[derive(Clone, Debug)]
+    pub struct Pending {
+        pub client_id: String,
+        pub client_name: String,
+        pub redirect_uri: String,
+        pub state: Option<String>,
+        pub code_challenge: String,
+        pub resource: String,
+        pub csrf_hash: String,
+        /// The PKCE verifier of the proxy's own request to Outline (Outline sign-in).
+        pub outline_verifier: String,
+        pub attempts: u32,
+        pub expires: Instant,
+    }
+
+    /// An authorization code, between the redirect and the token request.
+    pub struct Code {
+        pub client_id: String,
+        pub redirect_uri: String,
+        pub code_challenge: String,
+        pub resource: String,
+        pub sealed: Sealed,
+        pub expires: Instant,
+    }
+
+    #[derive(Serialize, Deserialize, Clone, Debug)]
+    struct TokenRecord {
+        hash: String,
+        /// The grant's key, sealed under a key derived from this token.
+        wrapped_key: String,
+        expires_at: u64,
+    }
+
+    #[derive(Serialize, Deserialize, Clone, Debug)]
+    struct GrantRecord {
+        id: String,
+        client_id: String,
+        resource: String,
+        /// `Sealed`, as JSON, sealed under the grant's key.
+        sealed: String,
+        refresh: TokenRecord,
+        access: Vec<TokenRecord>,
+        retired_refresh: Vec<String>,
+        created_at: u64,
+    }
+
+    #[derive(Serialize, Deserialize, Default)]
+    struct StateFile {
+        version: u32,
+        clients: Vec<Client>,
+        grants: Vec<GrantRecord>,
+    }
+
+    /// Tokens as issued to a client: shown once, then kept only as hashes.
+    pub struct Issued {
+        pub access_token: String,
+        pub refresh_token: String,
+        pub expires_in: u64,
+    }
+
+    /// A grant opened with one of its tokens.
+    pub struct Opened {
+        pub grant_id: String,
+        pub client_id: String,
+        pub resource: String,
+        pub sealed: Sealed,
+        key: [u8; 32],
+    }
+
+    #[derive(Debug, PartialEq)]
+    pub enum TokenRefused {
+        /// Unknown, expired, revoked or for another client: the client signs in again.
+        InvalidGrant(&'static str),
+        /// A refresh token presented a second time: the whole grant is revoked.
+        Replayed,
+        /// The store could not be written or read: nothing changed.
+        Storage,
+    }
+
+    #[derive(Default)]
+    struct State {
+        clients: HashMap<String, Client>,
+        grants: HashMap<String, GrantRecord>,
+        /// token hash → grant id (access and refresh tokens alike)
+        tokens: HashMap<String, String>,
+        /// retired refresh token hash → grant id
+        retired: HashMap<String, String>,
+        pending: HashMap<String, Pending>,
+        codes: HashMap<String, Code>,
+        /// used code hash → (grant issued from it, when the memory may go)
+        used_codes: HashMap<String, (String, Instant)>,
+    }
+
+    impl State {
+        fn index(&mut self, grant: &GrantRecord) {
+            self.tokens.insert(grant.refresh.hash.clone(), grant.id.clone());
+            for access in &grant.access {
+                self.tokens.insert(access.hash.clone(), grant.id.clone());
+            }
+            for retired in &grant.retired_refresh {
+                self.retired.insert(retired.clone(), grant.id.clone());
+            }
+        }
+
+        fn remove_grant(&mut self, id: &str) -> Option<GrantRecord> {
+            let grant = self.grants.remove(id)?;
+            self.tokens.remove(&grant.refresh.hash);
+            for access in &grant.access {
+                self.tokens.remove(&access.hash);
+            }
+            for retired in &grant.retired_refresh {
+                self.retired.remove(retired);
+            }
+            Some(grant)
+        }
+    }
+
+    pub struct Store {
+        state: Mutex<State>,
+        /// Held while the state file is written, so the last write is the newest state.
+        writing: Mutex<()>,
+        dir: Option<PathBuf>,
+        access_ttl: Duration,
+        refresh_ttl: Duration,
+    }
+
+    pub fn token_hash(token: &str) -> String {
+        hex::encode(Sha256::digest(token.as_bytes()))
+    }
+
+    /// 256 bits from the kernel.
+    pub fn random_32() -> std::io::Result<[u8; 32]> {
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// A new token, code or id: the prefix and 256 random bits, base64url.
+    pub fn new_secret(kind: &str) -> Result<String, TokenRefused> {
+        let bytes = random_32().map_err(|e| {
+            log::error!("no randomness from /dev/urandom: {e}");
+            TokenRefused::Storage
+        })?;
+        Ok(format!("{TOKEN_PREFIX}{kind}_{}", base64url(&bytes)))
+    }
+
+    /// The key that wraps a grant's key for one token: HKDF-SHA256 of the token.
+    fn token_key(token: &str, grant_id: &str) -> [u8; 32] {
+        let hk = hkdf::Hkdf::<Sha256>::new(Some(b"outline-mcp-proxy grant key v1"), token.as_bytes());
+        let mut key = [0u8; 32];
+        // 32 bytes is well within HKDF-SHA256's output limit: this cannot fail
+        let _ = hk.expand(grant_id.as_bytes(), &mut key);
+        key
+    }
+
+    /// nonce ‖ ciphertext, hex; the associated data binds it to its grant and purpose.
+    fn seal(key: &[u8; 32], aad: &str, plaintext: &[u8]) -> Result<String, TokenRefused> {
+        let nonce_bytes = random_32().map_err(|_| TokenRefused::Storage)?;
+        let nonce = XNonce::from_slice(&nonce_bytes[..24]);
+        let cipher = XChaCha20Poly1305::new(key.into());
+        let sealed = cipher
+            .encrypt(nonce, Payload { msg: plaintext, aad: aad.as_bytes() })
+            .map_err(|_| TokenRefused::Storage)?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        Ok(hex::encode(out))
+    }
+
+    fn open(key: &[u8; 32], aad: &str, sealed_hex: &str) -> Option<Vec<u8>> {
+        let bytes = hex::decode(sealed_hex).ok()?;
+        if bytes.len() < 24 + 16 {
+            return None;
+        }
+        let (nonce, sealed) = bytes.split_at(24);
+        let cipher = XChaCha20Poly1305::new(key.into());
+        cipher.decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: aad.as_bytes() }).ok()
+    }
+
+    fn token_record(
+        token: &str,
+        grant_id: &str,
+        grant_key: &[u8; 32],
+        ttl: Duration,
+    ) -> Result<TokenRecord, TokenRefused> {
+        Ok(TokenRecord {
+            hash: token_hash(token),
+            wrapped_key: seal(&token_key(token, grant_id), &format!("wrap:{grant_id}"), grant_key)?,
+            expires_at: now_unix() + ttl.as_secs(),
+        })
+    }
+
+    impl Store {
+        /// The store, loaded from `dir` when one is given (a missing file is an empty
+        /// store; an unreadable one is set aside and logged, never silently reused).
+        pub fn open(dir: Option<PathBuf>, access_ttl: Duration, refresh_ttl: Duration) -> Store {
+            let mut state = State::default();
+            if let Some(dir) = &dir {
+                let file = load_state(dir);
+                for client in file.clients {
+                    state.clients.insert(client.id.clone(), client);
+                }
+                for grant in file.grants {
+                    state.index(&grant);
+                    state.grants.insert(grant.id.clone(), grant);
+                }
+            }
+            Store { state: Mutex::new(state), writing: Mutex::new(()), dir, access_ttl, refresh_ttl }
+        }
+
+        pub fn grant_count(&self) -> usize {
+            lock(&self.state).grants.len()
+        }
+
+        pub fn client_count(&self) -> usize {
+            lock(&self.state).clients.len()
+        }
+
+        pub fn client(&self, id: &str) -> Option<Client> {
+            lock(&self.state).clients.get(id).cloned()
+        }
+
+        pub fn add_client(&self, client: Client) -> Result<(), TokenRefused> {
+            lock(&self.state).clients.insert(client.id.clone(), client);
+            self.save()
+        }
+
+        pub fn add_pending(&self, id: &str, pending: Pending) {
+            lock(&self.state).pending.insert(token_hash(id), pending);
+        }
+
+        pub fn pending(&self, id: &str) -> Option<Pending> {
+            let state = lock(&self.state);
+            state.pending.get(&token_hash(id)).filter(|p| p.expires > Instant::now()).cloned()
+        }
+
+        /// Counts a failed attempt (a wrong key); after five the sign-in is over.
+        pub fn count_attempt(&self, id: &str) -> u32 {
+            let mut state = lock(&self.state);
+            let hash = token_hash(id);
+            let attempts = state.pending.get_mut(&hash).map(|p| {
+                p.attempts += 1;
+                p.attempts
+            });
+            match attempts {
+                Some(n) if n < 5 => n,
+                _ => {
+                    state.pending.remove(&hash);
+                    5
+                }
+            }
+        }
+
+        pub fn take_pending(&self, id: &str) -> Option<Pending> {
+            lock(&self.state).pending.remove(&token_hash(id)).filter(|p| p.expires > Instant::now())
+        }
+
+        /// A one-time code for a finished sign-in, valid for a minute.
+        pub fn issue_code(&self, pending: &Pending, sealed: Sealed) -> Result<String, TokenRefused> {
+            let code = new_secret("ac")?;
+            let entry = Code {
+                client_id: pending.client_id.clone(),
+                redirect_uri: pending.redirect_uri.clone(),
+                code_challenge: pending.code_challenge.clone(),
+                resource: pending.resource.clone(),
+                sealed,
+                expires: Instant::now() + Duration::from_secs(60),
+            };
+            lock(&self.state).codes.insert(token_hash(&code), entry);
+            Ok(code)
+        }
+
+        /// Takes a code for good (a second use finds nothing, and revokes what the
+        /// first use was given, as RFC 6749 §4.1.2 asks).
+        pub fn take_code(&self, code: &str) -> Result<Code, TokenRefused> {
+            let hash = token_hash(code);
+            let mut state = lock(&self.state);
+            if let Some(entry) = state.codes.remove(&hash) {
+                state.used_codes.insert(hash, (String::new(), entry.expires + Duration::from_secs(600)));
+                if entry.expires <= Instant::now() {
+                    return Err(TokenRefused::InvalidGrant("The authorization code has expired."));
+                }
+                return Ok(entry);
+            }
+            let replayed = state.used_codes.get(&hash).map(|(grant, _)| grant.clone());
+            drop(state);
+            if let Some(grant_id) = replayed {
+                if !grant_id.is_empty() {
+                    log::warn!("an authorization code was used twice: its grant is revoked");
+                    self.revoke_grant(&grant_id)?;
+                }
+            }
+            Err(TokenRefused::InvalidGrant("The authorization code is unknown or was already used."))
+        }
+
+        /// A new grant for a redeemed code: its key, sealed credential, and two tokens.
+        pub fn create_grant(&self, code_text: &str, code: &Code) -> Result<Issued, TokenRefused> {
+            let grant_id = base64url(&random_32().map_err(|_| TokenRefused::Storage)?);
+            let grant_key = random_32().map_err(|_| TokenRefused::Storage)?;
+            let plaintext = serde_json::to_vec(&code.sealed).map_err(|_| TokenRefused::Storage)?;
+            let sealed = seal(&grant_key, &format!("grant:{grant_id}"), &plaintext)?;
+            let access_token = new_secret("at")?;
+            let refresh_token = new_secret("rt")?;
+            let grant = GrantRecord {
+                id: grant_id.clone(),
+                client_id: code.client_id.clone(),
+                resource: code.resource.clone(),
+                sealed,
+                refresh: token_record(&refresh_token, &grant_id, &grant_key, self.refresh_ttl)?,
+                access: vec![token_record(&access_token, &grant_id, &grant_key, self.access_ttl)?],
+                retired_refresh: Vec::new(),
+                created_at: now_unix(),
+            };
+            {
+                let mut state = lock(&self.state);
+                state.index(&grant);
+                state.grants.insert(grant_id.clone(), grant);
+                if let Some(used) = state.used_codes.get_mut(&token_hash(code_text)) {
+                    used.0 = grant_id;
+                }
+            }
+            self.save()?;
+            Ok(Issued { access_token, refresh_token, expires_in: self.access_ttl.as_secs() })
+        }
+
+        /// Opens the grant an access token belongs to, if the token is alive.
+        pub fn open_with_access(&self, token: &str) -> Result<Opened, TokenRefused> {
+            self.open_with(token, false)
+        }
+
+        pub fn open_with_refresh(&self, token: &str) -> Result<Opened, TokenRefused> {
+            self.open_with(token, true)
+        }
+
+        fn open_with(&self, token: &str, refresh: bool) -> Result<Opened, TokenRefused> {
+            let hash = token_hash(token);
+            let (record, grant) = {
+                let state = lock(&self.state);
+                if refresh {
+                    if let Some(grant_id) = state.retired.get(&hash).cloned() {
+                        drop(state);
+                        log::warn!("a refresh token was used twice: its grant is revoked");
+                        self.revoke_grant(&grant_id)?;
+                        return Err(TokenRefused::Replayed);
+                    }
+                }
+                let refused = TokenRefused::InvalidGrant("The token is unknown, expired or revoked.");
+                let grant = state.tokens.get(&hash).and_then(|id| state.grants.get(id)).ok_or(refused)?;
+                let record = if refresh {
+                    Some(&grant.refresh).filter(|r| r.hash == hash)
+                } else {
+                    grant.access.iter().find(|a| a.hash == hash)
+                };
+                let record = record.cloned().ok_or(TokenRefused::InvalidGrant("The token is of the wrong kind."))?;
+                (record, grant.clone())
+            };
+            if record.expires_at <= now_unix() {
+                return Err(TokenRefused::InvalidGrant("The token has expired."));
+            }
+            let grant_key = open(&token_key(token, &grant.id), &format!("wrap:{}", grant.id), &record.wrapped_key)
+                .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
+                .ok_or(TokenRefused::InvalidGrant("The token does not open its grant."))?;
+            let plaintext = open(&grant_key, &format!("grant:{}", grant.id), &grant.sealed)
+                .ok_or(TokenRefused::InvalidGrant("The grant could not be opened."))?;
+            let sealed: Sealed = serde_json::from_slice(&plaintext).map_err(|_| TokenRefused::Storage)?;
+            Ok(Opened {
+                grant_id: grant.id,
+                client_id: grant.client_id,
+                resource: grant.resource,
+                sealed,
+                key: grant_key,
+            })
+        }
+
+        /// Seals a grant's credential again (Outline's tokens were refreshed).
+        pub fn reseal(&self, opened: &Opened, sealed: &Sealed) -> Result<(), TokenRefused> {
+            let plaintext = serde_json::to_vec(sealed).map_err(|_| TokenRefused::Storage)?;
+            let boxed = seal(&opened.key, &format!("grant:{}", opened.grant_id), &plaintext)?;
+            match lock(&self.state).grants.get_mut(&opened.grant_id) {
+                Some(grant) => grant.sealed = boxed,
+                None => return Err(TokenRefused::InvalidGrant("The grant was revoked.")),
+            }
+            self.save()
+        }
+
+        /// New access and refresh tokens for an opened grant; the old refresh token is
+        /// retired (presented again, it revokes the grant).
+        pub fn rotate(&self, opened: &Opened, old_refresh: &str) -> Result<Issued, TokenRefused> {
+            let access_token = new_secret("at")?;
+            let refresh_token = new_secret("rt")?;
+            let access = token_record(&access_token, &opened.grant_id, &opened.key, self.access_ttl)?;
+            let refresh = token_record(&refresh_token, &opened.grant_id, &opened.key, self.refresh_ttl)?;
+            {
+                let mut state = lock(&self.state);
+                let old_hash = token_hash(old_refresh);
+                let Some(mut grant) = state.remove_grant(&opened.grant_id) else {
+                    return Err(TokenRefused::InvalidGrant("The grant was revoked."));
+                };
+                if grant.refresh.hash != old_hash {
+                    state.index(&grant);
+                    state.grants.insert(grant.id.clone(), grant);
+                    return Err(TokenRefused::InvalidGrant("The refresh token was already used."));
+                }
+                grant.retired_refresh.insert(0, old_hash);
+                grant.retired_refresh.truncate(RETIRED_KEPT);
+                grant.refresh = refresh;
+                let now = now_unix();
+                grant.access.retain(|a| a.expires_at > now);
+                grant.access.insert(0, access);
+                grant.access.truncate(ACCESS_KEPT);
+                state.index(&grant);
+                state.grants.insert(grant.id.clone(), grant);
+            }
+            self.save()?;
+            Ok(Issued { access_token, refresh_token, expires_in: self.access_ttl.as_secs() })
+        }
+
+        /// Which grant a token (access or refresh, current or retired) belongs to.
+        pub fn grant_of(&self, token: &str) -> Option<String> {
+            let hash = token_hash(token);
+            let state = lock(&self.state);
+            state.tokens.get(&hash).or_else(|| state.retired.get(&hash)).cloned()
+        }
+
+        pub fn client_of(&self, grant_id: &str) -> Option<String> {
+            lock(&self.state).grants.get(grant_id).map(|g| g.client_id.clone())
+        }
+
+        pub fn revoke_grant(&self, grant_id: &str) -> Result<(), TokenRefused> {
+            let removed = lock(&self.state).remove_grant(grant_id).is_some();
+            if removed {
+                self.save()?;
+            }
+            Ok(())
+        }
+
+        /// Forgets what has expired: sign-ins, codes, access tokens, grants whose
+        /// refresh token is dead, and registered clients unused for a day.
+        pub fn prune(&self) {
+            let now = now_unix();
+            let changed = {
+                let mut state = lock(&self.state);
+                let instant = Instant::now();
+                state.pending.retain(|_, p| p.expires > instant);
+                state.codes.retain(|_, c| c.expires > instant);
+                state.used_codes.retain(|_, (_, until)| *until > instant);
+                let dead: Vec<String> =
+                    state.grants.values().filter(|g| g.refresh.expires_at <= now).map(|g| g.id.clone()).collect();
+                for id in &dead {
+                    state.remove_grant(id);
+                }
+                let in_use: std::collections::HashSet<String> =
+                    state.grants.values().map(|g| g.client_id.clone()).collect();
+                let before = state.clients.len();
+                state.clients.retain(|id, c| in_use.contains(id) || c.created_at + 86400 > now);
+                let mut expired_access = Vec::new();
+                for grant in state.grants.values_mut() {
+                    grant.access.retain(|a| {
+                        let alive = a.expires_at > now;
+                        if !alive {
+                            expired_access.push(a.hash.clone());
+                        }
+                        alive
+                    });
+                }
+                for hash in &expired_access {
+                    state.tokens.remove(hash);
+                }
+                !dead.is_empty() || before != state.clients.len() || !expired_access.is_empty()
+            };
+            if changed {
+                let _ = self.save();
+            }
+        }
+
+        /// Writes the clients and grants (hashes and sealed boxes only) to the state
+        /// file: a temporary file, mode 0600, synced, then renamed over the old one.
+        fn save(&self) -> Result<(), TokenRefused> {
+            let Some(dir) = &self.dir else { return Ok(()) };
+            let _writing = lock(&self.writing);
+            let snapshot = {
+                let state = lock(&self.state);
+                StateFile {
+                    version: 1,
+                    clients: state.clients.values().cloned().collect(),
+                    grants: state.grants.values().cloned().collect(),
+                }
+            };
+            write_state(dir, &snapshot).map_err(|e| {
+                log::error!("cannot write the OAuth state file in {}: {e}", dir.display());
+                TokenRefused::Storage
+            })
+        }
+    }
+
+    fn write_state(dir: &std::path::Path, snapshot: &StateFile) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let body = serde_json::to_vec(snapshot).map_err(std::io::Error::other)?;
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        file.write_all(&body)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, dir.join(STATE_FILE))
+    }
+
+    fn load_state(dir: &std::path::Path) -> StateFile {
+        let path = dir.join(STATE_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return StateFile::default(),
+            Err(e) => {
+                log::error!("cannot read {}: {e}; OAuth grants start empty", path.display());
+                return StateFile::default();
+            }
+        };
+        match serde_json::from_str::<StateFile>(&text) {
+            Ok(state) if state.version == 1 => state,
+            _ => {
+                let aside = dir.join(format!("{STATE_FILE}.unreadable-{}", now_unix()));
+                log::error!("{} is not a state file of this version; set aside as {}", path.display(), aside.display());
+                let _ = std::fs::rename(&path, aside);
+                StateFile::default()
             }
         }
     }
@@ -1262,6 +3385,12 @@ mod auth {
                 ))
             }
         };
+        if credential.key.starts_with(crate::grants::TOKEN_PREFIX) {
+            // the proxy's own OAuth token: never shown to Outline
+            return Err(ProxyError::Unauthorized(
+                "This is a token of the proxy's OAuth sign-in: it is accepted only at the OAuth address.".into(),
+            ));
+        }
         if !is_plausible_key(&credential.key) {
             return Err(ProxyError::Unauthorized(format!(
                 "The API key must be 1 to {MAX_KEY_LEN} printable ASCII characters without spaces."
@@ -1390,6 +3519,11 @@ mod auth {
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
             }
             verdict
+        }
+
+        /// Drops the cached verdict on a key (Outline has just refused it).
+        pub fn forget(&self, key: &str) {
+            lock(&self.cache).remove(&key_hash(key));
         }
 
         /// Drops expired verdicts (the sleeper calls this).
@@ -4627,6 +6761,9 @@ mod background {
             thread::sleep(p.cfg.sweep_interval);
             sweep(&p.containers);
             p.auth.prune();
+            if let Some(door) = &p.oauth {
+                door.prune();
+            }
         })?;
         keep_running(proxy, "docker-watch", "Docker watcher", |p| {
             thread::sleep(Duration::from_secs(5));
@@ -5010,6 +7147,60 @@ mod util {
             }
         }
         out
+    }
+
+    /// base64url without padding (RFC 4648 §5): tokens, ids and PKCE challenges.
+    pub fn base64url(input: &[u8]) -> String {
+        base64_encode(input).trim_end_matches('=').replace('+', "-").replace('/', "_")
+    }
+
+    pub fn now_unix() -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    }
+
+    /// Percent-encodes all but RFC 3986's unreserved characters (for a query value).
+    pub fn percent_encode(text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        for b in text.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        out
+    }
+
+    /// A form value or query part: `+` is a space, `%XX` a byte; bad escapes stay as sent.
+    pub fn percent_decode(text: &str) -> String {
+        let bytes = text.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let hex = |j: usize| bytes.get(j).and_then(|b| (*b as char).to_digit(16));
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' if hex(i + 1).is_some() && hex(i + 2).is_some() => {
+                    out.push((hex(i + 1).unwrap_or(0) * 16 + hex(i + 2).unwrap_or(0)) as u8);
+                    i += 2;
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// `application/x-www-form-urlencoded` (or a query string) → name, value pairs.
+    pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
+        String::from_utf8_lossy(body)
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (percent_decode(name), percent_decode(value))
+            })
+            .collect()
     }
 
     /// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
