@@ -61,6 +61,7 @@ if [ "$uninstall" -eq 1 ]; then
     systemctl disable --now mcp-proxy.service >/dev/null 2>&1 || true
   fi
   rm -f "$UNIT" "$BIN" "$SITE" "$ENV_FILE" "$CRT" "$KEY" "$HTPASSWD"
+  rm -rf /var/lib/outline-mcp-proxy   # the OAuth grants (sealed; useless without the tokens)
   systemctl daemon-reload
   if id "$SVC_USER" >/dev/null 2>&1; then userdel "$SVC_USER"; fi
   if systemctl is-active --quiet nginx; then nginx -t -q && systemctl reload nginx; fi
@@ -116,6 +117,12 @@ if [ ! -f "$ENV_FILE" ]; then
   {
     echo "# outline-mcp-proxy settings: see outline-mcp-proxy --help and the README"
     echo "OUTLINE_URL=$outline_url"
+    # the OAuth front door's issuer and resource (Claude's and ChatGPT's connectors)
+    echo "MCP_PROXY_PUBLIC_URL=https://$domain"
+    echo "# sign-in with Outline accounts: an OAuth app in Outline with redirect URI"
+    echo "# https://$domain/oauth/callback (without it people paste an API key instead)"
+    echo "# OUTLINE_OAUTH_CLIENT_ID="
+    echo "# OUTLINE_OAUTH_CLIENT_SECRET="
     [ -n "$image" ] && echo "MCP_PROXY_IMAGE=$image"
     for s in "${settings[@]}"; do
       case "$s" in [A-Z]*=*) echo "$s" ;; *) echo "--set $s: NAME=VALUE" >&2; exit 2 ;; esac

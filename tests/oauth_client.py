@@ -104,7 +104,13 @@ class Browser:
         self.driver.get(url)
 
     def text(self):
-        return self.driver.find_element("tag name", "body").text
+        """The page's text; empty while a navigation replaces the page."""
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+        try:
+            return self.driver.find_element("tag name", "body").text
+        except (StaleElementReferenceException, NoSuchElementException):
+            return ""
 
     def wait_text(self, needle, timeout=20):
         return wait_for(lambda: needle in self.text(), timeout=timeout, what=f"{needle!r} on the page")
@@ -300,9 +306,9 @@ def consent_form(page_html):
     return {k: html.unescape(v) for k, v in fields.items()}
 
 
-def scripted_code(url, client_id, redirect_uri, key, challenge, state="st-1", headers=None):
+def scripted_code(url, client_id, redirect_uri, key, challenge, state="st-1", headers=None, verify=True):
     """GET the consent page, POST the key with its cookie: the code from the redirect."""
-    with httpx.Client(base_url=url, timeout=30, headers=headers or {}) as c:
+    with httpx.Client(base_url=url, timeout=30, headers=headers or {}, verify=verify) as c:
         page = c.get("/oauth/authorize", params=authorize_params(url, client_id, redirect_uri, challenge, state))
         assert page.status_code == 200, page.text
         form = consent_form(page.text)
@@ -314,10 +320,10 @@ def scripted_code(url, client_id, redirect_uri, key, challenge, state="st-1", he
         return query["code"][0]
 
 
-def exchange(url, client_id, redirect_uri, code, verifier, **extra):
+def exchange(url, client_id, redirect_uri, code, verifier, verify=True, **extra):
     data = {"grant_type": "authorization_code", "code": code, "client_id": client_id,
             "redirect_uri": redirect_uri, "code_verifier": verifier, "resource": url + OAUTH_PATH, **extra}
-    return httpx.post(url + "/oauth/token", data=data, timeout=30)
+    return httpx.post(url + "/oauth/token", data=data, timeout=30, verify=verify)
 
 
 def refresh(url, client_id, refresh_token):
@@ -325,17 +331,17 @@ def refresh(url, client_id, refresh_token):
                                                   "client_id": client_id, "resource": url + OAUTH_PATH}, timeout=30)
 
 
-def scripted_tokens(url, key, redirect_uri="http://127.0.0.1:9/callback"):
+def scripted_tokens(url, key, redirect_uri="http://127.0.0.1:9/callback", verify=True):
     """A registered client's tokens for the user of `key`: (client_id, token JSON)."""
-    client_id = register(url, redirect_uri)
+    client_id = register(url, redirect_uri, verify=verify)
     verifier, challenge = pkce_pair()
-    code = scripted_code(url, client_id, redirect_uri, key, challenge)
-    r = exchange(url, client_id, redirect_uri, code, verifier)
+    code = scripted_code(url, client_id, redirect_uri, key, challenge, verify=verify)
+    r = exchange(url, client_id, redirect_uri, code, verifier, verify=verify)
     assert r.status_code == 200, r.text
     return client_id, r.json()
 
 
-def mcp_initialize(url, access_token, host=None):
+def mcp_initialize(url, access_token, host=None, verify=True):
     headers = {"Authorization": f"Bearer {access_token}", "Accept": "application/json, text/event-stream",
                "Content-Type": "application/json", "MCP-Protocol-Version": "2025-06-18"}
     if host:
@@ -343,4 +349,4 @@ def mcp_initialize(url, access_token, host=None):
     body = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
             "params": {"protocolVersion": "2025-06-18", "capabilities": {},
                        "clientInfo": {"name": "t", "version": "1"}}}
-    return httpx.post(url + OAUTH_PATH, json=body, headers=headers, timeout=60)
+    return httpx.post(url + OAUTH_PATH, json=body, headers=headers, timeout=60, verify=verify)

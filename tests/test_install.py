@@ -17,6 +17,7 @@ import anyio
 import httpx
 import pytest
 
+from oauth_client import mcp_initialize, scripted_tokens
 from conftest import ROOT, docker, docker_gateway, wait_for
 from test_e2e_mcp import assert_sees_only_own_data, mcp_session
 
@@ -126,6 +127,14 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
                                                verify=ssl.create_default_context(cafile=cafile)))
         assert_sees_only_own_data(result, "alice", "bob")
 
+        # the OAuth front door through nginx: a grant under systemd's StateDirectory,
+        # sealed (no key, no token in it), which a SIGKILL below does not lose
+        verify = ssl.create_default_context(cafile=cafile)
+        _, tokens = scripted_tokens("https://localhost", key, verify=verify)
+        assert host.sh("stat -c '%a %U' /var/lib/outline-mcp-proxy").stdout.split() == ["700", "mcp-proxy"]
+        stored = host.sh("cat /var/lib/outline-mcp-proxy/oauth-grants.json").stdout
+        assert '"grants"' in stored and key not in stored and tokens["refresh_token"] not in stored
+
         # systemctl stop ends it cleanly
         host.sh("systemctl stop mcp-proxy")
         show = host.sh("systemctl show -p Result -p ExecMainStatus mcp-proxy").stdout
@@ -137,6 +146,7 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
         wait_for(lambda: host.active() and host.main_pid() not in (0, killed), timeout=30, what="a restart")
         wait_for(lambda: (r := health_through_nginx(cafile)) is not None and r.status_code == 200, timeout=30,
                  what="the proxy to serve again after SIGKILL")
+        assert mcp_initialize("https://localhost", tokens["access_token"], verify=verify).status_code == 200
         # Docker stopped and started: the service stays and serves again
         host.sh("systemctl stop docker")
         assert host.active(), "the proxy must not stop with Docker"
@@ -162,6 +172,7 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
         host.sh("/src/systemd/install.sh --uninstall")
         left = host.sh("ls " + " ".join(INSTALLED) + " 2>/dev/null; true").stdout.strip()
         assert left == "", left
+        assert host.sh("test -e /var/lib/outline-mcp-proxy", check=False).returncode != 0
         assert host.sh("id mcp-proxy", check=False).returncode != 0
         assert not host.active()
         assert host.active("nginx")
