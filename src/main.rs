@@ -4,6 +4,9 @@
 //! Outline (`POST {OUTLINE_URL}/api/auth.info`, cached by the key's sha256), starts or
 //! wakes that user's own Docker container running `mcp-outline`, streams the request
 //! to it and the answer back, and stops containers that have been idle too long.
+//! Clients that cannot send a header (Claude's and ChatGPT's connector dialogs) sign in
+//! with OAuth at `/oauth/mcp` instead: the proxy is their authorization server, and
+//! their token opens the user's grant, which holds the Outline credential sealed.
 //!
 //! The file is a row of chapters (inline modules), in the order a request meets them;
 //! each opens with what it owns and what it may call:
@@ -7835,5 +7838,128 @@ mod tests {
         assert_eq!(format_rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(t as u64)), "2027-11-26T07:00:00Z");
         assert_eq!(crate::ops::parse_openssl_date("Feb  3 01:02:03 2030 GMT").map(|t| t % 86400), Some(3723));
         assert_eq!(crate::ops::parse_openssl_date("Foo 1 00:00:00 2030 GMT"), None);
+    }
+
+    #[test]
+    fn redirect_uris_https_loopback_or_an_apps_own_scheme() {
+        use crate::oauth::check_redirect_uri;
+        for ok in [
+            "https://claude.ai/api/mcp/auth_callback",
+            "http://127.0.0.1:33418/callback",
+            "http://localhost/cb",
+            "http://[::1]:8080/",
+            "cursor://anysphere.cursor-retrieval/oauth/callback",
+        ] {
+            assert!(check_redirect_uri(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://evil.example/cb",
+            "http://127.0.0.1.evil.example/cb",
+            "javascript:alert(1)",
+            "data:text/html,x",
+            "https://x.example/cb#frag",
+            "https:///nohost",
+            "https://user@x.example/cb",
+            "",
+            "no scheme",
+        ] {
+            assert!(check_redirect_uri(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn loopback_redirects_match_on_any_port_and_nothing_else_does() {
+        use crate::oauth::redirect_matches;
+        let registered = vec!["http://127.0.0.1/callback".to_string(), "https://app.example/cb".to_string()];
+        assert!(redirect_matches(&registered, "http://127.0.0.1:5555/callback"));
+        assert!(redirect_matches(&registered, "https://app.example/cb"));
+        assert!(!redirect_matches(&registered, "http://127.0.0.1:5555/other"));
+        assert!(!redirect_matches(&registered, "http://localhost:5555/callback"));
+        assert!(!redirect_matches(&registered, "https://app.example:444/cb"));
+        assert!(!redirect_matches(&registered, "https://app.example/cb?x=1"));
+    }
+
+    #[test]
+    fn forms_and_percent_encoding() {
+        use crate::util::{parse_form, percent_decode, percent_encode};
+        assert_eq!(
+            parse_form(b"a=1&b=x+y%2Bz&c&d=%zz"),
+            vec![
+                ("a".into(), "1".into()),
+                ("b".into(), "x y+z".into()),
+                ("c".into(), "".into()),
+                ("d".into(), "%zz".into())
+            ]
+        );
+        assert_eq!(percent_encode("a b/c?d=é"), "a%20b%2Fc%3Fd%3D%C3%A9");
+        assert_eq!(percent_decode(&percent_encode("a b/c?d=é&")), "a b/c?d=é&");
+    }
+
+    #[test]
+    fn pkce_s256_as_another_implementation_computes_it() {
+        // the challenge from Python's hashlib and base64.urlsafe_b64encode
+        assert_eq!(
+            crate::oauth::pkce_challenge("dBjftJeZ4CVP-mJ92IVTZjAv5-MsqGMPULsfA_HeU9Lkg"),
+            "weT7jpLfnmcUBrkBS5hC2R_WPDK5VF-6iXWS3fG4MlU"
+        );
+    }
+
+    fn test_code(key: &str) -> crate::grants::Code {
+        let user = User { id: "u1".into(), team_id: "t1".into(), name: "Carol".into(), email: "c@x".into() };
+        crate::grants::Code {
+            client_id: "client".into(),
+            redirect_uri: "http://127.0.0.1/cb".into(),
+            code_challenge: "c".into(),
+            resource: "https://h/oauth/mcp".into(),
+            sealed: crate::grants::Sealed::new(crate::grants::Upstream::ApiKey { key: key.into() }, &user),
+            expires: std::time::Instant::now() + Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn a_grant_is_sealed_at_rest_and_opens_only_with_its_tokens() {
+        use crate::grants::{Store, TokenRefused};
+        let dir = std::env::temp_dir().join(format!("omp-grants-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (hour, month) = (Duration::from_secs(3600), Duration::from_secs(30 * 86400));
+        let store = Store::open(Some(dir.clone()), hour, month);
+        let issued = store.create_grant("omp_ac_x", &test_code("ol_api_secret_key")).unwrap();
+        let on_disk = std::fs::read_to_string(dir.join("oauth-grants.json")).unwrap();
+        for secret in ["ol_api_secret_key", "Carol", &issued.access_token, &issued.refresh_token] {
+            assert!(!on_disk.contains(secret), "{secret} is on disk in the clear");
+        }
+        // a new process (the store read back) opens it with the token, and only so
+        let again = Store::open(Some(dir.clone()), hour, month);
+        let opened = again.open_with_access(&issued.access_token).unwrap();
+        assert_eq!(opened.sealed.upstream.credential(), "ol_api_secret_key");
+        assert_eq!(opened.sealed.name, "Carol");
+        assert!(again.open_with_access(&issued.refresh_token).is_err(), "a refresh token is not an access token");
+        assert!(again.open_with_access("omp_at_forged").is_err());
+        // rotation: the new refresh token works, the old one presented again revokes it all
+        let rotated = again.rotate(&again.open_with_refresh(&issued.refresh_token).unwrap(), &issued.refresh_token);
+        let rotated = rotated.unwrap();
+        assert!(again.open_with_refresh(&rotated.refresh_token).is_ok());
+        assert_eq!(again.open_with_refresh(&issued.refresh_token).err(), Some(TokenRefused::Replayed));
+        assert!(again.open_with_access(&rotated.access_token).is_err());
+        assert_eq!(again.grant_count(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_tampered_state_file_opens_nothing() {
+        use crate::grants::Store;
+        let dir = std::env::temp_dir().join(format!("omp-tamper-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (hour, month) = (Duration::from_secs(3600), Duration::from_secs(30 * 86400));
+        let issued = Store::open(Some(dir.clone()), hour, month).create_grant("omp_ac_y", &test_code("k")).unwrap();
+        let path = dir.join("oauth-grants.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let sealed = value["grants"][0]["sealed"].as_str().unwrap().to_string();
+        let flipped = format!("{}{}", &sealed[..sealed.len() - 1], if sealed.ends_with('0') { '1' } else { '0' });
+        value["grants"][0]["sealed"] = serde_json::Value::String(flipped);
+        std::fs::write(&path, value.to_string()).unwrap();
+        assert!(Store::open(Some(dir.clone()), hour, month).open_with_access(&issued.access_token).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
