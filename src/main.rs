@@ -2070,8 +2070,7 @@ mod oauth {
     /// gets a page, never a redirect), then the request (PKCE S256, the resource), then
     /// the consent page is shown with a cookie tying it to this browser.
     fn authorize_start(door: &FrontDoor, incoming: &Incoming, base: &str) -> Reply {
-        let query = incoming.target.split_once('?').map(|(_, q)| q).unwrap_or("");
-        let params = match single_valued(parse_form(query.as_bytes())) {
+        let params = match query_params(incoming) {
             Ok(params) => params,
             Err(why) => return problem(400, why),
         };
@@ -2128,7 +2127,9 @@ mod oauth {
             attempts: 0,
             expires: Instant::now() + Duration::from_secs(600),
         };
-        door.grants.add_pending(&request_id, pending.clone());
+        if door.grants.add_pending(&request_id, pending.clone()).is_err() {
+            return problem(503, "Too many sign-ins are in progress; try again in a few minutes.");
+        }
         let cookie = signin::set_cookie(&request_id, &csrf, base.starts_with("https://"));
         consent(door, &pending, &request_id, &csrf, None, Some(cookie))
     }
@@ -2168,22 +2169,12 @@ mod oauth {
         };
         let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
         let request_id = field("request");
-        let Some(pending) = door.grants.pending(request_id) else {
-            return problem(400, "This sign-in has expired or was already used; start again from your app.");
+        let pending = match sign_in_of(door, incoming, request_id, Some(field("csrf"))) {
+            Ok(pending) => pending,
+            Err(page) => return page,
         };
-        if !browser_owns(incoming, request_id, field("csrf"), &pending) {
-            return problem(403, "This sign-in was started in another browser; start again from your app.");
-        }
-        let clear = Some(signin::clear_cookie(request_id));
         if field("action") != "allow" {
-            door.grants.take_pending(request_id);
-            let location = client_redirect(
-                &pending.redirect_uri,
-                &[("error", "access_denied"), ("error_description", "The person declined.")],
-                pending.state.as_deref(),
-                base,
-            );
-            return Reply::Redirect { location, cookie: clear };
+            return declined(door, request_id, &pending, base, "The person declined.");
         }
         if let Some(app) = &door.outline_app {
             let callback = format!("{base}{ISSUER_PATH}/callback");
@@ -2217,29 +2208,18 @@ mod oauth {
         let Some(app) = &door.outline_app else {
             return problem(400, "Sign-in with Outline is not set up on this server.");
         };
-        let query = incoming.target.split_once('?').map(|(_, q)| q).unwrap_or("");
-        let params = match single_valued(parse_form(query.as_bytes())) {
+        let params = match query_params(incoming) {
             Ok(params) => params,
             Err(why) => return problem(400, why),
         };
         let get = |k: &str| params.get(k).map(String::as_str).unwrap_or("");
         let request_id = get("state");
-        let Some(pending) = door.grants.pending(request_id) else {
-            return problem(400, "This sign-in has expired or was already used; start again from your app.");
+        let pending = match sign_in_of(door, incoming, request_id, None) {
+            Ok(pending) => pending,
+            Err(page) => return page,
         };
-        let csrf = signin::cookie_value(cookie_headers(incoming), &signin::cookie_name(request_id)).unwrap_or_default();
-        if !browser_owns(incoming, request_id, &csrf, &pending) {
-            return problem(403, "This sign-in was started in another browser; start again from your app.");
-        }
         if get("code").is_empty() {
-            door.grants.take_pending(request_id);
-            let location = client_redirect(
-                &pending.redirect_uri,
-                &[("error", "access_denied"), ("error_description", "Outline did not grant access.")],
-                pending.state.as_deref(),
-                base,
-            );
-            return Reply::Redirect { location, cookie: Some(signin::clear_cookie(request_id)) };
+            return declined(door, request_id, &pending, base, "Outline did not grant access.");
         }
         let callback = format!("{base}{ISSUER_PATH}/callback");
         let upstream = match app.exchange(get("code"), &callback, &pending.outline_verifier) {
@@ -2251,6 +2231,14 @@ mod oauth {
             Ok(user) => finish_sign_in(door, request_id, upstream, &user, base),
             Err(_) => problem(502, "Outline did not say who signed in; try again."),
         }
+    }
+
+    /// The sign-in ends without access: the client hears `access_denied`.
+    fn declined(door: &FrontDoor, request_id: &str, pending: &Pending, base: &str, why: &str) -> Reply {
+        door.grants.take_pending(request_id);
+        let params = [("error", "access_denied"), ("error_description", why)];
+        let location = client_redirect(&pending.redirect_uri, &params, pending.state.as_deref(), base);
+        Reply::Redirect { location, cookie: Some(signin::clear_cookie(request_id)) }
     }
 
     /// The person is known: a one-time code goes back to the client's redirect URI.
@@ -2270,17 +2258,39 @@ mod oauth {
         Reply::Redirect { location, cookie: Some(signin::clear_cookie(request_id)) }
     }
 
+    fn query_params(incoming: &Incoming) -> Result<HashMap<String, String>, &'static str> {
+        let query = incoming.target.split_once('?').map(|(_, q)| q).unwrap_or("");
+        single_valued(parse_form(query.as_bytes()))
+    }
+
+    /// The sign-in a form (with its copy of the cookie) or Outline's callback (the
+    /// cookie alone) names, if it is alive and was started in this browser.
+    fn sign_in_of(
+        door: &FrontDoor,
+        incoming: &Incoming,
+        request_id: &str,
+        form_csrf: Option<&str>,
+    ) -> Result<Pending, Reply> {
+        let Some(pending) = door.grants.pending(request_id) else {
+            return Err(problem(400, "This sign-in has expired or was already used; start again from your app."));
+        };
+        let cookie =
+            signin::cookie_value(cookie_headers(incoming), &signin::cookie_name(request_id)).unwrap_or_default();
+        if !browser_owns(&cookie, form_csrf.unwrap_or(&cookie), &pending) {
+            return Err(problem(403, "This sign-in was started in another browser; start again from your app."));
+        }
+        Ok(pending)
+    }
+
     fn cookie_headers(incoming: &Incoming) -> impl Iterator<Item = &str> {
         incoming.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("cookie")).map(|(_, v)| v.as_str())
     }
 
     /// The cookie set with the consent page and the form's copy agree with the sign-in.
-    fn browser_owns(incoming: &Incoming, request_id: &str, form_csrf: &str, pending: &Pending) -> bool {
-        let cookie =
-            signin::cookie_value(cookie_headers(incoming), &signin::cookie_name(request_id)).unwrap_or_default();
+    fn browser_owns(cookie: &str, form_csrf: &str, pending: &Pending) -> bool {
         let expected = pending.csrf_hash.as_bytes();
         !cookie.is_empty()
-            && constant_time_eq(grants::token_hash(&cookie).as_bytes(), expected)
+            && constant_time_eq(grants::token_hash(cookie).as_bytes(), expected)
             && constant_time_eq(grants::token_hash(form_csrf).as_bytes(), expected)
     }
 
@@ -2742,6 +2752,8 @@ mod grants {
     const RETIRED_KEPT: usize = 8;
     /// Access tokens alive at once per grant (a refresh does not cut requests in flight).
     const ACCESS_KEPT: usize = 4;
+    /// Sign-ins in progress at once.
+    const MAX_PENDING: usize = 10_000;
 
     /// What the container is given: a pasted API key, or Outline's own OAuth tokens.
     #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -3020,8 +3032,19 @@ mod grants {
             self.save()
         }
 
-        pub fn add_pending(&self, id: &str, pending: Pending) {
-            lock(&self.state).pending.insert(token_hash(id), pending);
+        /// Remembers a sign-in in progress; at most MAX_PENDING at once (each lives ten
+        /// minutes), so a flood of authorize requests cannot grow memory without end.
+        pub fn add_pending(&self, id: &str, pending: Pending) -> Result<(), TokenRefused> {
+            let mut state = lock(&self.state);
+            if state.pending.len() >= MAX_PENDING {
+                let now = Instant::now();
+                state.pending.retain(|_, p| p.expires > now);
+            }
+            if state.pending.len() >= MAX_PENDING {
+                return Err(TokenRefused::Storage);
+            }
+            state.pending.insert(token_hash(id), pending);
+            Ok(())
         }
 
         pub fn pending(&self, id: &str) -> Option<Pending> {
