@@ -1602,12 +1602,15 @@ mod oauth {
         if opened.resource != door.resource_url(&base) {
             return Err(invalid("The access token was issued for another resource."));
         }
-        let sealed = renewed_upstream(door, &token, opened)?;
-        let credential = Credential { key: sealed.upstream.credential().to_string(), source: KeySource::KeyHeader };
-        let user = proxy.auth.verify(&credential.key).map_err(|e| match e {
+        // Outline's refusal (of the renewal, or of the credential) sends the client to
+        // refresh or sign in again: a 401 with this resource's challenge
+        let refused_by_outline = |e: ProxyError| match e {
             ProxyError::Unauthorized(_) => invalid("Outline no longer accepts this sign-in; sign in again."),
             other => other,
-        })?;
+        };
+        let sealed = renewed_upstream(door, &token, opened).map_err(refused_by_outline)?;
+        let credential = Credential { key: sealed.upstream.credential().to_string(), source: KeySource::KeyHeader };
+        let user = proxy.auth.verify(&credential.key).map_err(refused_by_outline)?;
         let name = crate::front::note_user(proxy, &user, &credential, log_ctx);
         Ok((credential, user, name))
     }
@@ -2549,6 +2552,25 @@ mod signin {
         /// New tokens for old: Outline rotates its refresh token on every use.
         pub fn refresh(&self, refresh_token: &str) -> Result<Upstream, UpstreamRefusal> {
             self.token_request(&[("grant_type", "refresh_token"), ("refresh_token", refresh_token)])
+        }
+
+        /// Whether Outline knows the app: a refresh with a made-up token is refused as
+        /// `invalid_client` (401) when the id or secret is wrong, as a bad grant (400)
+        /// when they are right (clients are authenticated first).
+        pub fn credentials_accepted(&self) -> Result<bool, UpstreamRefusal> {
+            let url = format!("{}/oauth/token", self.outline_url);
+            let form = [
+                ("grant_type", "refresh_token"),
+                ("refresh_token", "outline-mcp-proxy-check"),
+                ("client_id", self.client_id.as_str()),
+                ("client_secret", self.client_secret.as_str()),
+            ];
+            let response = self.agent.post(&url).send_form(form).map_err(|_| UpstreamRefusal::Unreachable)?;
+            match response.status().as_u16() {
+                400 => Ok(true),
+                401 => Ok(false),
+                _ => Err(UpstreamRefusal::Unreachable),
+            }
         }
 
         /// Tells Outline a token is no longer wanted (best effort: RFC 7009 answers 200).
@@ -6593,6 +6615,7 @@ mod ops {
             check_outline_from_a_container(cfg, &docker, &mut report);
         }
         check_installed_host(&mut report);
+        check_oauth(cfg, &mut report);
         match Verifier::new(cfg).ask_outline("outline-mcp-proxy-check") {
             Err(ProxyError::Unauthorized(_)) => {
                 report(true, format!("Outline answers at {}/api/auth.info", cfg.outline_url))
@@ -6615,6 +6638,50 @@ mod ops {
         } else {
             println!("Some checks failed.");
             ExitCode::FAILURE
+        }
+    }
+
+    /// The OAuth front door: where grants are kept (writable by this user), where
+    /// people sign in, and whether Outline accepts the OAuth app's credentials.
+    fn check_oauth(cfg: &Config, report: &mut dyn FnMut(bool, String)) {
+        if cfg.oauth_path.is_empty() {
+            println!("- OAuth front door off (MCP_PROXY_OAUTH_PATH is empty)");
+            return;
+        }
+        match &cfg.public_url {
+            Some(url) => report(true, format!("OAuth front door at {url}{}", cfg.oauth_path)),
+            None => println!(
+                "! OAuth front door at {}: its URLs come from each request's Host (set MCP_PROXY_PUBLIC_URL)",
+                cfg.oauth_path
+            ),
+        }
+        match &cfg.state_dir {
+            None => {
+                println!("! no state directory: OAuth sign-ins last until the proxy restarts (MCP_PROXY_STATE_DIR)")
+            }
+            Some(dir) => {
+                let probe = dir.join(".check-writable");
+                let writable = std::fs::write(&probe, b"").and_then(|_| std::fs::remove_file(&probe));
+                match writable {
+                    Ok(()) => report(true, format!("OAuth grants are kept in {}", dir.display())),
+                    Err(e) => report(false, format!("cannot write OAuth grants in {}: {e}", dir.display())),
+                }
+            }
+        }
+        match &cfg.outline_oauth {
+            None => println!("- people sign in by pasting an Outline API key (no Outline OAuth app is set)"),
+            Some(app) => {
+                let outline =
+                    crate::signin::OutlineApp::new(&cfg.outline_url, &app.client_id, &app.client_secret, &app.scope);
+                match outline.credentials_accepted() {
+                    Ok(true) => report(true, "Outline accepts the OAuth app's client id and secret".into()),
+                    Ok(false) => report(
+                        false,
+                        "Outline refuses the OAuth app's client id or secret (OUTLINE_OAUTH_CLIENT_ID/_SECRET)".into(),
+                    ),
+                    Err(_) => report(false, "Outline's /oauth/token does not answer".into()),
+                }
+            }
         }
     }
 

@@ -174,7 +174,7 @@ for _ in $(seq 1 50); do systemctl is-active --quiet mcp-proxy && break; sleep 0
 say "checking:"
 set +e
 # the settings reach it through the environment (sourced), never its arguments
-runuser -u "$SVC_USER" -- sh -c 'set -a; . "$1"; set +a; HOME=/tmp exec "$2" check' sh "$ENV_FILE" "$BIN"
+runuser -u "$SVC_USER" -- sh -c 'set -a; . "$1"; set +a; STATE_DIRECTORY=/var/lib/outline-mcp-proxy HOME=/tmp exec "$2" check' sh "$ENV_FILE" "$BIN"
 status=$?
 set -e
 say ""

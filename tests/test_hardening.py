@@ -120,11 +120,14 @@ def test_a_thread_that_cannot_be_had_costs_one_connection_not_the_proxy(make_pro
     os.chmod(home, 0o755)
     proxy.binary = os.path.join(home, "outline-mcp-proxy")
     shutil.copy(BINARY, proxy.binary)
-    proxy.wrapper = ["prlimit", "--nproc=24", "setpriv", "--reuid=4242", "--regid=4242", "--clear-groups"]
+    # 48 tasks: the proxy's own threads and the docker CLI processes it starts at once
+    # (each a Go program of several threads) fit at start-up even on a busy machine;
+    # 120 idle connections then exceed it (24 was met at start-up under load)
+    proxy.wrapper = ["prlimit", "--nproc=48", "setpriv", "--reuid=4242", "--regid=4242", "--clear-groups"]
     proxy.start()
     idle = []
     try:
-        for _ in range(60):
+        for _ in range(120):
             idle.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
         try:  # the limit is met (checked below); a proxy that went deaf logs nothing
             wait_for(lambda: "no thread for a new connection" in proxy.log(), timeout=10, what="a failed spawn")

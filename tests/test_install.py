@@ -97,6 +97,8 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
         out = first.stdout
         for line in ("✓ Docker daemon answers", "✓ service mcp-proxy is active", "✓ service nginx is active",
                      "✓ the health endpoint answers through nginx", "✓ Outline answers at",
+                     "✓ OAuth front door at https://localhost/oauth/mcp",
+                     "✓ OAuth grants are kept in /var/lib/outline-mcp-proxy",
                      "is valid for 36", "user admin, password ", "sudo certbot --nginx -d localhost"):
             assert line in out, f"{line!r} not in:\n{out}"
         assert "✗" not in out, out

@@ -9,6 +9,7 @@ nothing issued."""
 
 import concurrent.futures
 import json
+import os
 import time
 from urllib.parse import parse_qs, urlsplit
 
@@ -85,6 +86,43 @@ def test_discovery_from_the_401_and_none_at_mcp_or_the_root(oauth_proxy, outline
         r = proxy.get(root)
         assert r.status_code == 401 and "resource_metadata" not in r.headers.get("www-authenticate", "")
         assert "authorization_servers" not in r.text and "issuer" not in r.text
+
+
+def test_check_reports_the_front_door_and_the_outline_app(outline, tmp_path):
+    from test_proxy import run_binary
+
+    app_id, secret = outline.add_oauth_client("https://mcp.example.com/oauth/callback")
+    base = {"PATH": os.environ["PATH"], "OUTLINE_URL": f"http://127.0.0.1:{outline.port}",
+            "MCP_PROXY_IMAGE": "outline-mcp-proxy-test-backend:latest", "MCP_PROXY_LISTEN": "127.0.0.1:0",
+            "MCP_PROXY_PUBLIC_URL": "https://mcp.example.com", "MCP_PROXY_STATE_DIR": str(tmp_path),
+            "OUTLINE_OAUTH_CLIENT_ID": app_id, "OUTLINE_OAUTH_CLIENT_SECRET": secret}
+    good = run_binary("check", env=base)
+    assert good.returncode == 0, good.stdout
+    for line in ("✓ OAuth front door at https://mcp.example.com/oauth/mcp",
+                 f"✓ OAuth grants are kept in {tmp_path}",
+                 "✓ Outline accepts the OAuth app's client id and secret"):
+        assert line in good.stdout, good.stdout
+    assert secret not in good.stdout + good.stderr
+    bad = run_binary("check", env=dict(base, OUTLINE_OAUTH_CLIENT_SECRET="ol_sk_wrong"))
+    assert bad.returncode == 1 and "✗ Outline refuses the OAuth app's client id or secret" in bad.stdout
+    half = run_binary("check", env=dict(base, OUTLINE_OAUTH_CLIENT_SECRET=""))
+    assert half.returncode == 2 and "OUTLINE_OAUTH_CLIENT_ID" in half.stderr
+
+
+def test_browser_clients_may_call_the_token_endpoints_across_origins(oauth_proxy, outline):
+    proxy = oauth_proxy()
+    for path in ("/oauth/token", "/oauth/register", "/oauth/revoke",
+                 f"/.well-known/oauth-protected-resource{OAUTH_PATH}"):
+        r = httpx.options(proxy.url + path, headers={"Origin": "https://inspector.example",
+                                                     "Access-Control-Request-Method": "POST"})
+        assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "*", path
+    # the metadata is readable from a browser page of another origin
+    r = httpx.get(f"{proxy.url}/.well-known/oauth-authorization-server/oauth",
+                  headers={"Origin": "https://inspector.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    # but the resource keeps the proxy's Origin rule (MCP_PROXY_ALLOWED_ORIGINS)
+    r = httpx.post(proxy.url + OAUTH_PATH, json={}, headers={"Origin": "https://inspector.example"})
+    assert r.status_code == 403
 
 
 def test_the_front_door_can_be_renamed_or_turned_off(oauth_proxy, outline):
@@ -268,6 +306,43 @@ def test_sign_in_with_outline_oauth_and_its_token_renewed(
     rt = storage.tokens.refresh_token
     httpx.post(proxy.url + "/oauth/revoke", data={"token": rt})
     assert outline.count("/oauth/revoke") == 1 and not outline.oauth_tokens
+
+
+def test_outline_revoking_its_tokens_ends_the_grant(oauth_proxy, outline):
+    """Outline sign-in scripted (no browser): then the user is suspended in Outline."""
+    carol = outline.add_user("carol")
+    port = free_port()
+    app_id, app_secret = outline.add_oauth_client(f"http://127.0.0.1:{port}/oauth/callback")
+    proxy = oauth_proxy(listen=f"127.0.0.1:{port}", auth_ttl="0",
+                        OUTLINE_OAUTH_CLIENT_ID=app_id, OUTLINE_OAUTH_CLIENT_SECRET=app_secret)
+    outline.sign_in_as(carol)
+    client_id = register(proxy.url, REDIRECT)
+    verifier, challenge = pkce_pair()
+    with httpx.Client(timeout=30) as browser_like:
+        page = browser_like.get(proxy.url + "/oauth/authorize",
+                                params=authorize_params(proxy.url, client_id, REDIRECT, challenge))
+        to_outline = browser_like.post(proxy.url + "/oauth/authorize",
+                                       data={**consent_form(page.text), "action": "allow"})
+        assert to_outline.status_code == 303
+        outline_query = dict(parse_qs(urlsplit(to_outline.headers["location"]).query))
+        assert outline_query["code_challenge_method"] == ["S256"] and app_secret not in to_outline.headers["location"]
+        consent = {k: v[0] for k, v in outline_query.items()}
+        back = browser_like.post(f"http://127.0.0.1:{outline.port}/oauth/authorize", data=consent)
+        assert back.status_code == 302
+        to_client = browser_like.get(back.headers["location"])
+        assert to_client.status_code == 303, to_client.text
+        code = parse_qs(urlsplit(to_client.headers["location"]).query)["code"][0]
+    tokens = exchange(proxy.url, client_id, REDIRECT, code, verifier).json()
+    echoed = mcp_initialize(proxy.url, tokens["access_token"]).json()
+    forwarded = dict((k.lower(), v) for k, v in echoed["headers"])["x-outline-api-key"]
+    assert forwarded.startswith("ol_at_") and forwarded in outline.oauth_tokens  # Outline's own token
+    outline.revoke_user(carol)
+    r = mcp_initialize(proxy.url, tokens["access_token"])
+    assert r.status_code == 401 and "resource_metadata=" in r.headers["www-authenticate"]
+    assert 'error="invalid_token"' in r.headers["www-authenticate"]
+    r = refresh(proxy.url, client_id, tokens["refresh_token"])
+    assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
+    assert json.loads(state_file(proxy).read_text())["grants"] == []
 
 
 # --- through nginx over TLS ---
