@@ -5188,9 +5188,21 @@ mod containers {
 
         /// Whether a container was made from an image other than the current one.
         fn outdated(&self, name: &str) -> bool {
+            self.registry.image_of(name).is_some_and(|had| self.is_older_image(&had))
+        }
+
+        fn is_older_image(&self, image_id: &str) -> bool {
             let cached = lock(&self.image_id).clone();
             let current = cached.or_else(|| self.current_image());
-            matches!((self.registry.image_of(name), current), (Some(had), Some(now)) if had != now)
+            current.is_some_and(|now| !image_id.is_empty() && image_id != now)
+        }
+
+        /// A stopped container of an older image is never woken: it is replaced by
+        /// one of the current image.
+        fn replace(&self, want: &Want, spec: &ContainerSpec) -> Result<Wake, ProxyError> {
+            log::info!("replacing {}: {} is now another image", want.name, self.cfg.image);
+            let _ = self.docker.remove_force(&want.name);
+            self.docker.create(spec).map_err(|e| e.into_proxy_error(&format!("create container {}", want.name)))
         }
 
         /// What the registry knows saves a docker call on the way (tens of ms): a known
@@ -5199,20 +5211,17 @@ mod containers {
         fn wake(&self, want: &Want, known: State) -> Result<Wake, ProxyError> {
             let spec = self.spec(want);
             if known == State::Stopped && self.outdated(&want.name) {
-                // never woken on an older image: replaced by one of the current
-                log::info!("replacing {}: {} is now another image", want.name, self.cfg.image);
-                let _ = self.docker.remove_force(&want.name);
-                return self
-                    .docker
-                    .create(&spec)
-                    .map_err(|e| e.into_proxy_error(&format!("create container {}", want.name)));
+                return self.replace(want, &spec);
             }
             let result = match known {
                 State::Stopped => self.docker.wake_or_create(&spec),
                 State::Missing => self.docker.create(&spec),
+                // (a death Docker reported since start-up leaves the state unknown:
+                // the image is checked here too)
                 State::Running | State::Unknown => match self.docker.inspect(&want.name, &self.cfg.network) {
                     Ok(None) => self.docker.create(&spec),
                     Ok(Some(info)) if info.running => Ok(Wake::Running),
+                    Ok(Some(info)) if self.is_older_image(&info.image_id) => return self.replace(want, &spec),
                     Ok(Some(_)) => self.docker.wake_or_create(&spec),
                     Err(e) => Err(e),
                 },
