@@ -6425,6 +6425,9 @@ mod ops {
         outline_calls: u64,
         held_streams: usize,
         resurrections: u64,
+        /// OAuth grants and registered clients (0 and 0 with the front door off).
+        oauth_grants: usize,
+        oauth_clients: usize,
         uptime: u64,
         docker_ok: bool,
     }
@@ -6444,6 +6447,8 @@ mod ops {
             auth_misses: counters.misses.load(Ordering::Relaxed),
             auth_failures: counters.failures.load(Ordering::Relaxed),
             outline_calls: counters.outline_calls.load(Ordering::Relaxed),
+            oauth_grants: proxy.oauth.as_ref().map_or(0, |door| door.grants.grant_count()),
+            oauth_clients: proxy.oauth.as_ref().map_or(0, |door| door.grants.client_count()),
             uptime: proxy.life.started.elapsed().as_secs(),
             docker_ok: proxy.containers.docker_ok().is_ok(),
         }
@@ -6477,6 +6482,7 @@ mod ops {
             "containers": containers,
             "auth": {"hits": s.auth_hits, "misses": s.auth_misses, "failures": s.auth_failures, "outline_calls": s.outline_calls},
             "sessions": {"held_streams": s.held_streams, "resurrections": s.resurrections},
+            "oauth": {"grants": s.oauth_grants, "registered_clients": s.oauth_clients},
             "docker": if s.docker_ok { "ok" } else { "unreachable" },
             "uptime_seconds": s.uptime,
         })
@@ -6485,7 +6491,7 @@ mod ops {
     pub fn render_metrics(s: &Snapshot) -> String {
         let running = s.containers.iter().filter(|c| c.state == State::Running).count();
         let spares = s.containers.iter().filter(|c| c.spare && c.state == State::Running).count();
-        let totals: [(&str, &str, &str, String); 11] = [
+        let totals: [(&str, &str, &str, String); 13] = [
             ("mcp_proxy_spares_ready", "gauge", "Warm spares booted and unassigned.", spares.to_string()),
             ("mcp_proxy_containers_tracked", "gauge", "Containers the proxy knows.", s.containers.len().to_string()),
             ("mcp_proxy_containers_running", "gauge", "Containers running.", running.to_string()),
@@ -6525,6 +6531,13 @@ mod ops {
                 "counter",
                 "Upstream sessions opened again for a client's session.",
                 s.resurrections.to_string(),
+            ),
+            ("mcp_proxy_oauth_grants", "gauge", "OAuth sign-ins granted and alive.", s.oauth_grants.to_string()),
+            (
+                "mcp_proxy_oauth_registered_clients",
+                "gauge",
+                "OAuth clients registered (RFC 7591).",
+                s.oauth_clients.to_string(),
             ),
             ("mcp_proxy_uptime_seconds", "gauge", "Seconds since the proxy started.", s.uptime.to_string()),
         ];

@@ -229,12 +229,14 @@ def test_a_key_revoked_in_outline_ends_the_grant(oauth_proxy, outline):
     carol = outline.add_user("carol")
     client_id, tokens = scripted_tokens(proxy.url, carol)
     assert mcp_initialize(proxy.url, tokens["access_token"]).status_code == 200
+    assert proxy.stats()["oauth"] == {"grants": 1, "registered_clients": 1}
     outline.revoke_user(carol)
     r = mcp_initialize(proxy.url, tokens["access_token"])
     assert r.status_code == 401 and 'error="invalid_token"' in r.headers["www-authenticate"]
     r = refresh(proxy.url, client_id, tokens["refresh_token"])
     assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
     assert json.loads(state_file(proxy).read_text())["grants"] == []
+    assert "mcp_proxy_oauth_grants 0" in proxy.get("/metrics").text
 
 
 def test_grants_survive_a_restart_sealed_and_refresh_tokens_rotate(oauth_proxy, outline):
