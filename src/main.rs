@@ -1711,8 +1711,8 @@ mod oauth {
                         Err(e) => Reply::Error(e),
                         Ok(body) => match endpoint {
                             Endpoint::Register => register(door, incoming, &body),
-                            Endpoint::Token => token(proxy, door, &body),
-                            Endpoint::Revoke => revoke(door, &body),
+                            Endpoint::Token => token(proxy, door, incoming, &body),
+                            Endpoint::Revoke => revoke(door, incoming, &body),
                             _ => authorize_answer(proxy, door, incoming, &base, &body),
                         },
                     }
@@ -1742,6 +1742,9 @@ mod oauth {
                 }
                 if e.status == 405 {
                     headers.push(text("Allow", "GET, POST, OPTIONS"));
+                }
+                if e.status == 401 {
+                    headers.push(text("WWW-Authenticate", "Basic realm=\"outline-mcp-proxy oauth\""));
                 }
                 let body = json!({"error": e.code, "error_description": e.description});
                 (e.status, headers, body.to_string().into_bytes())
@@ -1813,8 +1816,8 @@ mod oauth {
             "response_modes_supported": ["query"],
             "grant_types_supported": ["authorization_code", "refresh_token"],
             "code_challenge_methods_supported": ["S256"],
-            "token_endpoint_auth_methods_supported": ["none"],
-            "revocation_endpoint_auth_methods_supported": ["none"],
+            "token_endpoint_auth_methods_supported": ["none", "client_secret_post", "client_secret_basic"],
+            "revocation_endpoint_auth_methods_supported": ["none", "client_secret_post", "client_secret_basic"],
             "client_id_metadata_document_supported": true,
             "authorization_response_iss_parameter_supported": true,
         })
@@ -1909,34 +1912,43 @@ mod oauth {
         if listed("response_types").is_some_and(|r| r.iter().any(|t| t != "code")) {
             return invalid("Only the code response type is offered.");
         }
+        // public (PKCE alone) unless the client asks for a secret; absent means public,
+        // as MCP clients that say nothing expect
+        let method = meta.get("token_endpoint_auth_method").and_then(Value::as_str).unwrap_or("none");
+        if !matches!(method, "none" | "client_secret_post" | "client_secret_basic") {
+            return invalid("token_endpoint_auth_method must be none, client_secret_post or client_secret_basic.");
+        }
         let name = client_name_of(&meta, &redirect_uris);
-        let client_id = match grants::new_secret("client") {
-            Ok(id) => id,
-            Err(_) => return Reply::Error(storage_error()),
+        let (Ok(client_id), Ok(secret)) = (grants::new_secret("client"), grants::new_secret("secret")) else {
+            return Reply::Error(storage_error());
         };
+        let secret = (method != "none").then_some(secret);
         let client = Client {
             id: client_id.clone(),
             name: name.clone(),
             redirect_uris: redirect_uris.clone(),
             created_at: now_unix(),
+            secret_hash: secret.as_deref().map(grants::token_hash),
         };
         if door.grants.add_client(client).is_err() {
             return Reply::Error(storage_error());
         }
-        log::info!("OAuth client registered: {}", crate::front::log_value(&name));
-        Reply::Json(
-            201,
-            json!({
-                "client_id": client_id,
-                "client_id_issued_at": now_unix(),
-                "client_name": name,
-                "redirect_uris": redirect_uris,
-                "grant_types": ["authorization_code", "refresh_token"],
-                "response_types": ["code"],
-                "token_endpoint_auth_method": "none",
-                "scope": SCOPE,
-            }),
-        )
+        log::info!("OAuth client registered: {} ({method})", crate::front::log_value(&name));
+        let mut answer = json!({
+            "client_id": client_id,
+            "client_id_issued_at": now_unix(),
+            "client_name": name,
+            "redirect_uris": redirect_uris,
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+            "token_endpoint_auth_method": method,
+            "scope": SCOPE,
+        });
+        if let Some(secret) = secret {
+            answer["client_secret"] = json!(secret);
+            answer["client_secret_expires_at"] = json!(0);
+        }
+        Reply::Json(201, answer)
     }
 
     /// A token bucket per source address (nginx's X-Real-IP when the request comes
@@ -2066,7 +2078,7 @@ mod oauth {
         }
         let redirect_uris = redirect_uris_of(&meta).map_err(failed)?;
         let name = client_name_of(&meta, &redirect_uris);
-        Ok(Client { id: url.to_string(), name, redirect_uris, created_at: now_unix() })
+        Ok(Client { id: url.to_string(), name, redirect_uris, created_at: now_unix(), secret_hash: None })
     }
 
     /// `GET /oauth/authorize`: the client and its redirect URI are checked (a bad one
@@ -2346,14 +2358,28 @@ mod oauth {
     }
 
     /// `POST /oauth/token`: a code (with its PKCE verifier) or a refresh token for tokens.
-    fn token(proxy: &Proxy, door: &FrontDoor, body: &[u8]) -> Reply {
+    fn token(proxy: &Proxy, door: &FrontDoor, incoming: &Incoming, body: &[u8]) -> Reply {
         let form = match single_valued(parse_form(body)) {
             Ok(form) => form,
             Err(why) => return Reply::Error(oauth_error(400, "invalid_request", why)),
         };
-        let result = match form.get("grant_type").map(String::as_str) {
-            Some("authorization_code") => redeem_code(door, &form),
-            Some("refresh_token") => refresh(proxy, door, &form),
+        let grant_type = form.get("grant_type").map(String::as_str);
+        if !matches!(grant_type, Some("authorization_code" | "refresh_token")) {
+            return Reply::Error(match grant_type {
+                Some(_) => {
+                    oauth_error(400, "unsupported_grant_type", "Only authorization_code and refresh_token are offered.")
+                }
+                None => oauth_error(400, "invalid_request", "grant_type is required."),
+            });
+        }
+        let client_id = match authenticate_client(door, incoming, &form) {
+            Ok(Some(client_id)) => client_id,
+            Ok(None) => return Reply::Error(oauth_error(400, "invalid_request", "client_id is required.")),
+            Err(e) => return Reply::Error(e),
+        };
+        let result = match grant_type {
+            Some("authorization_code") => redeem_code(door, &client_id, &form),
+            Some("refresh_token") => refresh(proxy, door, &client_id, &form),
             Some(_) => Err(oauth_error(
                 400,
                 "unsupported_grant_type",
@@ -2376,6 +2402,41 @@ mod oauth {
         }
     }
 
+    /// Who calls the token or revocation endpoint: `client_id` in the form or HTTP
+    /// Basic (RFC 6749 §2.3.1), with its secret when it registered as confidential.
+    /// A public client is who it says: PKCE and the grant's binding to it do the rest.
+    fn authenticate_client(
+        door: &FrontDoor,
+        incoming: &Incoming,
+        form: &HashMap<String, String>,
+    ) -> Result<Option<String>, OAuthError> {
+        let basic = incoming.header("authorization").and_then(basic_credentials);
+        let (client_id, secret) = match (basic, form.get("client_id")) {
+            (Some((id, _)), Some(named)) if *named != id => {
+                return Err(oauth_error(400, "invalid_request", "Two different client_ids were sent."))
+            }
+            (Some((id, secret)), _) => (id, Some(secret)),
+            (None, Some(id)) => (id.clone(), form.get("client_secret").cloned()),
+            (None, None) => return Ok(None),
+        };
+        let expected = door.grants.client(&client_id).and_then(|c| c.secret_hash);
+        match (expected, secret) {
+            (None, _) => Ok(Some(client_id)),
+            (Some(hash), Some(secret)) if constant_time_eq(grants::token_hash(&secret).as_bytes(), hash.as_bytes()) => {
+                Ok(Some(client_id))
+            }
+            (Some(_), _) => Err(oauth_error(401, "invalid_client", "The client's secret is missing or wrong.")),
+        }
+    }
+
+    /// `Authorization: Basic base64(urlencode(id):urlencode(secret))`.
+    fn basic_credentials(header: &str) -> Option<(String, String)> {
+        let encoded = header.trim().strip_prefix("Basic ").or_else(|| header.trim().strip_prefix("basic "))?;
+        let decoded = String::from_utf8(crate::util::base64_decode(encoded.trim())?).ok()?;
+        let (id, secret) = decoded.split_once(':')?;
+        Some((crate::util::percent_decode(id), crate::util::percent_decode(secret)))
+    }
+
     fn required<'a>(form: &'a HashMap<String, String>, name: &str) -> Result<&'a str, OAuthError> {
         form.get(name)
             .map(String::as_str)
@@ -2385,9 +2446,12 @@ mod oauth {
 
     /// The code is spent whatever happens next; a wrong client, redirect URI, verifier
     /// or resource gets nothing.
-    fn redeem_code(door: &FrontDoor, form: &HashMap<String, String>) -> Result<grants::Issued, OAuthError> {
+    fn redeem_code(
+        door: &FrontDoor,
+        client_id: &str,
+        form: &HashMap<String, String>,
+    ) -> Result<grants::Issued, OAuthError> {
         let code_text = required(form, "code")?;
-        let client_id = required(form, "client_id")?;
         let redirect_uri = required(form, "redirect_uri")?;
         let verifier = required(form, "code_verifier")?;
         let code = door.grants.take_code(code_text).map_err(refused)?;
@@ -2412,9 +2476,13 @@ mod oauth {
     /// A refresh token for new tokens (the old one retired), once Outline has said the
     /// grant's credential is still good: a revoked key or refused Outline token ends
     /// the grant (`invalid_grant`).
-    fn refresh(proxy: &Proxy, door: &FrontDoor, form: &HashMap<String, String>) -> Result<grants::Issued, OAuthError> {
+    fn refresh(
+        proxy: &Proxy,
+        door: &FrontDoor,
+        client_id: &str,
+        form: &HashMap<String, String>,
+    ) -> Result<grants::Issued, OAuthError> {
         let refresh_token = required(form, "refresh_token")?;
-        let client_id = required(form, "client_id")?;
         let opened = door.grants.open_with_refresh(refresh_token).map_err(refused)?;
         if opened.client_id != client_id {
             return Err(oauth_error(400, "invalid_grant", "The refresh token was issued to another client."));
@@ -2457,13 +2525,18 @@ mod oauth {
 
     /// `POST /oauth/revoke` (RFC 7009): the token's whole grant ends, and Outline's own
     /// tokens with it. Always 200: the client cannot act on anything else.
-    fn revoke(door: &FrontDoor, body: &[u8]) -> Reply {
+    fn revoke(door: &FrontDoor, incoming: &Incoming, body: &[u8]) -> Reply {
         let form: HashMap<String, String> = parse_form(body).into_iter().collect();
+        // the token itself proves enough to end its grant; a client that names itself
+        // must be itself (a confidential one with its secret)
+        let caller = match authenticate_client(door, incoming, &form) {
+            Ok(caller) => caller,
+            Err(e) => return Reply::Error(e),
+        };
         let token = form.get("token").map(String::as_str).unwrap_or("");
         if let Some(grant_id) = door.grants.grant_of(token) {
             let owner = door.grants.client_of(&grant_id);
-            let client_ok = form.get("client_id").is_none_or(|c| Some(c) == owner.as_ref());
-            if client_ok {
+            if caller.is_none_or(|c| Some(c) == owner) {
                 let opened = door.grants.open_with_access(token).or_else(|_| door.grants.open_with_refresh(token));
                 if let (Ok(opened), Some(app)) = (opened, &door.outline_app) {
                     if let Upstream::Outline { refresh_token, .. } = &opened.sealed.upstream {
@@ -2825,6 +2898,10 @@ mod grants {
         pub name: String,
         pub redirect_uris: Vec<String>,
         pub created_at: u64,
+        /// sha256 of its secret, for a client that registered as confidential
+        /// (`client_secret_post` or `client_secret_basic`); none for public clients.
+        #[serde(default)]
+        pub secret_hash: Option<String>,
     }
 
     /// A sign-in between the authorize request and the person's answer.
@@ -7264,6 +7341,33 @@ mod util {
         out
     }
 
+    /// Standard base64 (padding optional); None for anything else.
+    pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
+        let value = |c: u8| -> Option<u32> {
+            match c {
+                b'A'..=b'Z' => Some(u32::from(c - b'A')),
+                b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
+                b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
+                b'+' => Some(62),
+                b'/' => Some(63),
+                _ => None,
+            }
+        };
+        let digits = text.trim_end_matches('=').as_bytes();
+        if digits.len() % 4 == 1 {
+            return None;
+        }
+        let mut out = Vec::with_capacity(digits.len() * 3 / 4);
+        for chunk in digits.chunks(4) {
+            let mut n = 0u32;
+            for (i, c) in chunk.iter().enumerate() {
+                n |= value(*c)? << (18 - 6 * i);
+            }
+            out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+        }
+        Some(out)
+    }
+
     /// base64url without padding (RFC 4648 §5): tokens, ids and PKCE challenges.
     pub fn base64url(input: &[u8]) -> String {
         base64_encode(input).trim_end_matches('=').replace('+', "-").replace('/', "_")
@@ -8005,6 +8109,12 @@ mod tests {
         );
         assert_eq!(percent_encode("a b/c?d=é"), "a%20b%2Fc%3Fd%3D%C3%A9");
         assert_eq!(percent_decode(&percent_encode("a b/c?d=é&")), "a b/c?d=é&");
+        for bytes in [&b""[..], b"a", b"ab", b"abc", b"abcd", b"client:s\xffcret"] {
+            assert_eq!(crate::util::base64_decode(&crate::util::base64_encode(bytes)).as_deref(), Some(bytes));
+        }
+        assert_eq!(crate::util::base64_decode("Y2xpZW50OnNlY3JldA"), Some(b"client:secret".to_vec()));
+        assert_eq!(crate::util::base64_decode("a"), None);
+        assert_eq!(crate::util::base64_decode("Y2x*"), None);
     }
 
     #[test]

@@ -168,13 +168,16 @@ def paste_key_person(browser, loopback, key, expect_client=None):
     return redirect_handler, callback_handler, seen
 
 
-def provider_for(url, storage, redirect_uri, redirect_handler, callback_handler, metadata_url=None):
+def provider_for(url, storage, redirect_uri, redirect_handler, callback_handler, metadata_url=None,
+                 auth_method="none"):
+    """The SDK's OAuth client; auth_method="client_secret_post" is the SDK's own default
+    (a client that registers as confidential and sends its secret)."""
     metadata = OAuthClientMetadata(
         client_name="Test Desktop Client",
         redirect_uris=[redirect_uri],
         grant_types=["authorization_code", "refresh_token"],
         response_types=["code"],
-        token_endpoint_auth_method="none",
+        token_endpoint_auth_method=auth_method,
     )
     return OAuthClientProvider(
         server_url=url + OAUTH_PATH,

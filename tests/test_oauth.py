@@ -359,9 +359,14 @@ def test_the_same_through_nginx_over_tls(oauth_proxy, outline, mcp_outline_image
     try:
         carol, dave = outline.add_user("carol"), outline.add_user("dave")
         redirect, callback, seen = paste_key_person(browser, loopback, carol)
-        provider = provider_for(nginx.url, MemoryStorage(), loopback.uri, redirect, callback)
+        storage = MemoryStorage()
+        # this client registers as confidential (the SDK's default) and sends its secret
+        provider = provider_for(nginx.url, storage, loopback.uri, redirect, callback,
+                                auth_method="client_secret_post")
         [result] = anyio.run(oauth_use, nginx.url, provider, nginx.ssl)
         assert_sees_only_own_data(result, "carol", "dave")
+        assert storage.client_info.client_secret.startswith("omp_secret_")
+        assert storage.client_info.client_secret not in state_file(proxy).read_text()
         assert all(url.startswith(nginx.url) for url in browser.visited)
         access_log = (nginx.dir / "access.log").read_text()
         assert "/oauth/token" in access_log and "/oauth/authorize" in access_log
@@ -423,6 +428,41 @@ def test_foreign_redirect_uris_and_missing_pkce_or_resource(oauth_proxy, outline
         query = parse_qs(urlsplit(r.headers["location"]).query)
         assert query["error"] == [error] and query["state"] == ["st-1"], change
         assert "code" not in query
+
+
+def test_a_confidential_client_must_show_its_secret(oauth_proxy, outline):
+    proxy = oauth_proxy()
+    carol = outline.add_user("carol")
+    r = httpx.post(proxy.url + "/oauth/register", json={
+        "client_name": "Server-side client", "redirect_uris": ["https://app.example/cb"],
+        "token_endpoint_auth_method": "client_secret_basic"})
+    assert r.status_code == 201
+    client_id, secret = r.json()["client_id"], r.json()["client_secret"]
+    assert r.json()["token_endpoint_auth_method"] == "client_secret_basic"
+    assert secret not in state_file(proxy).read_text() and secret not in proxy.log()
+    verifier, challenge = pkce_pair()
+
+    def code():
+        return scripted_code(proxy.url, client_id, "https://app.example/cb", carol, challenge)
+
+    for auth in (None, (client_id, "omp_secret_wrong")):
+        r = httpx.post(proxy.url + "/oauth/token", auth=auth, data={
+            "grant_type": "authorization_code", "code": code(), "client_id": client_id,
+            "redirect_uri": "https://app.example/cb", "code_verifier": verifier})
+        assert r.status_code == 401 and r.json()["error"] == "invalid_client", auth
+    r = httpx.post(proxy.url + "/oauth/token", auth=(client_id, secret), data={
+        "grant_type": "authorization_code", "code": code(), "redirect_uri": "https://app.example/cb",
+        "code_verifier": verifier})
+    assert r.status_code == 200, r.text
+    tokens = r.json()
+    # its refresh and revocation need the secret too
+    r = httpx.post(proxy.url + "/oauth/token", data={"grant_type": "refresh_token", "client_id": client_id,
+                                                     "refresh_token": tokens["refresh_token"]})
+    assert r.status_code == 401
+    r = httpx.post(proxy.url + "/oauth/revoke", data={"token": tokens["access_token"], "client_id": client_id})
+    assert r.status_code == 401 and mcp_initialize(proxy.url, tokens["access_token"]).status_code == 200
+    r = httpx.post(proxy.url + "/oauth/revoke", auth=(client_id, secret), data={"token": tokens["access_token"]})
+    assert r.status_code == 200 and mcp_initialize(proxy.url, tokens["access_token"]).status_code == 401
 
 
 def test_a_token_for_one_resource_is_refused_at_another(oauth_proxy, outline):
