@@ -37,6 +37,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import BINARY, ROOT, Proxy, docker, docker_gateway, free_port, wait_for  # noqa: E402
 from fake_outline import FakeOutline  # noqa: E402
+from oauth_client import scripted_tokens  # noqa: E402
 
 BENCH_IMAGE = "outline-mcp-proxy-bench-nginx:latest"
 BACKEND_IMAGE = "outline-mcp-proxy-test-backend:latest"
@@ -190,8 +191,11 @@ def bench_warm_path(outline):
     r = httpx.get(proxy.url + "/x", headers={"X-Outline-API-Key": key})
     assert r.status_code == 200, r.text
     name = proxy.container_name(key)
-    ip = proxy.inspect(name)["NetworkSettings"]["Networks"]["bridge"]["IPAddress"]
+    ip = container_ip(name)
     nginx, nginx_port = host_nginx(f"{ip}:3000")
+    # the OAuth door: the same user's container, reached with the proxy's own token
+    # (its grant opened per request: two HKDF-keyed AEAD opens, then the key cache)
+    _, tokens = scripted_tokens(proxy.url, key)
     rows = {}
     calls_before = outline.auth_calls_for(key)
     started = time.monotonic()
@@ -200,12 +204,22 @@ def bench_warm_path(outline):
             rows[("direct", conns)] = wrk(f"http://{ip}:3000/mcp", conns)
             rows[("nginx", conns)] = wrk(f"http://127.0.0.1:{nginx_port}/mcp", conns)
             rows[("proxy", conns)] = wrk(f"{proxy.url}/mcp", conns, [f"X-Outline-API-Key: {key}"])
+            rows[("oauth", conns)] = wrk(f"{proxy.url}/oauth/mcp", conns,
+                                         [f"Authorization: Bearer {tokens['access_token']}"])
     finally:
         nginx.terminate()
     rss_after = rss_kib(pid)
     say(f"{'path':8} {'conns':>5} {'req/s':>10} {'p50 µs':>8} {'p99 µs':>8}")
     for (path, conns), r in rows.items():
         say(f"{path:8} {conns:>5} {r['rps']:>10.0f} {r['p50']:>8.0f} {r['p99']:>8.0f}")
+    for conns in (1, 20):
+        p, o = rows[("proxy", conns)], rows[("oauth", conns)]
+        say(f"{conns:>2} conn: /oauth/mcp against /mcp: throughput {o['rps'] / p['rps']:.2f}, "
+            f"p50 {o['p50'] - p['p50']:+.0f} µs")
+        RESULTS.append((f"OAuth door, {conns} connection(s)",
+                        f"/oauth/mcp {o['rps']:.0f} req/s p50 {o['p50']:.0f} µs p99 {o['p99']:.0f} µs; "
+                        f"/mcp {p['rps']:.0f} req/s p50 {p['p50']:.0f} µs: throughput "
+                        f"{o['rps'] / p['rps']:.2f} ×, p50 {o['p50'] - p['p50']:+.0f} µs"))
     for conns in (1, 20):
         d, n, p = rows[("direct", conns)], rows[("nginx", conns)], rows[("proxy", conns)]
         say(f"{conns:>2} conn: proxy/nginx throughput {p['rps'] / n['rps']:.2f}; p50 added over direct: "
@@ -216,7 +230,7 @@ def bench_warm_path(outline):
                         f"proxy {p['rps']:.0f} req/s p50 {p['p50']:.0f} µs p99 {p['p99']:.0f} µs; "
                         f"proxy/nginx throughput {p['rps'] / n['rps']:.2f}, p50 added: nginx "
                         f"{n['p50'] - d['p50']:.0f} µs, proxy {p['p50'] - d['p50']:.0f} µs"))
-    total = sum(r["rps"] for (path, _), r in rows.items() if path == "proxy") * float(WRK_SECONDS)
+    total = sum(r["rps"] for (path, _), r in rows.items() if path in ("proxy", "oauth")) * float(WRK_SECONDS)
     calls = outline.auth_calls_for(key) - calls_before
     window = time.monotonic() - started
     say(f"Outline auth.info calls during ~{total:.0f} proxied requests over {window:.0f} s: {calls} "
