@@ -87,6 +87,7 @@ mod config {
         ("MCP_PROXY_OAUTH_ACCESS_TTL", "1h", "life of the proxy's OAuth access tokens"),
         ("MCP_PROXY_OAUTH_REFRESH_TTL", "30d", "life of its refresh tokens (each use rotates them)"),
         ("MCP_PROXY_OAUTH_REGISTER_LIMIT", "20", "OAuth client registrations (RFC 7591) allowed per source address per hour"),
+        ("MCP_PROXY_OAUTH_CLIENT_DOCUMENTS", "public", "client ID metadata documents (an https client_id) are fetched from public addresses only; any: also from this host and private networks; off: not at all (registration only)"),
         ("MCP_PROXY_DOCKER", "docker", "the docker CLI to run"),
         ("MCP_PROXY_LOG", "info", "log level: error, warn, info, debug, trace"),
     ];
@@ -139,6 +140,17 @@ mod config {
         pub oauth_access_ttl: Duration,
         pub oauth_refresh_ttl: Duration,
         pub oauth_register_limit: u32,
+        pub client_documents: ClientDocuments,
+    }
+
+    /// Where client ID metadata documents may be fetched from.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum ClientDocuments {
+        /// Public addresses only: a client_id URL cannot make the proxy fetch from this
+        /// host, its private network, or the cloud's metadata service.
+        Public,
+        Any,
+        Off,
     }
 
     /// The operator's OAuth app in Outline.
@@ -333,6 +345,7 @@ mod config {
                 oauth_access_ttl: oauth.access_ttl,
                 oauth_refresh_ttl: oauth.refresh_ttl,
                 oauth_register_limit: oauth.register_limit,
+                client_documents: oauth.client_documents,
             })
         }
 
@@ -355,6 +368,7 @@ mod config {
         access_ttl: Duration,
         refresh_ttl: Duration,
         register_limit: u32,
+        client_documents: ClientDocuments,
     }
 
     /// The OAuth front door's settings, checked together.
@@ -437,7 +451,22 @@ mod config {
             Ok(n) if n > 0 => n,
             _ => return Err(bad_setting("MCP_PROXY_OAUTH_REGISTER_LIMIT", &limit_raw, "a positive whole number")),
         };
-        Ok(OAuthSettings { path, public_url, state_dir, app, access_ttl, refresh_ttl, register_limit })
+        let client_documents = match get("MCP_PROXY_OAUTH_CLIENT_DOCUMENTS").trim() {
+            "public" => ClientDocuments::Public,
+            "any" => ClientDocuments::Any,
+            "off" => ClientDocuments::Off,
+            other => return Err(bad_setting("MCP_PROXY_OAUTH_CLIENT_DOCUMENTS", other, "public, any or off")),
+        };
+        Ok(OAuthSettings {
+            path,
+            public_url,
+            state_dir,
+            app,
+            access_ttl,
+            refresh_ttl,
+            register_limit,
+            client_documents,
+        })
     }
 
     /// `90`, `90s`, `15m`, `2h`, `7d` (and `250ms`).
@@ -1386,6 +1415,7 @@ mod oauth {
     //! turned into that user's Outline credential. Calls `signin` (the person's step),
     //! `grants` (the store), `auth` (Outline's verdict), `front` (who), `http1`, `util`.
     use crate::auth::{Credential, KeySource, User};
+    use crate::config::ClientDocuments;
     use crate::error::ProxyError;
     use crate::front::LogContext;
     use crate::grants::{self, Client, Opened, Pending, Sealed, Store, TokenRefused, Upstream};
@@ -1424,6 +1454,8 @@ mod oauth {
         resource_path: String,
         public_url: Option<String>,
         register_per_hour: u32,
+        /// Client ID metadata documents are used (MCP_PROXY_OAUTH_CLIENT_DOCUMENTS).
+        documents_on: bool,
         fetcher: ureq::Agent,
         fetching: AtomicUsize,
         documents: Mutex<HashMap<String, (Client, Instant)>>,
@@ -1480,13 +1512,15 @@ mod oauth {
 
     impl FrontDoor {
         pub fn new(cfg: &crate::config::Config) -> FrontDoor {
-            let fetcher = crate::util::agent_base()
+            let fetcher_config = crate::util::agent_base()
                 .https_only(true)
                 .timeout_global(Some(DOCUMENT_TIMEOUT))
                 .max_response_header_size(16 * 1024)
                 .tls_config(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::PlatformVerifier).build())
-                .build()
-                .new_agent();
+                .build();
+            let resolver = AddressRule { public_only: cfg.client_documents != ClientDocuments::Any };
+            let connector = ureq::unversioned::transport::DefaultConnector::new();
+            let fetcher = ureq::Agent::with_parts(fetcher_config, connector, resolver);
             let outline_app = cfg
                 .outline_oauth
                 .as_ref()
@@ -1497,6 +1531,7 @@ mod oauth {
                 resource_path: cfg.oauth_path.clone(),
                 public_url: cfg.public_url.clone(),
                 register_per_hour: cfg.oauth_register_limit,
+                documents_on: cfg.client_documents != ClientDocuments::Off,
                 fetcher,
                 fetching: AtomicUsize::new(0),
                 documents: Mutex::new(HashMap::new()),
@@ -1701,9 +1736,11 @@ mod oauth {
         let reply = match door.public_base(incoming) {
             Err(e) => Reply::Error(e),
             Ok(base) => match (endpoint, incoming.method.as_str()) {
+                (Endpoint::ServerMetadata, "GET" | "HEAD") => {
+                    Reply::Json(200, server_metadata(&base, door.documents_on))
+                }
                 (_, "OPTIONS") if endpoint != Endpoint::Authorize && endpoint != Endpoint::Callback => Reply::Preflight,
                 (Endpoint::ResourceMetadata, "GET" | "HEAD") => Reply::Json(200, resource_metadata(door, &base)),
-                (Endpoint::ServerMetadata, "GET" | "HEAD") => Reply::Json(200, server_metadata(&base)),
                 (Endpoint::Authorize, "GET") => authorize_start(door, incoming, &base),
                 (Endpoint::Callback, "GET") => outline_callback(proxy, door, incoming, &base),
                 (Endpoint::Register | Endpoint::Token | Endpoint::Revoke | Endpoint::Authorize, "POST") => {
@@ -1803,7 +1840,7 @@ mod oauth {
     }
 
     /// RFC 8414: the proxy's own authorization server.
-    fn server_metadata(base: &str) -> Value {
+    fn server_metadata(base: &str, documents_on: bool) -> Value {
         let issuer = format!("{base}{ISSUER_PATH}");
         json!({
             "issuer": issuer,
@@ -1818,7 +1855,7 @@ mod oauth {
             "code_challenge_methods_supported": ["S256"],
             "token_endpoint_auth_methods_supported": ["none", "client_secret_post", "client_secret_basic"],
             "revocation_endpoint_auth_methods_supported": ["none", "client_secret_post", "client_secret_basic"],
-            "client_id_metadata_document_supported": true,
+            "client_id_metadata_document_supported": documents_on,
             "authorization_response_iss_parameter_supported": true,
         })
     }
@@ -2027,6 +2064,9 @@ mod oauth {
         if !client_id.starts_with("https://") {
             return door.grants.client(client_id).ok_or_else(|| "This client is not registered here.".into());
         }
+        if !door.documents_on {
+            return Err("This server does not use client metadata documents: the client must register.".into());
+        }
         if let Some((client, until)) = lock(&door.documents).get(client_id) {
             if *until > Instant::now() {
                 return Ok(client.clone());
@@ -2053,14 +2093,79 @@ mod oauth {
         Ok(client)
     }
 
+    /// ureq's own name resolution, then (by default) only public addresses are kept, so
+    /// a client_id URL cannot point the proxy at this host, its private network or the
+    /// cloud's metadata service; the connection goes to an address kept here, so a
+    /// second lookup (DNS rebinding) changes nothing.
+    #[derive(Debug)]
+    struct AddressRule {
+        public_only: bool,
+    }
+
+    impl ureq::unversioned::resolver::Resolver for AddressRule {
+        fn resolve(
+            &self,
+            uri: &ureq::http::Uri,
+            config: &ureq::config::Config,
+            timeout: ureq::unversioned::transport::NextTimeout,
+        ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+            let all = ureq::unversioned::resolver::DefaultResolver::default().resolve(uri, config, timeout)?;
+            let mut kept = self.empty();
+            for addr in all.iter().filter(|a| !self.public_only || is_public_address(a.ip())) {
+                kept.push(*addr);
+            }
+            if kept.is_empty() {
+                let refused = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "not a public address");
+                return Err(ureq::Error::Io(refused));
+            }
+            Ok(kept)
+        }
+    }
+
+    /// An address on the public internet: not this host, a private or shared network,
+    /// link-local (the cloud's metadata service), multicast, or reserved.
+    pub fn is_public_address(ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        match ip {
+            IpAddr::V4(v4) => {
+                let [a, b, c, _] = v4.octets();
+                !(v4.is_loopback()
+                    || v4.is_private()
+                    || v4.is_link_local()
+                    || v4.is_unspecified()
+                    || v4.is_broadcast()
+                    || v4.is_multicast()
+                    || v4.is_documentation()
+                    || a == 0
+                    || (a == 100 && (64..128).contains(&b))
+                    || (a == 192 && b == 0 && c == 0)
+                    || (a == 198 && (b == 18 || b == 19))
+                    || a >= 240)
+            }
+            IpAddr::V6(v6) => {
+                if let Some(v4) = v6.to_ipv4_mapped() {
+                    return is_public_address(IpAddr::V4(v4));
+                }
+                let first = v6.segments()[0];
+                !(v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_multicast()
+                    || (first & 0xfe00) == 0xfc00
+                    || (first & 0xffc0) == 0xfe80
+                    || (first == 0x64 && v6.segments()[1] == 0xff9b)
+                    || first == 0x2001 && v6.segments()[1] == 0x0db8)
+            }
+        }
+    }
+
     fn fetch_client_document(door: &FrontDoor, url: &str) -> Result<Client, String> {
         let failed = |why: &str| format!("The client's metadata document could not be used: {why}");
-        let mut response = door
-            .fetcher
-            .get(url)
-            .header("Accept", "application/json")
-            .call()
-            .map_err(|e| failed(&crate::auth::describe_ureq_error(&e)))?;
+        let mut response = door.fetcher.get(url).header("Accept", "application/json").call().map_err(|e| match e {
+            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+                failed("its host is not at a public address (MCP_PROXY_OAUTH_CLIENT_DOCUMENTS).")
+            }
+            other => failed(&crate::auth::describe_ureq_error(&other)),
+        })?;
         let status = response.status().as_u16();
         if (300..400).contains(&status) {
             return Err(failed("it redirects elsewhere, and redirects are not followed."));
@@ -8080,6 +8185,33 @@ mod tests {
             "no scheme",
         ] {
             assert!(check_redirect_uri(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn client_documents_come_from_public_addresses_only() {
+        use crate::oauth::is_public_address;
+        for public in ["93.184.216.34", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+            assert!(is_public_address(public.parse().unwrap()), "{public}");
+        }
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(!is_public_address(private.parse().unwrap()), "{private}");
         }
     }
 

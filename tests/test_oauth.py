@@ -165,7 +165,8 @@ def test_sdk_registers_and_a_person_pastes_a_key_then_works_as_that_user(
 def test_sdk_with_a_client_metadata_document(oauth_proxy, outline, mcp_outline_image, browser, loopback, tmp_path):
     docs = DocumentServer(tmp_path)
     try:
-        proxy = oauth_proxy(real=mcp_outline_image, SSL_CERT_FILE=str(docs.ca))
+        # the document server is on this host: allowed here (the default takes public addresses only)
+        proxy = oauth_proxy(real=mcp_outline_image, SSL_CERT_FILE=str(docs.ca), oauth_client_documents="any")
         erin, frank = outline.add_user("erin"), outline.add_user("frank")
         docs.documents["/clients/desktop.json"] = {
             "client_id": docs.url("/clients/desktop.json"), "client_name": "Metadata Desktop",
@@ -489,7 +490,7 @@ def test_a_token_for_one_resource_is_refused_at_another(oauth_proxy, outline):
 def test_hostile_client_metadata_documents_are_refused(oauth_proxy, outline, tmp_path):
     docs = DocumentServer(tmp_path)
     try:
-        proxy = oauth_proxy(SSL_CERT_FILE=str(docs.ca))
+        proxy = oauth_proxy(SSL_CERT_FILE=str(docs.ca), oauth_client_documents="any")
         docs.documents["/wrong-id.json"] = {"client_id": "https://someone.else/c.json",
                                             "redirect_uris": [REDIRECT]}
         _, challenge = pkce_pair()
@@ -508,6 +509,30 @@ def test_hostile_client_metadata_documents_are_refused(oauth_proxy, outline, tmp
                       params=authorize_params(proxy.url, f"http://localhost:{docs.port}/c.json", REDIRECT, challenge))
         assert r.status_code == 400
         assert proxy.get("/health").status_code == 200
+    finally:
+        docs.stop()
+
+
+def test_client_documents_come_from_public_addresses_unless_the_operator_says(oauth_proxy, outline, tmp_path):
+    docs = DocumentServer(tmp_path)
+    try:
+        docs.documents["/c.json"] = {"client_id": docs.url("/c.json"), "redirect_uris": [REDIRECT]}
+        _, challenge = pkce_pair()
+        default = oauth_proxy(SSL_CERT_FILE=str(docs.ca))
+        r = httpx.get(default.url + "/oauth/authorize",
+                      params=authorize_params(default.url, docs.url("/c.json"), REDIRECT, challenge))
+        assert r.status_code == 400 and "not at a public address" in r.text
+        assert docs.fetches == []  # not even a connection was made
+        off = oauth_proxy(SSL_CERT_FILE=str(docs.ca), oauth_client_documents="off")
+        asm = httpx.get(f"{off.url}/.well-known/oauth-authorization-server/oauth").json()
+        assert asm["client_id_metadata_document_supported"] is False
+        r = httpx.get(off.url + "/oauth/authorize",
+                      params=authorize_params(off.url, docs.url("/c.json"), REDIRECT, challenge))
+        assert r.status_code == 400 and "must register" in r.text and docs.fetches == []
+        allowed = oauth_proxy(SSL_CERT_FILE=str(docs.ca), oauth_client_documents="any")
+        r = httpx.get(allowed.url + "/oauth/authorize",
+                      params=authorize_params(allowed.url, docs.url("/c.json"), REDIRECT, challenge))
+        assert r.status_code == 200 and docs.fetches == ["/c.json"]
     finally:
         docs.stop()
 

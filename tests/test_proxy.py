@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from conftest import BINARY, assert_key_kept_secret, docker, wait_for
+from conftest import BINARY, ROOT, assert_key_kept_secret, docker, wait_for
 
 
 def echo(proxy, key, path="/echo", **kw):
@@ -560,6 +560,17 @@ def test_help_lists_every_setting_with_its_default():
                           ("MCP_PROXY_DOCKER", "docker"), ("MCP_PROXY_ALLOWED_ORIGINS", "")]:
         assert f"{name} [{default}]" in out
     assert run_binary("--version").stdout.startswith("outline-mcp-proxy ")
+
+
+def test_every_setting_in_help_is_in_the_readme_table():
+    import re
+
+    names = re.findall(r"^  ([A-Z][A-Z_]+) \[", run_binary("--help").stdout, re.M)
+    assert len(names) > 30
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Settings"):readme.index("## How it works")]
+    rows = "\n".join(line for line in table.splitlines() if line.startswith("| "))
+    assert [n for n in names if n not in rows] == []
 
 
 def test_a_bad_setting_stops_start_up_naming_the_variable():
