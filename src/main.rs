@@ -615,6 +615,9 @@ fn run_serve(cfg: Config) -> ExitCode {
     proxy.life.stopping.store(true, Ordering::SeqCst);
     drop(server);
     let cut = proxy.life.drain(Duration::from_secs(30));
+    if let Some(door) = &proxy.oauth {
+        door.grants.save_at_stop();
+    }
     log::info!("stopped ({cut} request(s) and {} stream(s) cut)", proxy.life.long_lived.load(Ordering::SeqCst));
     ExitCode::SUCCESS
 }
@@ -2230,9 +2233,7 @@ mod oauth {
             }
             Some(_) => {}
         }
-        let (Ok(request_id), Ok(csrf), Ok(outline_verifier)) =
-            (grants::new_secret("rq"), grants::new_secret("cs"), grants::new_secret("ov"))
-        else {
+        let (Ok(request_id), Ok(csrf)) = (grants::new_secret("rq"), grants::new_secret("cs")) else {
             return problem(503, "The proxy could not start a sign-in; try again.");
         };
         let pending = Pending {
@@ -2243,9 +2244,8 @@ mod oauth {
             code_challenge: challenge.to_string(),
             resource: door.resource_url(base),
             csrf_hash: grants::token_hash(&csrf),
-            outline_verifier,
             attempts: 0,
-            expires: Instant::now() + Duration::from_secs(600),
+            expires_at: now_unix() + 600,
         };
         if door.grants.add_pending(&request_id, pending.clone()).is_err() {
             return problem(503, "Too many sign-ins are in progress; try again in a few minutes.");
@@ -2298,7 +2298,8 @@ mod oauth {
         }
         if let Some(app) = &door.outline_app {
             let callback = format!("{base}{ISSUER_PATH}/callback");
-            let location = app.authorize_url(&callback, request_id, &pkce_challenge(&pending.outline_verifier));
+            let location =
+                app.authorize_url(&callback, request_id, &pkce_challenge(&grants::outline_verifier(request_id)));
             return Reply::Redirect { location, cookie: None };
         }
         let key = field("api_key").trim();
@@ -2342,7 +2343,7 @@ mod oauth {
             return declined(door, request_id, &pending, base, "Outline did not grant access.");
         }
         let callback = format!("{base}{ISSUER_PATH}/callback");
-        let upstream = match app.exchange(get("code"), &callback, &pending.outline_verifier) {
+        let upstream = match app.exchange(get("code"), &callback, &grants::outline_verifier(request_id)) {
             Ok(upstream) => upstream,
             Err(UpstreamRefusal::Refused) => return problem(400, "Outline did not accept the sign-in; start again."),
             Err(UpstreamRefusal::Unreachable) => return problem(502, "Outline could not be reached; try again."),
@@ -3009,8 +3010,11 @@ mod grants {
         pub secret_hash: Option<String>,
     }
 
-    /// A sign-in between the authorize request and the person's answer.
-    #[derive(Clone, Debug)]
+    /// A sign-in between the authorize request and the person's answer. Nothing in it
+    /// is secret (the CSRF value is a hash; the PKCE verifier of the proxy's own
+    /// request to Outline is derived from the sign-in's id): it is written to the
+    /// state file when the proxy stops, so a page left open across a restart still works.
+    #[derive(Clone, Debug, Serialize, Deserialize)]
     pub struct Pending {
         pub client_id: String,
         pub client_name: String,
@@ -3019,20 +3023,29 @@ mod grants {
         pub code_challenge: String,
         pub resource: String,
         pub csrf_hash: String,
-        /// The PKCE verifier of the proxy's own request to Outline (Outline sign-in).
-        pub outline_verifier: String,
         pub attempts: u32,
-        pub expires: Instant,
+        pub expires_at: u64,
     }
 
-    /// An authorization code, between the redirect and the token request.
+    /// An authorization code, opened with the code itself.
     pub struct Code {
         pub client_id: String,
         pub redirect_uri: String,
         pub code_challenge: String,
         pub resource: String,
         pub sealed: Sealed,
-        pub expires: Instant,
+    }
+
+    /// An authorization code as kept: its `Sealed` sealed under a key derived from the
+    /// code, so it too can be written when the proxy stops without a secret in the clear.
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    struct CodeRecord {
+        client_id: String,
+        redirect_uri: String,
+        code_challenge: String,
+        resource: String,
+        sealed: String,
+        expires_at: u64,
     }
 
     #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -3061,6 +3074,11 @@ mod grants {
         version: u32,
         clients: Vec<Client>,
         grants: Vec<GrantRecord>,
+        /// Sign-ins and codes in progress when the proxy stopped (by id hash, code hash).
+        #[serde(default)]
+        sign_ins: Vec<(String, Pending)>,
+        #[serde(default)]
+        codes: Vec<(String, CodeRecord)>,
     }
 
     /// Tokens as issued to a client: shown once, then kept only as hashes.
@@ -3098,7 +3116,7 @@ mod grants {
         /// retired refresh token hash → grant id
         retired: HashMap<String, String>,
         pending: HashMap<String, Pending>,
-        codes: HashMap<String, Code>,
+        codes: HashMap<String, CodeRecord>,
         /// used code hash → (grant issued from it, when the memory may go)
         used_codes: HashMap<String, (String, Instant)>,
     }
@@ -3154,6 +3172,12 @@ mod grants {
             TokenRefused::Storage
         })?;
         Ok(format!("{TOKEN_PREFIX}{kind}_{}", base64url(&bytes)))
+    }
+
+    /// The PKCE verifier of the proxy's own request to Outline for a sign-in: derived
+    /// from the sign-in's secret id, so it is never stored.
+    pub fn outline_verifier(request_id: &str) -> String {
+        base64url(&token_key(request_id, "outline pkce verifier"))
     }
 
     /// The key that wraps a grant's key for one token: HKDF-SHA256 of the token.
@@ -3215,6 +3239,9 @@ mod grants {
                     state.index(&grant);
                     state.grants.insert(grant.id.clone(), grant);
                 }
+                let now = now_unix();
+                state.pending = file.sign_ins.into_iter().filter(|(_, p)| p.expires_at > now).collect();
+                state.codes = file.codes.into_iter().filter(|(_, c)| c.expires_at > now).collect();
             }
             Store { state: Mutex::new(state), writing: Mutex::new(()), dir, access_ttl, refresh_ttl }
         }
@@ -3241,8 +3268,8 @@ mod grants {
         pub fn add_pending(&self, id: &str, pending: Pending) -> Result<(), TokenRefused> {
             let mut state = lock(&self.state);
             if state.pending.len() >= MAX_PENDING {
-                let now = Instant::now();
-                state.pending.retain(|_, p| p.expires > now);
+                let now = now_unix();
+                state.pending.retain(|_, p| p.expires_at > now);
             }
             if state.pending.len() >= MAX_PENDING {
                 return Err(TokenRefused::Storage);
@@ -3253,7 +3280,7 @@ mod grants {
 
         pub fn pending(&self, id: &str) -> Option<Pending> {
             let state = lock(&self.state);
-            state.pending.get(&token_hash(id)).filter(|p| p.expires > Instant::now()).cloned()
+            state.pending.get(&token_hash(id)).filter(|p| p.expires_at > now_unix()).cloned()
         }
 
         /// Counts a failed attempt (a wrong key); after five the sign-in is over.
@@ -3274,19 +3301,20 @@ mod grants {
         }
 
         pub fn take_pending(&self, id: &str) -> Option<Pending> {
-            lock(&self.state).pending.remove(&token_hash(id)).filter(|p| p.expires > Instant::now())
+            lock(&self.state).pending.remove(&token_hash(id)).filter(|p| p.expires_at > now_unix())
         }
 
         /// A one-time code for a finished sign-in, valid for a minute.
         pub fn issue_code(&self, pending: &Pending, sealed: Sealed) -> Result<String, TokenRefused> {
             let code = new_secret("ac")?;
-            let entry = Code {
+            let plaintext = serde_json::to_vec(&sealed).map_err(|_| TokenRefused::Storage)?;
+            let entry = CodeRecord {
                 client_id: pending.client_id.clone(),
                 redirect_uri: pending.redirect_uri.clone(),
                 code_challenge: pending.code_challenge.clone(),
                 resource: pending.resource.clone(),
-                sealed,
-                expires: Instant::now() + Duration::from_secs(60),
+                sealed: seal(&token_key(&code, "code"), "code", &plaintext)?,
+                expires_at: now_unix() + 60,
             };
             lock(&self.state).codes.insert(token_hash(&code), entry);
             Ok(code)
@@ -3298,11 +3326,20 @@ mod grants {
             let hash = token_hash(code);
             let mut state = lock(&self.state);
             if let Some(entry) = state.codes.remove(&hash) {
-                state.used_codes.insert(hash, (String::new(), entry.expires + Duration::from_secs(600)));
-                if entry.expires <= Instant::now() {
+                state.used_codes.insert(hash, (String::new(), Instant::now() + Duration::from_secs(660)));
+                if entry.expires_at <= now_unix() {
                     return Err(TokenRefused::InvalidGrant("The authorization code has expired."));
                 }
-                return Ok(entry);
+                let opened = open(&token_key(code, "code"), "code", &entry.sealed)
+                    .and_then(|plaintext| serde_json::from_slice::<Sealed>(&plaintext).ok())
+                    .ok_or(TokenRefused::InvalidGrant("The authorization code does not open."))?;
+                return Ok(Code {
+                    client_id: entry.client_id,
+                    redirect_uri: entry.redirect_uri,
+                    code_challenge: entry.code_challenge,
+                    resource: entry.resource,
+                    sealed: opened,
+                });
             }
             let replayed = state.used_codes.get(&hash).map(|(grant, _)| grant.clone());
             drop(state);
@@ -3463,8 +3500,8 @@ mod grants {
             let changed = {
                 let mut state = lock(&self.state);
                 let instant = Instant::now();
-                state.pending.retain(|_, p| p.expires > instant);
-                state.codes.retain(|_, c| c.expires > instant);
+                state.pending.retain(|_, p| p.expires_at > now);
+                state.codes.retain(|_, c| c.expires_at > now);
                 state.used_codes.retain(|_, (_, until)| *until > instant);
                 let dead: Vec<String> =
                     state.grants.values().filter(|g| g.refresh.expires_at <= now).map(|g| g.id.clone()).collect();
@@ -3495,8 +3532,18 @@ mod grants {
             }
         }
 
-        /// Writes the clients and grants (hashes and sealed boxes only) to the state
-        /// file: a temporary file, mode 0600, synced, then renamed over the old one.
+        /// At a stop: the sign-ins and codes in progress are written with the rest (they
+        /// are otherwise not written on their own, so a flood of authorize requests
+        /// costs no disk writes).
+        pub fn save_at_stop(&self) {
+            if self.save().is_ok() && self.dir.is_some() {
+                log::info!("OAuth state saved ({} sign-in(s) in progress)", lock(&self.state).pending.len());
+            }
+        }
+
+        /// Writes the clients and grants (hashes and sealed boxes only), and the
+        /// sign-ins and codes in progress, to the state file: a temporary file, mode
+        /// 0600, synced, then renamed over the old one.
         fn save(&self) -> Result<(), TokenRefused> {
             let Some(dir) = &self.dir else { return Ok(()) };
             let _writing = lock(&self.writing);
@@ -3506,6 +3553,8 @@ mod grants {
                     version: 1,
                     clients: state.clients.values().cloned().collect(),
                     grants: state.grants.values().cloned().collect(),
+                    sign_ins: state.pending.iter().map(|(h, p)| (h.clone(), p.clone())).collect(),
+                    codes: state.codes.iter().map(|(h, c)| (h.clone(), c.clone())).collect(),
                 }
             };
             write_state(dir, &snapshot).map_err(|e| {
@@ -8266,7 +8315,6 @@ mod tests {
             code_challenge: "c".into(),
             resource: "https://h/oauth/mcp".into(),
             sealed: crate::grants::Sealed::new(crate::grants::Upstream::ApiKey { key: key.into() }, &user),
-            expires: std::time::Instant::now() + Duration::from_secs(60),
         }
     }
 
@@ -8296,6 +8344,40 @@ mod tests {
         assert_eq!(again.open_with_refresh(&issued.refresh_token).err(), Some(TokenRefused::Replayed));
         assert!(again.open_with_access(&rotated.access_token).is_err());
         assert_eq!(again.grant_count(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sign_ins_and_codes_in_progress_outlive_a_stop_sealed() {
+        use crate::grants::{Pending, Store};
+        let dir = std::env::temp_dir().join(format!("omp-progress-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (hour, month) = (Duration::from_secs(3600), Duration::from_secs(30 * 86400));
+        let store = Store::open(Some(dir.clone()), hour, month);
+        let pending = Pending {
+            client_id: "client".into(),
+            client_name: "Desk".into(),
+            redirect_uri: "http://127.0.0.1/cb".into(),
+            state: Some("s".into()),
+            code_challenge: "c".into(),
+            resource: "https://h/oauth/mcp".into(),
+            csrf_hash: "h".into(),
+            attempts: 0,
+            expires_at: crate::util::now_unix() + 600,
+        };
+        store.add_pending("omp_rq_one", pending.clone()).unwrap();
+        let code = store.issue_code(&pending, test_code("ol_api_in_flight").sealed).unwrap();
+        store.save_at_stop();
+        let on_disk = std::fs::read_to_string(dir.join("oauth-grants.json")).unwrap();
+        for secret in ["ol_api_in_flight", "omp_rq_one", code.as_str(), "Carol"] {
+            assert!(!on_disk.contains(secret), "{secret} is on disk in the clear");
+        }
+        let again = Store::open(Some(dir.clone()), hour, month);
+        assert_eq!(again.pending("omp_rq_one").map(|p| p.client_name), Some("Desk".into()));
+        assert!(again.take_code("omp_ac_forged").is_err());
+        let taken = again.take_code(&code).unwrap();
+        assert_eq!(taken.sealed.upstream.credential(), "ol_api_in_flight");
+        assert!(again.take_code(&code).is_err(), "a code is used once");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

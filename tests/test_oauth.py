@@ -240,6 +240,28 @@ def test_a_key_revoked_in_outline_ends_the_grant(oauth_proxy, outline):
     assert "mcp_proxy_oauth_grants 0" in proxy.get("/metrics").text
 
 
+def test_a_sign_in_left_open_across_a_restart_still_works(oauth_proxy, outline):
+    """A deploy while a person has the sign-in page open, and again between the
+    redirect and the client's token request: neither notices."""
+    proxy = oauth_proxy()
+    carol = outline.add_user("carol")
+    client_id = register(proxy.url, REDIRECT)
+    verifier, challenge = pkce_pair()
+    with httpx.Client(base_url=proxy.url, timeout=30) as person:
+        page = person.get("/oauth/authorize", params=authorize_params(proxy.url, client_id, REDIRECT, challenge))
+        proxy.restart()
+        answer = person.post("/oauth/authorize", data={**consent_form(page.text), "api_key": carol,
+                                                       "action": "allow"})
+        assert answer.status_code == 303, answer.text
+    code = parse_qs(urlsplit(answer.headers["location"]).query)["code"][0]
+    proxy.restart()
+    assert "sign-in(s) in progress" in proxy.log()
+    r = exchange(proxy.url, client_id, REDIRECT, code, verifier)
+    assert r.status_code == 200, r.text
+    assert mcp_initialize(proxy.url, r.json()["access_token"]).status_code == 200
+    assert_nothing_secret_at_rest(proxy, carol, code)
+
+
 def test_grants_survive_a_restart_sealed_and_refresh_tokens_rotate(oauth_proxy, outline):
     proxy = oauth_proxy()
     carol = outline.add_user("carol")
