@@ -252,11 +252,7 @@ mod config {
             if cpus_limit <= 0.0 {
                 return Err(bad_setting("MCP_PROXY_CPUS", &get("MCP_PROXY_CPUS"), "more than 0"));
             }
-            let pids_raw = get("MCP_PROXY_PIDS_LIMIT");
-            let pids_limit = match pids_raw.trim().parse::<u32>() {
-                Ok(p) if p > 0 => p,
-                _ => return Err(bad_setting("MCP_PROXY_PIDS_LIMIT", &pids_raw, "a positive whole number")),
-            };
+            let pids_limit = positive_whole(&get, "MCP_PROXY_PIDS_LIMIT")?;
             let key_mode = match get("MCP_PROXY_KEY_MODE").trim() {
                 "header" => KeyMode::Header,
                 "env" => KeyMode::Env,
@@ -377,66 +373,6 @@ mod config {
         duration: &dyn Fn(&str) -> Result<Duration, String>,
         key_mode: KeyMode,
     ) -> Result<OAuthSettings, String> {
-        let path = get("MCP_PROXY_OAUTH_PATH").trim().trim_end_matches('/').to_string();
-        let path_ok = path.is_empty()
-            || (path.starts_with('/')
-                && path != "/mcp"
-                && !path.starts_with("/.well-known")
-                && !matches!(
-                    path.as_str(),
-                    "/oauth/register" | "/oauth/authorize" | "/oauth/callback" | "/oauth/token" | "/oauth/revoke"
-                )
-                && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b)));
-        if !path_ok {
-            return Err(bad_setting("MCP_PROXY_OAUTH_PATH", &path, "a path such as /oauth/mcp (not /mcp), or empty"));
-        }
-        let public_raw = get("MCP_PROXY_PUBLIC_URL");
-        let public = public_raw.trim().trim_end_matches('/');
-        let public_url = if public.is_empty() {
-            None
-        } else {
-            let rest = public.strip_prefix("https://").or_else(|| public.strip_prefix("http://"));
-            match rest {
-                Some(host) if !host.is_empty() && !host.contains(['/', '?', '#', ' ', '@']) => Some(public.to_string()),
-                _ => {
-                    return Err(bad_setting("MCP_PROXY_PUBLIC_URL", &public_raw, "https://host[:port] without a path"))
-                }
-            }
-        };
-        let dir_raw = get("MCP_PROXY_STATE_DIR");
-        let dir = if dir_raw.trim().is_empty() { get("STATE_DIRECTORY") } else { dir_raw };
-        // systemd may list several state directories separated by ':'; ours is the first
-        let dir = dir.split(':').next().unwrap_or("").trim().to_string();
-        let state_dir = if dir.is_empty() {
-            None
-        } else if !dir.starts_with('/') || !std::path::Path::new(&dir).is_dir() {
-            return Err(bad_setting("MCP_PROXY_STATE_DIR", &dir, "an existing directory (an absolute path)"));
-        } else {
-            Some(std::path::PathBuf::from(dir))
-        };
-        let (id, secret) = (get("OUTLINE_OAUTH_CLIENT_ID"), get("OUTLINE_OAUTH_CLIENT_SECRET"));
-        let app = match (id.trim(), secret.trim()) {
-            ("", "") => None,
-            ("", _) | (_, "") => {
-                return Err(bad_setting(
-                    "OUTLINE_OAUTH_CLIENT_ID",
-                    id.trim(),
-                    "set together with OUTLINE_OAUTH_CLIENT_SECRET (both or neither)",
-                ))
-            }
-            (_, _) if key_mode == KeyMode::Env => {
-                return Err(bad_setting(
-                    "OUTLINE_OAUTH_CLIENT_ID",
-                    id.trim(),
-                    "unset in MCP_PROXY_KEY_MODE=env (Outline's tokens change hourly; a container holds one key)",
-                ))
-            }
-            (id, secret) => Some(OutlineOAuthApp {
-                client_id: id.to_string(),
-                client_secret: secret.to_string(),
-                scope: get("OUTLINE_OAUTH_SCOPE").trim().to_string(),
-            }),
-        };
         let access_ttl = duration("MCP_PROXY_OAUTH_ACCESS_TTL")?;
         let refresh_ttl = duration("MCP_PROXY_OAUTH_REFRESH_TTL")?;
         if access_ttl.is_zero() || refresh_ttl < access_ttl {
@@ -446,11 +382,6 @@ mod config {
                 "at least MCP_PROXY_OAUTH_ACCESS_TTL, which must be more than 0",
             ));
         }
-        let limit_raw = get("MCP_PROXY_OAUTH_REGISTER_LIMIT");
-        let register_limit = match limit_raw.trim().parse::<u32>() {
-            Ok(n) if n > 0 => n,
-            _ => return Err(bad_setting("MCP_PROXY_OAUTH_REGISTER_LIMIT", &limit_raw, "a positive whole number")),
-        };
         let client_documents = match get("MCP_PROXY_OAUTH_CLIENT_DOCUMENTS").trim() {
             "public" => ClientDocuments::Public,
             "any" => ClientDocuments::Any,
@@ -458,15 +389,84 @@ mod config {
             other => return Err(bad_setting("MCP_PROXY_OAUTH_CLIENT_DOCUMENTS", other, "public, any or off")),
         };
         Ok(OAuthSettings {
-            path,
-            public_url,
-            state_dir,
-            app,
+            path: oauth_path(get)?,
+            public_url: public_url(get)?,
+            state_dir: state_dir(get)?,
+            app: outline_app(get, key_mode)?,
             access_ttl,
             refresh_ttl,
-            register_limit,
+            register_limit: positive_whole(get, "MCP_PROXY_OAUTH_REGISTER_LIMIT")?,
             client_documents,
         })
+    }
+
+    /// A setting that must be a whole number above 0.
+    fn positive_whole(get: &dyn Fn(&str) -> String, name: &str) -> Result<u32, String> {
+        let raw = get(name);
+        match raw.trim().parse::<u32>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(bad_setting(name, &raw, "a positive whole number")),
+        }
+    }
+
+    /// MCP_PROXY_OAUTH_PATH: a path of its own (not /mcp, a well-known path or an endpoint).
+    fn oauth_path(get: &dyn Fn(&str) -> String) -> Result<String, String> {
+        let path = get("MCP_PROXY_OAUTH_PATH").trim().trim_end_matches('/').to_string();
+        let endpoints = ["/oauth/register", "/oauth/authorize", "/oauth/callback", "/oauth/token", "/oauth/revoke"];
+        let path_ok = path.is_empty()
+            || (path.starts_with('/')
+                && path != "/mcp"
+                && !path.starts_with("/.well-known")
+                && !endpoints.contains(&path.as_str())
+                && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b)));
+        if !path_ok {
+            return Err(bad_setting("MCP_PROXY_OAUTH_PATH", &path, "a path such as /oauth/mcp (not /mcp), or empty"));
+        }
+        Ok(path)
+    }
+
+    /// MCP_PROXY_PUBLIC_URL: `https://host[:port]`, or unset.
+    fn public_url(get: &dyn Fn(&str) -> String) -> Result<Option<String>, String> {
+        let raw = get("MCP_PROXY_PUBLIC_URL");
+        let public = raw.trim().trim_end_matches('/');
+        if public.is_empty() {
+            return Ok(None);
+        }
+        match public.strip_prefix("https://").or_else(|| public.strip_prefix("http://")) {
+            Some(host) if !host.is_empty() && !host.contains(['/', '?', '#', ' ', '@']) => Ok(Some(public.to_string())),
+            _ => Err(bad_setting("MCP_PROXY_PUBLIC_URL", &raw, "https://host[:port] without a path")),
+        }
+    }
+
+    /// MCP_PROXY_STATE_DIR, else systemd's $STATE_DIRECTORY (its first entry), else none.
+    fn state_dir(get: &dyn Fn(&str) -> String) -> Result<Option<std::path::PathBuf>, String> {
+        let raw = get("MCP_PROXY_STATE_DIR");
+        let dir = if raw.trim().is_empty() { get("STATE_DIRECTORY") } else { raw };
+        let dir = dir.split(':').next().unwrap_or("").trim().to_string();
+        if dir.is_empty() {
+            Ok(None)
+        } else if !dir.starts_with('/') || !std::path::Path::new(&dir).is_dir() {
+            Err(bad_setting("MCP_PROXY_STATE_DIR", &dir, "an existing directory (an absolute path)"))
+        } else {
+            Ok(Some(std::path::PathBuf::from(dir)))
+        }
+    }
+
+    /// OUTLINE_OAUTH_CLIENT_ID and _SECRET: both or neither, and not in `env` key mode
+    /// (Outline's tokens change hourly; a container there holds one key).
+    fn outline_app(get: &dyn Fn(&str) -> String, key_mode: KeyMode) -> Result<Option<OutlineOAuthApp>, String> {
+        let (id, secret) = (get("OUTLINE_OAUTH_CLIENT_ID"), get("OUTLINE_OAUTH_CLIENT_SECRET"));
+        let refuse = |why: &str| Err(bad_setting("OUTLINE_OAUTH_CLIENT_ID", id.trim(), why));
+        match (id.trim(), secret.trim()) {
+            ("", "") => Ok(None),
+            ("", _) | (_, "") => refuse("set together with OUTLINE_OAUTH_CLIENT_SECRET (both or neither)"),
+            _ if key_mode == KeyMode::Env => refuse("unset in MCP_PROXY_KEY_MODE=env (Outline's tokens change hourly)"),
+            (id, secret) => Ok(Some(OutlineOAuthApp {
+                client_id: id.to_string(),
+                client_secret: secret.to_string(),
+                scope: get("OUTLINE_OAUTH_SCOPE").trim().to_string(),
+            })),
+        }
     }
 
     /// `90`, `90s`, `15m`, `2h`, `7d` (and `250ms`).
@@ -8307,6 +8307,18 @@ mod tests {
         );
     }
 
+    /// A store in a fresh directory of its own, read back with `reopen`.
+    fn test_store(name: &str) -> (std::path::PathBuf, crate::grants::Store) {
+        let dir = std::env::temp_dir().join(format!("omp-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = reopen(&dir);
+        (dir, store)
+    }
+
+    fn reopen(dir: &std::path::Path) -> crate::grants::Store {
+        crate::grants::Store::open(Some(dir.to_path_buf()), Duration::from_secs(3600), Duration::from_secs(30 * 86400))
+    }
+
     fn test_code(key: &str) -> crate::grants::Code {
         let user = User { id: "u1".into(), team_id: "t1".into(), name: "Carol".into(), email: "c@x".into() };
         crate::grants::Code {
@@ -8320,18 +8332,15 @@ mod tests {
 
     #[test]
     fn a_grant_is_sealed_at_rest_and_opens_only_with_its_tokens() {
-        use crate::grants::{Store, TokenRefused};
-        let dir = std::env::temp_dir().join(format!("omp-grants-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (hour, month) = (Duration::from_secs(3600), Duration::from_secs(30 * 86400));
-        let store = Store::open(Some(dir.clone()), hour, month);
+        use crate::grants::TokenRefused;
+        let (dir, store) = test_store("grants");
         let issued = store.create_grant("omp_ac_x", &test_code("ol_api_secret_key")).unwrap();
         let on_disk = std::fs::read_to_string(dir.join("oauth-grants.json")).unwrap();
         for secret in ["ol_api_secret_key", "Carol", &issued.access_token, &issued.refresh_token] {
             assert!(!on_disk.contains(secret), "{secret} is on disk in the clear");
         }
         // a new process (the store read back) opens it with the token, and only so
-        let again = Store::open(Some(dir.clone()), hour, month);
+        let again = reopen(&dir);
         let opened = again.open_with_access(&issued.access_token).unwrap();
         assert_eq!(opened.sealed.upstream.credential(), "ol_api_secret_key");
         assert_eq!(opened.sealed.name, "Carol");
@@ -8349,11 +8358,8 @@ mod tests {
 
     #[test]
     fn sign_ins_and_codes_in_progress_outlive_a_stop_sealed() {
-        use crate::grants::{Pending, Store};
-        let dir = std::env::temp_dir().join(format!("omp-progress-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (hour, month) = (Duration::from_secs(3600), Duration::from_secs(30 * 86400));
-        let store = Store::open(Some(dir.clone()), hour, month);
+        use crate::grants::Pending;
+        let (dir, store) = test_store("progress");
         let pending = Pending {
             client_id: "client".into(),
             client_name: "Desk".into(),
@@ -8372,7 +8378,7 @@ mod tests {
         for secret in ["ol_api_in_flight", "omp_rq_one", code.as_str(), "Carol"] {
             assert!(!on_disk.contains(secret), "{secret} is on disk in the clear");
         }
-        let again = Store::open(Some(dir.clone()), hour, month);
+        let again = reopen(&dir);
         assert_eq!(again.pending("omp_rq_one").map(|p| p.client_name), Some("Desk".into()));
         assert!(again.take_code("omp_ac_forged").is_err());
         let taken = again.take_code(&code).unwrap();
@@ -8383,11 +8389,8 @@ mod tests {
 
     #[test]
     fn a_tampered_state_file_opens_nothing() {
-        use crate::grants::Store;
-        let dir = std::env::temp_dir().join(format!("omp-tamper-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (hour, month) = (Duration::from_secs(3600), Duration::from_secs(30 * 86400));
-        let issued = Store::open(Some(dir.clone()), hour, month).create_grant("omp_ac_y", &test_code("k")).unwrap();
+        let (dir, store) = test_store("tamper");
+        let issued = store.create_grant("omp_ac_y", &test_code("k")).unwrap();
         let path = dir.join("oauth-grants.json");
         let text = std::fs::read_to_string(&path).unwrap();
         let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -8395,7 +8398,7 @@ mod tests {
         let flipped = format!("{}{}", &sealed[..sealed.len() - 1], if sealed.ends_with('0') { '1' } else { '0' });
         value["grants"][0]["sealed"] = serde_json::Value::String(flipped);
         std::fs::write(&path, value.to_string()).unwrap();
-        assert!(Store::open(Some(dir.clone()), hour, month).open_with_access(&issued.access_token).is_err());
+        assert!(reopen(&dir).open_with_access(&issued.access_token).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
