@@ -1603,9 +1603,7 @@ mod oauth {
             let now = Instant::now();
             lock(&self.documents).retain(|_, (_, until)| *until > now);
             let per_hour = f64::from(self.register_per_hour);
-            lock(&self.registrations).retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * per_hour / 3600.0 < per_hour
-            });
+            lock(&self.registrations).retain(|_, (tokens, at)| refilled(*tokens, *at, now, per_hour) < per_hour);
         }
     }
 
@@ -1705,27 +1703,46 @@ mod oauth {
         if *expires_at > now_unix() + OUTLINE_RENEW_BEFORE {
             return Ok(opened.sealed);
         }
-        match app.refresh(refresh_token) {
+        renew_at_outline(door, app, &opened, refresh_token).map_err(|failed| match failed {
+            RenewalFailed::Outline(refusal) => refusal,
+            RenewalFailed::Store(_) => UpstreamRefusal::Unreachable,
+        })
+    }
+
+    /// Why Outline's tokens of a grant were not renewed.
+    enum RenewalFailed {
+        Outline(UpstreamRefusal),
+        /// The grant could not be sealed again (revoked meanwhile, or the disk).
+        Store(TokenRefused),
+    }
+
+    /// Outline's tokens of an opened grant renewed at Outline and sealed back into it
+    /// (for a request, and for the client's refresh); Outline's refusal ends the grant.
+    fn renew_at_outline(
+        door: &FrontDoor,
+        app: &OutlineApp,
+        opened: &Opened,
+        outline_refresh: &str,
+    ) -> Result<Sealed, RenewalFailed> {
+        match app.refresh(outline_refresh) {
             Ok(upstream) => {
                 let mut sealed = opened.sealed.clone();
                 sealed.upstream = upstream;
-                door.grants.reseal(&opened, &sealed).map_err(|_| UpstreamRefusal::Unreachable)?;
+                door.grants.reseal(opened, &sealed).map_err(RenewalFailed::Store)?;
                 Ok(sealed)
             }
             Err(UpstreamRefusal::Refused) => {
                 log::info!("Outline refused to renew a sign-in: its grant is revoked");
                 let _ = door.grants.revoke_grant(&opened.grant_id);
-                Err(UpstreamRefusal::Refused)
+                Err(RenewalFailed::Outline(UpstreamRefusal::Refused))
             }
-            Err(e) => Err(e),
+            Err(e) => Err(RenewalFailed::Outline(e)),
         }
     }
 
     fn bearer_token(incoming: &Incoming) -> Option<String> {
-        let auth = incoming.header("authorization")?.trim();
-        let scheme = auth.get(..7)?;
-        let token = auth.get(7..)?.trim();
-        (scheme.eq_ignore_ascii_case("bearer ") && !token.is_empty() && token.len() <= 256).then(|| token.to_string())
+        let token = crate::auth::bearer(incoming.header("authorization")?)?;
+        (!token.is_empty() && token.len() <= 256).then(|| token.to_string())
     }
 
     /// One request to an endpoint of the front door, answered.
@@ -2004,7 +2021,7 @@ mod oauth {
         let now = Instant::now();
         let mut buckets = lock(&door.registrations);
         let (tokens, at) = buckets.entry(source).or_insert((per_hour, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_hour / 3600.0).min(per_hour);
+        *tokens = refilled(*tokens, *at, now, per_hour);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
@@ -2012,6 +2029,11 @@ mod oauth {
         } else {
             false
         }
+    }
+
+    /// A registration bucket's slots at `now`: `per_hour` come back an hour, at most `per_hour`.
+    fn refilled(tokens: f64, at: Instant, now: Instant, per_hour: f64) -> f64 {
+        (tokens + now.duration_since(at).as_secs_f64() * per_hour / 3600.0).min(per_hour)
     }
 
     fn redirect_uris_of(meta: &Value) -> Result<Vec<String>, &'static str> {
@@ -2602,18 +2624,21 @@ mod oauth {
             oauth_error(400, "invalid_grant", why)
         };
         match (&opened.sealed.upstream, &door.outline_app) {
-            (Upstream::Outline { refresh_token: outline_refresh, .. }, Some(app)) => match app.refresh(outline_refresh)
-            {
-                Ok(upstream) => {
-                    let mut sealed = opened.sealed.clone();
-                    sealed.upstream = upstream;
-                    door.grants.reseal(&opened, &sealed).map_err(refused)?;
+            (Upstream::Outline { refresh_token: outline_refresh, .. }, Some(app)) => {
+                match renew_at_outline(door, app, &opened, outline_refresh) {
+                    Ok(_) => {}
+                    Err(RenewalFailed::Outline(UpstreamRefusal::Refused)) => {
+                        // the grant is already revoked
+                        return Err(oauth_error(
+                            400,
+                            "invalid_grant",
+                            "Outline no longer accepts this sign-in; sign in again.",
+                        ));
+                    }
+                    Err(RenewalFailed::Outline(UpstreamRefusal::Unreachable)) => return Err(unavailable()),
+                    Err(RenewalFailed::Store(e)) => return Err(refused(e)),
                 }
-                Err(UpstreamRefusal::Refused) => {
-                    return Err(gone(door, &opened, "Outline no longer accepts this sign-in; sign in again."))
-                }
-                Err(UpstreamRefusal::Unreachable) => return Err(unavailable()),
-            },
+            }
             (Upstream::Outline { .. }, None) => {
                 return Err(gone(door, &opened, "Sign-in with Outline is no longer set up here; sign in again."))
             }
@@ -2663,12 +2688,12 @@ mod signin {
     //! Owns the person's step of an OAuth sign-in: the consent page (with the API-key
     //! field when no Outline OAuth app is set), its cookie and anti-framing headers, and
     //! the proxy's own OAuth client of Outline (authorize, token, refresh, revoke).
-    //! Calls `grants` (the Upstream type), `auth` (ureq error words), `util`, ureq.
+    //! Calls `grants` (the Upstream type), `auth` (Outline's HTTP client, ureq error
+    //! words), `util`, ureq.
     use crate::auth::describe_ureq_error;
     use crate::grants::Upstream;
-    use crate::util::{agent_base, now_unix, percent_encode};
+    use crate::util::{now_unix, percent_encode};
     use serde_json::Value;
-    use std::time::Duration;
 
     /// Outline's OAuth app, as the operator registered it (OUTLINE_OAUTH_CLIENT_ID and
     /// OUTLINE_OAUTH_CLIENT_SECRET).
@@ -2690,18 +2715,12 @@ mod signin {
 
     impl OutlineApp {
         pub fn new(outline_url: &str, client_id: &str, client_secret: &str, scope: &str) -> OutlineApp {
-            let agent = agent_base()
-                .https_only(false)
-                .timeout_global(Some(Duration::from_secs(10)))
-                .tls_config(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::PlatformVerifier).build())
-                .build()
-                .new_agent();
             OutlineApp {
                 outline_url: outline_url.to_string(),
                 client_id: client_id.to_string(),
                 client_secret: client_secret.to_string(),
                 scope: scope.to_string(),
-                agent,
+                agent: crate::auth::outline_agent(),
             }
         }
 
@@ -3393,7 +3412,7 @@ mod grants {
 
         fn open_with(&self, token: &str, refresh: bool) -> Result<Opened, TokenRefused> {
             let hash = token_hash(token);
-            let (record, grant) = {
+            let (record, grant_id, client_id, resource, boxed) = {
                 let state = lock(&self.state);
                 if refresh {
                     if let Some(grant_id) = state.retired.get(&hash).cloned() {
@@ -3411,24 +3430,20 @@ mod grants {
                     grant.access.iter().find(|a| a.hash == hash)
                 };
                 let record = record.cloned().ok_or(TokenRefused::InvalidGrant("The token is of the wrong kind."))?;
-                (record, grant.clone())
+                // only what opening needs, not the grant's other tokens (this is every
+                // request's path at the OAuth resource)
+                (record, grant.id.clone(), grant.client_id.clone(), grant.resource.clone(), grant.sealed.clone())
             };
             if record.expires_at <= now_unix() {
                 return Err(TokenRefused::InvalidGrant("The token has expired."));
             }
-            let grant_key = open(&token_key(token, &grant.id), &format!("wrap:{}", grant.id), &record.wrapped_key)
+            let grant_key = open(&token_key(token, &grant_id), &format!("wrap:{grant_id}"), &record.wrapped_key)
                 .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
                 .ok_or(TokenRefused::InvalidGrant("The token does not open its grant."))?;
-            let plaintext = open(&grant_key, &format!("grant:{}", grant.id), &grant.sealed)
+            let plaintext = open(&grant_key, &format!("grant:{grant_id}"), &boxed)
                 .ok_or(TokenRefused::InvalidGrant("The grant could not be opened."))?;
             let sealed: Sealed = serde_json::from_slice(&plaintext).map_err(|_| TokenRefused::Storage)?;
-            Ok(Opened {
-                grant_id: grant.id,
-                client_id: grant.client_id,
-                resource: grant.resource,
-                sealed,
-                key: grant_key,
-            })
+            Ok(Opened { grant_id, client_id, resource, sealed, key: grant_key })
         }
 
         /// Seals a grant's credential again (Outline's tokens were refreshed).
@@ -3645,19 +3660,12 @@ mod auth {
     pub fn extract(incoming: &Incoming) -> Result<Credential, ProxyError> {
         let credential = match (incoming.header(KEY_HEADER), incoming.header("authorization")) {
             (Some(k), _) => Credential { key: k.trim().to_string(), source: KeySource::KeyHeader },
-            (None, Some(auth)) => {
-                let auth = auth.trim();
-                match auth.get(..7) {
-                    Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => {
-                        Credential { key: auth[7..].trim().to_string(), source: KeySource::Bearer }
-                    }
-                    _ => {
-                        return Err(ProxyError::Unauthorized(
-                            "Authorization must be 'Bearer <Outline API key>'.".into(),
-                        ))
-                    }
+            (None, Some(auth)) => match bearer(auth) {
+                Some(key) => Credential { key: key.to_string(), source: KeySource::Bearer },
+                None => {
+                    return Err(ProxyError::Unauthorized("Authorization must be 'Bearer <Outline API key>'.".into()))
                 }
-            }
+            },
             (None, None) => {
                 return Err(ProxyError::Unauthorized(
                     "Send your Outline API key in the X-Outline-API-Key header (or Authorization: Bearer).".into(),
@@ -3676,6 +3684,13 @@ mod auth {
             )));
         }
         Ok(credential)
+    }
+
+    /// What follows `Bearer ` (any case) in an Authorization header, trimmed.
+    pub fn bearer(authorization: &str) -> Option<&str> {
+        let auth = authorization.trim();
+        let scheme = auth.get(..7)?;
+        scheme.eq_ignore_ascii_case("bearer ").then(|| auth[7..].trim())
     }
 
     pub fn is_plausible_key(key: &str) -> bool {
@@ -3871,7 +3886,7 @@ mod auth {
     }
 
     /// To Outline: HTTPS checked against the host's CA store (a company CA works).
-    fn outline_agent() -> ureq::Agent {
+    pub fn outline_agent() -> ureq::Agent {
         agent_base()
             .https_only(false)
             .timeout_global(Some(Duration::from_secs(10)))
