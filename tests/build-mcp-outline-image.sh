@@ -11,24 +11,17 @@
 # Prints the tag on its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. tests/image-lib.sh
 req=tests/mcp-outline/requirements.txt
 version=$(grep -E '^mcp-outline==' "$req" | cut -d= -f3)
 pins=$(sha256sum "$req" | cut -c1-10)
 tag="outline-mcp-proxy-mcp-outline:${version}-${pins}"
-if docker image inspect "$tag" >/dev/null 2>&1; then
-  echo "reusing $tag" >&2
-  echo "$tag"
-  exit 0
-fi
-suite=${DEBIAN_SUITE:-bookworm}
-mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+reuse_image "$tag"
 work=$(mktemp -d /var/tmp/mcp-outline-image.XXXXXX)
 trap 'umount "$work/rootfs/proc" 2>/dev/null || true; rm -rf "$work"' EXIT
 root="$work/rootfs"
 
-echo "debootstrap $suite (minbase, python3, venv) ..." >&2
-debootstrap --variant=minbase --include=python3,python3-venv "$suite" "$root" "$mirror" >"$work/debootstrap.log" 2>&1 \
-  || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
+debian_rootfs "$root" python3,python3-venv "$work/debootstrap.log"
 
 echo "downloading wheels for $(grep -c '==' "$req") pinned packages ..." >&2
 python3 -m pip download --quiet --disable-pip-version-check --only-binary=:all: \

@@ -7,23 +7,16 @@
 # reuses it. Prints the tag on its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. tests/image-lib.sh
 packages=systemd,systemd-sysv,dbus,nginx,openssl,curl,ca-certificates,procps
 docker_cli=$(command -v docker)
-inputs=$( (cat "$0"; echo "$packages"; sha256sum "$docker_cli") | sha256sum | cut -c1-10)
+inputs=$( (cat "$0" tests/image-lib.sh; echo "$packages"; sha256sum "$docker_cli") | sha256sum | cut -c1-10)
 tag="outline-mcp-proxy-systemd:bookworm-$inputs"
-if docker image inspect "$tag" >/dev/null 2>&1; then
-  echo "reusing $tag" >&2
-  echo "$tag"
-  exit 0
-fi
-suite=${DEBIAN_SUITE:-bookworm}
-mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+reuse_image "$tag"
 work=$(mktemp -d /var/tmp/systemd-image.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 root="$work/rootfs"
-echo "debootstrap $suite (minbase + $packages) ..." >&2
-debootstrap --variant=minbase --include="$packages" "$suite" "$root" "$mirror" >"$work/debootstrap.log" 2>&1 \
-  || { tail -30 "$work/debootstrap.log" >&2; exit 1; }
+debian_rootfs "$root" "$packages" "$work/debootstrap.log"
 install -m 0755 "$docker_cli" "$root/usr/bin/docker"
 # the host's Docker stands behind the mounted socket; this unit stands for its service
 cat > "$root/etc/systemd/system/docker.service" <<'UNIT'
