@@ -54,7 +54,7 @@ mod config {
         ("MCP_PROXY_IMAGE", "ghcr.io/vortiago/mcp-outline:latest", "container image"),
         ("MCP_PROXY_CONTAINER_PORT", "3000", "port the MCP server listens on inside the container"),
         ("MCP_PROXY_READY_PATH", "/health", "a GET here answering (status < 500) means the container is ready"),
-        ("MCP_PROXY_CONTAINER_PREFIX", "mcp-", "container names are {prefix}{first 12 hex of sha256(key)}"),
+        ("MCP_PROXY_CONTAINER_PREFIX", "mcp-", "container names are {prefix}{32 hex of sha256(Outline team and user)}"),
         ("MCP_PROXY_NETWORK", "outline-mcp-proxy", "docker network the containers join; created when missing as a bridge with inter-container traffic off (enable_icc=false), so containers cannot reach each other"),
         ("MCP_PROXY_MEMORY", "256m", "memory limit per container (swap is not allowed on top)"),
         ("MCP_PROXY_CPUS", "0.3", "CPU limit per container once it is ready"),
@@ -4125,7 +4125,8 @@ mod sessions {
 mod registry {
     //! Owns what the proxy knows of each container (state, address, leases, counters)
     //! and every decision made on it: plans, sweep selection, the removal policy. Pure:
-    //! no Docker, no HTTP; its one lock is held only for field updates. Calls `util`.
+    //! no Docker, no HTTP; its one lock is held only for field updates. Calls `util`, and
+    //! reads `docker`'s plain data types (ContainerInfo, Event) without running Docker.
     use crate::docker::{ContainerInfo, Event};
     use crate::error::ProxyError;
     use crate::util::{lock, Flight};
@@ -4689,8 +4690,8 @@ mod registry {
 }
 
 mod docker {
-    //! Owns every docker CLI call (the root-equivalent surface), as one list of named
-    //! verbs with typed results; stderr is classified once. Calls std::process only.
+    //! Owns every docker CLI call (the root-equivalent surface), as named verbs with typed
+    //! results; stderr is read by `classify`, and by three verbs for their own messages. Calls std::process only.
     use crate::error::ProxyError;
     use crate::util::parse_rfc3339;
     use serde_json::Value;
@@ -5447,7 +5448,12 @@ mod containers {
         /// one of the current image.
         fn replace(&self, want: &Want, spec: &ContainerSpec) -> Result<Wake, ProxyError> {
             log::info!("replacing {}: {} is now another image", want.name, self.cfg.image);
-            let _ = self.docker.remove_force(&want.name);
+            // a container of the old image left in place would meet the create as
+            // NameInUse and be started instead: a failed removal fails the wake
+            match self.docker.remove_force(&want.name) {
+                Ok(()) | Err(DockerError::NoSuchContainer) => {}
+                Err(e) => return Err(e.into_proxy_error(&format!("remove outdated container {}", want.name))),
+            }
             self.docker.create(spec).map_err(|e| e.into_proxy_error(&format!("create container {}", want.name)))
         }
 
@@ -7105,6 +7111,7 @@ mod background {
     //! watcher, the event follower (the registry kept exact), the spare keeper, and the
     //! containers' network. Calls `containers`, `registry`, `docker`, `auth`.
     use crate::containers::{Containers, Want};
+    use crate::docker::DockerError;
     use crate::error::ProxyError;
     use crate::registry::TransitionResult;
     use crate::util::lock;
@@ -7116,7 +7123,8 @@ mod background {
     use std::time::Duration;
     use std::time::Instant;
 
-    /// Starts both threads, each supervised; one that cannot be started stops start-up.
+    /// Starts the four background threads (sleeper, Docker watcher, event follower,
+    /// spare keeper), each supervised; one that cannot be started stops start-up.
     pub fn spawn(proxy: &Arc<Proxy>) -> Result<(), String> {
         keep_running(proxy, "sleeper", "sleeper", |p| {
             thread::sleep(p.cfg.sweep_interval);
@@ -7202,9 +7210,18 @@ mod background {
         }
         for (name, flight) in containers.registry.claim_outdated_spares(&image_id) {
             log::info!("replacing spare {name}: {} is now another image", containers.cfg.image);
-            let _ = containers.docker.remove_force(&name);
-            containers.registry.release_spare(&name, true);
-            flight.finish(Ok(()));
+            match containers.docker.remove_force(&name) {
+                Ok(()) | Err(DockerError::NoSuchContainer) => {
+                    containers.registry.release_spare(&name, true);
+                    flight.finish(Ok(()));
+                }
+                Err(e) => {
+                    // kept in the registry as a spare of an old image: tried again next round
+                    log::warn!("could not remove outdated spare {name}: {}", e.message());
+                    containers.registry.release_spare(&name, false);
+                    flight.finish(Err(e.into_proxy_error(&format!("remove outdated spare {name}"))));
+                }
+            }
         }
         while containers.registry.wants_spare(containers.cfg.spares) {
             let name = format!("{}{}{}", containers.cfg.prefix, crate::docker::SPARE_MARK, random_hex(16));

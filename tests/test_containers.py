@@ -115,23 +115,60 @@ def test_spares_follow_the_image_after_a_pull(make_proxy, outline):
         docker("rmi", "--force", tag, check=False)
 
 
+def asleep_on_a_new_image(proxy, outline, tag, user):
+    """A user answered by a container of `tag`, the container asleep, then `tag` moved to
+    another image and the proxy restarted (as after a `docker pull`). Returns the key,
+    the container's name, its old id and the new image's id."""
+    key = outline.add_user(user)
+    answered_by(proxy, key)
+    name = proxy.container_name(key)
+    old = proxy.inspect(name)["Id"]
+    wait_for(lambda: proxy.state(name) == "exited", timeout=30, what="sleep")
+    docker("tag", "outline-mcp-proxy-test-backend:slow-boot", tag)
+    new_id = docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+    proxy.restart()  # the proxy learns the new image id
+    return key, name, old, new_id
+
+
 def test_without_spares_a_stopped_container_of_an_older_image_is_replaced_not_woken(make_proxy, outline):
     tag = f"outline-mcp-proxy-test-upgrade:{secrets.token_hex(3)}"
     docker("tag", "outline-mcp-proxy-test-backend:latest", tag)
     try:
         proxy = make_proxy(image=tag, idle_timeout="1s", sweep_interval="1s")
-        key = outline.add_user("rosa")
-        answered_by(proxy, key)
-        name = proxy.container_name(key)
-        old = proxy.inspect(name)["Id"]
-        wait_for(lambda: proxy.state(name) == "exited", timeout=30, what="sleep")
-        docker("tag", "outline-mcp-proxy-test-backend:slow-boot", tag)
-        new_id = docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
-        proxy.restart()  # the proxy learns the new image id (as after a `docker pull`)
+        key, name, old, new_id = asleep_on_a_new_image(proxy, outline, tag, "rosa")
         got, expected = answered_by(proxy, key)
         assert got == expected
         info = proxy.inspect(name)
         assert info["Id"] != old and info["Image"] == new_id
+    finally:
+        docker("rmi", "--force", tag, check=False)
+
+
+def test_a_failed_removal_never_wakes_the_container_of_the_old_image(make_proxy, outline, tmp_path):
+    """Docker refusing to remove the outdated container fails the request (and is said);
+    the old image's container is not started in its place. Once Docker removes it, the
+    next request is served by the new image."""
+    tag = f"outline-mcp-proxy-test-upgrade:{secrets.token_hex(3)}"
+    docker("tag", "outline-mcp-proxy-test-backend:latest", tag)
+    refuse = tmp_path / "refuse-rm"
+    wrapper = tmp_path / "docker"
+    wrapper.write_text(f"""#!/bin/sh
+if [ "$1" = rm ] && [ -e {refuse} ]; then echo "Error response from daemon: removal refused" >&2; exit 1; fi
+exec docker "$@"
+""")
+    wrapper.chmod(0o755)
+    try:
+        proxy = make_proxy(image=tag, idle_timeout="1s", sweep_interval="1s", docker=str(wrapper))
+        key, name, old, new_id = asleep_on_a_new_image(proxy, outline, tag, "ursula")
+        refuse.touch()
+        refused = proxy.get("/echo", key=key)
+        assert refused.status_code >= 500, refused.text
+        assert proxy.inspect(name)["Id"] == old and proxy.state(name) == "exited"
+        assert "remove outdated container" in proxy.log()
+        refuse.unlink()
+        got, expected = answered_by(proxy, key)
+        assert got == expected
+        assert proxy.inspect(name)["Image"] == new_id
     finally:
         docker("rmi", "--force", tag, check=False)
 
