@@ -568,7 +568,10 @@ fn main() -> ExitCode {
         }
     };
     if command == "serve" {
-        signals::block_term();
+        if let Err(e) = signals::block_term() {
+            eprintln!("cannot take SIGTERM and SIGINT: {e}");
+            return ExitCode::from(1);
+        }
         start_logging(cfg.log_level);
     }
     match command.as_str() {
@@ -609,8 +612,9 @@ fn run_serve(cfg: Config) -> ExitCode {
     };
     // SIGTERM or SIGINT: new requests get 503, requests in flight get 30 s to finish;
     // open-ended streams and WebSocket sessions are cut at exit
-    if signals::wait_for_term() {
-        log::info!("SIGTERM: finishing requests in flight");
+    match signals::wait_for_term() {
+        Ok(()) => log::info!("SIGTERM: finishing requests in flight"),
+        Err(e) => log::error!("waiting for SIGTERM failed ({e}): stopping"),
     }
     proxy.life.stopping.store(true, Ordering::SeqCst);
     drop(server);
@@ -4893,9 +4897,9 @@ mod docker {
         // SAFETY: runs in the forked child before exec; prctl is async-signal-safe and
         // touches only the child's own process attributes.
         unsafe {
-            command.pre_exec(|| {
-                prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-                Ok(())
+            command.pre_exec(|| match prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
             });
         }
     }
@@ -7426,33 +7430,36 @@ mod signals {
         fn sigwait(set: *const SigSet, sig: *mut i32) -> i32;
     }
 
-    fn term_set() -> SigSet {
+    /// The set {SIGTERM, SIGINT}; each C call's return code checked.
+    fn term_set() -> std::io::Result<SigSet> {
         let mut set = SigSet([0; 16]);
         // SAFETY: `set` is a valid, writable sigset_t-sized buffer.
-        unsafe {
-            sigemptyset(&mut set);
-            sigaddset(&mut set, SIGTERM);
-            sigaddset(&mut set, SIGINT);
+        let codes = unsafe { [sigemptyset(&mut set), sigaddset(&mut set, SIGTERM), sigaddset(&mut set, SIGINT)] };
+        match codes.iter().all(|&rc| rc == 0) {
+            true => Ok(set),
+            false => Err(std::io::Error::last_os_error()),
         }
-        set
     }
 
     /// Blocks SIGTERM and SIGINT in this thread and every thread it starts later.
-    pub fn block_term() {
-        let set = term_set();
+    pub fn block_term() -> std::io::Result<()> {
+        let set = term_set()?;
         // SAFETY: valid set pointer; a null old-set pointer is allowed.
-        unsafe {
-            pthread_sigmask(SIG_BLOCK, &set, std::ptr::null_mut());
+        match unsafe { pthread_sigmask(SIG_BLOCK, &set, std::ptr::null_mut()) } {
+            0 => Ok(()),
+            rc => Err(std::io::Error::from_raw_os_error(rc)),
         }
     }
 
-    /// Waits for SIGTERM or SIGINT; true when one came.
-    pub fn wait_for_term() -> bool {
-        let set = term_set();
+    /// Waits for SIGTERM or SIGINT; an error when the wait itself failed.
+    pub fn wait_for_term() -> std::io::Result<()> {
+        let set = term_set()?;
         let mut sig = 0i32;
         // SAFETY: valid set and output pointers.
-        let rc = unsafe { sigwait(&set, &mut sig) };
-        rc == 0
+        match unsafe { sigwait(&set, &mut sig) } {
+            0 => Ok(()),
+            rc => Err(std::io::Error::from_raw_os_error(rc)),
+        }
     }
 }
 
