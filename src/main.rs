@@ -3953,6 +3953,8 @@ mod sessions {
     /// owner, both hex.
     const ID_RANDOM: usize = 16;
     const ID_MAC: usize = 16;
+    /// A container name ends in the 32 hex of its owner's hash (see `auth::container_name`).
+    const OWNER_HASH: usize = 32;
 
     /// The secret session ids are minted and checked under.
     pub struct SessionKey([u8; 32]);
@@ -3993,11 +3995,14 @@ mod sessions {
             }
         }
 
+        /// The MAC binds the user: their owner hash, the container name without its
+        /// prefix (so hosts with other prefixes but the same key know the id too).
         fn mac(&self, owner: &str, random: &[u8]) -> Hmac<Sha256> {
+            let user = owner.len().checked_sub(OWNER_HASH).and_then(|at| owner.get(at..)).unwrap_or(owner);
             // a key of any length is accepted by HMAC; 32 bytes cannot fail
             let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
             mac.update(b"outline-mcp-proxy session v1\0");
-            mac.update(owner.as_bytes());
+            mac.update(user.as_bytes());
             mac.update(b"\0");
             mac.update(random);
             mac
@@ -8418,6 +8423,11 @@ mod tests {
         }
         assert!(other.check(Some(&id), "mcp-a").is_err());
         assert!(s.check(None, "mcp-a").is_ok());
+        // the user is bound, not the host's container prefix
+        let hash = "0123456789abcdef0123456789abcdef";
+        let id = s.opened(&format!("h1-{hash}"), "u1", None, None).unwrap();
+        assert!(again.check(Some(&id), &format!("mcp-{hash}")).is_ok());
+        assert!(again.check(Some(&id), &format!("mcp-{}", hash.replace('0', "1"))).is_err());
     }
 
     #[test]
