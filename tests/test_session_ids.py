@@ -89,7 +89,6 @@ def test_another_users_real_id_gets_404_and_wakes_nothing_of_theirs(make_proxy, 
     proxy = make_proxy()
     olga, mallory = outline.add_user("olga"), outline.add_user("mallory")
     olgas = initialize(proxy, olga)
-    assert olgas != "backend-session", "the client sees the proxy's id, never the container's"
     stolen = tools_list(proxy, mallory, olgas)
     assert stolen.status_code == 404 and stolen.json()["error"] == "session_not_found", stolen.text
     sock, status, head = open_stream(proxy, mallory, olgas)
@@ -97,6 +96,7 @@ def test_another_users_real_id_gets_404_and_wakes_nothing_of_theirs(make_proxy, 
     assert status == 404, head
     assert proxy.containers() == [proxy.container_name(olga)], "mallory's container was started"
     assert tools_list(proxy, olga, olgas).status_code == 200
+    assert olgas != "backend-session", "the client sees the proxy's id, never the container's"
 
 
 def test_own_id_survives_a_restart_and_is_not_anyone_elses_then(real_proxy, outline, tmp_path):
