@@ -78,7 +78,8 @@ mod config {
         ("MCP_PROXY_KEY_MODE", "header", "header: the key reaches the container per request as x-outline-api-key and never Docker; env: OUTLINE_API_KEY is set in the container (older images)"),
         ("MCP_PROXY_IDLE_TIMEOUT", "15m", "a container with no MCP traffic this long sleeps (a request, a response still streaming, or a WebSocket keeps it awake; a client's open notification stream does not)"),
         ("MCP_PROXY_SPARES", "1", "booted, unassigned containers kept ready in header mode: a user without a running container takes one at once (0 = off; with spares on, an idle container is removed rather than stopped)"),
-        ("MCP_PROXY_USER_MAX_INFLIGHT", "0", "0 = no limit; else a user's requests in flight beyond it get 429 with Retry-After"),
+        ("MCP_PROXY_USER_MAX_INFLIGHT", "0", "0 = no limit; else a user's requests in flight and held notification streams together beyond it get 429 with Retry-After"),
+        ("MCP_PROXY_USER_MAX_STREAMS", "16", "notification streams (GET, text/event-stream) the proxy holds open per user; one more gets 429 with Retry-After (0 = no limit)"),
         ("MCP_PROXY_SSE_KEEPALIVE", "15s", "comment keep-alives on a client's notification stream while the proxy holds it (its container asleep or gone); below nginx's proxy_read_timeout"),
         ("MCP_PROXY_SWEEP_INTERVAL", "60s", "how often the sleeper thread looks"),
         ("MCP_PROXY_REMOVE_AFTER", "7d", "remove containers stopped this long (0 = never)"),
@@ -140,6 +141,7 @@ mod config {
         pub max_connections: usize,
         pub spares: usize,
         pub user_max_inflight: usize,
+        pub user_max_streams: usize,
         pub max_running: usize,
         pub max_body: u64,
         pub stats_user: String,
@@ -342,6 +344,7 @@ mod config {
                 // spares hold no user's key: only in header mode
                 spares: if key_mode == KeyMode::Header { number("MCP_PROXY_SPARES")? as usize } else { 0 },
                 user_max_inflight: number("MCP_PROXY_USER_MAX_INFLIGHT")? as usize,
+                user_max_streams: number("MCP_PROXY_USER_MAX_STREAMS")? as usize,
                 max_running,
                 max_body: size("MCP_PROXY_MAX_BODY")?,
                 stats_user: get("MCP_PROXY_STATS_USER"),
@@ -612,7 +615,14 @@ fn start_logging(level: log::LevelFilter) {
 /// `serve`: rebuild the registry, start the background threads and the request
 /// server, serve until SIGTERM, then let requests in flight finish (up to 30 s).
 fn run_serve(cfg: Config) -> ExitCode {
-    let proxy = Arc::new(Proxy::new(cfg));
+    let session_key = match sessions::SessionKey::load_or_create(cfg.state_dir.as_deref()) {
+        Ok(key) => key,
+        Err(e) => {
+            log::error!("session key: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let proxy = Arc::new(Proxy::new(cfg, session_key));
     background::adopt_existing(&proxy.containers);
     if let Err(e) = background::spawn(&proxy) {
         log::error!("{e}");
@@ -656,8 +666,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(cfg: Config) -> Proxy {
-        let sessions = Arc::new(sessions::Sessions::default());
+    pub fn new(cfg: Config, session_key: sessions::SessionKey) -> Proxy {
+        let sessions = Arc::new(sessions::Sessions::new(session_key));
         Proxy {
             auth: auth::Verifier::new(&cfg),
             containers: containers::Containers::new(&cfg, sessions.clone()),
@@ -754,6 +764,11 @@ mod error {
         AtCapacity(usize),
         /// One user's requests in flight reached MCP_PROXY_USER_MAX_INFLIGHT.
         UserBusy(usize),
+        /// One user's held notification streams reached MCP_PROXY_USER_MAX_STREAMS.
+        TooManyStreams(usize),
+        /// An `Mcp-Session-Id` the proxy did not mint for this user (the client
+        /// initializes again).
+        UnknownSession,
         GatewayTimeout(String),
         ShuttingDown,
         /// Found by the HTTP library while reading a request (its status, its reason).
@@ -767,7 +782,8 @@ mod error {
                 ProxyError::Unauthorized(_) | ProxyError::TokenRequired(..) | ProxyError::OperatorOnly => 401,
                 ProxyError::Forbidden(_) => 403,
                 ProxyError::RequestTimeout(_) => 408,
-                ProxyError::UserBusy(_) => 429,
+                ProxyError::UserBusy(_) | ProxyError::TooManyStreams(_) => 429,
+                ProxyError::UnknownSession => 404,
                 ProxyError::TooLarge(_) => 413,
                 ProxyError::OutlineUnreachable(_) | ProxyError::ContainerUnreachable(_) => 502,
                 ProxyError::DockerUnavailable(_)
@@ -796,6 +812,8 @@ mod error {
                 ProxyError::StartTimeout(_) => "start_timeout",
                 ProxyError::AtCapacity(_) => "at_capacity",
                 ProxyError::UserBusy(_) => "too_many_requests",
+                ProxyError::TooManyStreams(_) => "too_many_streams",
+                ProxyError::UnknownSession => "session_not_found",
                 ProxyError::GatewayTimeout(_) => "container_timeout",
                 ProxyError::ShuttingDown => "shutting_down",
                 ProxyError::Wire(status, _) => match status {
@@ -831,6 +849,12 @@ mod error {
                     format!("All {max} container slots are busy with requests in flight; try again shortly.")
                 }
                 ProxyError::ShuttingDown => "The proxy is restarting; try again shortly.".into(),
+                ProxyError::TooManyStreams(max) => format!(
+                    "You have {max} notification streams open, as many as this proxy allows one user; close one first."
+                ),
+                ProxyError::UnknownSession => {
+                    "This MCP session was not issued to you by this proxy, or has ended; initialize a new one.".into()
+                }
                 ProxyError::UserBusy(max) => {
                     format!(
                         "You have {max} requests in flight, as many as this proxy allows one user; try again shortly."
@@ -843,6 +867,7 @@ mod error {
             match self {
                 ProxyError::AtCapacity(_) => Some(30),
                 ProxyError::UserBusy(_) => Some(1),
+                ProxyError::TooManyStreams(_) => Some(5),
                 ProxyError::DockerUnavailable(_)
                 | ProxyError::StartTimeout(_)
                 | ProxyError::ContainerFailed(_)
@@ -1365,10 +1390,18 @@ mod front {
             Err(e) => return reject(request, e),
         };
         let want = Want::new(&proxy.cfg, name, &user, &credential);
+        // an id the proxy did not mint for this user: 404 before any container wakes
+        if let Err(e) = proxy.sessions.check(incoming.header(SESSION_HEADER), &want.name) {
+            return reject(request, e);
+        }
         if relay::is_notification_stream(incoming) {
             let client_id = incoming.header(SESSION_HEADER).unwrap_or("").trim();
             if let Route::Own { .. } = proxy.sessions.route(Some(client_id), &want.name, None) {
-                return relay::hold_stream(proxy, request, incoming, &credential, &want.name, client_id);
+                let slot = match proxy.containers.registry.hold_stream(&want.name) {
+                    Ok(slot) => slot,
+                    Err(e) => return reject(request, e),
+                };
+                return relay::hold_stream(proxy, request, incoming, &credential, &want.name, client_id, slot);
             }
         }
         let websocket = incoming.is_websocket_upgrade();
@@ -3916,18 +3949,128 @@ mod auth {
 }
 
 mod sessions {
-    //! Owns the clients' MCP sessions: which client session id belongs to whom, which
-    //! upstream session (of which container incarnation) it stands for, the client's own
-    //! `initialize`, and when one must be opened again. Pure; calls `util` only.
+    //! Owns the clients' MCP sessions: the ids the proxy mints (a MAC binds each to its
+    //! owner, under a key kept in the state directory), which upstream session (of which
+    //! container incarnation) each stands for, the client's own `initialize`, and when one
+    //! must be opened again. Calls `util`, and `grants` for the kernel's randomness.
+    use crate::error::ProxyError;
     use crate::util::{lock, Flight};
+    use hkdf::hmac::{Hmac, Mac};
     use serde_json::Value;
+    use sha2::Sha256;
     use std::collections::HashMap;
+    use std::path::Path;
     use std::sync::atomic::{AtomicU64, AtomicUsize};
     use std::sync::{Arc, Condvar, Mutex};
     use std::time::{Duration, Instant};
 
     /// The header that names a session, both ways.
     pub const SESSION_HEADER: &str = "mcp-session-id";
+    /// The key session ids are minted under, in the state directory.
+    pub const KEY_FILE: &str = "session-key";
+    /// A minted id: 128 random bits, then 128 bits of HMAC-SHA256 over them and the
+    /// owner, both hex.
+    const ID_RANDOM: usize = 16;
+    const ID_MAC: usize = 16;
+    /// A container name ends in the 32 hex of its owner's hash (see `auth::container_name`).
+    const OWNER_HASH: usize = 32;
+
+    /// The secret session ids are minted and checked under.
+    pub struct SessionKey([u8; 32]);
+
+    impl SessionKey {
+        pub fn from_bytes(bytes: [u8; 32]) -> SessionKey {
+            SessionKey(bytes)
+        }
+
+        /// The key in `dir/session-key` (hex, mode 0600), made on first start; without a
+        /// state directory a key for this run only (ids then die with the process).
+        pub fn load_or_create(dir: Option<&Path>) -> Result<SessionKey, String> {
+            let fresh = || crate::grants::random_32().map_err(|e| format!("no randomness from /dev/urandom: {e}"));
+            let Some(dir) = dir else {
+                log::warn!(
+                    "no state directory: MCP session ids will not be known after a restart (clients re-initialize)"
+                );
+                return fresh().map(SessionKey);
+            };
+            let path = dir.join(KEY_FILE);
+            match read_key(&path) {
+                Ok(Some(key)) => return Ok(key),
+                Ok(None) => {}
+                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            }
+            let key = fresh()?;
+            match write_key(&path, &key) {
+                Ok(()) => {
+                    log::info!("made a new session key in {}", path.display());
+                    Ok(SessionKey(key))
+                }
+                // another process made it first: theirs is the key
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match read_key(&path) {
+                    Ok(Some(key)) => Ok(key),
+                    _ => Err(format!("cannot read {}", path.display())),
+                },
+                Err(e) => Err(format!("cannot write {}: {e}", path.display())),
+            }
+        }
+
+        /// The MAC binds the user: their owner hash, the container name without its
+        /// prefix (so hosts with other prefixes but the same key know the id too).
+        fn mac(&self, owner: &str, random: &[u8]) -> Hmac<Sha256> {
+            let user = owner.len().checked_sub(OWNER_HASH).and_then(|at| owner.get(at..)).unwrap_or(owner);
+            // a key of any length is accepted by HMAC; 32 bytes cannot fail
+            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
+            mac.update(b"outline-mcp-proxy session v1\0");
+            mac.update(user.as_bytes());
+            mac.update(b"\0");
+            mac.update(random);
+            mac
+        }
+
+        /// A new session id for `owner`.
+        pub fn mint(&self, owner: &str) -> Result<String, ProxyError> {
+            let random = crate::grants::random_32().map_err(|e| {
+                log::error!("no randomness from /dev/urandom: {e}");
+                ProxyError::ContainerUnreachable("The session could not be given an id.".into())
+            })?;
+            let random = &random[..ID_RANDOM];
+            let tag = self.mac(owner, random).finalize().into_bytes();
+            Ok(format!("{}{}", hex::encode(random), hex::encode(&tag[..ID_MAC])))
+        }
+
+        /// Whether the proxy minted `id` for `owner` (checked in constant time).
+        pub fn issued_to(&self, id: &str, owner: &str) -> bool {
+            let Ok(bytes) = hex::decode(id.trim()) else { return false };
+            if bytes.len() != ID_RANDOM + ID_MAC {
+                return false;
+            }
+            let (random, tag) = bytes.split_at(ID_RANDOM);
+            self.mac(owner, random).verify_truncated_left(tag).is_ok()
+        }
+    }
+
+    /// The key file's key; None when there is no file yet.
+    fn read_key(path: &Path) -> std::io::Result<Option<SessionKey>> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let bytes = hex::decode(text.trim()).ok().and_then(|b| <[u8; 32]>::try_from(b).ok());
+        match bytes {
+            Some(key) => Ok(Some(SessionKey(key))),
+            None => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not 64 hex digits")),
+        }
+    }
+
+    /// Writes a new key file, readable by the proxy alone; never over an existing one.
+    fn write_key(path: &Path, key: &[u8; 32]) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+        file.write_all(hex::encode(key).as_bytes())?;
+        file.sync_all()
+    }
     /// Sessions remembered per owner; the least recently used beyond it is forgotten.
     const MAX_PER_OWNER: usize = 64;
 
@@ -3935,9 +4078,10 @@ mod sessions {
     pub type Opening = Arc<Flight<Result<String, crate::error::ProxyError>>>;
 
     struct ClientSession {
-        /// The container name it is bound to (who opened it, or first presented it).
+        /// The container name it was minted for.
         owner: String,
-        upstream_id: String,
+        /// None: the proxy knows no upstream session for it (a restart forgot it).
+        upstream_id: Option<String>,
         /// The container incarnation that issued `upstream_id`, when known.
         incarnation: Option<String>,
         /// The client's own `initialize` params, replayed to open a new upstream session.
@@ -3954,11 +4098,13 @@ mod sessions {
     pub enum Route {
         /// No session: passed through untouched (stateless revisions, `initialize`).
         Plain,
-        /// Another owner's session id, or one its client ended: sent as it came, never
-        /// mapped or reopened, so the container answers it (404).
+        /// A session its client ended: sent as it came, never mapped or reopened, so the
+        /// container answers it (404). (An id not minted for this owner never gets here:
+        /// `check` turns it away first.)
         Foreign,
         /// The owner's session, sent upstream as `upstream_id`. `stale`: the proxy knows
-        /// the container that issued it is gone, so a new one must be opened first.
+        /// the container that issued it is gone, or knows no upstream session for it, so
+        /// a new one must be opened first.
         Own { client_id: String, upstream_id: String, stale: bool },
     }
 
@@ -3977,6 +4123,7 @@ mod sessions {
     }
 
     pub struct Sessions {
+        key: SessionKey,
         table: Mutex<HashMap<String, ClientSession>>,
         /// Bumped when a container starts or a session is (re)mapped: held streams wake.
         changes: Mutex<u64>,
@@ -3984,9 +4131,10 @@ mod sessions {
         pub counters: Counters,
     }
 
-    impl Default for Sessions {
-        fn default() -> Sessions {
+    impl Sessions {
+        pub fn new(key: SessionKey) -> Sessions {
             Sessions {
+                key,
                 table: Mutex::new(HashMap::new()),
                 changes: Mutex::new(0),
                 changed: Condvar::new(),
@@ -3996,14 +4144,28 @@ mod sessions {
     }
 
     impl Sessions {
-        /// Decides how a request's session is sent. A session id the proxy has not seen
-        /// (after a restart, or on another host) is bound to the owner presenting it.
+        /// A request's session id must be one the proxy minted for this owner: any other
+        /// (made up, another user's, from a key the proxy no longer has) is answered 404
+        /// at once, so the client initializes again, before a container is woken.
+        pub fn check(&self, client_id: Option<&str>, owner: &str) -> Result<(), ProxyError> {
+            match client_id {
+                Some(id) if !self.key.issued_to(id, owner) => Err(ProxyError::UnknownSession),
+                _ => Ok(()),
+            }
+        }
+
+        /// Decides how a request's session is sent. An id minted for this owner that the
+        /// table does not hold (the proxy restarted, or another host minted it under the
+        /// same key) is taken back, to be opened again upstream.
         pub fn route(&self, client_id: Option<&str>, owner: &str, incarnation: Option<&str>) -> Route {
             let Some(client_id) = client_id else { return Route::Plain };
+            if !self.key.issued_to(client_id, owner) {
+                return Route::Foreign;
+            }
             let mut table = lock(&self.table);
             let session = table.entry(client_id.to_string()).or_insert_with(|| ClientSession {
                 owner: owner.to_string(),
-                upstream_id: client_id.to_string(),
+                upstream_id: None,
                 incarnation: None,
                 init_params: None,
                 last_used: Instant::now(),
@@ -4014,9 +4176,12 @@ mod sessions {
                 return Route::Foreign;
             }
             session.last_used = Instant::now();
-            let stale = matches!((&session.incarnation, incarnation), (Some(had), Some(now)) if had != now);
-            let route =
-                Route::Own { client_id: client_id.to_string(), upstream_id: session.upstream_id.clone(), stale };
+            let replaced = matches!((&session.incarnation, incarnation), (Some(had), Some(now)) if had != now);
+            let (upstream_id, stale) = match &session.upstream_id {
+                Some(id) => (id.clone(), replaced),
+                None => (client_id.to_string(), true),
+            };
+            let route = Route::Own { client_id: client_id.to_string(), upstream_id, stale };
             self.bound_owner(&mut table, owner);
             route
         }
@@ -4043,14 +4208,22 @@ mod sessions {
             }
         }
 
-        /// A client's own `initialize` was answered with a new session.
-        pub fn opened(&self, owner: &str, session_id: &str, incarnation: Option<&str>, init_params: Option<Value>) {
+        /// A client's own `initialize` was answered with a new upstream session: the id
+        /// the client is to see instead, minted for `owner`.
+        pub fn opened(
+            &self,
+            owner: &str,
+            upstream_id: &str,
+            incarnation: Option<&str>,
+            init_params: Option<Value>,
+        ) -> Result<String, ProxyError> {
+            let client_id = self.key.mint(owner)?;
             let mut table = lock(&self.table);
             table.insert(
-                session_id.to_string(),
+                client_id.clone(),
                 ClientSession {
                     owner: owner.to_string(),
-                    upstream_id: session_id.to_string(),
+                    upstream_id: Some(upstream_id.to_string()),
                     incarnation: incarnation.map(str::to_string),
                     init_params,
                     last_used: Instant::now(),
@@ -4061,6 +4234,7 @@ mod sessions {
             self.bound_owner(&mut table, owner);
             drop(table);
             self.notify_change();
+            Ok(client_id)
         }
 
         /// Claims the reopening of a session, or joins the one under way.
@@ -4078,7 +4252,7 @@ mod sessions {
         /// A new upstream session stands for the client's from now on.
         pub fn reopened(&self, client_id: &str, opening: &Opening, upstream_id: &str, incarnation: Option<&str>) {
             if let Some(session) = lock(&self.table).get_mut(client_id) {
-                session.upstream_id = upstream_id.to_string();
+                session.upstream_id = Some(upstream_id.to_string());
                 session.incarnation = incarnation.map(str::to_string);
                 session.opening = None;
             }
@@ -4109,7 +4283,7 @@ mod sessions {
             let session = table.get(client_id).filter(|s| s.owner == owner && !s.ended)?;
             match (&session.incarnation, incarnation) {
                 (Some(had), Some(now)) if had != now => None,
-                _ => Some(session.upstream_id.clone()),
+                _ => session.upstream_id.clone(),
             }
         }
 
@@ -4334,11 +4508,63 @@ mod registry {
         pub entries: Mutex<HashMap<String, Entry>>,
         max_running: usize,
         user_max_inflight: usize,
+        user_max_streams: usize,
+        /// Notification streams the proxy holds, per container name: apart from the
+        /// entries, whose life is the container's. Locked after `entries`, never before.
+        streams: Mutex<HashMap<String, usize>>,
+    }
+
+    /// One held notification stream of a user, counted while alive.
+    pub struct StreamSlot {
+        registry: Arc<Registry>,
+        name: String,
+    }
+
+    impl Drop for StreamSlot {
+        fn drop(&mut self) {
+            let mut streams = lock(&self.registry.streams);
+            if let Some(held) = streams.get_mut(&self.name) {
+                *held = held.saturating_sub(1);
+                if *held == 0 {
+                    streams.remove(&self.name);
+                }
+            }
+        }
     }
 
     impl Registry {
-        pub fn new(max_running: usize, user_max_inflight: usize) -> Registry {
-            Registry { entries: Mutex::new(HashMap::new()), max_running, user_max_inflight }
+        pub fn new(max_running: usize, user_max_inflight: usize, user_max_streams: usize) -> Registry {
+            Registry {
+                entries: Mutex::new(HashMap::new()),
+                max_running,
+                user_max_inflight,
+                user_max_streams,
+                streams: Mutex::new(HashMap::new()),
+            }
+        }
+
+        /// A user's requests in flight and held streams together have reached
+        /// MCP_PROXY_USER_MAX_INFLIGHT (0 = no limit).
+        fn user_busy(&self, active: usize, name: &str) -> bool {
+            self.user_max_inflight > 0
+                && active + lock(&self.streams).get(name).copied().unwrap_or(0) >= self.user_max_inflight
+        }
+
+        /// Claims a slot for one more held notification stream of `name`'s user: at most
+        /// MCP_PROXY_USER_MAX_STREAMS, and counted with their requests in flight.
+        pub fn hold_stream(self: &Arc<Self>, name: &str) -> Result<StreamSlot, ProxyError> {
+            let entries = lock(&self.entries);
+            let active = entries.get(name).map_or(0, |e| e.active);
+            if self.user_busy(active, name) {
+                return Err(ProxyError::UserBusy(self.user_max_inflight));
+            }
+            let mut streams = lock(&self.streams);
+            let held = streams.entry(name.to_string()).or_insert(0);
+            if self.user_max_streams > 0 && *held >= self.user_max_streams {
+                return Err(ProxyError::TooManyStreams(self.user_max_streams));
+            }
+            *held += 1;
+            Ok(StreamSlot { registry: self.clone(), name: name.to_string() })
         }
 
         /// Routes to a running container, waits for a transition under way, or claims
@@ -4357,7 +4583,7 @@ mod registry {
                 return Ok(Plan::Wait(flight.clone()));
             }
             if let (State::Running, Some(address)) = (entry.state, entry.address) {
-                if self.user_max_inflight > 0 && entry.active >= self.user_max_inflight {
+                if self.user_busy(entry.active, name) {
                     return Err(ProxyError::UserBusy(self.user_max_inflight));
                 }
                 entry.active += 1;
@@ -5330,7 +5556,7 @@ mod containers {
             Containers {
                 cfg: cfg.clone(),
                 sessions,
-                registry: Arc::new(Registry::new(cfg.max_running, cfg.user_max_inflight)),
+                registry: Arc::new(Registry::new(cfg.max_running, cfg.user_max_inflight, cfg.user_max_streams)),
                 docker: Docker::new(&cfg.docker),
                 // the readiness probe: short, never pooled
                 ready_agent: agent_base()
@@ -5655,7 +5881,7 @@ mod relay {
     use crate::error::ProxyError;
     use crate::front::{reject, RouteResult};
     use crate::http1::{self, header_tokens, header_value, is_hop_by_hop, Framing, Incoming};
-    use crate::registry::Lease;
+    use crate::registry::{Lease, StreamSlot};
     use crate::sessions::{Reopen, Route, SESSION_HEADER};
     use crate::util::agent_base;
     use crate::{InFlight, Proxy};
@@ -6023,11 +6249,15 @@ mod relay {
                 Some(client_id.clone())
             }
             Route::Plain => {
-                let opened = response.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok());
-                if let (true, Some(id), Some(params)) = (ok, opened, body.initialize_params()) {
-                    proxy.sessions.opened(&lease.name, id, incarnation, Some(params));
+                // a new session: the client gets an id the proxy minted, never the container's
+                let opened = response.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()).filter(|_| ok)?;
+                match proxy.sessions.opened(&lease.name, opened, incarnation, body.initialize_params()) {
+                    Ok(client_id) => Some(client_id),
+                    Err(e) => {
+                        log::error!("{}", e.message());
+                        None
+                    }
                 }
-                None
             }
             Route::Foreign => None,
         }
@@ -6288,6 +6518,7 @@ mod relay {
         credential: &Credential,
         owner: &str,
         client_id: &str,
+        _slot: StreamSlot,
     ) -> RouteResult {
         let headers = vec![
             ("Content-Type".to_string(), "text/event-stream".to_string()),
@@ -7716,7 +7947,7 @@ mod tests {
     }
 
     fn test_proxy(pairs: &[(&str, &str)]) -> Proxy {
-        Proxy::new(Config::load(&env(pairs)).unwrap())
+        Proxy::new(Config::load(&env(pairs)).unwrap(), crate::sessions::SessionKey::from_bytes([7; 32]))
     }
 
     fn running_entry(address: SocketAddr, idle_secs: u64, active: usize) -> Entry {
@@ -8167,52 +8398,122 @@ mod tests {
         assert_eq!(stats["containers"][0]["state"], "running");
     }
 
+    fn test_sessions() -> crate::sessions::Sessions {
+        crate::sessions::Sessions::new(crate::sessions::SessionKey::from_bytes([7; 32]))
+    }
+
     #[test]
     fn sessions_are_bound_to_their_owner_and_reopened_when_stale() {
-        use crate::sessions::{Reopen, Route, Sessions};
-        let s = Sessions::default();
+        use crate::sessions::{Reopen, Route};
+        let s = test_sessions();
         assert_eq!(s.route(None, "mcp-a", None), Route::Plain);
-        // a client's own initialize, answered by incarnation i1
-        s.opened("mcp-a", "s1", Some("i1"), Some(serde_json::json!({"protocolVersion": "2025-06-18"})));
-        let own = |upstream: &str, stale| Route::Own { client_id: "s1".into(), upstream_id: upstream.into(), stale };
-        assert_eq!(s.route(Some("s1"), "mcp-a", Some("i1")), own("s1", false));
-        // the same id with another user's key is never mapped
-        assert_eq!(s.route(Some("s1"), "mcp-b", Some("i1")), Route::Foreign);
+        // a client's own initialize, answered by incarnation i1: the client gets a minted id
+        let s1 =
+            s.opened("mcp-a", "u1", Some("i1"), Some(serde_json::json!({"protocolVersion": "2025-06-18"}))).unwrap();
+        assert_ne!(s1, "u1");
+        let own = |upstream: &str, stale| Route::Own { client_id: s1.clone(), upstream_id: upstream.into(), stale };
+        assert_eq!(s.route(Some(&s1), "mcp-a", Some("i1")), own("u1", false));
+        // the same id with another user's key is never mapped, and is turned away
+        assert_eq!(s.route(Some(&s1), "mcp-b", Some("i1")), Route::Foreign);
+        assert!(s.check(Some(&s1), "mcp-b").is_err() && s.check(Some(&s1), "mcp-a").is_ok());
         // a container that is not the one that issued it: stale, and no stream attaches
-        assert_eq!(s.route(Some("s1"), "mcp-a", Some("i2")), own("s1", true));
-        assert_eq!(s.attachable("s1", "mcp-a", Some("i2")), None);
-        assert_eq!(s.attachable("s1", "mcp-b", Some("i1")), None);
+        assert_eq!(s.route(Some(&s1), "mcp-a", Some("i2")), own("u1", true));
+        assert_eq!(s.attachable(&s1, "mcp-a", Some("i2")), None);
+        assert_eq!(s.attachable(&s1, "mcp-b", Some("i1")), None);
         // one request reopens, the others wait for it; the client's params are replayed
-        let Some(Reopen::Lead(opening, params)) = s.reopen("s1") else { panic!("expected to lead") };
+        let Some(Reopen::Lead(opening, params)) = s.reopen(&s1) else { panic!("expected to lead") };
         assert_eq!(params.unwrap()["protocolVersion"], "2025-06-18");
-        assert!(matches!(s.reopen("s1"), Some(Reopen::Follow(_))));
-        s.reopened("s1", &opening, "u2", Some("i2"));
+        assert!(matches!(s.reopen(&s1), Some(Reopen::Follow(_))));
+        s.reopened(&s1, &opening, "u2", Some("i2"));
         assert_eq!(opening.wait().unwrap(), "u2");
-        assert_eq!(s.route(Some("s1"), "mcp-a", Some("i2")), own("u2", false));
-        assert_eq!(s.attachable("s1", "mcp-a", Some("i2")).as_deref(), Some("u2"));
+        assert_eq!(s.route(Some(&s1), "mcp-a", Some("i2")), own("u2", false));
+        assert_eq!(s.attachable(&s1, "mcp-a", Some("i2")).as_deref(), Some("u2"));
         assert_eq!(s.counters.resurrections.load(std::sync::atomic::Ordering::Relaxed), 1);
-        // an id first seen after a restart is bound to whoever presents it first
-        assert!(matches!(s.route(Some("s9"), "mcp-b", None), Route::Own { .. }));
-        assert_eq!(s.route(Some("s9"), "mcp-a", None), Route::Foreign);
         // DELETE by another owner does nothing; by the owner, the mapping goes
-        s.ended("s1", "mcp-b");
+        s.ended(&s1, "mcp-b");
         assert_eq!(s.per_owner().get("mcp-a"), Some(&1));
-        s.ended("s1", "mcp-a");
+        s.ended(&s1, "mcp-a");
         assert_eq!(s.per_owner().get("mcp-a"), None);
         // and an ended session is never opened again: the container's 404 answers
-        assert_eq!(s.route(Some("s1"), "mcp-a", Some("i2")), Route::Foreign);
-        assert_eq!(s.attachable("s1", "mcp-a", Some("i2")), None);
+        assert_eq!(s.route(Some(&s1), "mcp-a", Some("i2")), Route::Foreign);
+        assert_eq!(s.attachable(&s1, "mcp-a", Some("i2")), None);
+    }
+
+    #[test]
+    fn session_ids_are_known_by_their_mac_alone() {
+        use crate::sessions::{Route, SessionKey, Sessions};
+        let s = test_sessions();
+        let id = s.opened("mcp-a", "u1", Some("i1"), None).unwrap();
+        // another process with the same key (a restart, another host) knows the id as
+        // mcp-a's, has no upstream session for it, so opens one
+        let again = test_sessions();
+        assert!(again.check(Some(&id), "mcp-a").is_ok());
+        assert_eq!(
+            again.route(Some(&id), "mcp-a", Some("i1")),
+            Route::Own { client_id: id.clone(), upstream_id: id.clone(), stale: true }
+        );
+        assert_eq!(again.attachable(&id, "mcp-a", Some("i1")), None);
+        // made-up ids, altered ids, and ids under another key are not the proxy's
+        let other = Sessions::new(SessionKey::from_bytes([8; 32]));
+        let mut altered = id.clone().into_bytes();
+        altered[0] = if altered[0] == b'0' { b'1' } else { b'0' };
+        for bad in ["", "made-up", &"0".repeat(64), std::str::from_utf8(&altered).unwrap()] {
+            assert!(s.check(Some(bad), "mcp-a").is_err(), "{bad}");
+        }
+        assert!(other.check(Some(&id), "mcp-a").is_err());
+        assert!(s.check(None, "mcp-a").is_ok());
+        // the user is bound, not the host's container prefix
+        let hash = "0123456789abcdef0123456789abcdef";
+        let id = s.opened(&format!("h1-{hash}"), "u1", None, None).unwrap();
+        assert!(again.check(Some(&id), &format!("mcp-{hash}")).is_ok());
+        assert!(again.check(Some(&id), &format!("mcp-{}", hash.replace('0', "1"))).is_err());
+    }
+
+    #[test]
+    fn the_session_key_is_made_once_and_kept() {
+        use crate::sessions::{SessionKey, KEY_FILE};
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("session-key-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(dir.join(KEY_FILE));
+        let first = crate::sessions::Sessions::new(SessionKey::load_or_create(Some(&dir)).unwrap());
+        let mode = std::fs::metadata(dir.join(KEY_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let id = first.opened("mcp-a", "u1", None, None).unwrap();
+        let second = crate::sessions::Sessions::new(SessionKey::load_or_create(Some(&dir)).unwrap());
+        assert!(second.check(Some(&id), "mcp-a").is_ok());
+        std::fs::write(dir.join(KEY_FILE), "not a key").unwrap();
+        assert!(SessionKey::load_or_create(Some(&dir)).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn sessions_per_owner_are_bounded() {
-        let s = crate::sessions::Sessions::default();
+        let s = test_sessions();
         for i in 0..100 {
-            s.opened("mcp-a", &format!("s{i}"), None, None);
+            s.opened("mcp-a", &format!("s{i}"), None, None).unwrap();
         }
-        s.opened("mcp-b", "other", None, None);
+        s.opened("mcp-b", "other", None, None).unwrap();
         assert_eq!(s.per_owner()["mcp-a"], 64);
         assert_eq!(s.per_owner()["mcp-b"], 1);
+    }
+
+    #[test]
+    fn held_streams_are_capped_per_user_and_counted_with_requests_in_flight() {
+        use crate::registry::Registry;
+        let r = std::sync::Arc::new(Registry::new(0, 0, 2));
+        let (a, b) = (r.hold_stream("mcp-a").unwrap(), r.hold_stream("mcp-a").unwrap());
+        assert!(matches!(r.hold_stream("mcp-a"), Err(ProxyError::TooManyStreams(2))));
+        assert!(r.hold_stream("mcp-b").is_ok(), "another user's cap is their own");
+        drop(a);
+        let _c = r.hold_stream("mcp-a").unwrap();
+        drop(b);
+        // with an in-flight limit, held streams take its slots too
+        let r = std::sync::Arc::new(Registry::new(0, 2, 0));
+        let _held = (r.hold_stream("mcp-a").unwrap(), r.hold_stream("mcp-a").unwrap());
+        assert!(matches!(r.hold_stream("mcp-a"), Err(ProxyError::UserBusy(2))));
+        lock(&r.entries).insert("mcp-a".into(), running_entry("10.0.0.2:3000".parse().unwrap(), 0, 0));
+        assert!(matches!(r.plan("mcp-a", "a", false), Err(ProxyError::UserBusy(2))));
     }
 
     #[test]

@@ -7,11 +7,14 @@
 #
 # It installs Docker and nginx when missing (a running Docker is used as it is), creates
 # the service user `mcp-proxy` in group docker, installs the binary, the env file
-# (0640 root:mcp-proxy, never overwritten once there), the unit and nginx's site with the
-# domain filled in, a self-signed certificate and an htpasswd for /stats (the password is
-# printed once), pulls the image, enables and starts both services, and runs `check`.
-# Running it again changes nothing; --uninstall removes what it added and leaves Docker,
-# its images and the users' containers alone.
+# (0600 root:root, never overwritten once there), the unit and nginx's site with the
+# domain filled in, a self-signed certificate, a random password for /stats and /metrics
+# (MCP_PROXY_STATS_PASSWORD in the env file, and nginx's htpasswd made from it; its place
+# is printed, never the password), the firewall unit that keeps the containers off the
+# cloud metadata address (169.254.0.0/16, a DOCKER-USER rule), pulls the image, enables
+# and starts the services, and runs `check`. Running it again changes nothing;
+# --uninstall removes what it added and leaves Docker, its images and the users'
+# containers alone.
 #
 # Options: --binary PATH (default: target/release/outline-mcp-proxy beside this script,
 # else one on PATH), --image REF (default: the proxy's), --no-pull (use a local image),
@@ -29,7 +32,7 @@ while [ $# -gt 0 ]; do
     --no-pull) pull=0; shift ;;
     --set) settings+=("$2"); shift 2 ;;
     --uninstall) uninstall=1; shift ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -37,6 +40,8 @@ done
 BIN=/usr/local/bin/outline-mcp-proxy
 ENV_FILE=/etc/outline-mcp-proxy.env
 UNIT=/etc/systemd/system/mcp-proxy.service
+FIREWALL_UNIT=/etc/systemd/system/mcp-proxy-firewall.service
+FIREWALL=/usr/local/lib/outline-mcp-proxy/metadata-firewall
 SITE=/etc/nginx/conf.d/mcp.conf
 CRT=/etc/ssl/certs/self-signed.crt
 KEY=/etc/ssl/private/self-signed.key
@@ -60,7 +65,12 @@ if [ "$uninstall" -eq 1 ]; then
   if systemctl list-unit-files mcp-proxy.service >/dev/null 2>&1; then
     systemctl disable --now mcp-proxy.service >/dev/null 2>&1 || true
   fi
-  rm -f "$UNIT" "$BIN" "$SITE" "$ENV_FILE" "$CRT" "$KEY" "$HTPASSWD"
+  # stopping the firewall unit removes its DOCKER-USER rule; the script again, in case
+  # the unit was never started
+  systemctl disable --now mcp-proxy-firewall.service >/dev/null 2>&1 || true
+  if [ -x "$FIREWALL" ]; then "$FIREWALL" remove || true; fi
+  rm -f "$UNIT" "$FIREWALL_UNIT" "$BIN" "$SITE" "$ENV_FILE" "$CRT" "$KEY" "$HTPASSWD"
+  rm -rf "$(dirname "$FIREWALL")"
   rm -rf /var/lib/outline-mcp-proxy   # the OAuth grants (sealed; useless without the tokens)
   systemctl daemon-reload
   if id "$SVC_USER" >/dev/null 2>&1; then userdel "$SVC_USER"; fi
@@ -90,9 +100,10 @@ if ! docker version --format '{{.Server.Version}}' >/dev/null 2>&1; then
   command -v docker >/dev/null || pkg_install "$([ "$pm" = apt ] && echo docker.io || echo docker)"
   systemctl enable --now docker
 fi
-# 2. nginx and openssl
+# 2. nginx, openssl, and iptables (the metadata firewall)
 command -v nginx >/dev/null || pkg_install nginx
 command -v openssl >/dev/null || pkg_install openssl
+command -v iptables >/dev/null || pkg_install "$([ "$pm" = apt ] && echo iptables || echo iptables-nft)"
 
 # 3. the service user, in group docker (the socket's group)
 getent group docker >/dev/null || groupadd --system docker
@@ -127,15 +138,29 @@ if [ ! -f "$ENV_FILE" ]; then
     for s in "${settings[@]}"; do
       case "$s" in [A-Z]*=*) echo "$s" ;; *) echo "--set $s: NAME=VALUE" >&2; exit 2 ;; esac
     done
-    echo "# MCP_PROXY_STATS_PASSWORD=   (nginx already asks for the htpasswd on /stats)"
   } > "$tmp"
-  install -m 0640 -o root -g "$SVC_USER" "$tmp" "$ENV_FILE"; rm -f "$tmp"
+  install -m 0600 -o root -g root "$tmp" "$ENV_FILE"; rm -f "$tmp"
   changed "$ENV_FILE"
 fi
-image=${image:-$(set -a; . "$ENV_FILE"; set +a; echo "${MCP_PROXY_IMAGE:-ghcr.io/vortiago/mcp-outline:latest}")}
+setting() { (set -a; . "$ENV_FILE"; set +a; eval "printf '%s' \"\${$1:-}\""); }
+image=${image:-$(setting MCP_PROXY_IMAGE)}
+image=${image:-ghcr.io/vortiago/mcp-outline:latest}
+env_changed=0
+# the password the proxy asks for on /stats and /metrics, besides nginx's: made once,
+# never replaced; kept only in the env file (never on a command line)
+stats_password=$(setting MCP_PROXY_STATS_PASSWORD)
+if [ -z "$stats_password" ] && [ ! -f "$HTPASSWD" ]; then
+  stats_password=$(openssl rand -hex 20)
+  printf '# /stats and /metrics (HTTP Basic, user MCP_PROXY_STATS_USER, default admin): nginx\n' >> "$ENV_FILE"
+  printf '# asks for it too, from %s, made from it by install.sh\n' "$HTPASSWD" >> "$ENV_FILE"
+  printf 'MCP_PROXY_STATS_PASSWORD=%s\n' "$stats_password" >> "$ENV_FILE"
+  changed "$ENV_FILE: MCP_PROXY_STATS_PASSWORD"; env_changed=1
+fi
 
-# 6. the unit, and nginx's site with the domain
+# 6. the units (the proxy, the metadata firewall), and nginx's site with the domain
 place "$UNIT" "$here/systemd/mcp-proxy.service" 0644 root:root && unit_changed=1 || unit_changed=0
+place "$FIREWALL_UNIT" "$here/systemd/mcp-proxy-firewall.service" 0644 root:root && unit_changed=1 || true
+place "$FIREWALL" "$here/systemd/metadata-firewall.sh" 0755 root:root && firewall_changed=1 || firewall_changed=0
 tmp=$(mktemp); sed "s/DOMAIN_PLACEHOLDER/$domain/g" "$here/nginx.conf" > "$tmp"
 place "$SITE" "$tmp" 0644 root:root && site_changed=1 || site_changed=0; rm -f "$tmp"
 mkdir -p /var/www/certbot
@@ -147,13 +172,19 @@ if [ ! -f "$CRT" ] || [ ! -f "$KEY" ]; then
     -addext "subjectAltName=DNS:$domain,DNS:localhost,IP:127.0.0.1" -keyout "$KEY" -out "$CRT" 2>/dev/null
   chmod 0600 "$KEY"; changed "$CRT (self-signed, 365 days)"; site_changed=1
 fi
-if [ ! -f "$HTPASSWD" ]; then
-  password=$(openssl rand -base64 18 | tr -d '/+=' | cut -c1-20)
-  printf 'admin:%s\n' "$(openssl passwd -apr1 "$password")" > "$HTPASSWD"
-  chmod 0640 "$HTPASSWD"; chgrp "$(stat -c %G /etc/nginx 2>/dev/null || echo root)" "$HTPASSWD" 2>/dev/null || true
+stats_user=$(setting MCP_PROXY_STATS_USER); stats_user=${stats_user:-admin}
+if [ ! -f "$HTPASSWD" ] && [ -n "$stats_password" ]; then
+  # one credential passes both walls: nginx's htpasswd holds the env file's password hashed
+  # (openssl reads it from stdin, not its arguments)
+  printf '%s:%s\n' "$stats_user" "$(printf '%s\n' "$stats_password" | openssl passwd -apr1 -stdin)" > "$HTPASSWD"
+  # readable by nginx's workers (www-data on Debian, nginx on Amazon Linux), no one else
+  nginx_user=$(sed -n 's/^[[:space:]]*user[[:space:]]\{1,\}\([^[:space:];]*\).*/\1/p' /etc/nginx/nginx.conf | head -1)
+  chmod 0640 "$HTPASSWD"; chgrp "$(id -gn "${nginx_user:-www-data}" 2>/dev/null || echo root)" "$HTPASSWD"
   changed "$HTPASSWD"
-  say "  /stats and /metrics: user admin, password $password (shown once; change it with htpasswd)"
+  say "  /stats and /metrics: user $stats_user, password: MCP_PROXY_STATS_PASSWORD in $ENV_FILE (root only)"
   site_changed=1
+elif [ -z "$stats_password" ]; then
+  say "  note: MCP_PROXY_STATS_PASSWORD is not set in $ENV_FILE: /stats is guarded by nginx's $HTPASSWD alone"
 fi
 
 # 8. the image
@@ -163,8 +194,16 @@ else say "image $image is missing and --no-pull was given" >&2; exit 1; fi
 
 # 9. both services, enabled and running
 [ "$unit_changed" -eq 1 ] && systemctl daemon-reload
-systemctl enable --quiet mcp-proxy.service nginx.service
-if [ "$unit_changed" -eq 1 ] || ! systemctl is-active --quiet mcp-proxy; then systemctl restart mcp-proxy; fi
+systemctl enable --quiet mcp-proxy.service mcp-proxy-firewall.service nginx.service
+if [ "$unit_changed" -eq 1 ] || [ "$env_changed" -eq 1 ] || ! systemctl is-active --quiet mcp-proxy; then
+  systemctl restart mcp-proxy
+fi
+# the DOCKER-USER rule (after the proxy: it makes the containers' network)
+if [ "$unit_changed" -eq 1 ] || [ "$firewall_changed" -eq 1 ] || [ "$env_changed" -eq 1 ] \
+  || ! systemctl is-active --quiet mcp-proxy-firewall; then
+  systemctl restart mcp-proxy-firewall
+  changed "DOCKER-USER: containers on the proxy's network cannot reach 169.254.0.0/16 (cloud metadata)"
+fi
 nginx -t -q
 if ! systemctl is-active --quiet nginx; then systemctl start nginx
 elif [ "$site_changed" -eq 1 ]; then systemctl reload nginx; fi
@@ -173,8 +212,10 @@ elif [ "$site_changed" -eq 1 ]; then systemctl reload nginx; fi
 for _ in $(seq 1 50); do systemctl is-active --quiet mcp-proxy && break; sleep 0.2; done
 say "checking:"
 set +e
-# the settings reach it through the environment (sourced), never its arguments
-runuser -u "$SVC_USER" -- sh -c 'set -a; . "$1"; set +a; STATE_DIRECTORY=/var/lib/outline-mcp-proxy HOME=/tmp exec "$2" check' sh "$ENV_FILE" "$BIN"
+# the settings reach it through the environment (the env file is root's, sourced here),
+# never its arguments
+(set -a; . "$ENV_FILE"; set +a; export STATE_DIRECTORY=/var/lib/outline-mcp-proxy HOME=/tmp
+ exec runuser -p -u "$SVC_USER" -- "$BIN" check)
 status=$?
 set -e
 say ""

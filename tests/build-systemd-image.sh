@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # A Debian bookworm host with a real systemd as PID 1, for the install test: systemd,
-# dbus, nginx, openssl, curl and ca-certificates preinstalled (so systemd/install.sh runs
-# without the network), the host's docker CLI copied in, and a stub docker.service
+# dbus, nginx, openssl, curl, ca-certificates and iptables preinstalled (so
+# systemd/install.sh runs without the network), the host's docker CLI copied in, and a stub docker.service
 # (oneshot) standing for the host's Docker, whose socket the test mounts in. Built with
 # debootstrap and `docker import`; the tag carries a hash of its inputs, so a second run
 # reuses it. Prints the tag on its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . tests/image-lib.sh
-packages=systemd,systemd-sysv,dbus,nginx,openssl,curl,ca-certificates,procps
+packages=systemd,systemd-sysv,dbus,nginx,openssl,curl,ca-certificates,procps,iptables
 docker_cli=$(command -v docker)
 inputs=$( (cat "$0" tests/image-lib.sh; echo "$packages"; sha256sum "$docker_cli") | sha256sum | cut -c1-10)
 tag="outline-mcp-proxy-systemd:bookworm-$inputs"

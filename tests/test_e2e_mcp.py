@@ -102,8 +102,10 @@ def test_two_users_through_the_proxy_with_the_real_server(real_proxy, outline):
           f"search_documents {warm['search_seconds'] * 1000:.0f} ms)")
 
 
-def test_sleep_wake_and_proxy_restart_with_the_real_server(real_proxy, outline):
-    proxy = real_proxy(idle_timeout="2s", sweep_interval="1s")
+def test_sleep_wake_and_proxy_restart_with_the_real_server(real_proxy, outline, tmp_path):
+    # a state directory, as systemd gives the service: its session key lets the proxy
+    # know its session ids again after the restarts below
+    proxy = real_proxy(idle_timeout="2s", sweep_interval="1s", state_dir=str(tmp_path))
     key = outline.add_user("carol")
     # dave is a real user with his own data, active on the same proxy: what carol
     # sees must hold none of it

@@ -21,12 +21,15 @@ from oauth_client import mcp_initialize, scripted_tokens
 from conftest import ROOT, docker, docker_gateway, wait_for
 from test_e2e_mcp import assert_sees_only_own_data, mcp_session
 
-SYSTEMD_RUN = ["--cap-add", "SYS_ADMIN", "--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+# NET_ADMIN: install.sh's firewall rule goes into the host's DOCKER-USER chain (host network)
+SYSTEMD_RUN = ["--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN", "--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
                "--tmpfs", "/run", "--tmpfs", "/run/lock", "-v", "/var/run/docker.sock:/var/run/docker.sock",
                "--network", "host"]
 INSTALLED = ["/usr/local/bin/outline-mcp-proxy", "/etc/outline-mcp-proxy.env", "/etc/systemd/system/mcp-proxy.service",
              "/etc/nginx/conf.d/mcp.conf", "/etc/ssl/certs/self-signed.crt", "/etc/ssl/private/self-signed.key",
-             "/etc/nginx/.htpasswd"]
+             "/etc/nginx/.htpasswd", "/etc/systemd/system/mcp-proxy-firewall.service",
+             "/usr/local/lib/outline-mcp-proxy/metadata-firewall"]
+METADATA = "169.254.169.254"
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,28 @@ def host(systemd_image):
     h.remove()
 
 
+def metadata_rules(host, network):
+    """The host's DOCKER-USER rules that keep `network`'s containers off link-local."""
+    rules = host.sh("iptables -S DOCKER-USER").stdout.splitlines()
+    return [r for r in rules if "169.254.0.0/16" in r and network in r and "-j REJECT" in r]
+
+
+def bridge_of(network):
+    net_id = docker("network", "inspect", "-f", "{{.Id}}", network).stdout.strip()
+    return "br-" + net_id[:12]
+
+
+def connect_to_metadata(network, image):
+    """From a container on `network`: what connecting to the metadata address gives."""
+    probe = ("import socket\ns = socket.socket(); s.settimeout(5)\n"
+             f"try:\n    s.connect(('{METADATA}', 80)); print('connected')\n"
+             "except ConnectionRefusedError: print('refused')\n"
+             "except OSError as e: print('error', e)")
+    r = docker("run", "--rm", "--network", network, "--entrypoint", "/opt/mcp-outline/bin/python", image,
+               "-c", probe, check=False, timeout=60)
+    return r.stdout.strip()
+
+
 def health_through_nginx(cafile):
     try:
         return httpx.get("https://localhost/health", verify=ssl.create_default_context(cafile=cafile), timeout=5)
@@ -82,6 +107,7 @@ def health_through_nginx(cafile):
 
 def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline, mcp_outline_image, tmp_path):
     prefix = f"t{secrets.token_hex(3)}-"
+    network = f"omp-install-{secrets.token_hex(3)}"  # its own, so the firewall rule is this test's alone
     # the socket's group, as the host's docker package made it
     host.sh(f"groupadd --system -g {os.stat('/var/run/docker.sock').st_gid} docker")
     # a blocked system call kills the service in this test, instead of failing quietly
@@ -90,7 +116,8 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
     install = ("/src/systemd/install.sh --domain localhost "
                f"--outline-url http://127.0.0.1:{outline.port} --image {mcp_outline_image} --no-pull "
                f"--set MCP_PROXY_CONTAINER_OUTLINE_URL=http://{docker_gateway()}:{outline.port} "
-               f"--set MCP_PROXY_CONTAINER_PREFIX={prefix} --set MCP_PROXY_START_TIMEOUT=120s")
+               f"--set MCP_PROXY_CONTAINER_PREFIX={prefix} --set MCP_PROXY_START_TIMEOUT=120s "
+               f"--set MCP_PROXY_NETWORK={network}")
     try:
         first = host.sh(install, check=False)
         assert first.returncode == 0, first.stdout + first.stderr
@@ -99,11 +126,21 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
                      "✓ the health endpoint answers through nginx", "✓ Outline answers at",
                      "✓ OAuth front door at https://localhost/oauth/mcp",
                      "✓ OAuth grants are kept in /var/lib/outline-mcp-proxy",
-                     "is valid for 36", "user admin, password ", "sudo certbot --nginx -d localhost"):
+                     "is valid for 36", "sudo certbot --nginx -d localhost",
+                     "/stats and /metrics: user admin, password: MCP_PROXY_STATS_PASSWORD in /etc/outline-mcp-proxy.env",
+                     "DOCKER-USER: containers on the proxy's network cannot reach 169.254.0.0/16"):
             assert line in out, f"{line!r} not in:\n{out}"
         assert "✗" not in out, out
-        assert host.sh("stat -c '%a %U %G' /etc/outline-mcp-proxy.env").stdout.split() == ["640", "root",
-                                                                                          "mcp-proxy"]
+        assert host.sh("stat -c '%a %U %G' /etc/outline-mcp-proxy.env").stdout.split() == ["600", "root", "root"]
+        # a /stats password was made: in the env file only (never printed), and the same
+        # credential passes nginx's Basic auth and the proxy's own
+        password = host.sh("sed -n 's/^MCP_PROXY_STATS_PASSWORD=//p' /etc/outline-mcp-proxy.env").stdout.strip()
+        assert len(password) >= 32 and password not in out
+        assert password not in host.sh("ps -eo args").stdout
+        # the containers' network cannot reach the cloud metadata address
+        rules = metadata_rules(host, network)
+        assert len(rules) == 1 and f"-i {bridge_of(network)}" in rules[0], host.sh("iptables -S DOCKER-USER").stdout
+        assert connect_to_metadata(network, mcp_outline_image) == "refused"
         assert "docker" in host.sh("id -nG mcp-proxy").stdout.split()
 
         # the sandbox is really applied to the running service
@@ -123,6 +160,10 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
         # a real client, from outside, over TLS through the host's nginx
         cafile = str(tmp_path / "host.crt")
         docker("cp", f"{host.name}:/etc/ssl/certs/self-signed.crt", cafile)
+        stats_through_nginx = httpx.get("https://localhost/stats", auth=("admin", password), timeout=10,
+                                        verify=ssl.create_default_context(cafile=cafile))
+        assert stats_through_nginx.status_code == 200, stats_through_nginx.text
+        assert httpx.get("http://127.0.0.1:8000/stats", timeout=10).status_code == 401, "the proxy's own wall"
         key = outline.add_user("alice")
         outline.add_user("bob")
         result = anyio.run(lambda: mcp_session("https://localhost", key,
@@ -154,6 +195,8 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
         assert host.active(), "the proxy must not stop with Docker"
         host.sh("systemctl start docker")
         assert host.active()
+        # the rule is made again with Docker (and is there once)
+        wait_for(lambda: len(metadata_rules(host, network)) == 1, timeout=60, what="the firewall rule again")
         result = anyio.run(lambda: mcp_session("https://localhost", key,
                                                verify=ssl.create_default_context(cafile=cafile)))
         assert_sees_only_own_data(result, "alice", "bob")
@@ -178,9 +221,12 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
         assert host.sh("id mcp-proxy", check=False).returncode != 0
         assert not host.active()
         assert host.active("nginx")
+        assert metadata_rules(host, network) == [], "the firewall rule outlived --uninstall"
         for name in users_containers:
             assert docker("container", "inspect", name, check=False).returncode == 0
     finally:
         names = [n for n in docker("ps", "-a", "--format", "{{.Names}}").stdout.split() if n.startswith(prefix)]
         if names:
             docker("rm", "--force", *names, check=False)
+        host.sh(f"MCP_PROXY_NETWORK={network} /src/systemd/metadata-firewall.sh remove", check=False)
+        docker("network", "rm", network, check=False)

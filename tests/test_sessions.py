@@ -70,8 +70,19 @@ def initialized_session(url, key, terminate_on_close):
     return anyio.run(run)
 
 
-def test_an_sdk_session_survives_sleep_removal_and_restart(real_proxy, outline):
-    proxy = real_proxy(**SESSION_SETTINGS)
+def state_dir(tmp_path, name, session_key=None):
+    """A state directory: the proxy's session ids outlive a restart through the key it
+    keeps there; hosts that share a session key know each other's ids."""
+    path = tmp_path / name
+    path.mkdir()
+    if session_key:
+        (path / "session-key").write_text(session_key)
+        (path / "session-key").chmod(0o600)
+    return str(path)
+
+
+def test_an_sdk_session_survives_sleep_removal_and_restart(real_proxy, outline, tmp_path):
+    proxy = real_proxy(state_dir=state_dir(tmp_path, "state"), **SESSION_SETTINGS)
     carol, dave = outline.add_user("carol"), outline.add_user("dave")
     name = proxy.container_name(carol)
     results = anyio.run(one_session_across, proxy.url, carol, events_for(proxy, name))
@@ -90,7 +101,7 @@ def test_an_sdk_session_survives_sleep_removal_and_restart(real_proxy, outline):
 def test_the_stdio_bridge_desktop_users_run_survives_the_same(real_proxy, outline, tmp_path):
     bridge = shutil.which("mcp-proxy") or os.path.join(os.path.dirname(sys.executable), "mcp-proxy")
     assert os.path.exists(bridge), "the mcp-proxy bridge is not installed (tests/requirements.txt)"
-    proxy = real_proxy(**SESSION_SETTINGS)
+    proxy = real_proxy(state_dir=state_dir(tmp_path, "state"), **SESSION_SETTINGS)
     erin = outline.add_user("erin")
     name = proxy.container_name(erin)
     # the key reaches the bridge in its environment (API_ACCESS_TOKEN: Bearer), never argv
@@ -145,7 +156,9 @@ def test_a_client_that_ended_its_session_reinitializes_by_itself(real_proxy, out
 
 
 def test_a_session_moves_to_another_host_behind_nginx(real_proxy, outline, tmp_path):
-    a, b = real_proxy(), real_proxy()
+    shared_key = os.urandom(32).hex()
+    a = real_proxy(state_dir=state_dir(tmp_path, "state-a", shared_key))
+    b = real_proxy(state_dir=state_dir(tmp_path, "state-b", shared_key))
     nginx = Nginx(tmp_path / "nginx-move", [a.port, b.port])
     key = outline.add_user("kate")
     try:
