@@ -32,19 +32,19 @@
 //! sha256 is kept in memory beyond the request that carried them.
 //!
 //! Reading path (about 700 lines: an auditor's first hour). One request, in order:
-//!   1. front::route                 the whole decision: admit, OAuth door, origin, who, lease, relay
-//!   2. auth::extract, auth::owner_id the credential from the headers; whose container it is
-//!   3. auth::AuthCache::verify      Outline's verdict, cached by hash, one call per key at a time
-//!   4. registry::Registry::plan     under the lock: route, wait, wake, create or refuse (no I/O)
-//!   5. containers::Containers::acquire, bring_up, wake
-//!                                   after the lock: the Docker work the plan chose
-//!   6. docker::ContainerSpec::args  every flag a user's container runs with, in one place
-//!   7. docker::Docker::run          the one place a docker process is spawned (key via env only)
-//!   8. relay::upstream_request_headers
-//!                                   what reaches the container: only the checked key
-//!   9. relay::proxy_http            the request streamed in, the answer streamed out
-//! Then, for the OAuth door: oauth::serve, oauth::identify, grants::Store::open_with.
-//! Each claim of the README's Security section names the function that keeps it there.
+//!   front::route                      the whole decision: admit, OAuth door, origin, who, relay
+//!   auth::extract, auth::owner_id     the credential from the headers; whose container it is
+//!   auth::AuthCache::verify           Outline's verdict, cached by hash, one call per key
+//!   registry::Registry::plan          under the lock: route, wait, wake, create or refuse
+//!   containers::Containers::acquire   after the lock, the Docker work the plan chose
+//!     (then bring_up and wake)
+//!   docker::ContainerSpec::args       every flag a user's container runs with, in one place
+//!   docker::Docker::run               the one place a docker process is spawned
+//!   relay::upstream_request_headers   what reaches the container: only the checked key
+//!   relay::proxy_http                 the request streamed in, the answer streamed out
+//!
+//! For the OAuth door, then: oauth::serve, oauth::identify, grants::Store::open_with.
+//! The README's Security section names, for each claim, the function that keeps it.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
