@@ -34,7 +34,7 @@
 //! Reading path (about 700 lines: an auditor's first hour). One request, in order:
 //!   front::route                      the whole decision: admit, OAuth door, origin, who, relay
 //!   auth::extract, auth::owner_id     the credential from the headers; whose container it is
-//!   auth::AuthCache::verify           Outline's verdict, cached by hash, one call per key
+//!   auth::Verifier::verify            Outline's verdict, cached by hash, one call per key
 //!   registry::Registry::plan          under the lock: route, wait, wake, create or refuse
 //!   containers::Containers::acquire   after the lock, the Docker work the plan chose
 //!     (then bring_up and wake)
