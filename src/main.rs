@@ -2577,7 +2577,9 @@ mod oauth {
         }
         let key = field("api_key").trim();
         if !crate::auth::is_plausible_key(key) || key.starts_with(grants::TOKEN_PREFIX) {
-            door.grants.count_attempt(request_id);
+            if door.grants.count_attempt(request_id) >= 5 {
+                lock(&door.signins).end(request_id);
+            }
             let why = "That does not look like an Outline API key: paste the whole key.";
             return consent(door, &pending, request_id, field("csrf"), Some(why), None);
         }
