@@ -103,6 +103,9 @@ mod config {
         ("MCP_PROXY_OAUTH_ACCESS_TTL", "1h", "life of the proxy's OAuth access tokens"),
         ("MCP_PROXY_OAUTH_REFRESH_TTL", "30d", "life of its refresh tokens (each use rotates them)"),
         ("MCP_PROXY_OAUTH_REGISTER_LIMIT", "20", "OAuth client registrations (RFC 7591) allowed per source address per hour"),
+        ("MCP_PROXY_OAUTH_REGISTER_LIMIT_TOTAL", "100", "OAuth client registrations allowed per hour from all addresses together"),
+        ("MCP_PROXY_OAUTH_SIGNINS_PER_ADDRESS", "20", "OAuth sign-ins in progress at once per source address (each lives at most ten minutes)"),
+        ("MCP_PROXY_TRUSTED_PROXY", "127.0.0.1", "comma-separated addresses of reverse proxies (nginx) whose X-Real-IP names the client for per-address limits; from any other peer the peer's own address counts (an IPv6 address counts by its /64)"),
         ("MCP_PROXY_OAUTH_CLIENT_DOCUMENTS", "public", "client ID metadata documents (an https client_id) are fetched from public addresses only; any: also from this host and private networks; off: not at all (registration only)"),
         ("MCP_PROXY_DOCKER", "docker", "the docker CLI to run"),
         ("MCP_PROXY_LOG", "info", "log level: error, warn, info, debug, trace"),
@@ -157,6 +160,9 @@ mod config {
         pub oauth_access_ttl: Duration,
         pub oauth_refresh_ttl: Duration,
         pub oauth_register_limit: u32,
+        pub oauth_register_limit_total: u32,
+        pub oauth_signins_per_address: u32,
+        pub trusted_proxies: Vec<std::net::IpAddr>,
         pub client_documents: ClientDocuments,
     }
 
@@ -359,6 +365,9 @@ mod config {
                 oauth_access_ttl: oauth.access_ttl,
                 oauth_refresh_ttl: oauth.refresh_ttl,
                 oauth_register_limit: oauth.register_limit,
+                oauth_register_limit_total: oauth.register_limit_total,
+                oauth_signins_per_address: oauth.signins_per_address,
+                trusted_proxies: trusted_proxies(&get)?,
                 client_documents: oauth.client_documents,
             })
         }
@@ -382,6 +391,8 @@ mod config {
         access_ttl: Duration,
         refresh_ttl: Duration,
         register_limit: u32,
+        register_limit_total: u32,
+        signins_per_address: u32,
         client_documents: ClientDocuments,
     }
 
@@ -414,8 +425,23 @@ mod config {
             access_ttl,
             refresh_ttl,
             register_limit: positive_whole(get, "MCP_PROXY_OAUTH_REGISTER_LIMIT")?,
+            register_limit_total: positive_whole(get, "MCP_PROXY_OAUTH_REGISTER_LIMIT_TOTAL")?,
+            signins_per_address: positive_whole(get, "MCP_PROXY_OAUTH_SIGNINS_PER_ADDRESS")?,
             client_documents,
         })
+    }
+
+    /// MCP_PROXY_TRUSTED_PROXY: the peers whose X-Real-IP is believed (empty = none).
+    fn trusted_proxies(get: &dyn Fn(&str) -> String) -> Result<Vec<std::net::IpAddr>, String> {
+        let raw = get("MCP_PROXY_TRUSTED_PROXY");
+        raw.split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                a.parse::<std::net::IpAddr>()
+                    .map_err(|_| bad_setting("MCP_PROXY_TRUSTED_PROXY", &raw, "comma-separated IP addresses"))
+            })
+            .collect()
     }
 
     /// A setting that must be a whole number above 0.
@@ -914,8 +940,9 @@ mod error {
 }
 
 mod http1 {
-    //! Owns the wire: a request as parsed, which headers are hop-by-hop, how an answer's
-    //! end is framed, and the one writer of response heads. Calls tiny_http, `error`.
+    //! Owns the wire: a request as parsed, which address the client is (the one rule for
+    //! X-Real-IP), which headers are hop-by-hop, how an answer's end is framed, and the
+    //! one writer of response heads. Calls tiny_http, `error`.
     use crate::error::ProxyError;
     use std::io::{self, BufRead, Read, Write};
     use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -983,6 +1010,49 @@ mod http1 {
 
         pub fn declared_length(&self) -> Option<u64> {
             self.header("content-length").and_then(|v| v.trim().parse::<u64>().ok())
+        }
+    }
+
+    /// The address a request counts against in every per-address limit: an IPv4
+    /// address, or an IPv6 address's /64 (one host is usually given a whole /64).
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+    pub struct Source(std::net::IpAddr);
+
+    impl Source {
+        fn of(ip: std::net::IpAddr) -> Source {
+            use std::net::{IpAddr, Ipv6Addr};
+            match unmapped(ip) {
+                IpAddr::V6(v6) => {
+                    let s = v6.segments();
+                    Source(IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0)))
+                }
+                v4 => Source(v4),
+            }
+        }
+    }
+
+    /// An IPv4 address written as IPv6 (`::ffff:a.b.c.d`, as a dual-stack socket sees it) as IPv4.
+    fn unmapped(ip: std::net::IpAddr) -> std::net::IpAddr {
+        match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        }
+    }
+
+    /// Which address the client is, the one decision every per-address limit uses:
+    /// the X-Real-IP header when the TCP peer is a trusted proxy
+    /// (MCP_PROXY_TRUSTED_PROXY: nginx sets it to its client's address), else the peer
+    /// itself, whatever the header says.
+    pub fn client_source(incoming: &Incoming, trusted_proxies: &[std::net::IpAddr]) -> Source {
+        let Some(peer) = incoming.remote.map(|a| unmapped(a.ip())) else {
+            return Source(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        };
+        if !trusted_proxies.iter().any(|t| unmapped(*t) == peer) {
+            return Source::of(peer);
+        }
+        match incoming.header("x-real-ip").map(|v| v.trim().parse::<std::net::IpAddr>()) {
+            Some(Ok(ip)) => Source::of(ip),
+            _ => Source::of(peer),
         }
     }
 
@@ -1474,7 +1544,7 @@ mod oauth {
     use crate::error::ProxyError;
     use crate::front::LogContext;
     use crate::grants::{self, Client, Opened, Pending, Sealed, Store, TokenRefused, Upstream};
-    use crate::http1::{self, Incoming};
+    use crate::http1::{self, Incoming, Source};
     use crate::signin::{self, OutlineApp, UpstreamRefusal};
     use crate::util::{base64url, constant_time_eq, lock, now_unix, parse_form, Flight};
     use crate::Proxy;
@@ -1482,7 +1552,6 @@ mod oauth {
     use sha2::{Digest, Sha256};
     use std::collections::HashMap;
     use std::io::Read;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
@@ -1496,12 +1565,20 @@ mod oauth {
     const DOCUMENT_MAX_BYTES: u64 = 5 * 1024;
     const DOCUMENT_TIMEOUT: Duration = Duration::from_secs(5);
     const DOCUMENT_CACHE: Duration = Duration::from_secs(600);
+    /// A document that could not be used is not fetched again for this long.
+    const DOCUMENT_FAILURE_CACHE: Duration = Duration::from_secs(60);
     const DOCUMENTS_AT_ONCE: usize = 8;
+    /// Fetches one source address may have going at once (of DOCUMENTS_AT_ONCE).
+    const DOCUMENTS_PER_ADDRESS: usize = 2;
+    /// A sign-in in progress lives this long.
+    const SIGN_IN_LIFE: u64 = 600;
     const FORM_MAX_BYTES: u64 = 16 * 1024;
     /// Outline's access token is renewed when it has less than this to live.
     const OUTLINE_RENEW_BEFORE: u64 = 300;
 
     type Renewal = Result<Sealed, UpstreamRefusal>;
+    /// A client document's client, or why it could not be used.
+    type Document = Result<Client, String>;
 
     pub struct FrontDoor {
         pub grants: Store,
@@ -1509,13 +1586,100 @@ mod oauth {
         resource_path: String,
         public_url: Option<String>,
         register_per_hour: u32,
+        register_total_per_hour: u32,
+        signins_per_address: usize,
+        /// MCP_PROXY_TRUSTED_PROXY: whose X-Real-IP names the client.
+        trusted_proxies: Vec<std::net::IpAddr>,
         /// Client ID metadata documents are used (MCP_PROXY_OAUTH_CLIENT_DOCUMENTS).
         documents_on: bool,
         fetcher: ureq::Agent,
-        fetching: AtomicUsize,
-        documents: Mutex<HashMap<String, (Client, Instant)>>,
-        registrations: Mutex<HashMap<String, (f64, Instant)>>,
+        fetching: Mutex<Fetching>,
+        /// client_id URL → the client, or why its document could not be used, until when.
+        documents: Mutex<HashMap<String, (Document, Instant)>>,
+        registrations: Mutex<Registrations>,
+        signins: Mutex<SignIns>,
         renewing: Mutex<HashMap<String, Arc<Flight<Renewal>>>>,
+    }
+
+    /// Token buckets of registrations: one per source address, and one over all.
+    struct Registrations {
+        per_source: HashMap<Source, (f64, Instant)>,
+        total: (f64, Instant),
+    }
+
+    /// Sign-ins in progress, counted per source address.
+    #[derive(Default)]
+    struct SignIns {
+        per_source: HashMap<Source, usize>,
+        /// request id hash → (who started it, when it expires)
+        started: HashMap<String, (Source, u64)>,
+    }
+
+    impl SignIns {
+        /// Counts a new sign-in of `source`, unless it has `limit` in progress already.
+        fn start(&mut self, source: Source, request_id: &str, limit: usize) -> bool {
+            if self.per_source.get(&source).is_some_and(|n| *n >= limit) {
+                self.forget_expired(now_unix());
+            }
+            let count = self.per_source.entry(source).or_insert(0);
+            if *count >= limit {
+                return false;
+            }
+            *count += 1;
+            self.started.insert(grants::token_hash(request_id), (source, now_unix() + SIGN_IN_LIFE));
+            true
+        }
+
+        /// A sign-in ended (finished, declined or given up): its slot is free.
+        fn end(&mut self, request_id: &str) {
+            if let Some((source, _)) = self.started.remove(&grants::token_hash(request_id)) {
+                self.release(source);
+            }
+        }
+
+        fn forget_expired(&mut self, now: u64) {
+            let expired: Vec<Source> =
+                self.started.values().filter(|(_, until)| *until <= now).map(|(source, _)| *source).collect();
+            self.started.retain(|_, (_, until)| *until > now);
+            for source in expired {
+                self.release(source);
+            }
+        }
+
+        fn release(&mut self, source: Source) {
+            if let Some(count) = self.per_source.get_mut(&source) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.per_source.remove(&source);
+                }
+            }
+        }
+    }
+
+    /// Client documents being fetched: in all, and per source address.
+    #[derive(Default)]
+    struct Fetching {
+        total: usize,
+        per_source: HashMap<Source, usize>,
+    }
+
+    /// One fetch's slot, given back when dropped.
+    struct FetchSlot<'a> {
+        door: &'a FrontDoor,
+        source: Source,
+    }
+
+    impl Drop for FetchSlot<'_> {
+        fn drop(&mut self) {
+            let mut fetching = lock(&self.door.fetching);
+            fetching.total = fetching.total.saturating_sub(1);
+            if let Some(count) = fetching.per_source.get_mut(&self.source) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    fetching.per_source.remove(&self.source);
+                }
+            }
+        }
     }
 
     /// The endpoints of the front door.
@@ -1579,20 +1743,33 @@ mod oauth {
             let outline_app = cfg
                 .outline_oauth
                 .as_ref()
-                .map(|app| OutlineApp::new(&cfg.outline_url, &app.client_id, &app.client_secret, &app.scope));
+                .map(|app| OutlineApp::new(&cfg.outline_url, &app.client_id, &app.client_secret, &app.scope))
+                .map(|app| app.keeping_key_in(cfg.state_dir.clone()));
             FrontDoor {
                 grants: Store::open(cfg.state_dir.clone(), cfg.oauth_access_ttl, cfg.oauth_refresh_ttl),
                 outline_app,
                 resource_path: cfg.oauth_path.clone(),
                 public_url: cfg.public_url.clone(),
                 register_per_hour: cfg.oauth_register_limit,
+                register_total_per_hour: cfg.oauth_register_limit_total,
+                signins_per_address: cfg.oauth_signins_per_address as usize,
+                trusted_proxies: cfg.trusted_proxies.clone(),
                 documents_on: cfg.client_documents != ClientDocuments::Off,
                 fetcher,
-                fetching: AtomicUsize::new(0),
+                fetching: Mutex::new(Fetching::default()),
                 documents: Mutex::new(HashMap::new()),
-                registrations: Mutex::new(HashMap::new()),
+                registrations: Mutex::new(Registrations {
+                    per_source: HashMap::new(),
+                    total: (f64::from(cfg.oauth_register_limit_total), Instant::now()),
+                }),
+                signins: Mutex::new(SignIns::default()),
                 renewing: Mutex::new(HashMap::new()),
             }
+        }
+
+        /// The address a request counts against in the door's per-address limits.
+        fn source(&self, incoming: &Incoming) -> Source {
+            http1::client_source(incoming, &self.trusted_proxies)
         }
 
         pub fn is_resource(&self, path: &str) -> bool {
@@ -1655,7 +1832,10 @@ mod oauth {
             let now = Instant::now();
             lock(&self.documents).retain(|_, (_, until)| *until > now);
             let per_hour = f64::from(self.register_per_hour);
-            lock(&self.registrations).retain(|_, (tokens, at)| refilled(*tokens, *at, now, per_hour) < per_hour);
+            lock(&self.registrations)
+                .per_source
+                .retain(|_, (tokens, at)| refilled(*tokens, *at, now, per_hour) < per_hour);
+            lock(&self.signins).forget_expired(now_unix());
         }
     }
 
@@ -1933,15 +2113,18 @@ mod oauth {
     }
 
     /// Where a redirect URI may point: https anywhere, http only to this computer
-    /// (RFC 8252 loopback), or an app's own scheme; never a script, a file or a fragment.
+    /// (RFC 8252 loopback), or an app's own scheme; never a script, a file or a fragment;
+    /// and never a URI a browser reads with another host than the proxy would (see
+    /// `authority_of`).
     pub fn check_redirect_uri(uri: &str) -> Result<(), &'static str> {
         if uri.is_empty() || uri.len() > 2000 || uri.bytes().any(|b| b <= b' ' || b == 0x7f) || uri.contains('#') {
             return Err("A redirect URI must be a plain URL without spaces or a fragment.");
         }
         let Some((scheme, rest)) = uri.split_once(':') else { return Err("A redirect URI needs a scheme.") };
+        let host = authority_of(uri)?;
         let scheme = scheme.to_ascii_lowercase();
         match scheme.as_str() {
-            "https" => match host_of(uri) {
+            "https" => match host {
                 Some(host) if !host.is_empty() => Ok(()),
                 _ => Err("An https redirect URI needs a host."),
             },
@@ -1960,19 +2143,61 @@ mod oauth {
         }
     }
 
-    /// `scheme://host[:port]/…` → host (lower-cased, port cut, brackets kept).
-    fn host_of(uri: &str) -> Option<String> {
-        let rest = uri.split_once("://")?.1;
-        let authority = rest.split(['/', '?']).next()?;
-        if authority.contains('@') {
-            return None;
+    /// The host of `scheme://authority/…` (lower-cased, port cut, brackets kept; None
+    /// without `//`), refusing what a browser (the WHATWG URL parser) would read as
+    /// another host than the text seems to name: a backslash (a browser reads it as
+    /// `/`, so `https://evil.example\.claude.ai/` goes to evil.example), user info
+    /// (`claude.ai@evil.example`), anything but ASCII letters, digits, `-`, `.` and `_`
+    /// in the name (no percent-encoding, no Unicode look-alikes), and a number that is
+    /// not a plain a.b.c.d (`0x7f.1` is 127.0.0.1 to a browser).
+    fn authority_of(uri: &str) -> Result<Option<String>, &'static str> {
+        if uri.contains('\\') {
+            return Err("A redirect URI must not contain a backslash: browsers read it as /, so its host would not be the one it seems.");
         }
-        let host = if authority.starts_with('[') {
-            authority.split_inclusive(']').next()?
-        } else {
-            authority.split(':').next()?
+        let Some((_, rest)) = uri.split_once("://") else { return Ok(None) };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if authority.contains('@') {
+            return Err("A redirect URI must not carry user info (a name and @ before its host): browsers go to the host after the @.");
+        }
+        if !authority.is_ascii() {
+            return Err("A redirect URI's host must be ASCII: write an international name in its xn-- form.");
+        }
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(inner) => {
+                let (literal, after) = inner.split_once(']').ok_or("A redirect URI's IPv6 address lacks its ].")?;
+                if literal.parse::<std::net::Ipv6Addr>().is_err() {
+                    return Err("A redirect URI's IPv6 address is not valid.");
+                }
+                (&authority[..literal.len() + 2], after.strip_prefix(':').or(Some(after).filter(|a| a.is_empty())))
+            }
+            None => match authority.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, Some("")),
+            },
         };
-        Some(host.to_ascii_lowercase())
+        let port_ok = port.is_some_and(|p| p.is_empty() || (p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())));
+        if !port_ok {
+            return Err("A redirect URI's port must be a number.");
+        }
+        if !host.starts_with('[') {
+            if !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+                return Err("A redirect URI's host may hold only letters, digits, -, . and _.");
+            }
+            let last = host.trim_end_matches('.').rsplit('.').next().unwrap_or("");
+            let numeric = !last.is_empty()
+                && (last.bytes().all(|b| b.is_ascii_digit()) || last.to_ascii_lowercase().starts_with("0x"));
+            let plain_ipv4 = host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.to_string() == host);
+            if numeric && !plain_ipv4 {
+                return Err("A redirect URI's host is a number browsers read as another address: write it as a.b.c.d.");
+            }
+        }
+        Ok(Some(host.to_ascii_lowercase()))
+    }
+
+    /// `scheme://host[:port]/…` → host (lower-cased, port cut, brackets kept), when it
+    /// is one a browser reads the same way.
+    fn host_of(uri: &str) -> Option<String> {
+        authority_of(uri).ok().flatten()
     }
 
     /// An http loopback URI as (host, path and query), its port left out (RFC 8252 §7.3:
@@ -1995,14 +2220,10 @@ mod oauth {
     }
 
     /// RFC 7591: a public client (no secret) for the authorization code grant,
-    /// limited per source address.
+    /// limited per source address and over all.
     fn register(door: &FrontDoor, incoming: &Incoming, body: &[u8]) -> Reply {
-        if !take_registration_slot(door, incoming) {
-            return Reply::Error(oauth_error(
-                429,
-                "too_many_requests",
-                "Too many client registrations from this address; try again later.",
-            ));
+        if let Err(why) = take_registration_slot(door, incoming) {
+            return Reply::Error(oauth_error(429, "too_many_requests", why));
         }
         let invalid = |why: &str| Reply::Error(oauth_error(400, "invalid_client_metadata", why));
         let Ok(meta) = serde_json::from_slice::<Value>(body) else {
@@ -2060,27 +2281,29 @@ mod oauth {
         Reply::Json(201, answer)
     }
 
-    /// A token bucket per source address (nginx's X-Real-IP when the request comes
-    /// through a local nginx): MCP_PROXY_OAUTH_REGISTER_LIMIT an hour, all at once at most.
-    fn take_registration_slot(door: &FrontDoor, incoming: &Incoming) -> bool {
-        let remote = incoming.remote.map(|a| a.ip());
-        let source = match (remote, incoming.header("x-real-ip")) {
-            (Some(ip), Some(real)) if ip.is_loopback() => real.trim().to_string(),
-            (Some(ip), _) => ip.to_string(),
-            (None, _) => "unknown".to_string(),
-        };
-        let per_hour = f64::from(door.register_per_hour);
+    /// A registration takes a slot from its source address's bucket
+    /// (MCP_PROXY_OAUTH_REGISTER_LIMIT an hour) and from the bucket over all addresses
+    /// (MCP_PROXY_OAUTH_REGISTER_LIMIT_TOTAL an hour): from both, or from neither.
+    fn take_registration_slot(door: &FrontDoor, incoming: &Incoming) -> Result<(), &'static str> {
+        let source = door.source(incoming);
+        let per_source = f64::from(door.register_per_hour);
+        let per_total = f64::from(door.register_total_per_hour);
         let now = Instant::now();
         let mut buckets = lock(&door.registrations);
-        let (tokens, at) = buckets.entry(source).or_insert((per_hour, now));
-        *tokens = refilled(*tokens, *at, now, per_hour);
+        let total = refilled(buckets.total.0, buckets.total.1, now, per_total);
+        buckets.total = (total, now);
+        let (tokens, at) = buckets.per_source.entry(source).or_insert((per_source, now));
+        *tokens = refilled(*tokens, *at, now, per_source);
         *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
+        if *tokens < 1.0 {
+            return Err("Too many client registrations from this address; try again later.");
         }
+        if total < 1.0 {
+            return Err("Too many client registrations on this server this hour; try again later.");
+        }
+        *tokens -= 1.0;
+        buckets.total.0 -= 1.0;
+        Ok(())
     }
 
     /// A registration bucket's slots at `now`: `per_hour` come back an hour, at most `per_hour`.
@@ -2136,38 +2359,52 @@ mod oauth {
     }
 
     /// The client behind a `client_id`: a registered one, or, for an https URL, the
-    /// metadata document found there (fetched with limits, cached ten minutes).
-    fn client_for(door: &FrontDoor, client_id: &str) -> Result<Client, String> {
+    /// metadata document found there (fetched with limits, in all and per source
+    /// address; cached ten minutes, or a minute when it could not be used).
+    fn client_for(door: &FrontDoor, client_id: &str, source: Source) -> Result<Client, String> {
         if !client_id.starts_with("https://") {
             return door.grants.client(client_id).ok_or_else(|| "This client is not registered here.".into());
         }
         if !door.documents_on {
             return Err("This server does not use client metadata documents: the client must register.".into());
         }
-        if let Some((client, until)) = lock(&door.documents).get(client_id) {
+        if let Some((known, until)) = lock(&door.documents).get(client_id) {
             if *until > Instant::now() {
-                return Ok(client.clone());
+                return known.clone();
             }
         }
         let path = client_id["https://".len()..].split_once('/').map(|(_, p)| p).unwrap_or("");
         if path.is_empty() || client_id.contains('#') || client_id.len() > 2000 || host_of(client_id).is_none() {
             return Err("A client_id URL must be https with a path and no fragment.".into());
         }
-        if door.fetching.fetch_add(1, Ordering::SeqCst) >= DOCUMENTS_AT_ONCE {
-            door.fetching.fetch_sub(1, Ordering::SeqCst);
-            return Err("Too many client documents are being fetched; try again shortly.".into());
-        }
-        let fetched = fetch_client_document(door, client_id);
-        door.fetching.fetch_sub(1, Ordering::SeqCst);
-        let client = fetched?;
+        let fetched = {
+            let _slot = take_fetch_slot(door, source)?;
+            fetch_client_document(door, client_id)
+        };
+        let life = if fetched.is_ok() { DOCUMENT_CACHE } else { DOCUMENT_FAILURE_CACHE };
         let mut documents = lock(&door.documents);
         if documents.len() >= 1000 {
             documents.retain(|_, (_, until)| *until > Instant::now());
         }
         if documents.len() < 1000 {
-            documents.insert(client_id.to_string(), (client.clone(), Instant::now() + DOCUMENT_CACHE));
+            documents.insert(client_id.to_string(), (fetched.clone(), Instant::now() + life));
         }
-        Ok(client)
+        fetched
+    }
+
+    /// A slot to fetch a client document in: DOCUMENTS_AT_ONCE in all, and
+    /// DOCUMENTS_PER_ADDRESS of them for one source address.
+    fn take_fetch_slot(door: &FrontDoor, source: Source) -> Result<FetchSlot<'_>, String> {
+        let mut fetching = lock(&door.fetching);
+        if fetching.per_source.get(&source).is_some_and(|n| *n >= DOCUMENTS_PER_ADDRESS) {
+            return Err("Too many client documents are being fetched for this address; try again shortly.".into());
+        }
+        if fetching.total >= DOCUMENTS_AT_ONCE {
+            return Err("Too many client documents are being fetched; try again shortly.".into());
+        }
+        fetching.total += 1;
+        *fetching.per_source.entry(source).or_insert(0) += 1;
+        Ok(FetchSlot { door, source })
     }
 
     /// ureq's own name resolution, then (by default) only public addresses are kept, so
@@ -2273,7 +2510,8 @@ mod oauth {
         };
         let get = |k: &str| params.get(k).map(String::as_str).filter(|v| !v.is_empty());
         let Some(client_id) = get("client_id") else { return problem(400, "The request names no client (client_id).") };
-        let client = match client_for(door, client_id) {
+        let source = door.source(incoming);
+        let client = match client_for(door, client_id, source) {
             Ok(client) => client,
             Err(why) => return problem(400, &why),
         };
@@ -2282,6 +2520,10 @@ mod oauth {
         };
         if !redirect_matches(&client.redirect_uris, redirect_uri) {
             return problem(400, "The redirect_uri is not one this client registered.");
+        }
+        // a client registered before the redirect URI rules were tightened is held to them too
+        if let Err(why) = check_redirect_uri(redirect_uri) {
+            return problem(400, why);
         }
         let state = get("state").map(str::to_string);
         let back = |code: &'static str, why: &str| Reply::Redirect {
@@ -2319,9 +2561,16 @@ mod oauth {
             resource: door.resource_url(base),
             csrf_hash: grants::token_hash(&csrf),
             attempts: 0,
-            expires_at: now_unix() + 600,
+            expires_at: now_unix() + SIGN_IN_LIFE,
         };
+        if !lock(&door.signins).start(source, &request_id, door.signins_per_address) {
+            return problem(
+                429,
+                "Too many sign-ins are in progress from this address; finish one, or try again in a few minutes.",
+            );
+        }
         if door.grants.add_pending(&request_id, pending.clone()).is_err() {
+            lock(&door.signins).end(&request_id);
             return problem(503, "Too many sign-ins are in progress; try again in a few minutes.");
         }
         let cookie = signin::set_cookie(&request_id, &csrf, base.starts_with("https://"));
@@ -2372,13 +2621,17 @@ mod oauth {
         }
         if let Some(app) = &door.outline_app {
             let callback = format!("{base}{ISSUER_PATH}/callback");
-            let location =
-                app.authorize_url(&callback, request_id, &pkce_challenge(&grants::outline_verifier(request_id)));
+            let Some(verifier) = app.verifier(request_id) else {
+                return problem(503, "The proxy could not start the sign-in with Outline; try again.");
+            };
+            let location = app.authorize_url(&callback, request_id, &pkce_challenge(&verifier));
             return Reply::Redirect { location, cookie: None };
         }
         let key = field("api_key").trim();
         if !crate::auth::is_plausible_key(key) || key.starts_with(grants::TOKEN_PREFIX) {
-            door.grants.count_attempt(request_id);
+            if door.grants.count_attempt(request_id) >= 5 {
+                lock(&door.signins).end(request_id);
+            }
             let why = "That does not look like an Outline API key: paste the whole key.";
             return consent(door, &pending, request_id, field("csrf"), Some(why), None);
         }
@@ -2386,6 +2639,7 @@ mod oauth {
             Ok(user) => finish_sign_in(door, request_id, Upstream::ApiKey { key: key.to_string() }, &user, base),
             Err(ProxyError::Unauthorized(_)) => {
                 if door.grants.count_attempt(request_id) >= 5 {
+                    lock(&door.signins).end(request_id);
                     return problem(400, "Outline refused five keys; start again from your app.");
                 }
                 let why = "Outline does not accept this API key. Check it and try again.";
@@ -2417,7 +2671,10 @@ mod oauth {
             return declined(door, request_id, &pending, base, "Outline did not grant access.");
         }
         let callback = format!("{base}{ISSUER_PATH}/callback");
-        let upstream = match app.exchange(get("code"), &callback, &grants::outline_verifier(request_id)) {
+        let Some(verifier) = app.verifier(request_id) else {
+            return problem(503, "The proxy could not finish the sign-in with Outline; try again.");
+        };
+        let upstream = match app.exchange(get("code"), &callback, &verifier) {
             Ok(upstream) => upstream,
             Err(UpstreamRefusal::Refused) => return problem(400, "Outline did not accept the sign-in; start again."),
             Err(UpstreamRefusal::Unreachable) => return problem(502, "Outline could not be reached; try again."),
@@ -2431,6 +2688,7 @@ mod oauth {
     /// The sign-in ends without access: the client hears `access_denied`.
     fn declined(door: &FrontDoor, request_id: &str, pending: &Pending, base: &str, why: &str) -> Reply {
         door.grants.take_pending(request_id);
+        lock(&door.signins).end(request_id);
         let params = [("error", "access_denied"), ("error_description", why)];
         let location = client_redirect(&pending.redirect_uri, &params, pending.state.as_deref(), base);
         Reply::Redirect { location, cookie: Some(signin::clear_cookie(request_id)) }
@@ -2438,6 +2696,7 @@ mod oauth {
 
     /// The person is known: a one-time code goes back to the client's redirect URI.
     fn finish_sign_in(door: &FrontDoor, request_id: &str, upstream: Upstream, user: &User, base: &str) -> Reply {
+        lock(&door.signins).end(request_id);
         let Some(pending) = door.grants.take_pending(request_id) else {
             return problem(400, "This sign-in has expired; start again from your app.");
         };
@@ -2739,13 +2998,21 @@ mod oauth {
 mod signin {
     //! Owns the person's step of an OAuth sign-in: the consent page (with the API-key
     //! field when no Outline OAuth app is set), its cookie and anti-framing headers, and
-    //! the proxy's own OAuth client of Outline (authorize, token, refresh, revoke).
+    //! the proxy's own OAuth client of Outline (authorize, token, refresh, revoke) with
+    //! its PKCE verifiers keyed by a secret in the state directory.
     //! Calls `grants` (the Upstream type), `auth` (Outline's HTTP client, ureq error
     //! words), `util`, ureq.
     use crate::auth::describe_ureq_error;
     use crate::grants::Upstream;
-    use crate::util::{now_unix, percent_encode};
+    use crate::util::{base64url, lock, now_unix, percent_encode};
+    use hkdf::hmac::{Hmac, Mac};
     use serde_json::Value;
+    use sha2::Sha256;
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+
+    /// The proxy's secret for the PKCE verifiers it sends Outline, in the state directory.
+    pub const SIGNIN_KEY_FILE: &str = "oauth-signin.key";
 
     /// Outline's OAuth app, as the operator registered it (OUTLINE_OAUTH_CLIENT_ID and
     /// OUTLINE_OAUTH_CLIENT_SECRET).
@@ -2755,6 +3022,10 @@ mod signin {
         client_secret: String,
         scope: String,
         agent: ureq::Agent,
+        /// Where SIGNIN_KEY_FILE is kept (None: a key in memory for this run).
+        key_dir: Option<PathBuf>,
+        /// The key, once read or made.
+        key: Mutex<Option<[u8; 32]>>,
     }
 
     /// Why Outline did not give (or renew) its tokens.
@@ -2773,7 +3044,39 @@ mod signin {
                 client_secret: client_secret.to_string(),
                 scope: scope.to_string(),
                 agent: crate::auth::outline_agent(),
+                key_dir: None,
+                key: Mutex::new(None),
             }
+        }
+
+        /// The app with its verifier key kept in `dir` (MCP_PROXY_STATE_DIR), so a
+        /// sign-in in progress survives a restart.
+        pub fn keeping_key_in(mut self, dir: Option<PathBuf>) -> OutlineApp {
+            self.key_dir = dir;
+            self
+        }
+
+        /// The PKCE verifier of the proxy's own request to Outline for a sign-in:
+        /// HMAC-SHA256 of the sign-in's id under the proxy's secret key, so the id (which
+        /// travels in the callback URL, next to Outline's code) does not give it. Never
+        /// stored. None when the key can be neither read nor made.
+        pub fn verifier(&self, request_id: &str) -> Option<String> {
+            let key = self.key()?;
+            let mut mac = Hmac::<Sha256>::new_from_slice(&key).ok()?;
+            mac.update(request_id.as_bytes());
+            Some(base64url(&mac.finalize().into_bytes()))
+        }
+
+        /// The key: read from SIGNIN_KEY_FILE, or made there (mode 0600) on first use.
+        fn key(&self) -> Option<[u8; 32]> {
+            let mut key = lock(&self.key);
+            if key.is_none() {
+                match crate::util::kept_key(self.key_dir.as_deref(), SIGNIN_KEY_FILE) {
+                    Ok(made) => *key = Some(made),
+                    Err(e) => log::error!("cannot read or make the sign-in key {SIGNIN_KEY_FILE}: {e}"),
+                }
+            }
+            *key
         }
 
         /// Where the browser goes to sign in at Outline (no secret in it).
@@ -3243,12 +3546,6 @@ mod grants {
             TokenRefused::Storage
         })?;
         Ok(format!("{TOKEN_PREFIX}{kind}_{}", base64url(&bytes)))
-    }
-
-    /// The PKCE verifier of the proxy's own request to Outline for a sign-in: derived
-    /// from the sign-in's secret id, so it is never stored.
-    pub fn outline_verifier(request_id: &str) -> String {
-        base64url(&token_key(request_id, "outline pkce verifier"))
     }
 
     /// The key that wraps a grant's key for one token: HKDF-SHA256 of the token.
@@ -7711,7 +8008,8 @@ mod signals {
 
 mod util {
     //! Owns small shared helpers: lock recovery, single flights, the HTTP clients' common
-    //! settings, constant-time compare, base64, RFC 3339 times. Calls std and ureq only.
+    //! settings, constant-time compare, base64, RFC 3339 times, secret keys kept in the
+    //! state directory. Calls std, ureq and log only.
     use std::sync::{Arc, Condvar, Mutex, MutexGuard};
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -7810,6 +8108,38 @@ mod util {
     /// base64url without padding (RFC 4648 §5): tokens, ids and PKCE challenges.
     pub fn base64url(input: &[u8]) -> String {
         base64_encode(input).trim_end_matches('=').replace('+', "-").replace('/', "_")
+    }
+
+    /// A 256-bit secret kept in `dir/name` (mode 0600, made on first use) so that it
+    /// outlives restarts; without a directory, a new one for this run. A file that is
+    /// not such a key is set aside (`name.unreadable-{time}`) and a new key made.
+    pub fn kept_key(dir: Option<&std::path::Path>, name: &str) -> std::io::Result<[u8; 32]> {
+        use std::io::{Read, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut key = [0u8; 32];
+        let Some(dir) = dir else {
+            std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+            return Ok(key);
+        };
+        let path = dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) if bytes.len() == key.len() => {
+                key.copy_from_slice(&bytes);
+                return Ok(key);
+            }
+            Ok(_) => {
+                let aside = dir.join(format!("{name}.unreadable-{}", now_unix()));
+                log::warn!("{} is not a key; set aside as {}", path.display(), aside.display());
+                std::fs::rename(&path, aside)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+        file.write_all(&key)?;
+        file.sync_all()?;
+        Ok(key)
     }
 
     pub fn now_unix() -> u64 {
@@ -8590,6 +8920,82 @@ mod tests {
         ] {
             assert!(check_redirect_uri(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn redirect_uris_a_browser_reads_with_another_host_are_refused() {
+        use crate::oauth::check_redirect_uri;
+        for ok in [
+            "https://App.Example.com:8443/cb",
+            "https://127.0.0.1/cb",
+            "https://[2001:db8::1]:443/cb",
+            "myapp://x_y.z/cb",
+        ] {
+            assert!(check_redirect_uri(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("https://attacker.example\\.claude.ai/cb", "backslash"),
+            ("https://claude.ai\\@attacker.example/cb", "backslash"),
+            ("https://claude.ai/cb\\x", "backslash"),
+            ("https://claude.ai@attacker.example/cb", "user info"),
+            ("https://claude.ai:x@attacker.example/cb", "user info"),
+            ("myapp://claude.ai@attacker.example/cb", "user info"),
+            ("https://cl\u{430}ude.ai/cb", "ASCII"),
+            ("https://attacker.example%2f.claude.ai/cb", "letters, digits"),
+            ("https://0x7f.1/cb", "a.b.c.d"),
+            ("https://2130706433/cb", "a.b.c.d"),
+            ("https://example.010/cb", "a.b.c.d"),
+            ("https://[::1/cb", "]"),
+            ("https://claude.ai:44x/cb", "port"),
+        ] {
+            let refused = check_redirect_uri(bad).expect_err(bad);
+            assert!(refused.contains(why), "{bad}: {refused}");
+        }
+    }
+
+    #[test]
+    fn the_client_address_is_x_real_ip_only_from_a_trusted_proxy_and_ipv6_counts_by_its_64() {
+        use crate::http1::client_source;
+        let from = |peer: &str, real: Option<&str>| {
+            let mut request = incoming(&real.map(|r| vec![("X-Real-IP", r)]).unwrap_or_default());
+            request.remote = Some(peer.parse().unwrap());
+            request
+        };
+        let loopback: Vec<std::net::IpAddr> = vec!["127.0.0.1".parse().unwrap()];
+        let trusted = |peer: &str, real: Option<&str>| client_source(&from(peer, real), &loopback);
+        // nginx on this host names the client; anyone else is who they are
+        assert_eq!(trusted("127.0.0.1:1", Some("203.0.113.7")), trusted("203.0.113.7:3", None));
+        assert_ne!(trusted("127.0.0.1:1", Some("203.0.113.7")), trusted("127.0.0.1:1", Some("203.0.113.8")));
+        assert_eq!(trusted("10.0.0.9:2", Some("203.0.113.7")), trusted("10.0.0.9:2", Some("203.0.113.8")));
+        assert_eq!(trusted("10.0.0.9:2", Some("203.0.113.7")), trusted("10.0.0.9:5", None));
+        assert_eq!(trusted("[::ffff:127.0.0.1]:1", Some("198.51.100.1")), trusted("198.51.100.1:9", None));
+        // a header that is not an address counts as the proxy itself
+        assert_eq!(trusted("127.0.0.1:1", Some("nonsense")), trusted("127.0.0.1:2", None));
+        // one /64, one bucket; the next /64, another
+        assert_eq!(
+            trusted("127.0.0.1:1", Some("2001:db8:1:2::1")),
+            trusted("127.0.0.1:1", Some("2001:db8:1:2:ffff::9"))
+        );
+        assert_eq!(trusted("[2001:db8:1:2::1]:1", None), trusted("[2001:db8:1:2:abcd::1]:7", None));
+        assert_ne!(trusted("127.0.0.1:1", Some("2001:db8:1:2::1")), trusted("127.0.0.1:1", Some("2001:db8:1:3::1")));
+        // with no trusted proxy, loopback is a client like any other
+        assert_eq!(client_source(&from("127.0.0.1:1", Some("203.0.113.7")), &[]), trusted("127.0.0.1:4", None));
+    }
+
+    #[test]
+    fn a_kept_key_is_made_once_with_mode_0600_and_read_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("omp-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let made = crate::util::kept_key(Some(&dir), "k.key").unwrap();
+        let mode = std::fs::metadata(dir.join("k.key")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(crate::util::kept_key(Some(&dir), "k.key").unwrap(), made);
+        std::fs::write(dir.join("k.key"), b"short").unwrap();
+        let remade = crate::util::kept_key(Some(&dir), "k.key").unwrap();
+        assert_ne!(remade, made);
+        assert_ne!(crate::util::kept_key(None, "k.key").unwrap(), crate::util::kept_key(None, "k.key").unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

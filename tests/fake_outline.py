@@ -44,6 +44,7 @@ class FakeOutline:
         self.oauth_clients = {}  # client_id -> {"secret", "redirect_uris"}
         self.oauth_codes = {}  # code -> {client_id, redirect_uri, user_key, challenge, expires}
         self.oauth_tokens = {}  # access or refresh token -> the pair's record
+        self.oauth_verifiers = []  # the code_verifier of each code exchange at /oauth/token
         self.oauth_access_ttl = 3600  # seconds; tests shorten it to see renewals
         self.signed_in_key = None  # the browser's Outline session: whose consent page
         outer = self
@@ -273,6 +274,7 @@ class FakeOutline:
                     return self.oauth_error(400, "invalid_request", "Invalid grant: authorization code is invalid")
                 if form.get("redirect_uri") != code["redirect_uri"]:
                     return self.oauth_error(400, "invalid_request", "Invalid request: `redirect_uri` is invalid")
+                self.oauth_verifiers.append(form.get("code_verifier", ""))
                 if code["challenge"]:
                     verifier = form.get("code_verifier", "")
                     digest = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=")
