@@ -187,7 +187,8 @@ def test_sdk_with_a_client_metadata_document(oauth_proxy, outline, mcp_outline_i
 
 def test_refresh_rotation_revocation_and_a_restart_in_the_middle(
         oauth_proxy, outline, mcp_outline_image, browser, loopback):
-    proxy = oauth_proxy(real=mcp_outline_image, oauth_access_ttl="4s", auth_ttl="0")
+    # the access token outlives a container's first start on a loaded machine (3-4 s seen)
+    proxy = oauth_proxy(real=mcp_outline_image, oauth_access_ttl="10s", auth_ttl="0")
     carol, dave = outline.add_user("carol"), outline.add_user("dave")
     redirect, callback, seen = paste_key_person(browser, loopback, carol)
     storage = MemoryStorage()
@@ -203,7 +204,7 @@ def test_refresh_rotation_revocation_and_a_restart_in_the_middle(
 
     def let_the_access_token_expire():
         note_tokens()
-        time.sleep(4.5)
+        time.sleep(10.5)
 
     results = anyio.run(oauth_use, proxy.url, provider, True, [restart, let_the_access_token_expire, note_tokens])
     for result in results:
