@@ -19,6 +19,7 @@
 //!   grants      clients, codes and grants: token hashes, credentials sealed at rest
 //!   auth        the key from the request, and Outline's verdict on it (cached)
 //!   sessions    the clients' MCP sessions, which outlive containers
+//!   staged      which containers hold mcp-outline's unsaved staged edits; may they sleep
 //!   registry    what the proxy knows of each container: plans, leases, sweeps (no I/O)
 //!   docker      every docker CLI call, as named verbs with typed results
 //!   containers  bringing a user's container to ready, and putting it to sleep
@@ -4126,12 +4127,9 @@ mod sessions {
 }
 
 mod staged {
-    //! Owns the marks of mcp-outline's staged edits (`edit_document` with `save: false`,
-    //! not yet saved): which container holds which documents since when, in the state
-    //! directory (`staged-edits.json`, mode 0600: container names, which are owner hashes,
-    //! and document ids; nothing secret), and the one rule `may_sleep` that every path
-    //! that stops, removes or replaces a container asks. Reads JSON-RPC messages already
-    //! parsed by its caller. Calls `util`, and `front::log_value` for the warning.
+    //! Owns the marks of mcp-outline's unsaved staged edits (which container holds which
+    //! documents, since when; `staged-edits.json`) and `may_sleep`, asked before any stop.
+    //! Reads JSON-RPC values its caller parsed. Calls `util`, `front::log_value`.
     use crate::util::{lock, now_unix};
     use serde::{Deserialize, Serialize};
     use serde_json::Value;
@@ -4141,6 +4139,8 @@ mod staged {
     use std::sync::Mutex;
     use std::time::Duration;
 
+    /// In the state directory, mode 0600: container names (owner hashes), document ids
+    /// and times; nothing secret.
     const STATE_FILE: &str = "staged-edits.json";
     const TOOL: &str = "edit_document";
     /// mcp-outline's answers (1.10, `document_editing.py`): it reports failure as plain
@@ -4258,10 +4258,12 @@ mod staged {
                 Outcome::Unchanged => return,
                 Outcome::Staged => {
                     let holding = marks.entry(name.to_string()).or_default();
-                    if holding.incarnation.as_deref() != incarnation {
-                        // another process of the container: what it held before is gone
-                        holding.documents.clear();
-                        holding.incarnation = incarnation.map(str::to_string);
+                    if let Some(now) = incarnation.filter(|now| holding.incarnation.as_deref() != Some(now)) {
+                        if holding.incarnation.is_some() {
+                            // another process of the container: what it held before is gone
+                            holding.documents.clear();
+                        }
+                        holding.incarnation = Some(now.to_string());
                     }
                     if holding.documents.contains_key(&call.document_id) {
                         return;
@@ -5901,7 +5903,8 @@ mod containers {
 mod relay {
     //! Owns carrying a request to its container and the answer back: HTTP streamed both
     //! ways (one retry, on a fresh lease, when the container never answered) and
-    //! WebSocket frames relayed unchanged. Calls `http1`, `auth` (key headers), `containers`.
+    //! WebSocket frames relayed unchanged. Calls `http1`, `auth` (key headers), `containers`,
+    //! `staged` (an edit and its answer, parsed here, noted there).
     use crate::auth::{self, describe_ureq_error, Credential};
     use crate::config::{Config, KeyMode};
     use crate::containers::Want;
@@ -6926,7 +6929,8 @@ mod relay {
 mod ops {
     //! Owns what the operator sees: /health (from memory), /stats and /metrics (the
     //! same figures as JSON and Prometheus text), and the `check` and `cleanup`
-    //! commands. Calls `registry` (figures), `docker` (verbs), `auth` (Outline).
+    //! commands. Calls `registry` (figures), `staged` (holds), `docker` (verbs), `auth`
+    //! (Outline).
     use crate::auth::{self, Verifier};
     use crate::config::{Config, KeyMode};
     use crate::docker::{first_line, Docker};
@@ -7463,7 +7467,7 @@ mod ops {
 mod background {
     //! Owns what runs beside requests, each thread supervised: the sleeper, the Docker
     //! watcher, the event follower (the registry kept exact), the spare keeper, and the
-    //! containers' network. Calls `containers`, `registry`, `docker`, `auth`.
+    //! containers' network. Calls `containers`, `registry`, `staged`, `docker`, `auth`.
     use crate::containers::{Containers, Want};
     use crate::error::ProxyError;
     use crate::registry::TransitionResult;
@@ -8324,6 +8328,79 @@ mod tests {
             assert_eq!(entries["mcp-busy"].state, State::Running);
             assert_eq!(entries["mcp-recent"].state, State::Running);
         }
+    }
+
+    /// A JSON-RPC `edit_document` call and the answer mcp-outline 1.10 gives it.
+    fn edit_exchange(id: u64, save: bool, answer: &str) -> (serde_json::Value, serde_json::Value) {
+        let call = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+            "name": "edit_document", "arguments": {"document_id": "doc-1", "edits": [], "save": save}}});
+        let result = serde_json::json!({"jsonrpc": "2.0", "id": id, "result": {
+            "content": [{"type": "text", "text": answer}], "isError": false}});
+        (call, result)
+    }
+
+    #[test]
+    fn staged_edits_are_read_from_mcp_outlines_answers() {
+        use crate::staged::{edit_call, outcome, Outcome};
+        let staged = "Applied 1 edit(s) to 'Note'. Document has unsaved changes — call edit_document with save=True to push to Outline.";
+        let (call, answer) = edit_exchange(7, false, staged);
+        let edit = edit_call(&call).unwrap();
+        assert_eq!((edit.document_id.as_str(), edit.save), ("doc-1", false));
+        assert_eq!(outcome(&edit, &answer), Outcome::Staged);
+        // another request's answer, and mcp-outline's failures (plain text), change nothing
+        assert_eq!(outcome(&edit, &edit_exchange(8, false, staged).1), Outcome::Unchanged);
+        for failure in ["Edit failed: 'x' not found in document. No edits were applied.", "Error editing document: 404"]
+        {
+            assert_eq!(outcome(&edit, &edit_exchange(7, false, failure).1), Outcome::Unchanged);
+        }
+        let (call, answer) = edit_exchange(9, true, "Applied 0 edit(s) to 'Note'. Saved to Outline.");
+        assert_eq!(outcome(&edit_call(&call).unwrap(), &answer), Outcome::Saved);
+        let nothing = "No edits provided and no staged changes to save. Nothing to do.";
+        assert_eq!(outcome(&edit_call(&call).unwrap(), &edit_exchange(9, true, nothing).1), Outcome::Unchanged);
+        // save defaults to true, as in mcp-outline; other tools are not edits
+        let mut call = call;
+        call["params"]["arguments"].as_object_mut().unwrap().remove("save");
+        assert!(edit_call(&call).unwrap().save);
+        call["params"]["name"] = "read_document".into();
+        assert!(edit_call(&call).is_none());
+    }
+
+    #[test]
+    fn a_container_holding_staged_edits_neither_sleeps_nor_makes_room() {
+        let settings = [
+            ("MCP_PROXY_IDLE_TIMEOUT", "60s"),
+            ("MCP_PROXY_DOCKER", "/bin/true"),
+            ("MCP_PROXY_MAX_RUNNING", "2"),
+            ("MCP_PROXY_SPARES", "1"),
+        ];
+        let proxy = test_proxy(&settings);
+        let registry = &proxy.containers.registry;
+        let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
+        for name in ["mcp-staged", "mcp-plain"] {
+            lock(&registry.entries).insert(name.to_string(), running_entry(addr, 3600, 0));
+        }
+        let staged = "Applied 1 edit(s) to 'N'. Document has unsaved changes — call edit_document with save=True.";
+        let (call, answer) = edit_exchange(1, false, staged);
+        registry.staged.note_answer("mcp-staged", None, &crate::staged::edit_call(&call).unwrap(), &answer);
+        assert!(!registry.staged.may_sleep("mcp-staged") && registry.staged.may_sleep("mcp-plain"));
+        // at the cap, the one without staged edits makes room
+        let Plan::Start { evict, flight, .. } = registry.plan("mcp-new", "U", false).unwrap() else {
+            panic!("expected a start")
+        };
+        assert_eq!(evict.as_deref(), Some("mcp-plain"));
+        registry.after_stop("mcp-plain", crate::registry::StopOutcome::Retired);
+        registry.finish_transition("mcp-new", &flight, Ok(()));
+        lock(&registry.entries).insert("mcp-new".into(), running_entry(addr, 0, 1));
+        // and when only it could, the request gets 503 with Retry-After
+        let err = registry.plan("mcp-other", "U", false).err().unwrap();
+        assert_eq!((err.status(), err.retry_after()), (503, Some(30)));
+        // the sweep leaves it running; a save lets it go
+        crate::background::sweep(&proxy.containers);
+        assert_eq!(lock(&registry.entries)["mcp-staged"].state, State::Running);
+        let (call, answer) = edit_exchange(2, true, "Applied 0 edit(s) to 'N'. Saved to Outline.");
+        registry.staged.note_answer("mcp-staged", None, &crate::staged::edit_call(&call).unwrap(), &answer);
+        crate::background::sweep(&proxy.containers);
+        assert_eq!(lock(&registry.entries)["mcp-staged"].state, State::Missing);
     }
 
     #[test]

@@ -138,9 +138,13 @@ def test_staged_edits_outlive_an_image_upgrade_with_spares_on(real_proxy, outlin
             new_id = docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
             assert new_id != old["Image"]
 
+            def image_of(container):  # (a spare may be removed while we look)
+                r = docker("container", "inspect", "--format", "{{.Image}}", container, check=False)
+                return r.stdout.strip() if r.returncode == 0 else None
+
             def spare_of_the_new_image():
-                spares = [s for s in proxy.spares() if proxy.state(s) == "running"]
-                return spares and all(proxy.inspect(s)["Image"] == new_id for s in spares)
+                images = [image_of(s) for s in proxy.spares()]
+                return new_id in images and all(i in (new_id, None) for i in images)
 
             wait_for(spare_of_the_new_image, timeout=60, what="the proxy to see the new image")
             outlives_idle(proxy, name)
