@@ -19,6 +19,7 @@
 //!   grants      clients, codes and grants: token hashes, credentials sealed at rest
 //!   auth        the key from the request, and Outline's verdict on it (cached)
 //!   sessions    the clients' MCP sessions, which outlive containers
+//!   staged      which containers hold mcp-outline's unsaved staged edits; may they sleep
 //!   registry    what the proxy knows of each container: plans, leases, sweeps (no I/O)
 //!   docker      every docker CLI call, as named verbs with typed results
 //!   containers  bringing a user's container to ready, and putting it to sleep
@@ -83,6 +84,7 @@ mod config {
         ("MCP_PROXY_SSE_KEEPALIVE", "15s", "comment keep-alives on a client's notification stream while the proxy holds it (its container asleep or gone); below nginx's proxy_read_timeout"),
         ("MCP_PROXY_SWEEP_INTERVAL", "60s", "how often the sleeper thread looks"),
         ("MCP_PROXY_REMOVE_AFTER", "7d", "remove containers stopped this long (0 = never)"),
+        ("MCP_PROXY_STAGED_EDITS_TIMEOUT", "24h", "a container holding mcp-outline's staged edits (edit_document with save: false, not yet saved) is not put to sleep, removed or replaced for this long; then it sleeps, with a warning naming the user and the documents (0 = no such hold)"),
         ("MCP_PROXY_AUTH_TTL", "60s", "how long Outline's yes for a key is trusted (0 = ask on every request)"),
         ("MCP_PROXY_AUTH_FAIL_TTL", "10s", "how long Outline's no for a key is trusted"),
         ("MCP_PROXY_START_TIMEOUT", "60s", "longest wait for a container to become ready"),
@@ -136,6 +138,7 @@ mod config {
         pub sse_keepalive: Duration,
         pub sweep_interval: Duration,
         pub remove_after: Option<Duration>,
+        pub staged_edits_timeout: Duration,
         pub auth_ttl: Duration,
         pub auth_fail_ttl: Duration,
         pub start_timeout: Duration,
@@ -341,6 +344,7 @@ mod config {
                 sse_keepalive,
                 sweep_interval,
                 remove_after: Some(remove_after).filter(|d| !d.is_zero()),
+                staged_edits_timeout: duration("MCP_PROXY_STAGED_EDITS_TIMEOUT")?,
                 auth_ttl: duration("MCP_PROXY_AUTH_TTL")?,
                 auth_fail_ttl: duration("MCP_PROXY_AUTH_FAIL_TTL")?,
                 start_timeout,
@@ -4612,13 +4616,257 @@ mod sessions {
     }
 }
 
+mod staged {
+    //! Owns the marks of mcp-outline's unsaved staged edits (which container holds which
+    //! documents, since when; `staged-edits.json`) and `may_sleep`, asked before any stop.
+    //! Reads JSON-RPC values its caller parsed. Calls `util`, `front::log_value`.
+    use crate::util::{lock, now_unix};
+    use serde::{Deserialize, Serialize};
+    use serde_json::Value;
+    use std::collections::BTreeMap;
+    use std::io::Write;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// In the state directory, mode 0600: container names (owner hashes), document ids
+    /// and times; nothing secret.
+    const STATE_FILE: &str = "staged-edits.json";
+    const TOOL: &str = "edit_document";
+    /// mcp-outline's answers (1.10, `document_editing.py`): it reports failure as plain
+    /// text, not `isError`. A staged edit ends in this sentence…
+    const STAGED_TEXT: &str = "Document has unsaved changes";
+    /// …a save in this one.
+    const SAVED_TEXT: &str = "Saved to Outline.";
+
+    /// A forwarded `tools/call` of `edit_document`, read from the client's request.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct EditCall {
+        /// The JSON-RPC id, to find the answer to it.
+        id: Value,
+        pub document_id: String,
+        pub save: bool,
+    }
+
+    /// The `edit_document` call in a JSON-RPC request, if it is one (`save` is true
+    /// unless the call says false, as mcp-outline's default).
+    pub fn edit_call(request: &Value) -> Option<EditCall> {
+        if request.get("method")?.as_str()? != "tools/call" {
+            return None;
+        }
+        let params = request.get("params")?;
+        if params.get("name")?.as_str()? != TOOL {
+            return None;
+        }
+        let arguments = params.get("arguments")?;
+        let document_id = arguments.get("document_id")?.as_str()?.to_string();
+        let save = arguments.get("save").and_then(Value::as_bool).unwrap_or(true);
+        Some(EditCall { id: request.get("id")?.clone(), document_id, save })
+    }
+
+    /// What the container's answer to an edit means for the marks.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Outcome {
+        /// Staged and held in the container's memory only.
+        Staged,
+        /// Pushed to Outline: nothing of this document is held any more.
+        Saved,
+        /// Not the answer to this call, an error, or a refusal: the marks stay as they are.
+        Unchanged,
+    }
+
+    /// Reads a JSON-RPC response to `call`.
+    pub fn outcome(call: &EditCall, response: &Value) -> Outcome {
+        if response.get("id") != Some(&call.id) {
+            return Outcome::Unchanged;
+        }
+        let Some(result) = response.get("result") else { return Outcome::Unchanged };
+        if result.get("isError").and_then(Value::as_bool) == Some(true) {
+            return Outcome::Unchanged;
+        }
+        let texts: Vec<&str> = result
+            .get("content")
+            .and_then(Value::as_array)
+            .map(|items| items.iter().filter_map(|c| c.get("text").and_then(Value::as_str)).collect())
+            .unwrap_or_default();
+        let says = |sentence: &str| texts.iter().any(|t| t.starts_with("Applied ") && t.contains(sentence));
+        match call.save {
+            false if says(STAGED_TEXT) => Outcome::Staged,
+            true if says(SAVED_TEXT) => Outcome::Saved,
+            _ => Outcome::Unchanged,
+        }
+    }
+
+    /// The documents one container holds unsaved, each since when (unix seconds), and
+    /// which process of the container holds them.
+    #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+    pub struct Holding {
+        pub documents: BTreeMap<String, u64>,
+        #[serde(default)]
+        pub incarnation: Option<String>,
+    }
+
+    impl Holding {
+        /// Since when the container holds staged edits (its oldest mark).
+        pub fn since(&self) -> u64 {
+            self.documents.values().copied().min().unwrap_or_else(now_unix)
+        }
+
+        pub fn held_seconds(&self) -> u64 {
+            now_unix().saturating_sub(self.since())
+        }
+    }
+
+    #[derive(Default, Serialize, Deserialize)]
+    struct StateFile {
+        version: u32,
+        containers: BTreeMap<String, Holding>,
+    }
+
+    /// Every container's marks, behind one lock; written through to the state file.
+    pub struct Staged {
+        marks: Mutex<BTreeMap<String, Holding>>,
+        dir: Option<PathBuf>,
+        timeout: Duration,
+    }
+
+    impl Staged {
+        /// The marks kept in `dir` (none without one: they are then kept in memory only).
+        pub fn open(dir: Option<PathBuf>, timeout: Duration) -> Staged {
+            let marks = dir.as_deref().map(load).unwrap_or_default();
+            if !marks.is_empty() {
+                log::info!("{} container(s) hold staged edits (from {STATE_FILE})", marks.len());
+            }
+            Staged { marks: Mutex::new(marks), dir, timeout }
+        }
+
+        /// Records what the container `name` (in `incarnation`) answered to an edit.
+        pub fn note_answer(&self, name: &str, incarnation: Option<&str>, call: &EditCall, response: &Value) {
+            let outcome = outcome(call, response);
+            let mut marks = lock(&self.marks);
+            match outcome {
+                Outcome::Unchanged => return,
+                Outcome::Staged => {
+                    let holding = marks.entry(name.to_string()).or_default();
+                    if let Some(now) = incarnation.filter(|now| holding.incarnation.as_deref() != Some(now)) {
+                        if holding.incarnation.is_some() {
+                            // another process of the container: what it held before is gone
+                            holding.documents.clear();
+                        }
+                        holding.incarnation = Some(now.to_string());
+                    }
+                    if holding.documents.contains_key(&call.document_id) {
+                        return;
+                    }
+                    holding.documents.insert(call.document_id.clone(), now_unix());
+                }
+                Outcome::Saved => {
+                    let Some(holding) = marks.get_mut(name) else { return };
+                    if holding.documents.remove(&call.document_id).is_none() {
+                        return;
+                    }
+                    if holding.documents.is_empty() {
+                        marks.remove(name);
+                    }
+                }
+            }
+            self.save(&marks);
+        }
+
+        /// The one rule: a container may be put to sleep, removed or replaced when it
+        /// holds no staged edits, or has held them longer than MCP_PROXY_STAGED_EDITS_TIMEOUT.
+        pub fn may_sleep(&self, name: &str) -> bool {
+            match lock(&self.marks).get(name) {
+                None => true,
+                Some(holding) => holding.held_seconds() >= self.timeout.as_secs(),
+            }
+        }
+
+        /// The container `name` went to sleep, was removed, or died: what it held is
+        /// gone. Warns, naming the user and the documents, when it held anything.
+        pub fn lost(&self, name: &str, user: &str, why: &str) {
+            let mut marks = lock(&self.marks);
+            let Some(holding) = marks.remove(name) else { return };
+            self.save(&marks);
+            drop(marks);
+            let documents: Vec<&str> = holding.documents.keys().map(String::as_str).collect();
+            log::warn!(
+                "staged edits lost: container={name} user={} documents={} held={}s ({why})",
+                crate::front::log_value(user),
+                documents.join(","),
+                holding.held_seconds()
+            );
+        }
+
+        /// Keeps only the marks of containers running in the same process as when
+        /// marked (at start-up and when Docker is back), from Docker's listing.
+        pub fn keep_running(&self, listed: &[crate::docker::ContainerInfo]) {
+            let gone: Vec<(String, String)> = lock(&self.marks)
+                .iter()
+                .filter_map(|(name, holding)| {
+                    let info = listed.iter().find(|c| &c.name == name);
+                    let same = info.is_some_and(|c| {
+                        c.running && (holding.incarnation.is_none() || c.incarnation == holding.incarnation)
+                    });
+                    (!same).then(|| (name.clone(), info.map(|c| c.user.clone()).unwrap_or_default()))
+                })
+                .collect();
+            for (name, user) in gone {
+                self.lost(&name, &user, "the container stopped or restarted while the proxy was away");
+            }
+        }
+
+        pub fn holding(&self, name: &str) -> Option<Holding> {
+            lock(&self.marks).get(name).cloned()
+        }
+
+        fn save(&self, marks: &BTreeMap<String, Holding>) {
+            let Some(dir) = &self.dir else { return };
+            let snapshot = StateFile { version: 1, containers: marks.clone() };
+            if let Err(e) = write_state(dir, &snapshot) {
+                log::error!("cannot write {} in {}: {e}", STATE_FILE, dir.display());
+            }
+        }
+    }
+
+    fn write_state(dir: &Path, snapshot: &StateFile) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let body = serde_json::to_vec(snapshot).map_err(std::io::Error::other)?;
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        file.write_all(&body)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, dir.join(STATE_FILE))
+    }
+
+    fn load(dir: &Path) -> BTreeMap<String, Holding> {
+        let path = dir.join(STATE_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+            Err(e) => {
+                log::error!("cannot read {}: {e}; no staged edits are known", path.display());
+                return BTreeMap::new();
+            }
+        };
+        match serde_json::from_str::<StateFile>(&text) {
+            Ok(state) if state.version == 1 => state.containers,
+            _ => {
+                log::error!("{} is not a staged-edits file of this version; no staged edits are known", path.display());
+                BTreeMap::new()
+            }
+        }
+    }
+}
+
 mod registry {
     //! Owns what the proxy knows of each container (state, address, leases, counters)
     //! and every decision made on it: plans, sweep selection, the removal policy. Pure:
-    //! no Docker, no HTTP; its one lock is held only for field updates. Calls `util`, and
-    //! reads `docker`'s plain data types (ContainerInfo, Event) without running Docker.
+    //! no Docker, no HTTP; its one lock is held only for field updates. Calls `util`,
+    //! `staged` (whether a container may sleep), and reads `docker`'s plain data types.
     use crate::docker::{ContainerInfo, Event};
     use crate::error::ProxyError;
+    use crate::staged::Staged;
     use crate::util::{lock, Flight};
     use std::collections::HashMap;
     use std::net::SocketAddr;
@@ -4775,6 +5023,9 @@ mod registry {
         /// Client sessions bound to it (filled in by `ops`).
         pub sessions: usize,
         pub spare: bool,
+        /// Documents it holds staged (unsaved), and for how long (filled in by `ops`).
+        pub staged_documents: usize,
+        pub staged_seconds: u64,
     }
 
     /// The removal policy, for the sleeper and `cleanup` alike: stopped at least
@@ -4809,6 +5060,8 @@ mod registry {
         /// Notification streams the proxy holds, per container name: apart from the
         /// entries, whose life is the container's. Locked after `entries`, never before.
         streams: Mutex<HashMap<String, usize>>,
+        /// Which containers hold staged edits (taken after `entries`, never before).
+        pub staged: Arc<Staged>,
     }
 
     /// One held notification stream of a user, counted while alive.
@@ -4830,13 +5083,19 @@ mod registry {
     }
 
     impl Registry {
-        pub fn new(max_running: usize, user_max_inflight: usize, user_max_streams: usize) -> Registry {
+        pub fn new(
+            max_running: usize,
+            user_max_inflight: usize,
+            user_max_streams: usize,
+            staged: Arc<Staged>,
+        ) -> Registry {
             Registry {
                 entries: Mutex::new(HashMap::new()),
                 max_running,
                 user_max_inflight,
                 user_max_streams,
                 streams: Mutex::new(HashMap::new()),
+                staged,
             }
         }
 
@@ -4894,11 +5153,13 @@ mod registry {
             }
             let known = entry.state;
             let flight = entry.begin();
-            // a ready spare serves at once, and takes no new slot under the cap
+            // a ready spare serves at once, and takes no new slot under the cap (but never
+            // in place of a container that may still run with staged edits)
             let spare = entries
                 .iter()
                 .find(|(n, e)| *n != name && e.spare && e.state == State::Running && e.is_idle_and_settled())
-                .map(|(n, _)| n.clone());
+                .map(|(n, _)| n.clone())
+                .filter(|_| self.staged.may_sleep(name));
             if let Some(spare) = spare {
                 if let Some(s) = entries.get_mut(&spare) {
                     s.transition = Some(flight.clone());
@@ -4908,9 +5169,11 @@ mod registry {
             if !at_cap {
                 return Ok(Plan::Start { flight, evict: None, known });
             }
+            // a container holding staged edits is never the one to make room: 503 instead
             let victim = entries
                 .iter()
                 .filter(|(n, e)| *n != name && e.state == State::Running && e.is_idle_and_settled())
+                .filter(|(n, _)| self.staged.may_sleep(n))
                 .min_by_key(|(_, e)| e.idle_since)
                 .map(|(n, _)| n.clone());
             match victim.as_ref().and_then(|v| entries.get_mut(v)) {
@@ -5048,6 +5311,13 @@ mod registry {
         /// proxy did not make must be inspected (its address and incarnation are new);
         /// a death or removal makes a cached address worthless at once.
         pub fn observe(&self, event: &Event) -> Option<String> {
+            if let Event::Die(name) | Event::Destroy(name) = event {
+                // (its own stops are the sleeper's to report; this is a crash or a kill)
+                let user = lock(&self.entries).get(name).filter(|e| e.transition.is_none()).map(|e| e.user.clone());
+                if let Some(user) = user {
+                    self.staged.lost(name, &user, "the container died or was removed");
+                }
+            }
             let mut entries = lock(&self.entries);
             let settled = |entries: &HashMap<String, Entry>, name: &str| {
                 entries.get(name).is_some_and(|e| e.transition.is_none())
@@ -5129,7 +5399,10 @@ mod registry {
                     continue;
                 }
                 let idle_for = now.saturating_duration_since(entry.idle_since);
-                if matches!(entry.state, State::Running | State::Unknown) && idle_for >= idle_timeout {
+                if matches!(entry.state, State::Running | State::Unknown)
+                    && idle_for >= idle_timeout
+                    && self.staged.may_sleep(name)
+                {
                     sweep.stop.push((name.clone(), entry.begin()));
                 } else if entry.state == State::Stopped && due_for_removal(entry.stopped_at, remove_after) {
                     sweep.remove.push((name.clone(), entry.begin()));
@@ -5138,8 +5411,14 @@ mod registry {
             sweep
         }
 
-        /// Records how a stop ended and releases its transition.
+        /// Records how a stop ended and releases its transition; staged edits it still
+        /// held (past MCP_PROXY_STAGED_EDITS_TIMEOUT) are gone with it.
         pub fn after_stop(&self, name: &str, outcome: StopOutcome) {
+            let slept = !matches!(outcome, StopOutcome::Failed);
+            let user = lock(&self.entries).get(name).map(|e| e.user.clone()).unwrap_or_default();
+            if slept {
+                self.staged.lost(name, &user, "put to sleep: held longer than MCP_PROXY_STAGED_EDITS_TIMEOUT");
+            }
             if let Some(entry) = lock(&self.entries).get_mut(name) {
                 entry.transition = None;
                 match outcome {
@@ -5223,6 +5502,8 @@ mod registry {
                     address: e.address,
                     sessions: 0,
                     spare: e.spare,
+                    staged_documents: 0,
+                    staged_seconds: 0,
                 })
                 .collect();
             containers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -5853,7 +6134,12 @@ mod containers {
             Containers {
                 cfg: cfg.clone(),
                 sessions,
-                registry: Arc::new(Registry::new(cfg.max_running, cfg.user_max_inflight, cfg.user_max_streams)),
+                registry: Arc::new(Registry::new(
+                    cfg.max_running,
+                    cfg.user_max_inflight,
+                    cfg.user_max_streams,
+                    Arc::new(crate::staged::Staged::open(cfg.state_dir.clone(), cfg.staged_edits_timeout)),
+                )),
                 docker: Docker::new(&cfg.docker),
                 // the readiness probe: short, never pooled
                 ready_agent: agent_base()
@@ -6171,7 +6457,8 @@ mod containers {
 mod relay {
     //! Owns carrying a request to its container and the answer back: HTTP streamed both
     //! ways (one retry, on a fresh lease, when the container never answered) and
-    //! WebSocket frames relayed unchanged. Calls `http1`, `auth` (key headers), `containers`.
+    //! WebSocket frames relayed unchanged. Calls `http1`, `auth` (key headers), `containers`,
+    //! `staged` (an edit and its answer, parsed here, noted there).
     use crate::auth::{self, describe_ureq_error, Credential};
     use crate::config::{Config, KeyMode};
     use crate::containers::Want;
@@ -6518,10 +6805,61 @@ mod relay {
         };
         let status = response.status().as_u16();
         let client_session = note_session(proxy, incoming, &route, &body, &lease, &response);
-        stream_response(proxy, request, incoming, response, socket.as_deref(), client_session.as_deref())
-            .map_err(|e| (None, e))?;
+        let edits = staged_edit_calls(&body);
+        let event_stream = is_event_stream(response.headers());
+        let mut answer = Vec::new();
+        let capture = (!edits.is_empty()).then_some(&mut answer);
+        let streamed =
+            stream_response(proxy, request, incoming, response, socket.as_deref(), client_session.as_deref(), capture);
+        // noted even when the client went away: the container staged or saved all the same
+        note_staged_edits(proxy, &lease, &edits, &answer, event_stream);
+        streamed.map_err(|e| (None, e))?;
         drop(lease);
         Ok(status)
+    }
+
+    /// The JSON-RPC messages of a request body or an answer (a JSON body, a batch, or
+    /// SSE `data:` events). The adapter until the one shared parse of the protocol work
+    /// replaces it.
+    fn json_rpc_messages(bytes: &[u8], event_stream: bool) -> Vec<Value> {
+        let one_or_batch = |value: Value| match value {
+            Value::Array(items) => items,
+            other => vec![other],
+        };
+        if !event_stream {
+            return serde_json::from_slice(bytes).map(one_or_batch).unwrap_or_default();
+        }
+        String::from_utf8_lossy(bytes)
+            .lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .filter_map(|data| serde_json::from_str(data.trim()).ok())
+            .flat_map(one_or_batch)
+            .collect()
+    }
+
+    /// The `edit_document` calls in a request body read whole.
+    fn staged_edit_calls(body: &Outgoing) -> Vec<crate::staged::EditCall> {
+        let Outgoing::Bytes(bytes) = body else { return Vec::new() };
+        json_rpc_messages(bytes, false).iter().filter_map(crate::staged::edit_call).collect()
+    }
+
+    /// Tells the marks what the container answered to those calls.
+    fn note_staged_edits(
+        proxy: &Proxy,
+        lease: &Lease,
+        edits: &[crate::staged::EditCall],
+        answer: &[u8],
+        event_stream: bool,
+    ) {
+        if edits.is_empty() {
+            return;
+        }
+        let staged = &proxy.containers.registry.staged;
+        for message in json_rpc_messages(answer, event_stream) {
+            for call in edits {
+                staged.note_answer(&lease.name, lease.incarnation.as_deref(), call, &message);
+            }
+        }
     }
 
     /// Records what an answer says of the client's session; returns the session id the
@@ -6697,6 +7035,7 @@ mod relay {
         response: ureq::http::Response<ureq::Body>,
         socket: Option<&TcpStream>,
         client_session: Option<&str>,
+        capture: Option<&mut Vec<u8>>,
     ) -> Result<(), ProxyError> {
         let status = response.status().as_u16();
         let mut headers = downstream_response_headers(response.headers());
@@ -6734,7 +7073,8 @@ mod relay {
         let mut writer = request.into_writer();
         http1::write_head(&mut writer, status, &headers, framing, close).map_err(client_gone)?;
         if framing != Framing::NoBody {
-            copy_body(response.into_body().into_reader(), &mut writer, framing == Framing::Chunked, socket)?;
+            let chunked = framing == Framing::Chunked;
+            copy_body(response.into_body().into_reader(), &mut writer, chunked, socket, capture)?;
         }
         // the head and any last bytes may still sit in the buffer (an empty body above)
         writer.flush().map_err(client_gone)?;
@@ -6750,14 +7090,20 @@ mod relay {
         ProxyError::BadRequest("The client went away.".into())
     }
 
+    /// Largest answer kept aside for the staged-edit marks (mcp-outline's answer to an
+    /// edit is a sentence).
+    const CAPTURE_LIMIT: usize = 1 << 20;
+
     /// Copies the container's body to the client, a flush after every read, in chunks
-    /// when `chunked`. A container that breaks off ends the client's answer unfinished,
-    /// so the client knows, rather than as if it were complete.
+    /// when `chunked`, and into `capture` (up to CAPTURE_LIMIT) when given. A container
+    /// that breaks off ends the client's answer unfinished, so the client knows, rather
+    /// than as if it were complete.
     fn copy_body(
         mut body: impl Read,
         writer: &mut dyn Write,
         chunked: bool,
         socket: Option<&TcpStream>,
+        mut capture: Option<&mut Vec<u8>>,
     ) -> Result<(), ProxyError> {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
@@ -6772,6 +7118,9 @@ mod relay {
                     return Err(ProxyError::ContainerUnreachable("The container's answer broke off.".into()));
                 }
             };
+            if let Some(kept) = capture.as_deref_mut() {
+                kept.extend_from_slice(&buf[..n.min(CAPTURE_LIMIT.saturating_sub(kept.len()))]);
+            }
             let written = if chunked {
                 write!(writer, "{n:x}\r\n")
                     .and_then(|_| writer.write_all(&buf[..n]))
@@ -7139,7 +7488,8 @@ mod relay {
 mod ops {
     //! Owns what the operator sees: /health (from memory), /stats and /metrics (the
     //! same figures as JSON and Prometheus text), and the `check` and `cleanup`
-    //! commands. Calls `registry` (figures), `docker` (verbs), `auth` (Outline).
+    //! commands. Calls `registry` (figures), `staged` (holds), `docker` (verbs), `auth`
+    //! (Outline).
     use crate::auth::{self, Verifier};
     use crate::config::{Config, KeyMode};
     use crate::docker::{first_line, Docker};
@@ -7237,6 +7587,10 @@ mod ops {
         let sessions = proxy.sessions.per_owner();
         for c in containers.iter_mut() {
             c.sessions = sessions.get(&c.name).copied().unwrap_or(0);
+            if let Some(holding) = proxy.containers.registry.staged.holding(&c.name) {
+                c.staged_documents = holding.documents.len();
+                c.staged_seconds = holding.held_seconds();
+            }
         }
         Snapshot {
             containers,
@@ -7271,6 +7625,8 @@ mod ops {
                     "address": c.address.map(|a| a.to_string()),
                     "sessions": c.sessions,
                     "spare": c.spare,
+                    "staged_documents": c.staged_documents,
+                    "staged_seconds": c.staged_seconds,
                 })
             })
             .collect();
@@ -7278,6 +7634,7 @@ mod ops {
             "total_containers": s.containers.len(),
             "running_count": s.containers.iter().filter(|c| c.state == State::Running).count(),
             "spares_ready": s.containers.iter().filter(|c| c.spare && c.state == State::Running).count(),
+            "holding_staged_edits": s.containers.iter().filter(|c| c.staged_documents > 0).count(),
             "containers": containers,
             "auth": {"hits": s.auth_hits, "misses": s.auth_misses, "failures": s.auth_failures, "outline_calls": s.outline_calls},
             "sessions": {"held_streams": s.held_streams, "resurrections": s.resurrections},
@@ -7290,8 +7647,15 @@ mod ops {
     pub fn render_metrics(s: &Snapshot) -> String {
         let running = s.containers.iter().filter(|c| c.state == State::Running).count();
         let spares = s.containers.iter().filter(|c| c.spare && c.state == State::Running).count();
-        let totals: [(&str, &str, &str, String); 13] = [
+        let holding = s.containers.iter().filter(|c| c.staged_documents > 0).count();
+        let totals: [(&str, &str, &str, String); 14] = [
             ("mcp_proxy_spares_ready", "gauge", "Warm spares booted and unassigned.", spares.to_string()),
+            (
+                "mcp_proxy_containers_holding_staged_edits",
+                "gauge",
+                "Containers kept awake because they hold unsaved staged edits.",
+                holding.to_string(),
+            ),
             ("mcp_proxy_containers_tracked", "gauge", "Containers the proxy knows.", s.containers.len().to_string()),
             ("mcp_proxy_containers_running", "gauge", "Containers running.", running.to_string()),
             ("mcp_proxy_docker_up", "gauge", "1 when the Docker daemon answers.", u8::from(s.docker_ok).to_string()),
@@ -7341,7 +7705,7 @@ mod ops {
             ("mcp_proxy_uptime_seconds", "gauge", "Seconds since the proxy started.", s.uptime.to_string()),
         ];
         type PerContainer = fn(&ContainerSnapshot) -> String;
-        let per_container: [(&str, &str, &str, PerContainer); 6] = [
+        let per_container: [(&str, &str, &str, PerContainer); 8] = [
             ("mcp_proxy_container_up", "gauge", "1 when the container is running.", |c| {
                 u8::from(c.state == State::Running).to_string()
             }),
@@ -7357,6 +7721,12 @@ mod ops {
             }),
             ("mcp_proxy_container_sessions", "gauge", "Client MCP sessions bound to the container.", |c| {
                 c.sessions.to_string()
+            }),
+            ("mcp_proxy_container_staged_documents", "gauge", "Documents with unsaved staged edits it holds.", |c| {
+                c.staged_documents.to_string()
+            }),
+            ("mcp_proxy_container_staged_seconds", "gauge", "Seconds it has held staged edits (0 = none).", |c| {
+                c.staged_seconds.to_string()
             }),
         ];
         let mut out = String::new();
@@ -7656,7 +8026,7 @@ mod ops {
 mod background {
     //! Owns what runs beside requests, each thread supervised: the sleeper, the Docker
     //! watcher, the event follower (the registry kept exact), the spare keeper, and the
-    //! containers' network. Calls `containers`, `registry`, `docker`, `auth`.
+    //! containers' network. Calls `containers`, `registry`, `staged`, `docker`, `auth`.
     use crate::containers::{Containers, Want};
     use crate::docker::DockerError;
     use crate::error::ProxyError;
@@ -7919,6 +8289,7 @@ mod background {
             .list_managed(&cfg.network, &cfg.prefix)
             .map_err(|e| e.into_proxy_error("list containers"))?;
         containers.registry.reconcile(&listed, cfg.container_port);
+        containers.registry.staged.keep_running(&listed);
         Ok(listed.len())
     }
 
@@ -8565,6 +8936,79 @@ mod tests {
         }
     }
 
+    /// A JSON-RPC `edit_document` call and the answer mcp-outline 1.10 gives it.
+    fn edit_exchange(id: u64, save: bool, answer: &str) -> (serde_json::Value, serde_json::Value) {
+        let call = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+            "name": "edit_document", "arguments": {"document_id": "doc-1", "edits": [], "save": save}}});
+        let result = serde_json::json!({"jsonrpc": "2.0", "id": id, "result": {
+            "content": [{"type": "text", "text": answer}], "isError": false}});
+        (call, result)
+    }
+
+    #[test]
+    fn staged_edits_are_read_from_mcp_outlines_answers() {
+        use crate::staged::{edit_call, outcome, Outcome};
+        let staged = "Applied 1 edit(s) to 'Note'. Document has unsaved changes — call edit_document with save=True to push to Outline.";
+        let (call, answer) = edit_exchange(7, false, staged);
+        let edit = edit_call(&call).unwrap();
+        assert_eq!((edit.document_id.as_str(), edit.save), ("doc-1", false));
+        assert_eq!(outcome(&edit, &answer), Outcome::Staged);
+        // another request's answer, and mcp-outline's failures (plain text), change nothing
+        assert_eq!(outcome(&edit, &edit_exchange(8, false, staged).1), Outcome::Unchanged);
+        for failure in ["Edit failed: 'x' not found in document. No edits were applied.", "Error editing document: 404"]
+        {
+            assert_eq!(outcome(&edit, &edit_exchange(7, false, failure).1), Outcome::Unchanged);
+        }
+        let (call, answer) = edit_exchange(9, true, "Applied 0 edit(s) to 'Note'. Saved to Outline.");
+        assert_eq!(outcome(&edit_call(&call).unwrap(), &answer), Outcome::Saved);
+        let nothing = "No edits provided and no staged changes to save. Nothing to do.";
+        assert_eq!(outcome(&edit_call(&call).unwrap(), &edit_exchange(9, true, nothing).1), Outcome::Unchanged);
+        // save defaults to true, as in mcp-outline; other tools are not edits
+        let mut call = call;
+        call["params"]["arguments"].as_object_mut().unwrap().remove("save");
+        assert!(edit_call(&call).unwrap().save);
+        call["params"]["name"] = "read_document".into();
+        assert!(edit_call(&call).is_none());
+    }
+
+    #[test]
+    fn a_container_holding_staged_edits_neither_sleeps_nor_makes_room() {
+        let settings = [
+            ("MCP_PROXY_IDLE_TIMEOUT", "60s"),
+            ("MCP_PROXY_DOCKER", "/bin/true"),
+            ("MCP_PROXY_MAX_RUNNING", "2"),
+            ("MCP_PROXY_SPARES", "1"),
+        ];
+        let proxy = test_proxy(&settings);
+        let registry = &proxy.containers.registry;
+        let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
+        for name in ["mcp-staged", "mcp-plain"] {
+            lock(&registry.entries).insert(name.to_string(), running_entry(addr, 3600, 0));
+        }
+        let staged = "Applied 1 edit(s) to 'N'. Document has unsaved changes — call edit_document with save=True.";
+        let (call, answer) = edit_exchange(1, false, staged);
+        registry.staged.note_answer("mcp-staged", None, &crate::staged::edit_call(&call).unwrap(), &answer);
+        assert!(!registry.staged.may_sleep("mcp-staged") && registry.staged.may_sleep("mcp-plain"));
+        // at the cap, the one without staged edits makes room
+        let Plan::Start { evict, flight, .. } = registry.plan("mcp-new", "U", false).unwrap() else {
+            panic!("expected a start")
+        };
+        assert_eq!(evict.as_deref(), Some("mcp-plain"));
+        registry.after_stop("mcp-plain", crate::registry::StopOutcome::Retired);
+        registry.finish_transition("mcp-new", &flight, Ok(()));
+        lock(&registry.entries).insert("mcp-new".into(), running_entry(addr, 0, 1));
+        // and when only it could, the request gets 503 with Retry-After
+        let err = registry.plan("mcp-other", "U", false).err().unwrap();
+        assert_eq!((err.status(), err.retry_after()), (503, Some(30)));
+        // the sweep leaves it running; a save lets it go
+        crate::background::sweep(&proxy.containers);
+        assert_eq!(lock(&registry.entries)["mcp-staged"].state, State::Running);
+        let (call, answer) = edit_exchange(2, true, "Applied 0 edit(s) to 'N'. Saved to Outline.");
+        registry.staged.note_answer("mcp-staged", None, &crate::staged::edit_call(&call).unwrap(), &answer);
+        crate::background::sweep(&proxy.containers);
+        assert_eq!(lock(&registry.entries)["mcp-staged"].state, State::Missing);
+    }
+
     #[test]
     fn removal_is_due_only_after_remove_after() {
         let day = Duration::from_secs(86400);
@@ -8828,10 +9272,15 @@ mod tests {
         assert_eq!(s.per_owner()["mcp-b"], 1);
     }
 
+    /// A registry's staged-edit marks with nothing staged and nowhere to keep them.
+    fn no_staged() -> std::sync::Arc<crate::staged::Staged> {
+        std::sync::Arc::new(crate::staged::Staged::open(None, Duration::from_secs(86400)))
+    }
+
     #[test]
     fn held_streams_are_capped_per_user_and_counted_with_requests_in_flight() {
         use crate::registry::Registry;
-        let r = std::sync::Arc::new(Registry::new(0, 0, 2));
+        let r = std::sync::Arc::new(Registry::new(0, 0, 2, no_staged()));
         let (a, b) = (r.hold_stream("mcp-a").unwrap(), r.hold_stream("mcp-a").unwrap());
         assert!(matches!(r.hold_stream("mcp-a"), Err(ProxyError::TooManyStreams(2))));
         assert!(r.hold_stream("mcp-b").is_ok(), "another user's cap is their own");
@@ -8839,7 +9288,7 @@ mod tests {
         let _c = r.hold_stream("mcp-a").unwrap();
         drop(b);
         // with an in-flight limit, held streams take its slots too
-        let r = std::sync::Arc::new(Registry::new(0, 2, 0));
+        let r = std::sync::Arc::new(Registry::new(0, 2, 0, no_staged()));
         let _held = (r.hold_stream("mcp-a").unwrap(), r.hold_stream("mcp-a").unwrap());
         assert!(matches!(r.hold_stream("mcp-a"), Err(ProxyError::UserBusy(2))));
         lock(&r.entries).insert("mcp-a".into(), running_entry("10.0.0.2:3000".parse().unwrap(), 0, 0));

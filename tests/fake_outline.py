@@ -3,7 +3,11 @@
 It answers what the proxy and mcp-outline call, shaped like Outline's answers:
   POST /api/auth.info         the key's user, or 401 authentication_required
   POST /api/documents.search  the user's documents matching "query"
-  POST /api/documents.info    one of the user's documents by "id"
+  POST /api/documents.info    one of the user's documents by "id" (404 not_found else)
+  POST /api/documents.update  "id", and "text" (replaced, or appended with "append": true)
+                              and "title": the document as it now is (server/routes/api/
+                              documents: {data: presentDocument, policies}); tests read
+                              what was saved in `updates`
   POST /api/collections.list  the user's collections
   HEAD /  and  GET /          200 (mcp-outline's /ready probes the base URL)
 and Outline's OAuth provider (server/routes/oauth, @node-oauth/oauth2-server):
@@ -37,6 +41,7 @@ class FakeOutline:
         self.users = {}  # key -> user dict
         self.calls = {}  # endpoint -> count
         self.keys_seen = []  # the keys each auth.info call carried (to count per key)
+        self.updates = []  # (document id, text) of each documents.update, in order
         self.delay = 0.0  # seconds before answering
         self.status_override = None  # e.g. 500 to make it fail
         self.team_id = "team-1"
@@ -121,7 +126,8 @@ class FakeOutline:
                         {"ok": False, "error": "authentication_required", "status": 401,
                          "message": "Authentication required"},
                     )
-                self._send(200, outer.answer(endpoint, user, args))
+                answer = outer.answer(endpoint, user, args)
+                self._send(answer.get("status", 200), answer)
 
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
@@ -326,11 +332,21 @@ class FakeOutline:
                     for d in hits]
             return {"ok": True, "status": 200, "data": data,
                     "pagination": {"limit": 25, "offset": 0}}
-        if endpoint == "/api/documents.info":
-            for d in user["documents"]:
-                if d["id"] == args.get("id"):
-                    return {"ok": True, "status": 200, "data": dict(d, url=f"/doc/{d['id']}")}
-            return {"ok": False, "status": 404, "error": "not_found"}
+        if endpoint in ("/api/documents.info", "/api/documents.update"):
+            doc = next((d for d in user["documents"] if d["id"] == args.get("id")), None)
+            if doc is None:
+                return {"ok": False, "status": 404, "error": "not_found", "message": "Resource not found"}
+            if endpoint == "/api/documents.update":
+                with self.lock:
+                    if "title" in args:
+                        doc["title"] = str(args["title"])
+                    if "text" in args:
+                        text = str(args["text"])
+                        doc["text"] = doc["text"] + "\n\n" + text if args.get("append") else text
+                    doc["updatedAt"] = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+                    self.updates.append((doc["id"], doc["text"]))
+            return {"ok": True, "status": 200, "data": dict(doc, url=f"/doc/{doc['id']}"),
+                    "policies": [{"id": doc["id"], "abilities": {"read": True, "update": True}}]}
         if endpoint == "/api/collections.list":
             return {"ok": True, "status": 200, "data": user["collections"],
                     "pagination": {"limit": 25, "offset": 0}}
