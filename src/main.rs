@@ -4339,9 +4339,17 @@ mod sessions {
             Ok(format!("{}{}", hex::encode(random), hex::encode(&tag[..ID_MAC])))
         }
 
-        /// Whether the proxy minted `id` for `owner` (checked in constant time).
+        /// Whether the proxy minted `id` for `owner` (checked in constant time). Only the
+        /// spelling it mints passes (lower-case hex, nothing around it): the table keys
+        /// sessions by the id as written, so another spelling of the same bytes (upper
+        /// case) would be a second session, one its client had ended among them.
         pub fn issued_to(&self, id: &str, owner: &str) -> bool {
-            let Ok(bytes) = hex::decode(id.trim()) else { return false };
+            let minted_form = id.len() == 2 * (ID_RANDOM + ID_MAC)
+                && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !minted_form {
+                return false;
+            }
+            let Ok(bytes) = hex::decode(id) else { return false };
             if bytes.len() != ID_RANDOM + ID_MAC {
                 return false;
             }
@@ -9231,7 +9239,8 @@ mod tests {
         let other = Sessions::new(SessionKey::from_bytes([8; 32]));
         let mut altered = id.clone().into_bytes();
         altered[0] = if altered[0] == b'0' { b'1' } else { b'0' };
-        for bad in ["", "made-up", &"0".repeat(64), std::str::from_utf8(&altered).unwrap()] {
+        let upper = id.to_uppercase();
+        for bad in ["", "made-up", &"0".repeat(64), std::str::from_utf8(&altered).unwrap(), &upper, &format!(" {id}")] {
             assert!(s.check(Some(bad), "mcp-a").is_err(), "{bad}");
         }
         assert!(other.check(Some(&id), "mcp-a").is_err());
