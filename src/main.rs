@@ -3258,10 +3258,14 @@ mod grants {
             let Some(ids) = self.by_user.get(user) else { return Vec::new() };
             let of_client: Vec<&String> =
                 ids.iter().filter(|id| self.grants.get(*id).is_some_and(|g| g.client_id == client_id)).collect();
-            let mut over: Vec<String> =
-                of_client.iter().take(of_client.len().saturating_sub(GRANTS_PER_CLIENT)).map(|id| (*id).clone()).collect();
+            let mut over: Vec<String> = of_client
+                .iter()
+                .take(of_client.len().saturating_sub(GRANTS_PER_CLIENT))
+                .map(|id| (*id).clone())
+                .collect();
             let still_over = (ids.len() - over.len()).saturating_sub(GRANTS_PER_USER);
-            let oldest_others: Vec<String> = ids.iter().filter(|id| !over.contains(id)).take(still_over).cloned().collect();
+            let oldest_others: Vec<String> =
+                ids.iter().filter(|id| !over.contains(id)).take(still_over).cloned().collect();
             over.extend(oldest_others);
             over
         }
@@ -3313,7 +3317,10 @@ mod grants {
     enum Keeping {
         /// No state directory: grants live as long as the process.
         InMemory,
-        OnDisk { mailbox: mpsc::Sender<ToWriter>, thread: Mutex<Option<thread::JoinHandle<()>>> },
+        OnDisk {
+            mailbox: mpsc::Sender<ToWriter>,
+            thread: Mutex<Option<thread::JoinHandle<()>>>,
+        },
         /// The journal could not be opened at start: every change is refused (503).
         Unwritable,
     }
@@ -3423,14 +3430,17 @@ mod grants {
                     loaded.sign_ins.into_iter().filter(|(_, p)| p.expires_at > now).collect();
                 let codes: Vec<(String, CodeRecord)> =
                     loaded.codes.into_iter().filter(|(_, c)| c.expires_at > now).collect();
-                keeping = match start_writer(dir, &loaded.clients, &loaded.grants, loaded.journal_bytes, &sign_ins, &codes)
-                {
-                    Ok(writer) => writer,
-                    Err(e) => {
-                        log::error!("cannot open the OAuth journal in {}: {e}; sign-ins are refused", dir.display());
-                        Keeping::Unwritable
-                    }
-                };
+                keeping =
+                    match start_writer(dir, &loaded.clients, &loaded.grants, loaded.journal_bytes, &sign_ins, &codes) {
+                        Ok(writer) => writer,
+                        Err(e) => {
+                            log::error!(
+                                "cannot open the OAuth journal in {}: {e}; sign-ins are refused",
+                                dir.display()
+                            );
+                            Keeping::Unwritable
+                        }
+                    };
                 state.clients = loaded.clients;
                 let mut grants: Vec<GrantRecord> = loaded.grants.into_values().collect();
                 grants.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
@@ -3968,8 +3978,7 @@ mod grants {
         codes: &[(String, CodeRecord)],
     ) -> std::io::Result<Keeping> {
         use std::os::unix::fs::OpenOptionsExt;
-        let journal =
-            std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(dir.join(JOURNAL_FILE))?;
+        let journal = std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(dir.join(JOURNAL_FILE))?;
         let as_json = |json: serde_json::Result<String>| json.map_err(std::io::Error::other);
         let mut disk = Disk {
             dir: dir.to_path_buf(),
