@@ -3858,6 +3858,8 @@ mod grants {
         grants: HashMap<String, String>,
         live_bytes: u64,
         state_file_written: bool,
+        /// A write failed: the journal may end in half a line, so the next starts a new one.
+        torn: bool,
     }
 
     impl Disk {
@@ -3886,8 +3888,14 @@ mod grants {
             if lines.is_empty() {
                 return Ok(());
             }
+            if self.torn {
+                self.journal.write_all(b"\n")?;
+                self.journal_bytes += 1;
+            }
+            self.torn = true;
             self.journal.write_all(lines.as_bytes())?;
             self.journal.sync_data()?;
+            self.torn = false;
             self.journal_bytes += lines.len() as u64;
             Ok(())
         }
@@ -3915,6 +3923,7 @@ mod grants {
             self.journal.set_len(0)?;
             self.journal.sync_all()?;
             self.journal_bytes = 0;
+            self.torn = false;
             Ok(())
         }
 
@@ -3936,24 +3945,30 @@ mod grants {
                     ToWriter::Stop { sign_ins, codes, done } => stop = Some((sign_ins, codes, done)),
                 }
             }
-            if let Err(e) = self.append(&lines) {
-                log::error!("cannot write the OAuth journal in {}: {e}", self.dir.display());
-                // the picture has the changes: writing it whole is the way back
-                self.state_file_written = false;
-            }
+            let appended = match self.append(&lines) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::error!("cannot write the OAuth journal in {}: {e}", self.dir.display());
+                    // the picture has the changes: writing it whole is the way back
+                    self.state_file_written = false;
+                    false
+                }
+            };
             let (sign_ins, codes) = stop.as_ref().map_or((&[][..], &[][..]), |(s, c, _)| (&s[..], &c[..]));
+            let mut compacted = false;
             if stop.is_some() || self.needs_compaction() {
-                if let Err(e) = self.compact(sign_ins, codes) {
-                    log::error!("cannot write the OAuth state file in {}: {e}", self.dir.display());
-                    ok = false;
+                match self.compact(sign_ins, codes) {
+                    Ok(()) => compacted = true,
+                    Err(e) => log::error!("cannot write the OAuth state file in {}: {e}", self.dir.display()),
                 }
             }
-            ok &= self.state_file_written || self.journal_bytes > 0;
+            // changes are on disk in the journal or in the state file
+            let changes_kept = ok && (appended || compacted);
             for done in acks {
-                let _ = done.send(ok);
+                let _ = done.send(changes_kept);
             }
             if let Some((_, _, done)) = stop {
-                let _ = done.send(ok);
+                let _ = done.send(changes_kept && compacted);
             }
         }
     }
@@ -3988,6 +4003,7 @@ mod grants {
             grants: HashMap::new(),
             live_bytes: 0,
             state_file_written: dir.join(STATE_FILE).exists(),
+            torn: false,
         };
         for client in clients.values() {
             let json = as_json(serde_json::to_string(client))?;
@@ -4045,9 +4061,8 @@ mod grants {
         loaded
     }
 
-    /// The journal's lines applied in order. A last line cut short (a crash while
-    /// writing) is left out; a line that is not an entry stops the replay there, and
-    /// the journal is set aside (it is folded into the state file at start).
+    /// The journal's lines applied in order. A line that is not an entry (cut short by
+    /// a crash, or a write that failed: neither was ever reported as kept) is left out.
     fn replay_journal(dir: &std::path::Path, loaded: &mut Loaded) {
         let path = dir.join(JOURNAL_FILE);
         let text = match std::fs::read(&path) {
@@ -4078,17 +4093,7 @@ mod grants {
                 Err(_) if i + 1 == lines.len() && !complete => {
                     log::warn!("the OAuth journal's last line was cut short (a crash while writing); it is left out");
                 }
-                Err(_) => {
-                    let aside = dir.join(format!("{JOURNAL_FILE}.unreadable-{}", now_unix()));
-                    log::error!(
-                        "line {} of {} is not a journal entry: the lines after it are left out; set aside as {}",
-                        i + 1,
-                        path.display(),
-                        aside.display()
-                    );
-                    let _ = std::fs::rename(&path, aside);
-                    return;
-                }
+                Err(_) => log::error!("line {} of {} is not a journal entry; it is left out", i + 1, path.display()),
             }
         }
     }
