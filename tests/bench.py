@@ -551,13 +551,15 @@ def bench_grants(outline):
     stop = threading.Event()
     writes = []
 
+    tokens = dict(enumerate(issued[1:]))  # refreshed in turn, across the runs
+    newcomer = outline.add_user("grants-writer")  # signs in again and again (its oldest go)
+
     def keep_writing():
-        tokens = dict(enumerate(issued[1:]))
         n = 0
         while not stop.is_set():
             n += 1
             if n % 10 == 0:
-                sign_in(users[1 + n % 99], clients[n % 10])
+                sign_in(newcomer, clients[n % 10])
             else:
                 i = list(tokens)[n % len(tokens)]
                 client_id, t = tokens[i]
