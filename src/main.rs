@@ -108,6 +108,7 @@ mod config {
         ("MCP_PROXY_OAUTH_REGISTER_LIMIT_TOTAL", "100", "OAuth client registrations allowed per hour from all addresses together"),
         ("MCP_PROXY_OAUTH_SIGNINS_PER_ADDRESS", "20", "OAuth sign-ins in progress at once per source address (each lives at most ten minutes)"),
         ("MCP_PROXY_TRUSTED_PROXY", "127.0.0.1", "comma-separated addresses of reverse proxies (nginx) whose X-Real-IP names the client for per-address limits; from any other peer the peer's own address counts (an IPv6 address counts by its /64)"),
+        ("MCP_PROXY_OAUTH_MAX_CLIENTS", "1000", "registered OAuth clients kept at most; when full, the oldest with no live grant is dropped for a new one, and with none to drop registration gets 503"),
         ("MCP_PROXY_OAUTH_CLIENT_DOCUMENTS", "public", "client ID metadata documents (an https client_id) are fetched from public addresses only; any: also from this host and private networks; off: not at all (registration only)"),
         ("MCP_PROXY_DOCKER", "docker", "the docker CLI to run"),
         ("MCP_PROXY_LOG", "info", "log level: error, warn, info, debug, trace"),
@@ -166,6 +167,7 @@ mod config {
         pub oauth_register_limit_total: u32,
         pub oauth_signins_per_address: u32,
         pub trusted_proxies: Vec<std::net::IpAddr>,
+        pub oauth_max_clients: u32,
         pub client_documents: ClientDocuments,
     }
 
@@ -372,6 +374,7 @@ mod config {
                 oauth_register_limit_total: oauth.register_limit_total,
                 oauth_signins_per_address: oauth.signins_per_address,
                 trusted_proxies: trusted_proxies(&get)?,
+                oauth_max_clients: oauth.max_clients,
                 client_documents: oauth.client_documents,
             })
         }
@@ -397,6 +400,7 @@ mod config {
         register_limit: u32,
         register_limit_total: u32,
         signins_per_address: u32,
+        max_clients: u32,
         client_documents: ClientDocuments,
     }
 
@@ -431,6 +435,7 @@ mod config {
             register_limit: positive_whole(get, "MCP_PROXY_OAUTH_REGISTER_LIMIT")?,
             register_limit_total: positive_whole(get, "MCP_PROXY_OAUTH_REGISTER_LIMIT_TOTAL")?,
             signins_per_address: positive_whole(get, "MCP_PROXY_OAUTH_SIGNINS_PER_ADDRESS")?,
+            max_clients: positive_whole(get, "MCP_PROXY_OAUTH_MAX_CLIENTS")?,
             client_documents,
         })
     }
@@ -1721,7 +1726,16 @@ mod oauth {
                 oauth_error(400, "invalid_grant", "The refresh token was already used; the grant is revoked.")
             }
             TokenRefused::Storage => storage_error(),
+            TokenRefused::Full => clients_full(),
         }
+    }
+
+    fn clients_full() -> OAuthError {
+        oauth_error(
+            503,
+            "temporarily_unavailable",
+            "The proxy holds as many registered clients as it keeps, each in use; try again later.",
+        )
     }
 
     /// What an endpoint answers.
@@ -1750,7 +1764,12 @@ mod oauth {
                 .map(|app| OutlineApp::new(&cfg.outline_url, &app.client_id, &app.client_secret, &app.scope))
                 .map(|app| app.keeping_key_in(cfg.state_dir.clone()));
             FrontDoor {
-                grants: Store::open(cfg.state_dir.clone(), cfg.oauth_access_ttl, cfg.oauth_refresh_ttl),
+                grants: Store::open(
+                    cfg.state_dir.clone(),
+                    cfg.oauth_access_ttl,
+                    cfg.oauth_refresh_ttl,
+                    cfg.oauth_max_clients as usize,
+                ),
                 outline_app,
                 resource_path: cfg.oauth_path.clone(),
                 public_url: cfg.public_url.clone(),
@@ -1888,7 +1907,7 @@ mod oauth {
     }
 
     /// The grant's upstream credential, with Outline's own access token renewed first
-    /// when it is near its end (one renewal per grant at a time; the others wait).
+    /// when it is near its end.
     fn renewed_upstream(door: &FrontDoor, token: &str, opened: Opened) -> Result<Sealed, ProxyError> {
         let Upstream::Outline { expires_at, .. } = &opened.sealed.upstream else {
             return Ok(opened.sealed);
@@ -1897,26 +1916,7 @@ mod oauth {
             return Ok(opened.sealed);
         }
         let still_good = *expires_at > now_unix();
-        let (flight, leads) = {
-            let mut renewing = lock(&door.renewing);
-            match renewing.get(&opened.grant_id) {
-                Some(flight) => (flight.clone(), false),
-                None => {
-                    let flight = Flight::new();
-                    renewing.insert(opened.grant_id.clone(), flight.clone());
-                    (flight, true)
-                }
-            }
-        };
-        let result = if leads {
-            let result = renew_outline_token(door, token);
-            lock(&door.renewing).remove(&opened.grant_id);
-            flight.finish(result.clone());
-            result
-        } else {
-            flight.wait()
-        };
-        match result {
+        match renew_once(door, &opened.grant_id, RenewalFor::Request { access_token: token }) {
             Ok(sealed) => Ok(sealed),
             Err(UpstreamRefusal::Unreachable) if still_good => Ok(opened.sealed),
             Err(UpstreamRefusal::Unreachable) => {
@@ -1928,20 +1928,63 @@ mod oauth {
         }
     }
 
+    /// Who needs Outline's tokens of a grant renewed, with the token that reopens it.
+    #[derive(Clone, Copy)]
+    enum RenewalFor<'a> {
+        /// A request found Outline's access token near its end: renewed only if it still is.
+        Request { access_token: &'a str },
+        /// The client's refresh: always renewed (Outline says whether it still stands).
+        Refresh { refresh_token: &'a str },
+    }
+
+    /// The one way Outline's tokens of a grant are renewed: one renewal per grant at a
+    /// time, the others wait for its answer, so Outline's refresh token (which Outline
+    /// rotates, and refuses when used again) is never spent twice.
+    fn renew_once(door: &FrontDoor, grant_id: &str, asker: RenewalFor) -> Renewal {
+        let (flight, leads) = {
+            let mut renewing = lock(&door.renewing);
+            match renewing.get(grant_id) {
+                Some(flight) => (flight.clone(), false),
+                None => {
+                    let flight = Flight::new();
+                    renewing.insert(grant_id.to_string(), flight.clone());
+                    (flight, true)
+                }
+            }
+        };
+        if !leads {
+            return flight.wait();
+        }
+        let result = renew_outline_token(door, asker);
+        lock(&door.renewing).remove(grant_id);
+        flight.finish(result.clone());
+        result
+    }
+
     /// Leader of a renewal: opens the grant again (another leader may have renewed it
-    /// meanwhile), asks Outline for new tokens, and seals them into the grant.
-    fn renew_outline_token(door: &FrontDoor, token: &str) -> Renewal {
+    /// meanwhile, and sealed Outline's new refresh token), asks Outline for new tokens,
+    /// and seals them into the grant.
+    fn renew_outline_token(door: &FrontDoor, asker: RenewalFor) -> Renewal {
         let Some(app) = &door.outline_app else { return Err(UpstreamRefusal::Refused) };
-        let opened = door.grants.open_with_access(token).map_err(|_| UpstreamRefusal::Refused)?;
+        let opened = match asker {
+            RenewalFor::Request { access_token } => door.grants.open_with_access(access_token),
+            RenewalFor::Refresh { refresh_token } => door.grants.open_with_refresh(refresh_token),
+        };
+        let opened = opened.map_err(|e| match e {
+            TokenRefused::Storage => UpstreamRefusal::Unreachable,
+            _ => UpstreamRefusal::Refused,
+        })?;
         let Upstream::Outline { refresh_token, expires_at, .. } = &opened.sealed.upstream else {
             return Ok(opened.sealed);
         };
-        if *expires_at > now_unix() + OUTLINE_RENEW_BEFORE {
+        if matches!(asker, RenewalFor::Request { .. }) && *expires_at > now_unix() + OUTLINE_RENEW_BEFORE {
             return Ok(opened.sealed);
         }
         renew_at_outline(door, app, &opened, refresh_token).map_err(|failed| match failed {
             RenewalFailed::Outline(refusal) => refusal,
-            RenewalFailed::Store(_) => UpstreamRefusal::Unreachable,
+            RenewalFailed::Store(TokenRefused::Storage) => UpstreamRefusal::Unreachable,
+            // revoked meanwhile
+            RenewalFailed::Store(_) => UpstreamRefusal::Refused,
         })
     }
 
@@ -2264,8 +2307,10 @@ mod oauth {
             created_at: now_unix(),
             secret_hash: secret.as_deref().map(grants::token_hash),
         };
-        if door.grants.add_client(client).is_err() {
-            return Reply::Error(storage_error());
+        match door.grants.add_client(client) {
+            Ok(()) => {}
+            Err(TokenRefused::Full) => return Reply::Error(clients_full()),
+            Err(_) => return Reply::Error(storage_error()),
         }
         log::info!("OAuth client registered: {} ({method})", crate::front::log_value(&name));
         let mut answer = json!({
@@ -2939,19 +2984,18 @@ mod oauth {
             oauth_error(400, "invalid_grant", why)
         };
         match (&opened.sealed.upstream, &door.outline_app) {
-            (Upstream::Outline { refresh_token: outline_refresh, .. }, Some(app)) => {
-                match renew_at_outline(door, app, &opened, outline_refresh) {
+            (Upstream::Outline { .. }, Some(_)) => {
+                match renew_once(door, &opened.grant_id, RenewalFor::Refresh { refresh_token }) {
                     Ok(_) => {}
-                    Err(RenewalFailed::Outline(UpstreamRefusal::Refused)) => {
-                        // the grant is already revoked
+                    Err(UpstreamRefusal::Refused) => {
+                        // the grant is revoked (by Outline's refusal, or a replay)
                         return Err(oauth_error(
                             400,
                             "invalid_grant",
-                            "Outline no longer accepts this sign-in; sign in again.",
+                            "Outline no longer accepts this sign-in, or the grant was revoked; sign in again.",
                         ));
                     }
-                    Err(RenewalFailed::Outline(UpstreamRefusal::Unreachable)) => return Err(unavailable()),
-                    Err(RenewalFailed::Store(e)) => return Err(refused(e)),
+                    Err(UpstreamRefusal::Unreachable) => return Err(unavailable()),
                 }
             }
             (Upstream::Outline { .. }, None) => {
@@ -3310,7 +3354,8 @@ mod grants {
     //! authorization codes, and grants with their tokens, kept only as sha256 hashes. A
     //! grant's Outline credential is sealed (XChaCha20-Poly1305) under a random key that
     //! is itself stored only wrapped under keys derived (HKDF-SHA256) from the client's
-    //! tokens: the state file without a token reveals no credential. Calls `util`, std.
+    //! tokens: the state file without a token reveals no credential. Changes reach disk
+    //! through one writer thread: a journal, compacted into the state file. Calls `util`, std.
     use crate::auth::User;
     use crate::util::{base64url, lock, now_unix};
     use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -3320,13 +3365,22 @@ mod grants {
     use std::collections::HashMap;
     use std::io::{Read, Write};
     use std::path::PathBuf;
-    use std::sync::Mutex;
+    use std::sync::{mpsc, Mutex};
+    use std::thread;
     use std::time::{Duration, Instant};
 
     /// Every token and code the proxy issues starts with this, so `/mcp` can refuse one
     /// without showing it to Outline.
     pub const TOKEN_PREFIX: &str = "omp_";
     const STATE_FILE: &str = "oauth-grants.json";
+    /// Changes since the state file was written, one JSON line each, appended.
+    const JOURNAL_FILE: &str = "oauth-grants.journal";
+    /// The journal is folded into the state file once it is this many times the live state.
+    const COMPACT_FACTOR: u64 = 2;
+    /// Live grants per user and client: a new one revokes the oldest.
+    pub const GRANTS_PER_CLIENT: usize = 10;
+    /// Live grants per user over all clients: a new one revokes the oldest.
+    pub const GRANTS_PER_USER: usize = 100;
     /// Old refresh tokens remembered per grant: one presented again means it leaked.
     const RETIRED_KEPT: usize = 8;
     /// Access tokens alive at once per grant (a refresh does not cut requests in flight).
@@ -3445,6 +3499,9 @@ mod grants {
         access: Vec<TokenRecord>,
         retired_refresh: Vec<String>,
         created_at: u64,
+        /// sha256 of the Outline team and user the grant is for (for the limits per user).
+        #[serde(default)]
+        user: String,
     }
 
     #[derive(Serialize, Deserialize, Default)]
@@ -3483,6 +3540,8 @@ mod grants {
         Replayed,
         /// The store could not be written or read: nothing changed.
         Storage,
+        /// MCP_PROXY_OAUTH_MAX_CLIENTS clients are registered and each has a live grant.
+        Full,
     }
 
     #[derive(Default)]
@@ -3493,6 +3552,10 @@ mod grants {
         tokens: HashMap<String, String>,
         /// retired refresh token hash → grant id
         retired: HashMap<String, String>,
+        /// user hash → the user's grant ids, oldest first
+        by_user: HashMap<String, Vec<String>>,
+        /// client id → its live grants (a client without any is unused)
+        per_client: HashMap<String, usize>,
         pending: HashMap<String, Pending>,
         codes: HashMap<String, CodeRecord>,
         /// used code hash → (grant issued from it, when the memory may go)
@@ -3500,7 +3563,7 @@ mod grants {
     }
 
     impl State {
-        fn index(&mut self, grant: &GrantRecord) {
+        fn index_tokens(&mut self, grant: &GrantRecord) {
             self.tokens.insert(grant.refresh.hash.clone(), grant.id.clone());
             for access in &grant.access {
                 self.tokens.insert(access.hash.clone(), grant.id.clone());
@@ -3510,8 +3573,7 @@ mod grants {
             }
         }
 
-        fn remove_grant(&mut self, id: &str) -> Option<GrantRecord> {
-            let grant = self.grants.remove(id)?;
+        fn unindex_tokens(&mut self, grant: &GrantRecord) {
             self.tokens.remove(&grant.refresh.hash);
             for access in &grant.access {
                 self.tokens.remove(&access.hash);
@@ -3519,17 +3581,122 @@ mod grants {
             for retired in &grant.retired_refresh {
                 self.retired.remove(retired);
             }
+        }
+
+        /// A grant kept: its tokens found, and counted for its user (newest last) and client.
+        fn add_grant(&mut self, grant: GrantRecord) {
+            self.index_tokens(&grant);
+            *self.per_client.entry(grant.client_id.clone()).or_default() += 1;
+            if !grant.user.is_empty() {
+                self.by_user.entry(grant.user.clone()).or_default().push(grant.id.clone());
+            }
+            self.grants.insert(grant.id.clone(), grant);
+        }
+
+        fn remove_grant(&mut self, id: &str) -> Option<GrantRecord> {
+            let grant = self.grants.remove(id)?;
+            self.unindex_tokens(&grant);
+            if let Some(count) = self.per_client.get_mut(&grant.client_id) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.per_client.remove(&grant.client_id);
+                }
+            }
+            if let Some(ids) = self.by_user.get_mut(&grant.user) {
+                ids.retain(|g| g != id);
+                if ids.is_empty() {
+                    self.by_user.remove(&grant.user);
+                }
+            }
             Some(grant)
         }
+
+        /// A user's grants beyond the limits, oldest first: those over GRANTS_PER_CLIENT
+        /// for this client, then those over GRANTS_PER_USER in all.
+        fn over_limits(&self, user: &str, client_id: &str) -> Vec<String> {
+            let Some(ids) = self.by_user.get(user) else { return Vec::new() };
+            let of_client: Vec<&String> =
+                ids.iter().filter(|id| self.grants.get(*id).is_some_and(|g| g.client_id == client_id)).collect();
+            let mut over: Vec<String> = of_client
+                .iter()
+                .take(of_client.len().saturating_sub(GRANTS_PER_CLIENT))
+                .map(|id| (*id).clone())
+                .collect();
+            let still_over = (ids.len() - over.len()).saturating_sub(GRANTS_PER_USER);
+            let oldest_others: Vec<String> =
+                ids.iter().filter(|id| !over.contains(id)).take(still_over).cloned().collect();
+            over.extend(oldest_others);
+            over
+        }
+
+        /// Room for one more registered client: the oldest unused ones dropped, as few
+        /// as needed; none when every client has a live grant.
+        fn make_room_for_client(&mut self, max: usize) -> Result<Vec<String>, TokenRefused> {
+            if self.clients.len() < max {
+                return Ok(Vec::new());
+            }
+            let mut unused: Vec<(u64, String)> = self
+                .clients
+                .values()
+                .filter(|c| !self.per_client.contains_key(&c.id))
+                .map(|c| (c.created_at, c.id.clone()))
+                .collect();
+            let needed = self.clients.len() + 1 - max;
+            if unused.len() < needed {
+                return Err(TokenRefused::Full);
+            }
+            unused.sort();
+            let dropped: Vec<String> = unused.into_iter().take(needed).map(|(_, id)| id).collect();
+            for id in &dropped {
+                self.clients.remove(id);
+            }
+            Ok(dropped)
+        }
+    }
+
+    /// One change to what is kept at rest: one line of the journal.
+    #[derive(Serialize, Deserialize, Clone, Debug)]
+    #[serde(tag = "op", rename_all = "snake_case")]
+    enum Entry {
+        Client { client: Client },
+        ClientGone { id: String },
+        Grant { grant: GrantRecord },
+        GrantGone { id: String },
+    }
+
+    /// What the writer thread is sent.
+    enum ToWriter {
+        /// Changes in the order they were made; `done` hears whether they are on disk.
+        Changes(Vec<Entry>, mpsc::Sender<bool>),
+        /// The proxy stops: the state file written whole, with the sign-ins and codes.
+        Stop { sign_ins: Vec<(String, Pending)>, codes: Vec<(String, CodeRecord)>, done: mpsc::Sender<bool> },
+    }
+
+    /// Where the store's changes go.
+    enum Keeping {
+        /// No state directory: grants live as long as the process.
+        InMemory,
+        OnDisk {
+            mailbox: mpsc::Sender<ToWriter>,
+            thread: Mutex<Option<thread::JoinHandle<()>>>,
+        },
+        /// The journal could not be opened at start: every change is refused (503).
+        Unwritable,
+    }
+
+    /// Changes handed to the writer, not yet known to be on disk.
+    enum Durable {
+        Nothing,
+        Waiting(mpsc::Receiver<bool>),
+        Failed,
     }
 
     pub struct Store {
         state: Mutex<State>,
-        /// Held while the state file is written, so the last write is the newest state.
-        writing: Mutex<()>,
-        dir: Option<PathBuf>,
+        keeping: Keeping,
         access_ttl: Duration,
         refresh_ttl: Duration,
+        max_clients: usize,
     }
 
     pub fn token_hash(token: &str) -> String {
@@ -3597,25 +3764,90 @@ mod grants {
         })
     }
 
+    /// sha256 of whose grant it is: the Outline team and user, never the name or email.
+    fn user_key(sealed: &Sealed) -> String {
+        token_hash(&format!("{}\n{}", sealed.team_id, sealed.user_id))
+    }
+
     impl Store {
-        /// The store, loaded from `dir` when one is given (a missing file is an empty
-        /// store; an unreadable one is set aside and logged, never silently reused).
-        pub fn open(dir: Option<PathBuf>, access_ttl: Duration, refresh_ttl: Duration) -> Store {
+        /// The store, loaded from `dir` when one is given: the state file, then the
+        /// journal's changes after it (a missing file is an empty store; an unreadable
+        /// one is set aside and logged, never silently reused).
+        pub fn open(dir: Option<PathBuf>, access_ttl: Duration, refresh_ttl: Duration, max_clients: usize) -> Store {
             let mut state = State::default();
+            let mut keeping = Keeping::InMemory;
             if let Some(dir) = &dir {
-                let file = load_state(dir);
-                for client in file.clients {
-                    state.clients.insert(client.id.clone(), client);
-                }
-                for grant in file.grants {
-                    state.index(&grant);
-                    state.grants.insert(grant.id.clone(), grant);
-                }
+                let loaded = load(dir);
                 let now = now_unix();
-                state.pending = file.sign_ins.into_iter().filter(|(_, p)| p.expires_at > now).collect();
-                state.codes = file.codes.into_iter().filter(|(_, c)| c.expires_at > now).collect();
+                let sign_ins: Vec<(String, Pending)> =
+                    loaded.sign_ins.into_iter().filter(|(_, p)| p.expires_at > now).collect();
+                let codes: Vec<(String, CodeRecord)> =
+                    loaded.codes.into_iter().filter(|(_, c)| c.expires_at > now).collect();
+                keeping =
+                    match start_writer(dir, &loaded.clients, &loaded.grants, loaded.journal_bytes, &sign_ins, &codes) {
+                        Ok(writer) => writer,
+                        Err(e) => {
+                            log::error!(
+                                "cannot open the OAuth journal in {}: {e}; sign-ins are refused",
+                                dir.display()
+                            );
+                            Keeping::Unwritable
+                        }
+                    };
+                state.clients = loaded.clients;
+                let mut grants: Vec<GrantRecord> = loaded.grants.into_values().collect();
+                grants.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+                for grant in grants {
+                    state.add_grant(grant);
+                }
+                state.pending = sign_ins.into_iter().collect();
+                state.codes = codes.into_iter().collect();
             }
-            Store { state: Mutex::new(state), writing: Mutex::new(()), dir, access_ttl, refresh_ttl }
+            Store { state: Mutex::new(state), keeping, access_ttl, refresh_ttl, max_clients }
+        }
+
+        /// Hands changes to the writer. Called with the state locked (`_made` is it), so
+        /// the journal has them in the order they were made; nothing is written here.
+        fn record(&self, _made: &State, entries: Vec<Entry>) -> Durable {
+            match &self.keeping {
+                _ if entries.is_empty() => Durable::Nothing,
+                Keeping::InMemory => Durable::Nothing,
+                Keeping::Unwritable => Durable::Failed,
+                Keeping::OnDisk { mailbox, .. } => {
+                    let (done, on_disk) = mpsc::channel();
+                    match mailbox.send(ToWriter::Changes(entries, done)) {
+                        Ok(()) => Durable::Waiting(on_disk),
+                        Err(_) => Durable::Failed,
+                    }
+                }
+            }
+        }
+
+        /// Waits, without the state's lock, until recorded changes are on disk.
+        fn settled(&self, durable: Durable) -> Result<(), TokenRefused> {
+            let written = match durable {
+                Durable::Nothing => return Ok(()),
+                Durable::Waiting(on_disk) => on_disk.recv().ok(),
+                Durable::Failed => None,
+            };
+            match written {
+                Some(true) => Ok(()),
+                Some(false) => Err(TokenRefused::Storage),
+                None => {
+                    self.writer_gone();
+                    Err(TokenRefused::Storage)
+                }
+            }
+        }
+
+        /// The writer thread ended (it only does by a panic): said once, in the log.
+        fn writer_gone(&self) {
+            if let Keeping::OnDisk { thread, .. } = &self.keeping {
+                if let Some(handle) = lock(thread).take() {
+                    let how = if handle.join().is_err() { "panicked" } else { "ended" };
+                    log::error!("the OAuth journal writer {how}: changes to grants are refused until a restart");
+                }
+            }
         }
 
         pub fn grant_count(&self) -> usize {
@@ -3630,9 +3862,22 @@ mod grants {
             lock(&self.state).clients.get(id).cloned()
         }
 
+        /// A registered client kept; at MCP_PROXY_OAUTH_MAX_CLIENTS the oldest unused
+        /// ones make room, and with none unused it is refused (`Full`).
         pub fn add_client(&self, client: Client) -> Result<(), TokenRefused> {
-            lock(&self.state).clients.insert(client.id.clone(), client);
-            self.save()
+            let mut entries = Vec::new();
+            let durable = {
+                let mut state = lock(&self.state);
+                let dropped = state.make_room_for_client(self.max_clients)?;
+                if !dropped.is_empty() {
+                    log::info!("{} unused OAuth client(s) forgotten to make room for a new one", dropped.len());
+                }
+                entries.extend(dropped.into_iter().map(|id| Entry::ClientGone { id }));
+                entries.push(Entry::Client { client: client.clone() });
+                state.clients.insert(client.id.clone(), client);
+                self.record(&state, entries)
+            };
+            self.settled(durable)
         }
 
         /// Remembers a sign-in in progress; at most MAX_PENDING at once (each lives ten
@@ -3741,16 +3986,28 @@ mod grants {
                 access: vec![token_record(&access_token, &grant_id, &grant_key, self.access_ttl)?],
                 retired_refresh: Vec::new(),
                 created_at: now_unix(),
+                user: user_key(&code.sealed),
             };
-            {
+            let mut entries = vec![Entry::Grant { grant: grant.clone() }];
+            let durable = {
                 let mut state = lock(&self.state);
-                state.index(&grant);
-                state.grants.insert(grant_id.clone(), grant);
+                let (user, client_id) = (grant.user.clone(), grant.client_id.clone());
+                state.add_grant(grant);
+                // the limits: the user's oldest grants for this client, then over all, end
+                let over = state.over_limits(&user, &client_id);
+                if !over.is_empty() {
+                    log::info!("a new OAuth grant ended {} older one(s) of its user (the limits per user)", over.len());
+                }
+                for id in over {
+                    state.remove_grant(&id);
+                    entries.push(Entry::GrantGone { id });
+                }
                 if let Some(used) = state.used_codes.get_mut(&token_hash(code_text)) {
                     used.0 = grant_id;
                 }
-            }
-            self.save()?;
+                self.record(&state, entries)
+            };
+            self.settled(durable)?;
             Ok(Issued { access_token, refresh_token, expires_in: self.access_ttl.as_secs() })
         }
 
@@ -3803,31 +4060,40 @@ mod grants {
         pub fn reseal(&self, opened: &Opened, sealed: &Sealed) -> Result<(), TokenRefused> {
             let plaintext = serde_json::to_vec(sealed).map_err(|_| TokenRefused::Storage)?;
             let boxed = seal(&opened.key, &format!("grant:{}", opened.grant_id), &plaintext)?;
-            match lock(&self.state).grants.get_mut(&opened.grant_id) {
-                Some(grant) => grant.sealed = boxed,
-                None => return Err(TokenRefused::InvalidGrant("The grant was revoked.")),
-            }
-            self.save()
+            let durable = {
+                let mut state = lock(&self.state);
+                let Some(grant) = state.grants.get_mut(&opened.grant_id) else {
+                    return Err(TokenRefused::InvalidGrant("The grant was revoked."));
+                };
+                grant.sealed = boxed;
+                let entry = Entry::Grant { grant: grant.clone() };
+                self.record(&state, vec![entry])
+            };
+            self.settled(durable)
         }
 
         /// New access and refresh tokens for an opened grant; the old refresh token is
-        /// retired (presented again, it revokes the grant).
+        /// retired. One already rotated out (presented again, even by a refresh at the
+        /// same moment) is a replay: the whole grant is revoked (RFC 9700 §4.14).
         pub fn rotate(&self, opened: &Opened, old_refresh: &str) -> Result<Issued, TokenRefused> {
             let access_token = new_secret("at")?;
             let refresh_token = new_secret("rt")?;
             let access = token_record(&access_token, &opened.grant_id, &opened.key, self.access_ttl)?;
             let refresh = token_record(&refresh_token, &opened.grant_id, &opened.key, self.refresh_ttl)?;
-            {
+            let durable = {
                 let mut state = lock(&self.state);
                 let old_hash = token_hash(old_refresh);
-                let Some(mut grant) = state.remove_grant(&opened.grant_id) else {
+                let Some(mut grant) = state.grants.remove(&opened.grant_id) else {
                     return Err(TokenRefused::InvalidGrant("The grant was revoked."));
                 };
                 if grant.refresh.hash != old_hash {
-                    state.index(&grant);
                     state.grants.insert(grant.id.clone(), grant);
-                    return Err(TokenRefused::InvalidGrant("The refresh token was already used."));
+                    drop(state);
+                    log::warn!("a refresh token was used twice at once: its grant is revoked");
+                    self.revoke_grant(&opened.grant_id)?;
+                    return Err(TokenRefused::Replayed);
                 }
+                state.unindex_tokens(&grant);
                 grant.retired_refresh.insert(0, old_hash);
                 grant.retired_refresh.truncate(RETIRED_KEPT);
                 grant.refresh = refresh;
@@ -3835,10 +4101,12 @@ mod grants {
                 grant.access.retain(|a| a.expires_at > now);
                 grant.access.insert(0, access);
                 grant.access.truncate(ACCESS_KEPT);
-                state.index(&grant);
+                state.index_tokens(&grant);
+                let entry = Entry::Grant { grant: grant.clone() };
                 state.grants.insert(grant.id.clone(), grant);
-            }
-            self.save()?;
+                self.record(&state, vec![entry])
+            };
+            self.settled(durable)?;
             Ok(Issued { access_token, refresh_token, expires_in: self.access_ttl.as_secs() })
         }
 
@@ -3854,18 +4122,22 @@ mod grants {
         }
 
         pub fn revoke_grant(&self, grant_id: &str) -> Result<(), TokenRefused> {
-            let removed = lock(&self.state).remove_grant(grant_id).is_some();
-            if removed {
-                self.save()?;
-            }
-            Ok(())
+            let durable = {
+                let mut state = lock(&self.state);
+                match state.remove_grant(grant_id) {
+                    Some(_) => self.record(&state, vec![Entry::GrantGone { id: grant_id.to_string() }]),
+                    None => Durable::Nothing,
+                }
+            };
+            self.settled(durable)
         }
 
         /// Forgets what has expired: sign-ins, codes, access tokens, grants whose
-        /// refresh token is dead, and registered clients unused for a day.
+        /// refresh token is dead, and registered clients unused for a day. Expired
+        /// access tokens are forgotten in memory only: on disk they open nothing.
         pub fn prune(&self) {
             let now = now_unix();
-            let changed = {
+            let durable = {
                 let mut state = lock(&self.state);
                 let instant = Instant::now();
                 state.pending.retain(|_, p| p.expires_at > now);
@@ -3873,13 +4145,21 @@ mod grants {
                 state.used_codes.retain(|_, (_, until)| *until > instant);
                 let dead: Vec<String> =
                     state.grants.values().filter(|g| g.refresh.expires_at <= now).map(|g| g.id.clone()).collect();
-                for id in &dead {
-                    state.remove_grant(id);
+                let mut entries = Vec::new();
+                for id in dead {
+                    state.remove_grant(&id);
+                    entries.push(Entry::GrantGone { id });
                 }
-                let in_use: std::collections::HashSet<String> =
-                    state.grants.values().map(|g| g.client_id.clone()).collect();
-                let before = state.clients.len();
-                state.clients.retain(|id, c| in_use.contains(id) || c.created_at + 86400 > now);
+                let unused: Vec<String> = state
+                    .clients
+                    .values()
+                    .filter(|c| !state.per_client.contains_key(&c.id) && c.created_at + 86400 <= now)
+                    .map(|c| c.id.clone())
+                    .collect();
+                for id in unused {
+                    state.clients.remove(&id);
+                    entries.push(Entry::ClientGone { id });
+                }
                 let mut expired_access = Vec::new();
                 for grant in state.grants.values_mut() {
                     grant.access.retain(|a| {
@@ -3893,53 +4173,282 @@ mod grants {
                 for hash in &expired_access {
                     state.tokens.remove(hash);
                 }
-                !dead.is_empty() || before != state.clients.len() || !expired_access.is_empty()
+                self.record(&state, entries)
             };
-            if changed {
-                let _ = self.save();
-            }
+            let _ = self.settled(durable);
         }
 
-        /// At a stop: the sign-ins and codes in progress are written with the rest (they
-        /// are otherwise not written on their own, so a flood of authorize requests
-        /// costs no disk writes).
+        /// At a stop: the state file written whole, with the sign-ins and codes in
+        /// progress (they are otherwise not written, so a flood of authorize requests
+        /// costs no disk writes), and the journal emptied.
         pub fn save_at_stop(&self) {
-            if self.save().is_ok() && self.dir.is_some() {
-                log::info!("OAuth state saved ({} sign-in(s) in progress)", lock(&self.state).pending.len());
-            }
-        }
-
-        /// Writes the clients and grants (hashes and sealed boxes only), and the
-        /// sign-ins and codes in progress, to the state file: a temporary file, mode
-        /// 0600, synced, then renamed over the old one.
-        fn save(&self) -> Result<(), TokenRefused> {
-            let Some(dir) = &self.dir else { return Ok(()) };
-            let _writing = lock(&self.writing);
-            let snapshot = {
+            let Keeping::OnDisk { mailbox, .. } = &self.keeping else { return };
+            let (sign_ins, codes) = {
                 let state = lock(&self.state);
-                StateFile {
-                    version: 1,
-                    clients: state.clients.values().cloned().collect(),
-                    grants: state.grants.values().cloned().collect(),
-                    sign_ins: state.pending.iter().map(|(h, p)| (h.clone(), p.clone())).collect(),
-                    codes: state.codes.iter().map(|(h, c)| (h.clone(), c.clone())).collect(),
-                }
+                (
+                    state.pending.iter().map(|(h, p)| (h.clone(), p.clone())).collect::<Vec<_>>(),
+                    state.codes.iter().map(|(h, c)| (h.clone(), c.clone())).collect::<Vec<_>>(),
+                )
             };
-            write_state(dir, &snapshot).map_err(|e| {
-                log::error!("cannot write the OAuth state file in {}: {e}", dir.display());
-                TokenRefused::Storage
-            })
+            let in_progress = sign_ins.len();
+            let (done, saved) = mpsc::channel();
+            let sent = mailbox.send(ToWriter::Stop { sign_ins, codes, done }).is_ok();
+            match sent.then(|| saved.recv().ok()).flatten() {
+                Some(true) => log::info!("OAuth state saved ({in_progress} sign-in(s) in progress)"),
+                Some(false) => log::error!("the OAuth state could not be saved at the stop"),
+                None => self.writer_gone(),
+            }
         }
     }
 
-    fn write_state(dir: &std::path::Path, snapshot: &StateFile) -> std::io::Result<()> {
+    /// The writer thread's own picture of what is on disk: each client and grant as
+    /// its JSON (the state file with the journal applied), and the journal's size.
+    struct Disk {
+        dir: PathBuf,
+        journal: std::fs::File,
+        journal_bytes: u64,
+        clients: HashMap<String, String>,
+        grants: HashMap<String, String>,
+        live_bytes: u64,
+        state_file_written: bool,
+        /// A write failed: the journal may end in half a line, so the next starts a new one.
+        torn: bool,
+    }
+
+    impl Disk {
+        /// Applies one change to the picture, and adds its line to `lines`.
+        fn apply(&mut self, entry: &Entry, lines: &mut String) -> serde_json::Result<()> {
+            let (map, id, json) = match entry {
+                Entry::Client { client } => (&mut self.clients, &client.id, Some(serde_json::to_string(client)?)),
+                Entry::ClientGone { id } => (&mut self.clients, id, None),
+                Entry::Grant { grant } => (&mut self.grants, &grant.id, Some(serde_json::to_string(grant)?)),
+                Entry::GrantGone { id } => (&mut self.grants, id, None),
+            };
+            let before = match json {
+                Some(json) => {
+                    self.live_bytes += json.len() as u64;
+                    map.insert(id.clone(), json)
+                }
+                None => map.remove(id),
+            };
+            self.live_bytes -= before.map_or(0, |old| old.len() as u64);
+            lines.push_str(&serde_json::to_string(entry)?);
+            lines.push('\n');
+            Ok(())
+        }
+
+        fn append(&mut self, lines: &str) -> std::io::Result<()> {
+            if lines.is_empty() {
+                return Ok(());
+            }
+            if self.torn {
+                self.journal.write_all(b"\n")?;
+                self.journal_bytes += 1;
+            }
+            self.torn = true;
+            self.journal.write_all(lines.as_bytes())?;
+            self.journal.sync_data()?;
+            self.torn = false;
+            self.journal_bytes += lines.len() as u64;
+            Ok(())
+        }
+
+        fn needs_compaction(&self) -> bool {
+            !self.state_file_written || self.journal_bytes > COMPACT_FACTOR * self.live_bytes
+        }
+
+        /// The state file rewritten from the picture (a temporary file, mode 0600,
+        /// synced, renamed over the old one), then the journal emptied. A crash between
+        /// the two replays the old journal onto the new file: the same state.
+        fn compact(&mut self, sign_ins: &[(String, Pending)], codes: &[(String, CodeRecord)]) -> std::io::Result<()> {
+            let mut text = String::with_capacity(self.live_bytes as usize + 256);
+            text.push_str("{\"version\":1,\"clients\":[");
+            join_into(&mut text, self.clients.values());
+            text.push_str("],\"grants\":[");
+            join_into(&mut text, self.grants.values());
+            text.push_str("],\"sign_ins\":");
+            text.push_str(&serde_json::to_string(sign_ins).map_err(std::io::Error::other)?);
+            text.push_str(",\"codes\":");
+            text.push_str(&serde_json::to_string(codes).map_err(std::io::Error::other)?);
+            text.push('}');
+            write_state(&self.dir, text.as_bytes())?;
+            self.state_file_written = true;
+            self.journal.set_len(0)?;
+            self.journal.sync_all()?;
+            self.journal_bytes = 0;
+            self.torn = false;
+            Ok(())
+        }
+
+        /// One round: every message waiting is written with one sync, then the
+        /// journal compacted if it has grown past COMPACT_FACTOR times the live state.
+        fn write_round(&mut self, batch: Vec<ToWriter>) {
+            let mut lines = String::new();
+            let mut acks = Vec::new();
+            let mut stop = None;
+            let mut ok = true;
+            for message in batch {
+                match message {
+                    ToWriter::Changes(entries, done) => {
+                        for entry in &entries {
+                            ok &= self.apply(entry, &mut lines).is_ok();
+                        }
+                        acks.push(done);
+                    }
+                    ToWriter::Stop { sign_ins, codes, done } => stop = Some((sign_ins, codes, done)),
+                }
+            }
+            let appended = match self.append(&lines) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::error!("cannot write the OAuth journal in {}: {e}", self.dir.display());
+                    // the picture has the changes: writing it whole is the way back
+                    self.state_file_written = false;
+                    false
+                }
+            };
+            let (sign_ins, codes) = stop.as_ref().map_or((&[][..], &[][..]), |(s, c, _)| (&s[..], &c[..]));
+            let mut compacted = false;
+            if stop.is_some() || self.needs_compaction() {
+                match self.compact(sign_ins, codes) {
+                    Ok(()) => compacted = true,
+                    Err(e) => log::error!("cannot write the OAuth state file in {}: {e}", self.dir.display()),
+                }
+            }
+            // changes are on disk in the journal or in the state file
+            let changes_kept = ok && (appended || compacted);
+            for done in acks {
+                let _ = done.send(changes_kept);
+            }
+            if let Some((_, _, done)) = stop {
+                let _ = done.send(changes_kept && compacted);
+            }
+        }
+    }
+
+    fn join_into<'a>(text: &mut String, items: impl Iterator<Item = &'a String>) {
+        for (i, item) in items.enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str(item);
+        }
+    }
+
+    /// The writer thread, with its picture of what was loaded; a journal left from
+    /// before is folded into the state file at once.
+    fn start_writer(
+        dir: &std::path::Path,
+        clients: &HashMap<String, Client>,
+        grants: &HashMap<String, GrantRecord>,
+        journal_bytes: u64,
+        sign_ins: &[(String, Pending)],
+        codes: &[(String, CodeRecord)],
+    ) -> std::io::Result<Keeping> {
         use std::os::unix::fs::OpenOptionsExt;
-        let body = serde_json::to_vec(snapshot).map_err(std::io::Error::other)?;
+        let journal = std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(dir.join(JOURNAL_FILE))?;
+        let as_json = |json: serde_json::Result<String>| json.map_err(std::io::Error::other);
+        let mut disk = Disk {
+            dir: dir.to_path_buf(),
+            journal,
+            journal_bytes,
+            clients: HashMap::new(),
+            grants: HashMap::new(),
+            live_bytes: 0,
+            state_file_written: dir.join(STATE_FILE).exists(),
+            torn: false,
+        };
+        for client in clients.values() {
+            let json = as_json(serde_json::to_string(client))?;
+            disk.live_bytes += json.len() as u64;
+            disk.clients.insert(client.id.clone(), json);
+        }
+        for grant in grants.values() {
+            let json = as_json(serde_json::to_string(grant))?;
+            disk.live_bytes += json.len() as u64;
+            disk.grants.insert(grant.id.clone(), json);
+        }
+        if journal_bytes > 0 {
+            disk.compact(sign_ins, codes)?;
+        }
+        let (mailbox, inbox) = mpsc::channel::<ToWriter>();
+        let handle = thread::Builder::new().name("oauth-journal".into()).spawn(move || {
+            // ends when the store is gone (every sender dropped)
+            while let Ok(first) = inbox.recv() {
+                let mut batch = vec![first];
+                batch.extend(inbox.try_iter());
+                disk.write_round(batch);
+            }
+        })?;
+        Ok(Keeping::OnDisk { mailbox, thread: Mutex::new(Some(handle)) })
+    }
+
+    fn write_state(dir: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));
         let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        file.write_all(&body)?;
+        file.write_all(body)?;
         file.sync_all()?;
         std::fs::rename(&tmp, dir.join(STATE_FILE))
+    }
+
+    /// What is at rest: the state file, then the journal's changes applied in order.
+    struct Loaded {
+        clients: HashMap<String, Client>,
+        grants: HashMap<String, GrantRecord>,
+        sign_ins: Vec<(String, Pending)>,
+        codes: Vec<(String, CodeRecord)>,
+        journal_bytes: u64,
+    }
+
+    fn load(dir: &std::path::Path) -> Loaded {
+        let file = load_state(dir);
+        let mut loaded = Loaded {
+            clients: file.clients.into_iter().map(|c| (c.id.clone(), c)).collect(),
+            grants: file.grants.into_iter().map(|g| (g.id.clone(), g)).collect(),
+            sign_ins: file.sign_ins,
+            codes: file.codes,
+            journal_bytes: 0,
+        };
+        replay_journal(dir, &mut loaded);
+        loaded
+    }
+
+    /// The journal's lines applied in order. A line that is not an entry (cut short by
+    /// a crash, or a write that failed: neither was ever reported as kept) is left out.
+    fn replay_journal(dir: &std::path::Path, loaded: &mut Loaded) {
+        let path = dir.join(JOURNAL_FILE);
+        let text = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                log::error!("cannot read {}: {e}; OAuth grants are those of the state file", path.display());
+                return;
+            }
+        };
+        loaded.journal_bytes = text.len() as u64;
+        let complete = text.ends_with(b"\n");
+        let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+        for (i, line) in lines.iter().enumerate() {
+            match serde_json::from_slice::<Entry>(line) {
+                Ok(Entry::Client { client }) => {
+                    loaded.clients.insert(client.id.clone(), client);
+                }
+                Ok(Entry::ClientGone { id }) => {
+                    loaded.clients.remove(&id);
+                }
+                Ok(Entry::Grant { grant }) => {
+                    loaded.grants.insert(grant.id.clone(), grant);
+                }
+                Ok(Entry::GrantGone { id }) => {
+                    loaded.grants.remove(&id);
+                }
+                Err(_) if i + 1 == lines.len() && !complete => {
+                    log::warn!("the OAuth journal's last line was cut short (a crash while writing); it is left out");
+                }
+                Err(_) => log::error!("line {} of {} is not a journal entry; it is left out", i + 1, path.display()),
+            }
+        }
     }
 
     fn load_state(dir: &std::path::Path) -> StateFile {
@@ -9535,7 +10044,12 @@ mod tests {
     }
 
     fn reopen(dir: &std::path::Path) -> crate::grants::Store {
-        crate::grants::Store::open(Some(dir.to_path_buf()), Duration::from_secs(3600), Duration::from_secs(30 * 86400))
+        crate::grants::Store::open(
+            Some(dir.to_path_buf()),
+            Duration::from_secs(3600),
+            Duration::from_secs(30 * 86400),
+            1000,
+        )
     }
 
     fn test_code(key: &str) -> crate::grants::Code {
@@ -9603,6 +10117,34 @@ mod tests {
         let taken = again.take_code(&code).unwrap();
         assert_eq!(taken.sealed.upstream.credential(), "ol_api_in_flight");
         assert!(again.take_code(&code).is_err(), "a code is used once");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn grants_are_bounded_per_user_and_client_and_come_back_from_the_journal() {
+        let (dir, store) = test_store("limits");
+        let issued: Vec<_> =
+            (0..12).map(|i| store.create_grant(&format!("omp_ac_{i}"), &test_code("k")).unwrap()).collect();
+        assert_eq!(store.grant_count(), crate::grants::GRANTS_PER_CLIENT);
+        assert!(store.open_with_access(&issued[1].access_token).is_err(), "the oldest went");
+        assert!(store.open_with_access(&issued[2].access_token).is_ok());
+        store.revoke_grant(&store.grant_of(&issued[5].access_token).unwrap()).unwrap();
+        let journal = std::fs::read_to_string(dir.join("oauth-grants.journal")).unwrap();
+        assert!(!journal.contains(&issued[11].access_token) && !journal.contains("Carol"));
+        drop(store); // no stop: what comes back is the state file and the journal
+        let again = reopen(&dir);
+        assert_eq!(again.grant_count(), 9);
+        assert!(again.open_with_access(&issued[5].access_token).is_err(), "a revoked grant stays revoked");
+        assert!(again.open_with_access(&issued[11].access_token).is_ok());
+        let mut code = test_code("k");
+        for client in 0..11 {
+            code.client_id = format!("client-{client}");
+            for i in 0..10 {
+                again.create_grant(&format!("omp_ac_{client}_{i}"), &code).unwrap();
+            }
+        }
+        assert_eq!(again.grant_count(), crate::grants::GRANTS_PER_USER);
+        assert!(again.open_with_access(&issued[11].access_token).is_err(), "the user's oldest went first");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

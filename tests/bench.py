@@ -14,6 +14,12 @@
      concurrent SSE streams; the RSS of an idle mcp-outline container and how many
      users fit in 2 GB.
   4. Outline calls: auth.info calls per 1,000 requests of one user.
+  5. `grants` (asked by name): 10,000 OAuth grants stored (100 real sign-ins, and
+     9,900 records copied from them with fresh random ids, hashes and sealed boxes of
+     the same size, written into the state file while the proxy is stopped: signing in
+     10,000 times takes longer than the measure), then /oauth/mcp latency p50/p99 (wrk,
+     1 connection) while another thread keeps refreshing tokens and signing in, against
+     the same without writes; three runs each, the worst reported.
 Not part of CI: it takes minutes and its figures are for people to read.
 """
 
@@ -22,6 +28,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import socket
 import statistics
@@ -37,7 +44,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import BINARY, ROOT, Proxy, docker, docker_gateway, free_port, wait_for  # noqa: E402
 from fake_outline import FakeOutline  # noqa: E402
-from oauth_client import scripted_tokens  # noqa: E402
+from oauth_client import exchange, pkce_pair, refresh, register, scripted_code, scripted_tokens  # noqa: E402
 
 BENCH_IMAGE = "outline-mcp-proxy-bench-nginx:latest"
 BACKEND_IMAGE = "outline-mcp-proxy-test-backend:latest"
@@ -489,6 +496,105 @@ def bench_streams(outline):
     proxy.cleanup()
 
 
+def seed_grant_copies(path, total):
+    """Copies of the real grants in a stopped proxy's state file, each with its own
+    random id, token hashes, user hash and sealed boxes of the real sizes, up to `total`."""
+    state = json.loads(path.read_text())
+    real = state["grants"]
+
+    def rand_hex(like):
+        return secrets.token_hex(len(like) // 2)
+
+    for i in range(total - len(real)):
+        grant = json.loads(json.dumps(real[i % len(real)]))
+        grant["id"] = secrets.token_urlsafe(32)
+        grant["user"] = rand_hex(grant["user"])
+        grant["sealed"] = rand_hex(grant["sealed"])
+        for token in [grant["refresh"], *grant["access"]]:
+            token["hash"], token["wrapped_key"] = rand_hex(token["hash"]), rand_hex(token["wrapped_key"])
+        grant["retired_refresh"] = [rand_hex(h) for h in grant["retired_refresh"]]
+        state["grants"].append(grant)
+    path.write_text(json.dumps(state))
+
+
+def bench_grants(outline):
+    say("\n== 5. /oauth/mcp latency with 10,000 grants stored, while grants are written ==")
+    build_bench_nginx_image()
+    state = Path(tempfile.mkdtemp())
+    proxy = start_proxy(outline, "bench-grants-", image=BENCH_IMAGE, state_dir=str(state),
+                        oauth_register_limit="100000", auth_ttl="60s")
+    redirect = "http://127.0.0.1:9/callback"
+    users = [outline.add_user(f"grants{i}") for i in range(100)]
+    clients = [register(proxy.url, redirect) for _ in range(10)]
+
+    def sign_in(key, client_id):
+        verifier, challenge = pkce_pair()
+        code = scripted_code(proxy.url, client_id, redirect, key, challenge)
+        r = exchange(proxy.url, client_id, redirect, code, verifier)
+        assert r.status_code == 200, r.text
+        return client_id, r.json()
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        issued = list(pool.map(lambda job: sign_in(*job), [(key, clients[i % 10]) for i, key in enumerate(users)]))
+    proxy.stop()  # the state file written whole: then the copies are added to it
+    seed_grant_copies(state / "oauth-grants.json", 10_000)
+    proxy.start()
+    grants = proxy.stats()["oauth"]["grants"]
+    on_disk = sum(p.stat().st_size for p in state.iterdir())
+    say(f"seeded {grants} grants in {time.monotonic() - started:.0f} s; state on disk {on_disk / 2**20:.1f} MiB")
+    assert grants == 10_000, grants
+    watched = issued[0][1]["access_token"]
+    assert httpx.get(proxy.url + "/oauth/mcp", headers={"Authorization": f"Bearer {watched}"}).status_code == 200
+    # the writer refreshes other users' grants (each a journal write) and signs in anew
+    # (a new grant that ends its user's oldest): as fast as one thread can
+    stop = threading.Event()
+    writes = []
+
+    tokens = dict(enumerate(issued[1:]))  # refreshed in turn, across the runs
+    newcomer = outline.add_user("grants-writer")  # signs in again and again (its oldest go)
+
+    def keep_writing():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            if n % 10 == 0:
+                sign_in(newcomer, clients[n % 10])
+            else:
+                i = list(tokens)[n % len(tokens)]
+                client_id, t = tokens[i]
+                r = refresh(proxy.url, client_id, t["refresh_token"])
+                assert r.status_code == 200, r.text
+                tokens[i] = (client_id, r.json())
+            writes.append(time.monotonic())
+
+    rows = {"quiet": [], "writing": []}
+    for _ in range(3):
+        rows["quiet"].append(wrk(f"{proxy.url}/oauth/mcp", 1, [f"Authorization: Bearer {watched}"]))
+        stop.clear()
+        writer = concurrent.futures.ThreadPoolExecutor(1).submit(keep_writing)
+        before = len(writes)
+        rows["writing"].append(wrk(f"{proxy.url}/oauth/mcp", 1, [f"Authorization: Bearer {watched}"]))
+        stop.set()
+        writer.result(timeout=60)  # a failed write is an error of the benchmark
+        rows.setdefault("writes", []).append((len(writes) - before) / float(WRK_SECONDS))
+    worst = {k: {"p50": max(r["p50"] for r in v), "p99": max(r["p99"] for r in v), "rps": min(r["rps"] for r in v)}
+             for k, v in rows.items() if k != "writes"}
+    q, w = worst["quiet"], worst["writing"]
+    on_disk = sum(p.stat().st_size for p in state.iterdir())
+    say(f"{'':8} {'req/s':>8} {'p50 µs':>8} {'p99 µs':>8}   (worst of 3 runs each)")
+    for name in ("quiet", "writing"):
+        say(f"{name:8} {worst[name]['rps']:>8.0f} {worst[name]['p50']:>8.0f} {worst[name]['p99']:>8.0f}")
+    say(f"writes (refreshes and sign-ins) per second meanwhile: {min(rows['writes']):.0f} at least; "
+        f"grants {proxy.stats()['oauth']['grants']}, state on disk {on_disk / 2**20:.1f} MiB")
+    RESULTS.append(("/oauth/mcp with 10,000 grants, writes meanwhile",
+                    f"without writes p50 {q['p50']:.0f} µs p99 {q['p99']:.0f} µs; with "
+                    f"{min(rows['writes']):.0f}+ writes/s p50 {w['p50']:.0f} µs p99 {w['p99']:.0f} µs "
+                    f"(p99 {w['p99'] - q['p99']:+.0f} µs; worst of 3 runs each)"))
+    proxy.stop()
+    proxy.cleanup()
+
+
 def main():
     machine = (f"{platform.node()}: {os.cpu_count()} CPUs "
                f"({next((l.split(':')[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), '?')}), "
@@ -507,6 +613,8 @@ def main():
         bench_spares(outline, image)
     if "streams" in only:
         bench_streams(outline)
+    if "grants" in only:
+        bench_grants(outline)
     say("\n| measure | result |\n|---|---|")
     for what, result in RESULTS:
         say(f"| {what} | {result} |")

@@ -51,6 +51,8 @@ class FakeOutline:
         self.oauth_tokens = {}  # access or refresh token -> the pair's record
         self.oauth_verifiers = []  # the code_verifier of each code exchange at /oauth/token
         self.oauth_access_ttl = 3600  # seconds; tests shorten it to see renewals
+        self.oauth_refresh_delay = 0.0  # seconds a refresh_token grant takes (to overlap two)
+        self.oauth_refreshes = []  # each refresh_token grant asked: (refresh token, answer status)
         self.signed_in_key = None  # the browser's Outline session: whose consent page
         outer = self
 
@@ -290,13 +292,26 @@ class FakeOutline:
                     return self.oauth_error(400, "invalid_request", "Invalid grant: user is invalid")
                 return self._issue(client_id, code["user_key"])
             if grant == "refresh_token":
-                record = self.oauth_tokens.get(form.get("refresh_token", ""))
-                if record is None or record["refresh"] != form.get("refresh_token") \
-                        or record["client_id"] != client_id or record["user_key"] not in self.users:
-                    return self.oauth_error(400, "invalid_request", "Invalid grant: refresh token is invalid")
-                self._destroy(record)
-                return self._issue(client_id, record["user_key"])
+                if self.oauth_refresh_delay:
+                    self.lock.release()
+                    try:
+                        time.sleep(self.oauth_refresh_delay)
+                    finally:
+                        self.lock.acquire()
+                answer = self._refresh(client_id, form)
+                self.oauth_refreshes.append((form.get("refresh_token", ""), answer[0]))
+                return answer
             return self.oauth_error(400, "invalid_request", "Unsupported grant type: `grant_type` is invalid")
+
+    def _refresh(self, client_id, form):
+        """Outline rotates refresh tokens: the used one is destroyed with its pair (its
+        revokeToken), so presented again it is unknown: 400 "Invalid grant"."""
+        record = self.oauth_tokens.get(form.get("refresh_token", ""))
+        if record is None or record["refresh"] != form.get("refresh_token") \
+                or record["client_id"] != client_id or record["user_key"] not in self.users:
+            return self.oauth_error(400, "invalid_request", "Invalid grant: refresh token is invalid")
+        self._destroy(record)
+        return self._issue(client_id, record["user_key"])
 
     def revoke(self, form):
         with self.lock:

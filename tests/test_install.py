@@ -175,7 +175,8 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
         verify = ssl.create_default_context(cafile=cafile)
         _, tokens = scripted_tokens("https://localhost", key, verify=verify)
         assert host.sh("stat -c '%a %U' /var/lib/outline-mcp-proxy").stdout.split() == ["700", "mcp-proxy"]
-        stored = host.sh("cat /var/lib/outline-mcp-proxy/oauth-grants.json").stdout
+        stored = host.sh("cat /var/lib/outline-mcp-proxy/oauth-grants.json"
+                         " /var/lib/outline-mcp-proxy/oauth-grants.journal").stdout
         assert '"grants"' in stored and key not in stored and tokens["refresh_token"] not in stored
 
         # systemctl stop ends it cleanly

@@ -47,13 +47,29 @@ def oauth_proxy(make_proxy, tmp_path):
     return factory
 
 
+def at_rest(proxy):
+    """What a restart would read: the state file, then the journal's changes in order."""
+    state = json.loads(state_file(proxy).read_text()) if state_file(proxy).exists() else {"clients": [], "grants": []}
+    kept = {"client": {c["id"]: c for c in state["clients"]}, "grant": {g["id"]: g for g in state["grants"]}}
+    journal = proxy.state_dir / "oauth-grants.journal"
+    for line in (journal.read_text().splitlines() if journal.exists() else []):
+        entry = json.loads(line)
+        kind = entry["op"].removesuffix("_gone")
+        if entry["op"].endswith("_gone"):
+            kept[kind].pop(entry["id"], None)
+        else:
+            kept[kind][entry[kind]["id"]] = entry[kind]
+    return {"clients": list(kept["client"].values()), "grants": list(kept["grant"].values())}
+
+
 def assert_nothing_secret_at_rest(proxy, *secrets_):
-    text = state_file(proxy).read_text() if state_file(proxy).exists() else ""
+    files = [f for f in (state_file(proxy), proxy.state_dir / "oauth-grants.journal") if f.exists()]
+    text = "".join(f.read_text() for f in files)
     for secret in secrets_:
-        assert secret not in text, "a secret is in the state file in the clear"
+        assert secret not in text, "a secret is in the state file or its journal in the clear"
         assert secret not in proxy.log(), "a secret is in the proxy's log"
-    if text:
-        assert (state_file(proxy).stat().st_mode & 0o777) == 0o600
+    for f in files:
+        assert (f.stat().st_mode & 0o777) == 0o600
 
 
 # --- discovery ---
@@ -237,7 +253,7 @@ def test_a_key_revoked_in_outline_ends_the_grant(oauth_proxy, outline):
     assert r.status_code == 401 and 'error="invalid_token"' in r.headers["www-authenticate"]
     r = refresh(proxy.url, client_id, tokens["refresh_token"])
     assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
-    assert json.loads(state_file(proxy).read_text())["grants"] == []
+    assert at_rest(proxy)["grants"] == []
     assert "mcp_proxy_oauth_grants 0" in proxy.get("/metrics").text
 
 
@@ -368,7 +384,7 @@ def test_outline_revoking_its_tokens_ends_the_grant(oauth_proxy, outline):
     assert 'error="invalid_token"' in r.headers["www-authenticate"]
     r = refresh(proxy.url, client_id, tokens["refresh_token"])
     assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
-    assert json.loads(state_file(proxy).read_text())["grants"] == []
+    assert at_rest(proxy)["grants"] == []
 
 
 # --- through nginx over TLS ---
@@ -422,7 +438,7 @@ def test_a_wrong_verifier_or_a_reused_code_gets_nothing(oauth_proxy, outline):
     assert again.status_code == 400 and again.json()["error"] == "invalid_grant"
     # a code used twice was intercepted: what the first use got is revoked too
     assert mcp_initialize(proxy.url, first.json()["access_token"]).status_code == 401
-    assert json.loads(state_file(proxy).read_text())["grants"] == []
+    assert at_rest(proxy)["grants"] == []
 
 
 def test_foreign_redirect_uris_and_missing_pkce_or_resource(oauth_proxy, outline):
@@ -570,7 +586,7 @@ def test_a_thousand_registrations_are_rate_limited(oauth_proxy, outline):
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         statuses = list(pool.map(one, range(1000)))
     assert statuses.count(201) == 20 and statuses.count(429) == 980
-    assert len(json.loads(state_file(proxy).read_text())["clients"]) == 20
+    assert len(at_rest(proxy)["clients"]) == 20
     assert proxy.get("/health").status_code == 200
 
 
