@@ -4719,13 +4719,18 @@ mod sessions {
             incarnation: Option<&str>,
             initialized: Value,
         ) {
+            let mut first_open = false;
             if let Some(session) = lock(&self.table).get_mut(client_id) {
+                // a default session opened the first time is no resurrection
+                first_open = session.upstream_id.is_empty();
                 session.upstream_id = upstream_id.to_string();
                 session.incarnation = incarnation.map(str::to_string);
                 session.opening = None;
                 session.initialized = Some(initialized);
             }
-            self.counters.resurrections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if !first_open {
+                self.counters.resurrections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             opening.finish(Ok(upstream_id.to_string()));
             self.notify_change();
         }
