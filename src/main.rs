@@ -18,6 +18,7 @@
 //!   signin      the person's sign-in: the consent page, and Outline's own OAuth
 //!   grants      clients, codes and grants: token hashes, credentials sealed at rest
 //!   auth        the key from the request, and Outline's verdict on it (cached)
+//!   protocol    an MCP POST parsed once: method, name, generation; 2026-07-28's checks
 //!   sessions    the clients' MCP sessions, which outlive containers
 //!   registry    what the proxy knows of each container: plans, leases, sweeps (no I/O)
 //!   docker      every docker CLI call, as named verbs with typed results
@@ -4016,7 +4017,7 @@ mod protocol {
     //! MCP_PROXY_MAX_BODY): its method, id, name and protocol generation; what the proxy
     //! does with it (plan); the 2026-07-28 checks of headers against the body; the answers
     //! the proxy writes itself (server/discover, refusals); and the per-method call counts.
-    //! Calls `http1`, `error`, `util`.
+    //! Calls `http1`, `error`, `util`, and `sessions` for the session header's name.
     use crate::error::ProxyError;
     use crate::http1::Incoming;
     use crate::util::{base64_decode, lock};
