@@ -18,6 +18,7 @@
 //!   signin      the person's sign-in: the consent page, and Outline's own OAuth
 //!   grants      clients, codes and grants: token hashes, credentials sealed at rest
 //!   auth        the key from the request, and Outline's verdict on it (cached)
+//!   protocol    an MCP POST parsed once: method, name, generation; 2026-07-28's checks
 //!   sessions    the clients' MCP sessions, which outlive containers
 //!   staged      which containers hold mcp-outline's unsaved staged edits; may they sleep
 //!   registry    what the proxy knows of each container: plans, leases, sweeps (no I/O)
@@ -696,6 +697,8 @@ pub struct Proxy {
     /// The OAuth front door, unless MCP_PROXY_OAUTH_PATH is empty.
     pub oauth: Option<oauth::FrontDoor>,
     pub life: Life,
+    /// MCP calls per method and per tool, for /metrics.
+    pub calls: protocol::CallCounts,
     /// `Basic …` for /stats and /metrics, when a password is set.
     pub stats_credentials: Option<String>,
 }
@@ -710,6 +713,7 @@ impl Proxy {
             upstream: relay::Upstream::new(&cfg),
             oauth: (!cfg.oauth_path.is_empty()).then(|| oauth::FrontDoor::new(&cfg)),
             life: Life::default(),
+            calls: protocol::CallCounts::default(),
             stats_credentials: ops::stats_credentials(&cfg),
             cfg,
         }
@@ -1302,6 +1306,8 @@ mod front {
     use crate::containers::Want;
     use crate::error::ProxyError;
     use crate::http1::{self, Incoming};
+    use crate::protocol::{self, Generation, McpPost, NotTaken, Plan, Refusal};
+    use crate::registry::Lease;
     use crate::sessions::{Route, SESSION_HEADER};
     use crate::{oauth, ops, relay, InFlight, Proxy};
     use std::sync::atomic::Ordering;
@@ -1378,6 +1384,38 @@ mod front {
     pub struct LogContext {
         pub user: Option<String>,
         pub container: Option<String>,
+        /// The MCP call, when the request was an MCP POST: its audit fields.
+        pub call: Option<McpCall>,
+    }
+
+    /// What an MCP request's log line tells of it: never its arguments.
+    pub struct McpCall {
+        pub method: String,
+        /// The tool of a `tools/call`, the prompt of a `prompts/get`, the URI of a `resources/read`.
+        pub name: Option<String>,
+        pub generation: Generation,
+    }
+
+    impl McpCall {
+        fn of(post: &McpPost) -> McpCall {
+            McpCall { method: post.method().to_string(), name: post.name.clone(), generation: post.generation }
+        }
+
+        /// ` method=… tool=… generation=…`, each value escaped.
+        fn log_fields(&self) -> String {
+            let method = if self.method.is_empty() { "(response)" } else { self.method.as_str() };
+            let named = match (self.method.as_str(), &self.name) {
+                ("tools/call", Some(name)) => format!(" tool={}", log_value(name)),
+                ("prompts/get", Some(name)) => format!(" prompt={}", log_value(name)),
+                ("resources/read", Some(uri)) => format!(" uri={}", log_value(uri)),
+                _ => String::new(),
+            };
+            format!(" method={}{named} generation={}", log_value(method), self.generation.label())
+        }
+
+        fn tool(&self) -> Option<&str> {
+            (self.method == "tools/call").then_some(self.name.as_deref()).flatten()
+        }
     }
 
     /// One request from start to log line.
@@ -1403,8 +1441,16 @@ mod front {
                 error.status()
             }
         };
+        // an MCP request's line is its audit line: who called what, how it ended, how long
+        let call = match &log_ctx.call {
+            Some(call) => {
+                proxy.calls.count(if call.method.is_empty() { "(response)" } else { &call.method }, call.tool());
+                call.log_fields()
+            }
+            None => String::new(),
+        };
         log::info!(
-            "{} {} {} {}ms user={} container={}",
+            "{} {} {} {}ms user={} container={}{call}",
             incoming.method,
             log_safe(&incoming.path),
             status,
@@ -1469,6 +1515,17 @@ mod front {
             Err(e) => return reject(request, e),
         };
         let want = Want::new(&proxy.cfg, name, &user, &credential);
+        if protocol::is_stateless_get_or_delete(incoming) {
+            // 2026-07-28 has no GET stream and no session to delete
+            let headers =
+                [("Allow".to_string(), "POST".to_string()), ("Content-Type".into(), "application/json".into())];
+            let body = Refusal::not_allowed().body().to_string();
+            let _ = http1::send_body(request, incoming, 405, &headers, body.as_bytes(), false);
+            return Ok(405);
+        }
+        if protocol::is_mcp_post(incoming) {
+            return route_mcp_post(proxy, request, incoming, &credential, &want, log_ctx);
+        }
         // an id the proxy did not mint for this user: 404 before any container wakes
         if let Err(e) = proxy.sessions.check(incoming.header(SESSION_HEADER), &want.name) {
             return reject(request, e);
@@ -1491,8 +1548,74 @@ mod front {
         if websocket {
             relay::relay_websocket(proxy, request, incoming, &credential, &lease)
         } else {
-            relay::proxy_http(proxy, request, incoming, &credential, &want, lease)
+            relay::proxy_http(proxy, request, incoming, &credential, &want, lease, relay::Forward::default())
         }
+    }
+
+    /// An MCP POST: its body read and parsed once, then answered here (refusals,
+    /// accepted notifications), by the proxy from the container (discover, listen), or
+    /// forwarded on the client's session or the user's default one.
+    fn route_mcp_post(
+        proxy: &Arc<Proxy>,
+        mut request: tiny_http::Request,
+        incoming: &Incoming,
+        credential: &Credential,
+        want: &Want,
+        log_ctx: &mut LogContext,
+    ) -> RouteResult {
+        let post = match protocol::read_post(&mut request, incoming, proxy.cfg.max_body) {
+            Ok(post) => post,
+            Err(NotTaken::Http(e)) => return reject(request, e),
+            Err(NotTaken::Rpc(refusal)) => return Ok(refuse(request, incoming, &refusal)),
+        };
+        log_ctx.call = Some(McpCall::of(&post));
+        let plan = protocol::plan(incoming, &post, incoming.header(SESSION_HEADER).is_some());
+        let stateless = post.generation == Generation::Stateless2026;
+        // an id the proxy did not mint for this user: 404 before any container wakes
+        // (2026-07-28 has no sessions: an id there is ignored)
+        if !stateless {
+            if let Err(e) = proxy.sessions.check(incoming.header(SESSION_HEADER), &want.name) {
+                return reject(request, e);
+            }
+        }
+        let container_request;
+        let incoming = match stateless {
+            true => {
+                container_request = protocol::as_handshake_request(incoming);
+                &container_request
+            }
+            false => incoming,
+        };
+        let lease = match plan {
+            Plan::Refuse(refusal) => return Ok(refuse(request, incoming, &refusal)),
+            Plan::Accept => {
+                let _ = http1::send_body(request, incoming, 202, &[], b"", false);
+                return Ok(202);
+            }
+            _ => match acquire(proxy, want) {
+                Ok(lease) => lease,
+                Err(e) => return reject(request, e),
+            },
+        };
+        match plan {
+            Plan::Discover => relay::discover(proxy, request, incoming, credential, lease, &post),
+            Plan::Listen => relay::listen(proxy, request, incoming, credential, lease, &post),
+            plan => {
+                let on_default = plan == Plan::OnDefault;
+                let forward = relay::Forward { post: Some(post), on_default, stateless };
+                relay::proxy_http(proxy, request, incoming, credential, want, lease, forward)
+            }
+        }
+    }
+
+    fn acquire(proxy: &Proxy, want: &Want) -> Result<Lease, ProxyError> {
+        proxy.containers.acquire(want, false, &proxy.life.stopping)
+    }
+
+    /// A JSON-RPC error the proxy answers itself; the body was read, so the connection stays.
+    fn refuse(request: tiny_http::Request, incoming: &Incoming, refusal: &Refusal) -> u16 {
+        http1::send_json(request, incoming, refusal.status, &refusal.body());
+        refusal.status
     }
 
     /// What every request must pass before anything else: its form and its declared size.
@@ -4758,11 +4881,473 @@ mod auth {
     }
 }
 
+mod protocol {
+    //! Owns the MCP message of a POST to the MCP path, read and parsed once (within
+    //! MCP_PROXY_MAX_BODY): its method, id, name and protocol generation; what the proxy
+    //! does with it (plan); the 2026-07-28 checks of headers against the body; the answers
+    //! the proxy writes itself (server/discover, refusals); and the per-method call counts.
+    //! Calls `http1`, `error`, `util`, and `sessions` for the session header's name.
+    use crate::error::ProxyError;
+    use crate::http1::Incoming;
+    use crate::util::{base64_decode, lock};
+    use serde_json::{json, Map, Value};
+    use std::collections::HashMap;
+    use std::io::{self, Read};
+    use std::sync::Mutex;
+
+    /// The path the container serves MCP at (the OAuth resource is sent there too).
+    pub const MCP_PATH: &str = "/mcp";
+    /// The stateless revision the proxy speaks at its front door.
+    pub const MODERN_VERSIONS: &[&str] = &["2026-07-28"];
+    /// The handshake-era revisions, passed to the container as they come.
+    pub const HANDSHAKE_VERSIONS: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
+    pub const VERSION_META: &str = "io.modelcontextprotocol/protocolVersion";
+    pub const SERVER_INFO_META: &str = "io.modelcontextprotocol/serverInfo";
+    pub const SUBSCRIPTION_META: &str = "io.modelcontextprotocol/subscriptionId";
+    /// JSON-RPC and MCP error codes the proxy answers with.
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const HEADER_MISMATCH: i64 = -32020;
+    pub const UNSUPPORTED_VERSION: i64 = -32022;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Generation {
+        /// 2024-11-05 … 2025-11-25: `initialize`, then sessions (echoed or not).
+        Handshake,
+        /// 2026-07-28: no handshake, no sessions; every request says its version.
+        Stateless2026,
+    }
+
+    impl Generation {
+        pub fn label(self) -> &'static str {
+            match self {
+                Generation::Handshake => "handshake",
+                Generation::Stateless2026 => "2026-07-28",
+            }
+        }
+    }
+
+    /// A POST's one JSON-RPC message, parsed once; everything downstream reads this.
+    pub struct McpPost {
+        /// None for a client's JSON-RPC response (to a server's request).
+        pub method: Option<String>,
+        pub id: Option<Value>,
+        /// `params.name` (tools/call, prompts/get) or `params.uri` (resources/read).
+        pub name: Option<String>,
+        pub generation: Generation,
+        /// `params._meta` `io.modelcontextprotocol/protocolVersion`, when given.
+        pub meta_version: Option<String>,
+        pub raw: Value,
+        /// The body as it came, sent on unchanged.
+        pub bytes: Vec<u8>,
+    }
+
+    impl McpPost {
+        pub fn is_notification(&self) -> bool {
+            self.method.is_some() && self.id.is_none()
+        }
+
+        pub fn method(&self) -> &str {
+            self.method.as_deref().unwrap_or("")
+        }
+
+        /// The client's `initialize` params, when this is its `initialize`.
+        pub fn initialize_params(&self) -> Option<Value> {
+            (self.method() == "initialize").then(|| self.raw.get("params").cloned()).flatten()
+        }
+    }
+
+    /// A JSON-RPC error the proxy answers with itself.
+    #[derive(Debug)]
+    pub struct Refusal {
+        pub status: u16,
+        pub code: i64,
+        pub message: String,
+        pub id: Value,
+        pub data: Option<Value>,
+    }
+
+    impl Refusal {
+        /// 405 for a GET or DELETE in 2026-07-28.
+        pub fn not_allowed() -> Refusal {
+            Refusal::new(
+                405,
+                INVALID_REQUEST,
+                "Method Not Allowed: 2026-07-28 has no GET stream and no sessions.",
+                None,
+            )
+        }
+
+        fn new(status: u16, code: i64, message: impl Into<String>, id: Option<&Value>) -> Refusal {
+            Refusal { status, code, message: message.into(), id: id.cloned().unwrap_or(Value::Null), data: None }
+        }
+
+        pub fn body(&self) -> Value {
+            let mut error = json!({"code": self.code, "message": self.message});
+            if let Some(data) = &self.data {
+                error["data"] = data.clone();
+            }
+            json!({"jsonrpc": "2.0", "id": self.id, "error": error})
+        }
+    }
+
+    /// Why a POST could not be taken.
+    pub enum NotTaken {
+        /// The HTTP side failed (too large, too slow, unreadable).
+        Http(ProxyError),
+        /// Not one JSON-RPC message (-32700, -32600).
+        Rpc(Refusal),
+    }
+
+    /// What the proxy does with an MCP POST.
+    #[derive(Debug, PartialEq)]
+    pub enum Plan {
+        Refuse(Refusal),
+        /// Answered 202 here, nothing forwarded.
+        Accept,
+        /// `server/discover`, answered from the container's `initialize` result.
+        Discover,
+        /// `subscriptions/listen`, a held SSE stream.
+        Listen,
+        /// Forwarded on the user's default upstream session (no id of the client's).
+        OnDefault,
+        /// Passed as it came: with the client's own session id, or its `initialize`.
+        AsSent,
+    }
+
+    impl PartialEq for Refusal {
+        fn eq(&self, other: &Refusal) -> bool {
+            self.status == other.status && self.code == other.code
+        }
+    }
+
+    /// A POST to the MCP path: the only requests whose body the proxy reads.
+    pub fn is_mcp_post(incoming: &Incoming) -> bool {
+        incoming.method == "POST" && incoming.path == MCP_PATH
+    }
+
+    /// A GET or DELETE that says it speaks a stateless revision: 405 (it has neither).
+    pub fn is_stateless_get_or_delete(incoming: &Incoming) -> bool {
+        matches!(incoming.method.as_str(), "GET" | "DELETE")
+            && incoming.path == MCP_PATH
+            && header_version(incoming).is_some_and(|v| MODERN_VERSIONS.contains(&v))
+    }
+
+    fn header_version(incoming: &Incoming) -> Option<&str> {
+        incoming.header("mcp-protocol-version").map(str::trim)
+    }
+
+    /// Reads the body whole (at most `max_body`) and parses its one message.
+    pub fn read_post(
+        request: &mut tiny_http::Request,
+        incoming: &Incoming,
+        max_body: u64,
+    ) -> Result<McpPost, NotTaken> {
+        let bytes = read_body(request.as_reader(), max_body).map_err(NotTaken::Http)?;
+        parse(incoming, bytes).map_err(NotTaken::Rpc)
+    }
+
+    fn read_body(reader: &mut dyn Read, max_body: u64) -> Result<Vec<u8>, ProxyError> {
+        let mut bytes = Vec::new();
+        match reader.take(max_body.saturating_add(1)).read_to_end(&mut bytes) {
+            Ok(_) if bytes.len() as u64 > max_body => Err(ProxyError::TooLarge(max_body)),
+            Ok(_) => Ok(bytes),
+            Err(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => {
+                Err(ProxyError::RequestTimeout("The request body stopped arriving.".into()))
+            }
+            Err(_) => Err(ProxyError::BadRequest("The request body could not be read.".into())),
+        }
+    }
+
+    /// The one parser of an MCP message.
+    pub fn parse(incoming: &Incoming, bytes: Vec<u8>) -> Result<McpPost, Refusal> {
+        let raw: Value = serde_json::from_slice(&bytes)
+            .map_err(|_| Refusal::new(400, PARSE_ERROR, "Parse error: the body is not JSON.", None))?;
+        let Some(message) = raw.as_object() else {
+            let why = if raw.is_array() {
+                "Invalid Request: JSON-RPC batches are not accepted; send one message per POST."
+            } else {
+                "Invalid Request: the body is not a JSON-RPC message."
+            };
+            return Err(Refusal::new(400, INVALID_REQUEST, why, None));
+        };
+        let id = message.get("id").filter(|id| !id.is_null()).cloned();
+        let method = match message.get("method") {
+            None => None,
+            Some(Value::String(m)) => Some(m.clone()),
+            Some(_) => {
+                return Err(Refusal::new(400, INVALID_REQUEST, "Invalid Request: method is not a string.", id.as_ref()))
+            }
+        };
+        if method.is_none() && !(message.contains_key("result") || message.contains_key("error")) {
+            return Err(Refusal::new(400, INVALID_REQUEST, "Invalid Request: no method.", id.as_ref()));
+        }
+        let params = message.get("params");
+        let name = match method.as_deref() {
+            Some("tools/call" | "prompts/get") => params.and_then(|p| p.get("name")).and_then(Value::as_str),
+            Some("resources/read") => params.and_then(|p| p.get("uri")).and_then(Value::as_str),
+            _ => None,
+        }
+        .map(str::to_string);
+        let meta_version = params
+            .and_then(|p| p.get("_meta"))
+            .and_then(|m| m.get(VERSION_META))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let says_modern = header_version(incoming).is_some_and(|v| MODERN_VERSIONS.contains(&v));
+        // a version in `_meta` is the stateless revisions' mark, known or not
+        let generation =
+            if says_modern || meta_version.is_some() { Generation::Stateless2026 } else { Generation::Handshake };
+        Ok(McpPost { method, id, name, generation, meta_version, raw, bytes })
+    }
+
+    /// What to do with a parsed POST. A handshake-era request without a session id that
+    /// is not `initialize` goes on the user's default session.
+    pub fn plan(incoming: &Incoming, post: &McpPost, has_session: bool) -> Plan {
+        if post.generation == Generation::Stateless2026 {
+            if let Err(refusal) = check_stateless(incoming, post) {
+                return Plan::Refuse(refusal);
+            }
+            return match post.method() {
+                "server/discover" => Plan::Discover,
+                "subscriptions/listen" => Plan::Listen,
+                _ if post.method.is_none() => Plan::Refuse(Refusal::new(
+                    400,
+                    INVALID_REQUEST,
+                    "Invalid Request: a 2026-07-28 client sends no responses.",
+                    post.id.as_ref(),
+                )),
+                _ if post.is_notification() => Plan::Accept,
+                _ => Plan::OnDefault,
+            };
+        }
+        if let Some(version) = header_version(incoming) {
+            if !HANDSHAKE_VERSIONS.contains(&version) {
+                return Plan::Refuse(unsupported(version, post.id.as_ref()));
+            }
+        }
+        match (has_session, post.method()) {
+            (true, _) | (false, "initialize") => Plan::AsSent,
+            (false, "notifications/initialized") => Plan::Accept,
+            (false, _) => Plan::OnDefault,
+        }
+    }
+
+    fn unsupported(requested: &str, id: Option<&Value>) -> Refusal {
+        let mut refusal = Refusal::new(400, UNSUPPORTED_VERSION, "Unsupported protocol version", id);
+        refusal.data = Some(json!({"supported": supported_versions(), "requested": requested}));
+        refusal
+    }
+
+    /// Every version the front door speaks, newest first.
+    pub fn supported_versions() -> Vec<&'static str> {
+        MODERN_VERSIONS.iter().chain(HANDSHAKE_VERSIONS.iter().rev()).copied().collect()
+    }
+
+    /// 2026-07-28's request metadata: the version is one the proxy speaks, and the
+    /// headers say what the body says (`MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`).
+    fn check_stateless(incoming: &Incoming, post: &McpPost) -> Result<(), Refusal> {
+        let id = post.id.as_ref();
+        let mismatch = |what: String| Refusal::new(400, HEADER_MISMATCH, format!("Header mismatch: {what}"), id);
+        let Some(header) = header_version(incoming) else {
+            return Err(mismatch("the MCP-Protocol-Version header is missing".into()));
+        };
+        if let Some(meta) = &post.meta_version {
+            if meta != header {
+                return Err(mismatch("MCP-Protocol-Version does not match the body's protocol version".into()));
+            }
+        }
+        if !MODERN_VERSIONS.contains(&header) {
+            return Err(unsupported(header, id));
+        }
+        if let Some(method) = &post.method {
+            match incoming.header("mcp-method").map(str::trim) {
+                None => return Err(mismatch("the Mcp-Method header is missing".into())),
+                Some(m) if m != method => return Err(mismatch("Mcp-Method does not match the body's method".into())),
+                Some(_) => {}
+            }
+        }
+        if matches!(post.method(), "tools/call" | "resources/read" | "prompts/get") {
+            let header = incoming.header("mcp-name").map(str::trim);
+            let Some(header) = header else { return Err(mismatch("the Mcp-Name header is missing".into())) };
+            let Some(said) = header_text(header) else {
+                return Err(mismatch("the Mcp-Name header is malformed".into()));
+            };
+            if Some(said.as_str()) != post.name.as_deref() {
+                return Err(mismatch("Mcp-Name does not match the body's name".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// A header value as text: plain, or the `=?base64?…?=` form decoded (UTF-8).
+    pub fn header_text(value: &str) -> Option<String> {
+        match value.strip_prefix("=?base64?").and_then(|rest| rest.strip_suffix("?=")) {
+            Some(encoded) => String::from_utf8(base64_decode(encoded)?).ok(),
+            None => Some(value.to_string()),
+        }
+    }
+
+    /// The request as the container gets it: without the stateless revision's headers
+    /// and any session id of the client's (the proxy sets the upstream session; without
+    /// a version header the container takes the handshake default).
+    pub fn as_handshake_request(incoming: &Incoming) -> Incoming {
+        let mut request = incoming.with_target(&incoming.target);
+        request.headers.retain(|(name, _)| {
+            let lower = name.to_ascii_lowercase();
+            !(lower == "mcp-protocol-version"
+                || lower == "mcp-method"
+                || lower == "mcp-name"
+                || lower.starts_with("mcp-param-")
+                || lower == crate::sessions::SESSION_HEADER
+                || lower == "last-event-id")
+        });
+        request
+    }
+
+    /// `server/discover`'s answer, from the container's `initialize` result.
+    pub fn discover_result(id: &Value, initialized: &Value) -> Value {
+        let mut result = Map::new();
+        result.insert("resultType".into(), json!("complete"));
+        result.insert("supportedVersions".into(), json!(supported_versions()));
+        result.insert("capabilities".into(), initialized.get("capabilities").cloned().unwrap_or_else(|| json!({})));
+        if let Some(instructions) = initialized.get("instructions").filter(|i| i.is_string()) {
+            result.insert("instructions".into(), instructions.clone());
+        }
+        let server_info = initialized.get("serverInfo").cloned().unwrap_or(Value::Null);
+        result.insert("_meta".into(), json!({ SERVER_INFO_META: server_info }));
+        insert_cache_hints(&mut result);
+        json!({"jsonrpc": "2.0", "id": id, "result": result})
+    }
+
+    /// What a 2026-07-28 result gets that the container's does not carry.
+    pub struct Stamp {
+        /// The container's `serverInfo`, as `_meta` `io.modelcontextprotocol/serverInfo`.
+        pub server_info: Value,
+        /// A cacheable method's result must carry caching hints.
+        pub cacheable: bool,
+    }
+
+    impl Stamp {
+        pub fn new(server_info: Value, method: &str) -> Stamp {
+            Stamp { server_info, cacheable: is_cacheable(method) }
+        }
+    }
+
+    /// The methods whose complete results carry caching hints (`ttlMs`, `cacheScope`).
+    pub fn is_cacheable(method: &str) -> bool {
+        matches!(
+            method,
+            "server/discover"
+                | "tools/list"
+                | "prompts/list"
+                | "resources/list"
+                | "resources/templates/list"
+                | "resources/read"
+        )
+    }
+
+    /// Caching hints for what the container gives: immediately stale, and for this
+    /// user only (each user has their own container and their own Outline data).
+    fn insert_cache_hints(result: &mut Map<String, Value>) {
+        result.entry("ttlMs").or_insert_with(|| json!(0));
+        result.entry("cacheScope").or_insert_with(|| json!("private"));
+    }
+
+    /// A stateless revision's result carries the server's identity in its `_meta`
+    /// (and caching hints where due): the message stamped, when it is a JSON-RPC result.
+    pub fn stamp_result(text: &[u8], stamp: &Stamp) -> Option<String> {
+        let mut message: Value = serde_json::from_slice(text).ok()?;
+        let result = message.get_mut("result")?.as_object_mut()?;
+        result.entry("resultType").or_insert_with(|| json!("complete"));
+        if stamp.cacheable {
+            insert_cache_hints(result);
+        }
+        let meta = result.entry("_meta").or_insert_with(|| json!({}));
+        meta.as_object_mut()?.insert(SERVER_INFO_META.into(), stamp.server_info.clone());
+        Some(message.to_string())
+    }
+
+    /// `subscriptions/listen`'s filter, kept to what the container can send.
+    pub fn listen_filter(post: &McpPost, capabilities: &Value) -> Value {
+        let asked = post.raw.pointer("/params/notifications").cloned().unwrap_or_else(|| json!({}));
+        let can = |pointer: &str| capabilities.pointer(pointer).and_then(Value::as_bool).unwrap_or(false);
+        let mut agreed = Map::new();
+        for (field, pointer) in [
+            ("toolsListChanged", "/tools/listChanged"),
+            ("promptsListChanged", "/prompts/listChanged"),
+            ("resourcesListChanged", "/resources/listChanged"),
+        ] {
+            if asked.get(field).and_then(Value::as_bool) == Some(true) && can(pointer) {
+                agreed.insert(field.into(), json!(true));
+            }
+        }
+        if let Some(uris) = asked.get("resourceSubscriptions").filter(|_| can("/resources/subscribe")) {
+            agreed.insert("resourceSubscriptions".into(), uris.clone());
+        }
+        Value::Object(agreed)
+    }
+
+    /// Whether a notification from the container is one the listen filter asked for.
+    pub fn wanted(filter: &Value, notification: &Value) -> bool {
+        let on = |field: &str| filter.get(field).and_then(Value::as_bool) == Some(true);
+        match notification.get("method").and_then(Value::as_str) {
+            Some("notifications/tools/list_changed") => on("toolsListChanged"),
+            Some("notifications/prompts/list_changed") => on("promptsListChanged"),
+            Some("notifications/resources/list_changed") => on("resourcesListChanged"),
+            Some("notifications/resources/updated") => {
+                let uri = notification.pointer("/params/uri").and_then(Value::as_str);
+                let uris = filter.get("resourceSubscriptions").and_then(Value::as_array);
+                matches!((uri, uris), (Some(uri), Some(uris)) if uris.iter().any(|u| u.as_str() == Some(uri)))
+            }
+            _ => false,
+        }
+    }
+
+    /// Distinct methods and tools counted; beyond it they count as "other" (the names
+    /// come from clients).
+    const MAX_COUNTED: usize = 200;
+
+    /// Calls per method and per tool, for /metrics.
+    #[derive(Default)]
+    pub struct CallCounts {
+        methods: Mutex<HashMap<String, u64>>,
+        tools: Mutex<HashMap<String, u64>>,
+    }
+
+    impl CallCounts {
+        pub fn count(&self, method: &str, tool: Option<&str>) {
+            bump(&self.methods, method);
+            if let Some(tool) = tool {
+                bump(&self.tools, tool);
+            }
+        }
+
+        pub fn methods(&self) -> Vec<(String, u64)> {
+            sorted(&self.methods)
+        }
+
+        pub fn tools(&self) -> Vec<(String, u64)> {
+            sorted(&self.tools)
+        }
+    }
+
+    fn bump(counts: &Mutex<HashMap<String, u64>>, name: &str) {
+        let mut counts = lock(counts);
+        let key = if counts.contains_key(name) || counts.len() < MAX_COUNTED { name } else { "other" };
+        *counts.entry(key.to_string()).or_insert(0) += 1;
+    }
+
+    fn sorted(counts: &Mutex<HashMap<String, u64>>) -> Vec<(String, u64)> {
+        let mut all: Vec<(String, u64)> = lock(counts).iter().map(|(k, v)| (k.clone(), *v)).collect();
+        all.sort();
+        all
+    }
+}
+
 mod sessions {
-    //! Owns the clients' MCP sessions: the ids the proxy mints (a MAC binds each to its
-    //! owner, under a key kept in the state directory), which upstream session (of which
-    //! container incarnation) each stands for, the client's own `initialize`, and when one
-    //! must be opened again. Calls `util`, and `grants` for the kernel's randomness.
+    //! Owns the clients' MCP sessions: the ids it mints (MAC-bound to their owner), the upstream
+    //! session each stands for, each user's default session, the bound. Calls `util`, `grants`.
     use crate::error::ProxyError;
     use crate::util::{lock, Flight};
     use hkdf::hmac::{Hmac, Mac};
@@ -4909,6 +5494,18 @@ mod sessions {
         /// The client ended it (DELETE): never opened again, so the container's own 404
         /// tells the client (kept, within the bound, only to remember that).
         ended: bool,
+        /// The container's `initialize` result, for a session the proxy opened itself.
+        initialized: Option<Value>,
+    }
+
+    /// The table key of an owner's default session: a NUL cannot be in a header, so no
+    /// client can present it.
+    pub fn default_key(owner: &str) -> String {
+        format!("\0default\0{owner}")
+    }
+
+    pub fn is_default(client_id: &str) -> bool {
+        client_id.starts_with("\0default\0")
     }
 
     /// What to do with a request's session header.
@@ -4943,6 +5540,10 @@ mod sessions {
     pub struct Sessions {
         key: SessionKey,
         table: Mutex<HashMap<String, ClientSession>>,
+        /// Each owner's latest client `initialize` params: its default session opens with them.
+        latest_init: Mutex<HashMap<String, Value>>,
+        /// Upstream sessions forgotten beyond the bound, to be closed (owner, upstream id).
+        evicted: Mutex<Vec<(String, String)>>,
         /// Bumped when a container starts or a session is (re)mapped: held streams wake.
         changes: Mutex<u64>,
         changed: Condvar,
@@ -4954,6 +5555,8 @@ mod sessions {
             Sessions {
                 key,
                 table: Mutex::new(HashMap::new()),
+                latest_init: Mutex::new(HashMap::new()),
+                evicted: Mutex::new(Vec::new()),
                 changes: Mutex::new(0),
                 changed: Condvar::new(),
                 counters: Counters::default(),
@@ -4989,6 +5592,7 @@ mod sessions {
                 last_used: Instant::now(),
                 opening: None,
                 ended: false,
+                initialized: None,
             });
             if session.owner != owner || session.ended {
                 return Route::Foreign;
@@ -5004,17 +5608,60 @@ mod sessions {
             route
         }
 
-        /// Forgets the least recently used of an owner's sessions beyond the bound.
+        /// The owner's default session, for a request without a session id: `stale`
+        /// (to be opened first) when never opened or issued by another incarnation.
+        pub fn default_route(&self, owner: &str, incarnation: Option<&str>) -> Route {
+            let client_id = default_key(owner);
+            let mut table = lock(&self.table);
+            let session = table.entry(client_id.clone()).or_insert_with(|| ClientSession {
+                owner: owner.to_string(),
+                upstream_id: None,
+                incarnation: None,
+                init_params: None,
+                last_used: Instant::now(),
+                opening: None,
+                ended: false,
+                initialized: None,
+            });
+            session.last_used = Instant::now();
+            let stale = session.upstream_id.is_none()
+                || matches!((&session.incarnation, incarnation), (Some(had), Some(now)) if had != now);
+            Route::Own { client_id, upstream_id: session.upstream_id.clone().unwrap_or_default(), stale }
+        }
+
+        /// Forgets the least recently used of an owner's sessions beyond the bound (never
+        /// its default one); their upstream sessions are kept to be closed.
         fn bound_owner(&self, table: &mut HashMap<String, ClientSession>, owner: &str) {
-            let mut own: Vec<(Instant, String)> =
-                table.iter().filter(|(_, s)| s.owner == owner).map(|(id, s)| (s.last_used, id.clone())).collect();
+            let mut own: Vec<(Instant, String)> = table
+                .iter()
+                .filter(|(id, s)| s.owner == owner && !is_default(id))
+                .map(|(id, s)| (s.last_used, id.clone()))
+                .collect();
             if own.len() <= MAX_PER_OWNER {
                 return;
             }
             own.sort();
+            let mut evicted = lock(&self.evicted);
             for (_, id) in own.iter().take(own.len() - MAX_PER_OWNER) {
-                table.remove(id);
+                if let Some(gone) = table.remove(id) {
+                    if let (false, Some(upstream_id)) = (gone.ended, gone.upstream_id) {
+                        evicted.push((owner.to_string(), upstream_id));
+                    }
+                }
             }
+        }
+
+        /// The owner's upstream sessions forgotten beyond the bound, to close now.
+        pub fn take_evicted(&self, owner: &str) -> Vec<String> {
+            let mut evicted = lock(&self.evicted);
+            let (theirs, others): (Vec<_>, Vec<_>) = evicted.drain(..).partition(|(o, _)| o == owner);
+            *evicted = others;
+            theirs.into_iter().map(|(_, id)| id).collect()
+        }
+
+        /// The container's `initialize` result for a session the proxy opened.
+        pub fn initialized(&self, client_id: &str) -> Option<Value> {
+            lock(&self.table).get(client_id).and_then(|s| s.initialized.clone())
         }
 
         /// The container answered for this session: it knows it in this incarnation.
@@ -5037,6 +5684,7 @@ mod sessions {
         ) -> Result<String, ProxyError> {
             let client_id = self.key.mint(owner)?;
             let mut table = lock(&self.table);
+            let latest = init_params.clone();
             table.insert(
                 client_id.clone(),
                 ClientSession {
@@ -5047,10 +5695,14 @@ mod sessions {
                     last_used: Instant::now(),
                     opening: None,
                     ended: false,
+                    initialized: None,
                 },
             );
             self.bound_owner(&mut table, owner);
             drop(table);
+            if let Some(params) = latest {
+                lock(&self.latest_init).insert(owner.to_string(), params);
+            }
             self.notify_change();
             Ok(client_id)
         }
@@ -5064,17 +5716,36 @@ mod sessions {
             }
             let opening = Flight::new();
             session.opening = Some(opening.clone());
-            Some(Reopen::Lead(opening, session.init_params.clone()))
+            // a default session opens with its owner's latest `initialize`, if any
+            let params = match is_default(client_id) {
+                true => lock(&self.latest_init).get(&session.owner).cloned(),
+                false => session.init_params.clone(),
+            };
+            Some(Reopen::Lead(opening, params))
         }
 
-        /// A new upstream session stands for the client's from now on.
-        pub fn reopened(&self, client_id: &str, opening: &Opening, upstream_id: &str, incarnation: Option<&str>) {
+        /// A new upstream session stands for the client's from now on (`initialized`:
+        /// the container's `initialize` result for it).
+        pub fn reopened(
+            &self,
+            client_id: &str,
+            opening: &Opening,
+            upstream_id: &str,
+            incarnation: Option<&str>,
+            initialized: Value,
+        ) {
+            let mut first_open = false;
             if let Some(session) = lock(&self.table).get_mut(client_id) {
+                // a default session opened the first time is no resurrection
+                first_open = session.upstream_id.is_none();
                 session.upstream_id = Some(upstream_id.to_string());
                 session.incarnation = incarnation.map(str::to_string);
                 session.opening = None;
+                session.initialized = Some(initialized);
             }
-            self.counters.resurrections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if !first_open {
+                self.counters.resurrections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             opening.finish(Ok(upstream_id.to_string()));
             self.notify_change();
         }
@@ -6974,16 +7645,18 @@ mod containers {
 mod relay {
     //! Owns carrying a request to its container and the answer back: HTTP streamed both
     //! ways (one retry, on a fresh lease, when the container never answered) and
-    //! WebSocket frames relayed unchanged. Calls `http1`, `auth` (key headers), `containers`,
-    //! `staged` (an edit and its answer, parsed here, noted there).
+    //! WebSocket frames relayed unchanged; an MCP message on the user's default session,
+    //! 2026-07-28 results stamped, its discover and listen stream. Calls `http1`, `auth`
+    //! (key headers), `containers`, `protocol`, `sessions`, `staged` (an edit and its answer).
     use crate::auth::{self, describe_ureq_error, Credential};
     use crate::config::{Config, KeyMode};
     use crate::containers::Want;
     use crate::error::ProxyError;
     use crate::front::{reject, RouteResult};
     use crate::http1::{self, header_tokens, header_value, is_hop_by_hop, Framing, Incoming};
+    use crate::protocol::{self, McpPost};
     use crate::registry::{Lease, StreamSlot};
-    use crate::sessions::{Reopen, Route, SESSION_HEADER};
+    use crate::sessions::{self, Reopen, Route, SESSION_HEADER};
     use crate::util::agent_base;
     use crate::{InFlight, Proxy};
     use serde_json::{json, Value};
@@ -7043,7 +7716,11 @@ mod relay {
         session: Option<&str>,
     ) -> Vec<(String, String)> {
         let connection = header_tokens(&incoming.headers, "connection");
-        let mut out: Vec<(String, String)> = Vec::with_capacity(incoming.headers.len() + 4);
+        let mut out: Vec<(String, String)> = Vec::with_capacity(incoming.headers.len() + 5);
+        if let (Some(upstream), None) = (session, incoming.header(SESSION_HEADER)) {
+            // the default session, for a client that sent no id
+            out.push(("Mcp-Session-Id".into(), upstream.to_string()));
+        }
         for (name, value) in &incoming.headers {
             let lower = name.to_ascii_lowercase();
             let dropped = is_hop_by_hop(&lower, &connection)
@@ -7177,8 +7854,16 @@ mod relay {
     }
 
     impl Outgoing {
-        /// Reads a small POST body whole; leaves others to stream.
-        fn take(request: &mut tiny_http::Request, incoming: &Incoming, max_body: u64) -> Result<Outgoing, ProxyError> {
+        /// The MCP message already read, else a small POST body read whole; others stream.
+        fn take(
+            request: &mut tiny_http::Request,
+            incoming: &Incoming,
+            max_body: u64,
+            post: Option<McpPost>,
+        ) -> Result<Outgoing, ProxyError> {
+            if let Some(post) = post {
+                return Ok(Outgoing::Bytes(post.bytes));
+            }
             if !incoming.has_body() {
                 return Ok(Outgoing::None);
             }
@@ -7200,13 +7885,18 @@ mod relay {
         fn resendable(&self) -> bool {
             !matches!(self, Outgoing::Stream)
         }
+    }
 
-        /// The client's `initialize` params, when this body is its `initialize`.
-        fn initialize_params(&self) -> Option<Value> {
-            let Outgoing::Bytes(bytes) = self else { return None };
-            let message: Value = serde_json::from_slice(bytes).ok()?;
-            (message.get("method")?.as_str()? == "initialize").then(|| message.get("params").cloned())?
-        }
+    /// How an MCP message is to be forwarded, as the front door planned it.
+    #[derive(Default)]
+    pub struct Forward {
+        /// The POST's message, parsed once (None: not an MCP POST).
+        pub post: Option<McpPost>,
+        /// On the user's default upstream session: the client sent no session id.
+        pub on_default: bool,
+        /// A 2026-07-28 request: results stamped with the server's identity, and no
+        /// session id ever shown to the client.
+        pub stateless: bool,
     }
 
     /// Sends the request, with `session` as its Mcp-Session-Id when given, and waits
@@ -7261,10 +7951,17 @@ mod relay {
         credential: &Credential,
         want: &Want,
         mut lease: Lease,
+        forward: Forward,
     ) -> RouteResult {
         let socket = request.socket();
-        let route = proxy.sessions.route(incoming.header(SESSION_HEADER), &want.name, lease.incarnation.as_deref());
-        let body = match Outgoing::take(&mut request, incoming, proxy.upstream.max_body) {
+        let route = match forward.on_default {
+            true => proxy.sessions.default_route(&want.name, lease.incarnation.as_deref()),
+            false => proxy.sessions.route(incoming.header(SESSION_HEADER), &want.name, lease.incarnation.as_deref()),
+        };
+        let init_params = forward.post.as_ref().and_then(McpPost::initialize_params);
+        let edit = staged_edit_call(forward.post.as_ref());
+        let method = forward.post.as_ref().map(|post| post.method().to_string()).unwrap_or_default();
+        let body = match Outgoing::take(&mut request, incoming, proxy.upstream.max_body, forward.post) {
             Ok(body) => body,
             Err(e) => return reject(request, e),
         };
@@ -7321,23 +8018,39 @@ mod relay {
             }
         };
         let status = response.status().as_u16();
-        let client_session = note_session(proxy, incoming, &route, &body, &lease, &response);
-        let edits = staged_edit_calls(&body);
+        let client_session = note_session(proxy, incoming, &route, init_params, &lease, &response);
+        let shown = match &client_session {
+            _ if forward.stateless => Shown::NoSession,
+            Some(id) if sessions::is_default(id) => Shown::NoSession,
+            Some(id) => Shown::Client(id.as_str()),
+            // never the container's own id
+            None => Shown::NoSession,
+        };
+        let stamp = match (&route, forward.stateless) {
+            (Route::Own { client_id, .. }, true) => Some(protocol::Stamp::new(server_info(proxy, client_id), &method)),
+            _ => None,
+        };
         let event_stream = is_event_stream(response.headers());
         let mut answer = Vec::new();
-        let capture = (!edits.is_empty()).then_some(&mut answer);
-        let streamed =
-            stream_response(proxy, request, incoming, response, socket.as_deref(), client_session.as_deref(), capture);
+        let capture = edit.is_some().then_some(&mut answer);
+        let answered = stream_response(
+            proxy,
+            request,
+            incoming,
+            response,
+            socket.as_deref(),
+            Delivery { shown, stamp: stamp.as_ref(), capture },
+        );
         // noted even when the client went away: the container staged or saved all the same
-        note_staged_edits(proxy, &lease, &edits, &answer, event_stream);
-        streamed.map_err(|e| (None, e))?;
+        note_staged_edit(proxy, &lease, edit.as_ref(), &answer, event_stream);
+        close_evicted(proxy, credential, &lease);
+        answered.map_err(|e| (None, e))?;
         drop(lease);
         Ok(status)
     }
 
-    /// The JSON-RPC messages of a request body or an answer (a JSON body, a batch, or
-    /// SSE `data:` events). The adapter until the one shared parse of the protocol work
-    /// replaces it.
+    /// The JSON-RPC messages of the container's answer (a JSON body, a batch, or SSE
+    /// `data:` events): requests are parsed once, by `protocol`; answers here.
     fn json_rpc_messages(bytes: &[u8], event_stream: bool) -> Vec<Value> {
         let one_or_batch = |value: Value| match value {
             Value::Array(items) => items,
@@ -7354,27 +8067,66 @@ mod relay {
             .collect()
     }
 
-    /// The `edit_document` calls in a request body read whole.
-    fn staged_edit_calls(body: &Outgoing) -> Vec<crate::staged::EditCall> {
-        let Outgoing::Bytes(bytes) = body else { return Vec::new() };
-        json_rpc_messages(bytes, false).iter().filter_map(crate::staged::edit_call).collect()
+    /// The `edit_document` call in an MCP POST, from the protocol chapter's one parse.
+    fn staged_edit_call(post: Option<&McpPost>) -> Option<crate::staged::EditCall> {
+        post.and_then(|post| crate::staged::edit_call(&post.raw))
     }
 
-    /// Tells the marks what the container answered to those calls.
-    fn note_staged_edits(
+    /// Tells the marks what the container answered to that call.
+    fn note_staged_edit(
         proxy: &Proxy,
         lease: &Lease,
-        edits: &[crate::staged::EditCall],
+        edit: Option<&crate::staged::EditCall>,
         answer: &[u8],
         event_stream: bool,
     ) {
-        if edits.is_empty() {
-            return;
-        }
+        let Some(call) = edit else { return };
         let staged = &proxy.containers.registry.staged;
         for message in json_rpc_messages(answer, event_stream) {
-            for call in edits {
-                staged.note_answer(&lease.name, lease.incarnation.as_deref(), call, &message);
+            staged.note_answer(&lease.name, lease.incarnation.as_deref(), call, &message);
+        }
+    }
+
+    /// How an answer reaches the client: the session id it sees, the 2026-07-28 stamp,
+    /// and where an edit's answer is kept aside for the staged-edit marks.
+    struct Delivery<'a> {
+        shown: Shown<'a>,
+        stamp: Option<&'a protocol::Stamp>,
+        capture: Option<&'a mut Vec<u8>>,
+    }
+
+    /// The Mcp-Session-Id the client sees in an answer.
+    enum Shown<'a> {
+        /// The client's own id, never the upstream one behind it.
+        Client(&'a str),
+        /// None: a client that sent no id gets none (default session, 2026-07-28).
+        NoSession,
+    }
+
+    /// The container's identity from its `initialize` result, for 2026-07-28 results.
+    fn server_info(proxy: &Proxy, client_id: &str) -> Value {
+        proxy.sessions.initialized(client_id).and_then(|r| r.get("serverInfo").cloned()).unwrap_or(Value::Null)
+    }
+
+    /// Closes with DELETE the owner's upstream sessions forgotten beyond the bound, so a
+    /// client that opens a session per call leaves nothing open in its container.
+    fn close_evicted(proxy: &Proxy, credential: &Credential, lease: &Lease) {
+        for upstream_id in proxy.sessions.take_evicted(&lease.name) {
+            let url = format!("http://{}{}", lease.address, protocol::MCP_PATH);
+            let mut builder = ureq::http::Request::delete(&url)
+                .header("Host", lease.address.to_string())
+                .header(SESSION_HEADER, upstream_id.as_str());
+            if let Some(key) = proxy.upstream.forward_key(credential) {
+                builder = builder.header(auth::KEY_HEADER, key);
+            }
+            let closed = builder.body(()).map_err(|_| "unsendable".to_string()).and_then(|request| {
+                proxy.upstream.agent.run(request).map(|r| r.status().as_u16()).map_err(|e| describe_ureq_error(&e))
+            });
+            match closed {
+                Ok(status) => {
+                    log::info!("closed an upstream session over the bound container={} status={status}", lease.name)
+                }
+                Err(e) => log::warn!("could not close an upstream session in {}: {e}", lease.name),
             }
         }
     }
@@ -7385,7 +8137,7 @@ mod relay {
         proxy: &Proxy,
         incoming: &Incoming,
         route: &Route,
-        body: &Outgoing,
+        init_params: Option<Value>,
         lease: &Lease,
         response: &ureq::http::Response<ureq::Body>,
     ) -> Option<String> {
@@ -7403,7 +8155,7 @@ mod relay {
             Route::Plain => {
                 // a new session: the client gets an id the proxy minted, never the container's
                 let opened = response.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()).filter(|_| ok)?;
-                match proxy.sessions.opened(&lease.name, opened, incarnation, body.initialize_params()) {
+                match proxy.sessions.opened(&lease.name, opened, incarnation, init_params) {
                     Ok(client_id) => Some(client_id),
                     Err(e) => {
                         log::error!("{}", e.message());
@@ -7431,8 +8183,8 @@ mod relay {
             Reopen::Lead(opening, params) => {
                 let begun = Instant::now();
                 match open_upstream_session(proxy, incoming, credential, lease, params) {
-                    Ok(id) => {
-                        proxy.sessions.reopened(client_id, &opening, &id, lease.incarnation.as_deref());
+                    Ok((id, initialized)) => {
+                        proxy.sessions.reopened(client_id, &opening, &id, lease.incarnation.as_deref(), initialized);
                         log::info!("session resurrected container={} {}ms", lease.name, begun.elapsed().as_millis());
                         Ok(id)
                     }
@@ -7456,8 +8208,12 @@ mod relay {
         credential: &Credential,
         lease: &Lease,
         params: Option<Value>,
-    ) -> Result<String, ProxyError> {
-        let version = incoming.header("mcp-protocol-version").unwrap_or(FALLBACK_PROTOCOL_VERSION).trim();
+    ) -> Result<(String, Value), ProxyError> {
+        let version = incoming
+            .header("mcp-protocol-version")
+            .map(str::trim)
+            .filter(|v| protocol::HANDSHAKE_VERSIONS.contains(v))
+            .unwrap_or(FALLBACK_PROTOCOL_VERSION);
         let params = params.unwrap_or_else(|| {
             json!({
                 "protocolVersion": version,
@@ -7474,8 +8230,9 @@ mod relay {
         let result = answer.get("result").ok_or_else(|| failed("no result"))?;
         let negotiated = result.get("protocolVersion").and_then(Value::as_str).unwrap_or(version).to_string();
         let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        let result = result.clone();
         mcp_call(proxy, incoming, credential, lease.address, Some(&session), Some(&negotiated), &initialized)?;
-        Ok(session)
+        Ok((session, result))
     }
 
     /// One JSON-RPC message the proxy sends for a client (a new session's handshake):
@@ -7551,20 +8308,26 @@ mod relay {
         incoming: &Incoming,
         response: ureq::http::Response<ureq::Body>,
         socket: Option<&TcpStream>,
-        client_session: Option<&str>,
-        capture: Option<&mut Vec<u8>>,
+        delivery: Delivery,
     ) -> Result<(), ProxyError> {
+        let Delivery { shown, stamp, capture } = delivery;
         let status = response.status().as_u16();
         let mut headers = downstream_response_headers(response.headers());
-        if let Some(id) = client_session {
+        match shown {
             // the client sees its own session id, never the upstream one behind it
-            for (name, value) in headers.iter_mut() {
-                if name.eq_ignore_ascii_case(SESSION_HEADER) {
-                    *value = id.to_string();
+            Shown::Client(id) => {
+                for (name, value) in headers.iter_mut() {
+                    if name.eq_ignore_ascii_case(SESSION_HEADER) {
+                        *value = id.to_string();
+                    }
                 }
             }
+            Shown::NoSession => headers.retain(|(name, _)| !name.eq_ignore_ascii_case(SESSION_HEADER)),
         }
         let event_stream = is_event_stream(response.headers());
+        if let (Some(stamp), false) = (stamp, event_stream) {
+            return send_stamped_json(request, incoming, status, headers, response, stamp, capture);
+        }
         let _long_lived = event_stream.then(|| InFlight::long_lived(&proxy.life));
         if event_stream {
             headers.retain(|(n, _)| !n.eq_ignore_ascii_case("x-accel-buffering"));
@@ -7589,9 +8352,22 @@ mod relay {
         }
         let mut writer = request.into_writer();
         http1::write_head(&mut writer, status, &headers, framing, close).map_err(client_gone)?;
-        if framing != Framing::NoBody {
-            let chunked = framing == Framing::Chunked;
-            copy_body(response.into_body().into_reader(), &mut writer, chunked, socket, capture)?;
+        match (framing, stamp) {
+            (Framing::NoBody, _) => {}
+            (framing, Some(stamp)) => copy_stamped_events(
+                response.into_body().into_reader(),
+                &mut writer,
+                framing == Framing::Chunked,
+                stamp,
+                capture,
+            )?,
+            (framing, None) => copy_body(
+                response.into_body().into_reader(),
+                &mut writer,
+                framing == Framing::Chunked,
+                socket,
+                capture,
+            )?,
         }
         // the head and any last bytes may still sit in the buffer (an empty body above)
         writer.flush().map_err(client_gone)?;
@@ -7599,6 +8375,68 @@ mod relay {
             if let Some(s) = socket {
                 let _ = s.shutdown(Shutdown::Write);
             }
+        }
+        Ok(())
+    }
+
+    /// Largest JSON answer stamped for a 2026-07-28 client (read whole to be stamped).
+    const STAMP_LIMIT: u64 = 64 << 20;
+
+    /// A JSON answer to a 2026-07-28 request, its result stamped with the server's identity.
+    fn send_stamped_json(
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        status: u16,
+        headers: Vec<(String, String)>,
+        response: ureq::http::Response<ureq::Body>,
+        stamp: &protocol::Stamp,
+        capture: Option<&mut Vec<u8>>,
+    ) -> Result<(), ProxyError> {
+        let broke = || ProxyError::ContainerUnreachable("The container's answer broke off.".into());
+        let bytes = response.into_body().with_config().limit(STAMP_LIMIT).read_to_vec().map_err(|_| broke())?;
+        if let Some(captured) = capture {
+            captured.extend_from_slice(&bytes[..bytes.len().min(CAPTURE_LIMIT)]);
+        }
+        let body = protocol::stamp_result(&bytes, stamp).map(String::into_bytes).unwrap_or(bytes);
+        http1::send_body(request, incoming, status, &headers, &body, incoming.wants_close).map_err(client_gone)
+    }
+
+    /// An SSE answer to a 2026-07-28 request, passed on event line by event line, the
+    /// result's line stamped with the server's identity.
+    fn copy_stamped_events(
+        body: impl Read,
+        writer: &mut dyn Write,
+        chunked: bool,
+        stamp: &protocol::Stamp,
+        mut capture: Option<&mut Vec<u8>>,
+    ) -> Result<(), ProxyError> {
+        let mut lines = io::BufReader::new(body);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match io::BufRead::read_line(&mut lines, &mut line) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => return Err(ProxyError::ContainerUnreachable("The container's answer broke off.".into())),
+            }
+            if let Some(kept) = capture.as_deref_mut() {
+                let room = CAPTURE_LIMIT.saturating_sub(kept.len());
+                kept.extend_from_slice(&line.as_bytes()[..line.len().min(room)]);
+            }
+            let stamped = line.strip_prefix("data:").and_then(|d| protocol::stamp_result(d.trim().as_bytes(), stamp));
+            let out = match stamped {
+                Some(message) => format!("data: {message}\n"),
+                None => line.clone(),
+            };
+            let written = if chunked {
+                write_chunk(writer, out.as_bytes())
+            } else {
+                writer.write_all(out.as_bytes()).and_then(|_| writer.flush())
+            };
+            written.map_err(client_gone)?;
+        }
+        if chunked {
+            writer.write_all(b"0\r\n\r\n").map_err(client_gone)?;
         }
         Ok(())
     }
@@ -7704,8 +8542,8 @@ mod relay {
                 let upstream_id = proxy.sessions.attachable(client_id, owner, incarnation.as_deref())?;
                 Some((address, upstream_id))
             });
-            if let Some((address, upstream_id)) = attachable {
-                let attached = attach(proxy, incoming, credential, address, &upstream_id, &mut writer, &mut last_write);
+            if let Some(upstream) = attachable {
+                let attached = attach(proxy, incoming, credential, &upstream, &mut writer, &mut last_write, None);
                 if let Attached::ClientGone = attached {
                     return Ok(200);
                 }
@@ -7720,6 +8558,142 @@ mod relay {
         }
         let _ = writer.write_all(b"0\r\n\r\n").and_then(|_| writer.flush());
         Ok(200)
+    }
+
+    /// Opens the user's default upstream session unless it is open in this container,
+    /// and gives the container's `initialize` result.
+    fn open_default(
+        proxy: &Proxy,
+        incoming: &Incoming,
+        credential: &Credential,
+        lease: &Lease,
+    ) -> Result<Value, ProxyError> {
+        let not_open = || ProxyError::ContainerUnreachable("The container's session could not be opened.".into());
+        let Route::Own { client_id, stale, .. } =
+            proxy.sessions.default_route(&lease.name, lease.incarnation.as_deref())
+        else {
+            return Err(not_open());
+        };
+        if stale || proxy.sessions.initialized(&client_id).is_none() {
+            reopen_session(proxy, incoming, credential, lease, &client_id)?;
+        }
+        proxy.sessions.initialized(&client_id).ok_or_else(not_open)
+    }
+
+    /// `server/discover`: the container's capabilities and identity, from the
+    /// `initialize` of the user's default session, with every version the proxy speaks.
+    pub fn discover(
+        proxy: &Arc<Proxy>,
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        credential: &Credential,
+        lease: Lease,
+        post: &McpPost,
+    ) -> RouteResult {
+        let initialized = match open_default(proxy, incoming, credential, &lease) {
+            Ok(initialized) => initialized,
+            Err(e) => return reject(request, e),
+        };
+        drop(lease);
+        let id = post.id.clone().unwrap_or(Value::Null);
+        http1::send_json(request, incoming, 200, &protocol::discover_result(&id, &initialized));
+        Ok(200)
+    }
+
+    /// `subscriptions/listen`: a held SSE stream. Acknowledged with the filter the
+    /// container can honour; then the change notifications the container sends on the
+    /// user's default session, while it runs, and comment keep-alives. Like a held
+    /// notification stream, it neither wakes nor keeps awake the container.
+    pub fn listen(
+        proxy: &Arc<Proxy>,
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        credential: &Credential,
+        lease: Lease,
+        post: &McpPost,
+    ) -> RouteResult {
+        let initialized = match open_default(proxy, incoming, credential, &lease) {
+            Ok(initialized) => initialized,
+            Err(e) => return reject(request, e),
+        };
+        let owner = lease.name.clone();
+        drop(lease);
+        let capabilities = initialized.get("capabilities").cloned().unwrap_or(Value::Null);
+        let filter = protocol::listen_filter(post, &capabilities);
+        let subscription = post.id.clone().unwrap_or(Value::Null);
+        let headers = vec![
+            ("Content-Type".to_string(), "text/event-stream".to_string()),
+            ("Cache-Control".to_string(), "no-cache".to_string()),
+            ("X-Accel-Buffering".to_string(), "no".to_string()),
+        ];
+        let acknowledged = json!({
+            "jsonrpc": "2.0",
+            "method": "notifications/subscriptions/acknowledged",
+            "params": {"_meta": {protocol::SUBSCRIPTION_META: subscription}, "notifications": filter},
+        });
+        let mut writer = request.into_writer();
+        let opened = http1::write_head(&mut writer, 200, &headers, Framing::Chunked, false)
+            .and_then(|_| write_chunk(&mut writer, format!("data: {acknowledged}\n\n").as_bytes()));
+        if opened.is_err() {
+            return Ok(200);
+        }
+        let _long_lived = InFlight::long_lived(&proxy.life);
+        let _held = HeldStream::count(proxy);
+        let keepalive = proxy.cfg.sse_keepalive;
+        let default_id = sessions::default_key(&owner);
+        let mut seen = proxy.sessions.generation();
+        let mut last_write = Instant::now();
+        let listening = Listening { filter: &filter, subscription: &subscription };
+        // nothing agreed (mcp-outline announces no change notifications): keep-alives only
+        let agreed = filter.as_object().is_some_and(|f| !f.is_empty());
+        while !proxy.life.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            let running = proxy.containers.registry.peek_running(&owner).filter(|_| agreed);
+            let attachable = running.and_then(|(address, incarnation)| {
+                let upstream_id = proxy.sessions.attachable(&default_id, &owner, incarnation.as_deref())?;
+                Some((address, upstream_id))
+            });
+            if let Some(upstream) = attachable {
+                let attached =
+                    attach(proxy, incoming, credential, &upstream, &mut writer, &mut last_write, Some(&listening));
+                if let Attached::ClientGone = attached {
+                    return Ok(200);
+                }
+            }
+            seen = proxy.sessions.wait_change(seen, keepalive.saturating_sub(last_write.elapsed()));
+            if last_write.elapsed() >= keepalive {
+                if write_chunk(&mut writer, b": keepalive\n\n").is_err() {
+                    return Ok(200);
+                }
+                last_write = Instant::now();
+            }
+        }
+        // the proxy is stopping: the subscription ends gracefully
+        let ended = json!({"jsonrpc": "2.0", "id": subscription,
+            "result": {"resultType": "complete", "_meta": {protocol::SUBSCRIPTION_META: subscription}}});
+        let _ = write_chunk(&mut writer, format!("data: {ended}\n\n").as_bytes())
+            .and_then(|_| writer.write_all(b"0\r\n\r\n"))
+            .and_then(|_| writer.flush());
+        Ok(200)
+    }
+
+    /// A listen stream's filter and subscription id, applied to the container's events.
+    struct Listening<'a> {
+        filter: &'a Value,
+        subscription: &'a Value,
+    }
+
+    impl Listening<'_> {
+        /// The event to pass on for one of the container's `data:` lines, if wanted.
+        fn pass(&self, data: &str) -> Option<String> {
+            let mut message: Value = serde_json::from_str(data.trim()).ok()?;
+            if !protocol::wanted(self.filter, &message) {
+                return None;
+            }
+            let params = message.as_object_mut()?.entry("params").or_insert_with(|| json!({}));
+            let meta = params.as_object_mut()?.entry("_meta").or_insert_with(|| json!({}));
+            meta.as_object_mut()?.insert(protocol::SUBSCRIPTION_META.into(), self.subscription.clone());
+            Some(format!("data: {message}\n\n"))
+        }
     }
 
     /// Counts a held stream for /stats while alive.
@@ -7752,11 +8726,12 @@ mod relay {
         proxy: &Proxy,
         incoming: &Incoming,
         credential: &Credential,
-        address: SocketAddr,
-        upstream_id: &str,
+        (address, upstream_id): &(SocketAddr, String),
         writer: &mut dyn Write,
         last_write: &mut Instant,
+        listening: Option<&Listening>,
     ) -> Attached {
+        let (address, upstream_id) = (*address, upstream_id.as_str());
         let headers =
             upstream_request_headers(incoming, proxy.upstream.forward_key(credential), address, Some(upstream_id));
         let url = format!("http://{address}{}", incoming.target);
@@ -7770,6 +8745,9 @@ mod relay {
             _ => return Attached::Refused,
         };
         let mut body = response.into_body().into_reader();
+        if let Some(listening) = listening {
+            return pass_listened(io::BufReader::new(body), writer, last_write, listening);
+        }
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             match body.read(&mut buf) {
@@ -7781,6 +8759,28 @@ mod relay {
                     *last_write = Instant::now();
                 }
             }
+        }
+    }
+
+    /// Passes on the container's events a listen stream asked for, line by line.
+    fn pass_listened(
+        mut body: impl io::BufRead,
+        writer: &mut dyn Write,
+        last_write: &mut Instant,
+        listening: &Listening,
+    ) -> Attached {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match body.read_line(&mut line) {
+                Ok(0) | Err(_) => return Attached::Ended,
+                Ok(_) => {}
+            }
+            let Some(event) = line.strip_prefix("data:").and_then(|data| listening.pass(data)) else { continue };
+            if write_chunk(writer, event.as_bytes()).is_err() {
+                return Attached::ClientGone;
+            }
+            *last_write = Instant::now();
         }
     }
 
@@ -8096,6 +9096,9 @@ mod ops {
         oauth_clients: usize,
         uptime: u64,
         docker_ok: bool,
+        /// MCP calls per method, and `tools/call` per tool.
+        calls_by_method: Vec<(String, u64)>,
+        calls_by_tool: Vec<(String, u64)>,
     }
 
     pub fn snapshot(proxy: &Proxy) -> Snapshot {
@@ -8121,6 +9124,8 @@ mod ops {
             oauth_clients: proxy.oauth.as_ref().map_or(0, |door| door.grants.client_count()),
             uptime: proxy.life.started.elapsed().as_secs(),
             docker_ok: proxy.containers.docker_ok().is_ok(),
+            calls_by_method: proxy.calls.methods(),
+            calls_by_tool: proxy.calls.tools(),
         }
     }
 
@@ -8256,7 +9261,25 @@ mod ops {
                 out.push_str(&format!("{name}{{container=\"{}\"}} {}\n", c.name, value(c)));
             }
         }
+        type PerCall<'a> = (&'a str, &'a str, &'a str, &'a Vec<(String, u64)>);
+        let per_call: [PerCall; 2] = [
+            ("mcp_proxy_mcp_calls_total", "method", "MCP requests by JSON-RPC method.", &s.calls_by_method),
+            ("mcp_proxy_mcp_tool_calls_total", "tool", "MCP tools/call requests by tool.", &s.calls_by_tool),
+        ];
+        for (name, label, help, counts) in per_call {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+            for (value, count) in counts {
+                out.push_str(&format!("{name}{{{label}=\"{}\"}} {count}\n", label_value(value)));
+            }
+        }
         out
+    }
+
+    /// A label value in the exposition format: backslash, quote and newline escaped
+    /// (the names come from clients).
+    fn label_value(value: &str) -> String {
+        let short: String = value.chars().take(100).collect();
+        short.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
     }
 
     /// `check`: each line a check, exit 1 when any fails.
@@ -9715,7 +10738,7 @@ mod tests {
         let Some(Reopen::Lead(opening, params)) = s.reopen(&s1) else { panic!("expected to lead") };
         assert_eq!(params.unwrap()["protocolVersion"], "2025-06-18");
         assert!(matches!(s.reopen(&s1), Some(Reopen::Follow(_))));
-        s.reopened(&s1, &opening, "u2", Some("i2"));
+        s.reopened(&s1, &opening, "u2", Some("i2"), serde_json::json!({}));
         assert_eq!(opening.wait().unwrap(), "u2");
         assert_eq!(s.route(Some(&s1), "mcp-a", Some("i2")), own("u2", false));
         assert_eq!(s.attachable(&s1, "mcp-a", Some("i2")).as_deref(), Some("u2"));
@@ -10161,5 +11184,92 @@ mod tests {
         std::fs::write(&path, value.to_string()).unwrap();
         assert!(reopen(&dir).open_with_access(&issued.access_token).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod protocol_tests {
+    //! The one parse of an MCP POST, and what the front door plans for it.
+    use crate::http1::Incoming;
+    use crate::protocol::{self, header_text, parse, plan, Generation, Plan, Stamp};
+    use serde_json::json;
+
+    fn post_to_mcp(headers: &[(&str, &str)]) -> Incoming {
+        Incoming {
+            method: "POST".into(),
+            target: "/mcp".into(),
+            path: "/mcp".into(),
+            http10: false,
+            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            remote: None,
+            wants_close: false,
+        }
+    }
+
+    fn code_of(incoming: &Incoming, body: &str) -> i64 {
+        match parse(incoming, body.as_bytes().to_vec()) {
+            Ok(_) => 0,
+            Err(refusal) => refusal.code,
+        }
+    }
+
+    #[test]
+    fn not_one_message_is_refused_with_the_json_rpc_codes() {
+        let plain = post_to_mcp(&[]);
+        assert_eq!(code_of(&plain, "{nope"), protocol::PARSE_ERROR);
+        assert_eq!(code_of(&plain, r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#), protocol::INVALID_REQUEST);
+        assert_eq!(code_of(&plain, "42"), protocol::INVALID_REQUEST);
+        assert_eq!(code_of(&plain, r#"{"jsonrpc":"2.0","id":1,"method":7}"#), protocol::INVALID_REQUEST);
+        assert_eq!(code_of(&plain, r#"{"jsonrpc":"2.0","id":1,"result":{}}"#), 0, "a client's response");
+    }
+
+    #[test]
+    fn the_generation_comes_from_the_header_or_the_meta() {
+        let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search_documents"}}"#;
+        let old = parse(&post_to_mcp(&[]), body.as_bytes().to_vec()).unwrap();
+        assert_eq!((old.generation, old.name.as_deref()), (Generation::Handshake, Some("search_documents")));
+        let by_header = parse(&post_to_mcp(&[("MCP-Protocol-Version", "2026-07-28")]), body.into()).unwrap();
+        assert_eq!(by_header.generation, Generation::Stateless2026);
+        let meta = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
+        let by_meta = parse(&post_to_mcp(&[]), meta.into()).unwrap();
+        assert_eq!(by_meta.generation, Generation::Stateless2026);
+        // …and then its missing headers are a mismatch
+        let Plan::Refuse(refusal) = plan(&post_to_mcp(&[]), &by_meta, false) else { panic!("not refused") };
+        assert_eq!(refusal.code, protocol::HEADER_MISMATCH);
+    }
+
+    #[test]
+    fn handshake_requests_without_a_session_go_on_the_default_one() {
+        let incoming = post_to_mcp(&[]);
+        let plan_of = |body: &str, has_session| plan(&incoming, &parse(&incoming, body.into()).unwrap(), has_session);
+        assert_eq!(plan_of(r#"{"jsonrpc":"2.0","id":1,"method":"initialize"}"#, false), Plan::AsSent);
+        assert_eq!(plan_of(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#, false), Plan::Accept);
+        assert_eq!(plan_of(r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#, false), Plan::OnDefault);
+        assert_eq!(plan_of(r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#, true), Plan::AsSent);
+        let unknown = post_to_mcp(&[("MCP-Protocol-Version", "2031-01-01")]);
+        let post = parse(&unknown, br#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#.to_vec()).unwrap();
+        let Plan::Refuse(refusal) = plan(&unknown, &post, true) else { panic!("not refused") };
+        assert_eq!(refusal.code, protocol::UNSUPPORTED_VERSION);
+        assert_eq!(refusal.body()["error"]["data"]["supported"][0], "2026-07-28");
+    }
+
+    #[test]
+    fn mcp_name_is_compared_after_decoding_its_base64_form() {
+        assert_eq!(header_text("=?base64?SGVsbG8sIOS4lueVjA==?=").as_deref(), Some("Hello, 世界"));
+        assert_eq!(header_text("plain").as_deref(), Some("plain"));
+        assert_eq!(header_text("=?base64?!!!?="), None);
+    }
+
+    #[test]
+    fn results_are_stamped_with_the_server_and_cache_hints() {
+        let stamp = Stamp::new(json!({"name": "mcp-outline"}), "tools/list");
+        let stamped = protocol::stamp_result(br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[]}}"#, &stamp).unwrap();
+        let stamped: serde_json::Value = serde_json::from_str(&stamped).unwrap();
+        assert_eq!(stamped["result"]["_meta"]["io.modelcontextprotocol/serverInfo"]["name"], "mcp-outline");
+        assert_eq!(
+            (stamped["result"]["ttlMs"].clone(), stamped["result"]["cacheScope"].clone()),
+            (json!(0), json!("private"))
+        );
+        assert!(protocol::stamp_result(br#"{"jsonrpc":"2.0","id":1,"error":{"code":1}}"#, &stamp).is_none());
     }
 }
