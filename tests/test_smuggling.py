@@ -284,3 +284,13 @@ def test_through_nginx_the_smuggling_sequence_reaches_no_one_else(make_proxy, ou
     assert not re.search(r"GET /stats \d{3}", log), "the smuggled /stats was served"
     assert "/echo/smuggled-mcp" not in log, "the smuggled MCP request was served"
     wait_for(lambda: proxy.get("/health").status_code == 200, timeout=5, what="the proxy to answer")
+
+
+def test_an_unsupported_http_version_is_answered_and_closed(warm):
+    """tiny_http's own refusal (505) goes out and the connection closes: before, the
+    connection's thread waited for ever on a second writer and the client got nothing."""
+    proxy, _ = warm
+    received, closed = exchange(proxy.port, b"POST /health HTTP/2.0\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+                                timeout=5)
+    status = assert_one_answer_then_close(received, closed, "HTTP/2.0")
+    assert status == 505

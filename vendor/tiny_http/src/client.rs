@@ -347,7 +347,9 @@ impl Iterator for ClientConnection {
 
             // checking HTTP version
             if *rq.http_version() > (1, 1) {
-                let writer = self.sink.next().unwrap();
+                // PATCH: the request's own writer: a second one from the sink waited for
+                // this request's to be dropped, for ever (the connection's thread hung)
+                let writer = rq.into_writer();
                 let response = error_answer(self.error_page.as_ref(), 505, "This server only supports HTTP versions 1.0 and 1.1.");
                 response
                     .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
