@@ -958,7 +958,7 @@ mod http1 {
     //! one writer of response heads. Calls tiny_http, `error`.
     use crate::error::ProxyError;
     use std::io::{self, BufRead, Read, Write};
-    use std::net::{Shutdown, SocketAddr, TcpStream};
+    use std::net::SocketAddr;
 
     /// Everything a handler needs from the request line and headers.
     pub struct Incoming {
@@ -1151,9 +1151,52 @@ mod http1 {
         }
     }
 
+    /// An answer begun: its head is written, its body is the caller's to write.
+    pub struct Answer {
+        pub writer: Box<dyn Write + Send>,
+        /// The head said `Connection: close`: no further request is read from this
+        /// connection, and it is closed (lingering) once the answer is done.
+        pub closes: bool,
+    }
+
+    /// The one place an answer begins (every head but a 101's passes here). The
+    /// connection ends after it when the caller asks, the client asked, the answer runs
+    /// until close, or — whatever the handler — the request's body was not read to its
+    /// end: the rest of that body must never be read as the next request (request
+    /// smuggling). The patched tiny_http then reads no further request and closes the
+    /// connection lingering, so the client still receives this answer.
+    pub fn begin_answer(
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        status: u16,
+        headers: &[(String, String)],
+        framing: Framing,
+        close: bool,
+    ) -> io::Result<Answer> {
+        let closes = close || incoming.wants_close || framing == Framing::UntilClose || !request.body_read_to_end();
+        if closes {
+            request.close_connection();
+        }
+        let mut writer = request.into_writer();
+        write_head(&mut writer, status, headers, framing, closes)?;
+        Ok(Answer { writer, closes })
+    }
+
+    /// A 101: the head of an accepted upgrade, then the connection's two directions
+    /// apart for the relay. The connection is the relay's from here on.
+    pub fn accept_upgrade(
+        request: tiny_http::Request,
+        headers: &[(String, String)],
+    ) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
+        let (reader, mut writer) = request.into_reader_writer();
+        write_head(&mut writer, 101, headers, Framing::NoBody, false)?;
+        writer.flush()?;
+        Ok((reader, writer))
+    }
+
     /// The one writer of response heads: status line, headers as given, then the
     /// connection and framing headers the proxy decides, then the blank line.
-    pub fn write_head(
+    fn write_head(
         out: &mut dyn Write,
         status: u16,
         headers: &[(String, String)],
@@ -1186,30 +1229,11 @@ mod http1 {
         body: &[u8],
         close: bool,
     ) -> io::Result<()> {
-        let socket = request.socket();
-        let close = close || incoming.wants_close;
-        if close {
-            request.close_connection();
-        }
-        let mut writer = request.into_writer();
-        write_head(&mut writer, status, headers, Framing::Length(body.len() as u64), close)?;
+        let mut answer = begin_answer(request, incoming, status, headers, Framing::Length(body.len() as u64), close)?;
         if incoming.method != "HEAD" {
-            writer.write_all(body)?;
+            answer.writer.write_all(body)?;
         }
-        writer.flush()?;
-        drop(writer);
-        if close {
-            if let Some(socket) = socket {
-                close_socket(&socket);
-            }
-        }
-        Ok(())
-    }
-
-    /// Ends a connection whose rest must not be read as another request.
-    pub fn close_socket(socket: &TcpStream) {
-        let _ = socket.shutdown(Shutdown::Write);
-        let _ = socket.shutdown(Shutdown::Read);
+        answer.writer.flush()
     }
 
     /// A JSON answer; a client gone meanwhile is not an error of the proxy's.
@@ -1221,11 +1245,11 @@ mod http1 {
         let _ = send_body(request, incoming, status, &headers, value.to_string().as_bytes(), false);
     }
 
-    /// An error answer. When the request has a body, the connection is closed after
-    /// it, unread: the rest of a refused body must never be read as the next request
-    /// (and a declared 10^13 bytes are not waited for).
+    /// An error answer. A body left unread closes the connection after it (decided by
+    /// `begin_answer` for every answer), and so do the errors that leave the request's
+    /// rest in doubt.
     pub fn send_error(request: tiny_http::Request, incoming: &Incoming, error: &ProxyError) {
-        let close = error.closes_connection() || incoming.has_body();
+        let close = error.closes_connection();
         let _ = send_body(request, incoming, error.status(), &error.headers(), &error.body(), close);
     }
 
@@ -8346,12 +8370,8 @@ mod relay {
             // a HEAD (or 304) answer still tells the length of what it describes
             headers.push(("Content-Length".into(), len.to_string()));
         }
-        let close = incoming.wants_close || framing == Framing::UntilClose;
-        if close {
-            request.close_connection();
-        }
-        let mut writer = request.into_writer();
-        http1::write_head(&mut writer, status, &headers, framing, close).map_err(client_gone)?;
+        let answer = http1::begin_answer(request, incoming, status, &headers, framing, false).map_err(client_gone)?;
+        let (mut writer, close) = (answer.writer, answer.closes);
         match (framing, stamp) {
             (Framing::NoBody, _) => {}
             (framing, Some(stamp)) => copy_stamped_events(
@@ -8527,11 +8547,11 @@ mod relay {
             ("X-Accel-Buffering".to_string(), "no".to_string()),
             ("Mcp-Session-Id".to_string(), client_id.to_string()),
         ];
-        let mut writer = request.into_writer();
-        if http1::write_head(&mut writer, 200, &headers, Framing::Chunked, false).and_then(|_| writer.flush()).is_err()
-        {
+        let Ok(mut writer) = http1::begin_answer(request, incoming, 200, &headers, Framing::Chunked, false)
+            .and_then(|mut answer| answer.writer.flush().map(|_| answer.writer))
+        else {
             return Ok(200);
-        }
+        };
         let _long_lived = InFlight::long_lived(&proxy.life);
         let _held = HeldStream::count(proxy);
         let keepalive = proxy.cfg.sse_keepalive;
@@ -8631,10 +8651,11 @@ mod relay {
             "method": "notifications/subscriptions/acknowledged",
             "params": {"_meta": {protocol::SUBSCRIPTION_META: subscription}, "notifications": filter},
         });
-        let mut writer = request.into_writer();
-        let opened = http1::write_head(&mut writer, 200, &headers, Framing::Chunked, false)
-            .and_then(|_| write_chunk(&mut writer, format!("data: {acknowledged}\n\n").as_bytes()));
-        if opened.is_err() {
+        let mut writer = match http1::begin_answer(request, incoming, 200, &headers, Framing::Chunked, false) {
+            Ok(answer) => answer.writer,
+            Err(_) => return Ok(200),
+        };
+        if write_chunk(&mut writer, format!("data: {acknowledged}\n\n").as_bytes()).is_err() {
             return Ok(200);
         }
         let _long_lived = InFlight::long_lived(&proxy.life);
@@ -8821,10 +8842,7 @@ mod relay {
         let Some(client_socket) = request.socket() else {
             return reject(request, ProxyError::BadRequest("WebSockets need a TCP connection.".into()));
         };
-        let (client_reader, mut client_writer) = request.into_reader_writer();
-        let accepted = http1::write_head(&mut client_writer, 101, &upstream.headers, Framing::NoBody, false)
-            .and_then(|_| client_writer.flush());
-        if accepted.is_ok() {
+        if let Ok((client_reader, client_writer)) = http1::accept_upgrade(request, &upstream.headers) {
             relay_session(proxy, &lease.name, &client_socket, client_reader, client_writer, upstream);
         }
         Ok(101)

@@ -44,6 +44,10 @@ pub struct ClientConnection {
     // PATCH: raised by a request's handler (`Request::close_connection`): no further
     // request is read from this connection, whatever is still buffered
     closing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+
+    // PATCH: the connection ends while the client may still be sending (an error in its
+    // head, a body left unread): `end` closes it lingering
+    linger: bool,
 }
 
 /// PATCH (outline-mcp-proxy): the longest request line or header line accepted.
@@ -95,6 +99,21 @@ impl ClientConnection {
             control,
             closing: Default::default(),
             error_page,
+            linger: false,
+        }
+    }
+
+    /// PATCH (outline-mcp-proxy): after the last request: what is still buffered is sent,
+    /// and a connection ended with the client maybe still sending is closed lingering
+    /// (`util::lingering_close`), so the client reads the answer rather than a reset.
+    pub fn end(mut self) {
+        if let Some(mut writer) = self.sink.next() {
+            let _ = std::io::Write::flush(&mut writer);
+        }
+        if self.linger {
+            if let Some(socket) = self.control.as_ref() {
+                crate::util::lingering_close(socket, crate::util::Linger::AFTER_ANSWER);
+            }
         }
     }
 
@@ -242,6 +261,12 @@ impl Iterator for ClientConnection {
     /// Returns None when no new Requests will come from the client.
     fn next(&mut self) -> Option<Request> {
         // PATCH: answers are built by error_answer (upstream imported Response here)
+        // PATCH: a handler closed the connection (a body left unread): no further
+        // request, and a lingering close
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            self.linger = true;
+            return None;
+        }
         // the client sent a "connection: close" header in this previous request
         //  or is using HTTP 1.0, meaning that no new request will come
         if self.no_more_requests {
@@ -257,6 +282,7 @@ impl Iterator for ClientConnection {
                     response
                         .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                         .ok();
+                    self.linger = true; // PATCH: the client may still be sending
                     return None; // we don't know where the next request would start,
                                  // se we have to close
                 }
@@ -267,6 +293,7 @@ impl Iterator for ClientConnection {
                     // keep-alive ends quietly
                     let response = error_answer(self.error_page.as_ref(), 400, "A header line is not valid HTTP.");
                     response.raw_print(writer, ver, &[], false, None).ok();
+                    self.linger = true; // PATCH: the client may still be sending
                     return None; // we don't know where the next request would start,
                                  // se we have to close
                 }
@@ -277,6 +304,7 @@ impl Iterator for ClientConnection {
                     response
                         .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                         .ok();
+                    self.linger = true; // PATCH: the client may still be sending
                     return None;
                 }
 
@@ -286,6 +314,7 @@ impl Iterator for ClientConnection {
                     let writer = self.sink.next().unwrap();
                     let response = error_answer(self.error_page.as_ref(), 400, why);
                     response.raw_print(writer, ver, &[], false, None).ok();
+                    self.linger = true; // PATCH: the client may still be sending
                     return None; // where the next request would start is unknown: close
                 }
 
@@ -298,6 +327,7 @@ impl Iterator for ClientConnection {
                     response
                         .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                         .ok();
+                    self.linger = true; // PATCH: the client may still be sending
                     return None; // closing the connection
                 }
 
@@ -306,6 +336,7 @@ impl Iterator for ClientConnection {
                     // PATCH: worded by error_answer, and the connection closed
                     let response = error_answer(self.error_page.as_ref(), 417, "Only Expect: 100-continue is supported.");
                     response.raw_print(writer, ver, &[], false, None).ok();
+                    self.linger = true; // PATCH: the client may still be sending
                     return None; // TODO: should be recoverable, but needs handling in case of body
                 }
 
@@ -316,11 +347,14 @@ impl Iterator for ClientConnection {
 
             // checking HTTP version
             if *rq.http_version() > (1, 1) {
-                let writer = self.sink.next().unwrap();
+                // PATCH: the request's own writer: a second one from the sink waited for
+                // this request's to be dropped, for ever (the connection's thread hung)
+                let writer = rq.into_writer();
                 let response = error_answer(self.error_page.as_ref(), 505, "This server only supports HTTP versions 1.0 and 1.1.");
                 response
                     .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                     .ok();
+                self.linger = true; // PATCH: the client may still be sending
                 return None; // PATCH: the body's length is unknown; close
             }
 

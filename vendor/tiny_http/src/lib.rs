@@ -196,18 +196,9 @@ fn refuse_busy(mut sock: Connection, page: Option<&ErrorPage>) {
     let _ = sock.write_all(head.as_bytes()).and_then(|_| sock.write_all(&body));
     let _ = sock.flush();
     if let Connection::Tcp(ref s) = sock {
-        let _ = s.shutdown(Shutdown::Write);
         // a lingering close, as nginx does: the client's unread request would make the
         // close a reset, which can destroy the 503 before the client reads it
-        let _ = s.set_read_timeout(Some(Duration::from_millis(250)));
-        let mut discard = [0u8; 4096];
-        let mut drained = 0;
-        while drained < 64 * 1024 {
-            match std::io::Read::read(&mut &*s, &mut discard) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => drained += n,
-            }
-        }
+        util::lingering_close(s, util::Linger::REFUSAL);
     }
 }
 
@@ -465,10 +456,13 @@ impl Server {
                             let live = LiveConnection(inside_live.clone());
                             let spawned = thread::Builder::new().name("conn".into()).spawn(move || {
                                 let _live = live;
-                                // PATCH: handled here, in order, on this connection's thread
-                                for rq in client {
+                                // PATCH: handled here, in order, on this connection's thread,
+                                // then ended (lingering when the client may still send)
+                                let mut client = client;
+                                for rq in client.by_ref() {
                                     handler(rq);
                                 }
+                                client.end();
                             });
                             if let Err(e) = spawned {
                                 log::error!("no thread for a new connection ({}): closed it", e);

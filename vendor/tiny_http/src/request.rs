@@ -7,9 +7,8 @@ use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
 
-use crate::util::{EqualReader, FusedReader};
+use crate::util::{ChunkedReader, EqualReader, FusedReader}; // PATCH: ChunkedReader
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
-use chunked_transfer::Decoder;
 
 /// Represents an HTTP request made by a client.
 ///
@@ -80,6 +79,9 @@ pub struct Request {
 
     // PATCH: the connection's "read no further request" flag
     closing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+
+    // PATCH: raised once the body was read to its end (at once when there is none)
+    body_done: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct NotifyOnDrop<R> {
@@ -239,6 +241,14 @@ where
         }
     };
 
+    // PATCH (outline-mcp-proxy): whether the body was read to its end, told by its reader;
+    // raised below for no body and a body read whole here. After an upgrade request the
+    // rest of the connection is the body and never ends.
+    let body_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finished = || {
+        body_done.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+
     // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
     // content-length headers
     let reader = if connection_upgrade {
@@ -246,6 +256,7 @@ where
         Box::new(source_data) as Box<dyn Read + Send + 'static>
     } else if let Some(content_length) = content_length {
         if content_length == 0 {
+            finished(); // PATCH
             Box::new(io::empty()) as Box<dyn Read + Send + 'static>
         } else if content_length <= 1024 && !expects_continue {
             // if the content-length is small enough, we just read everything into a buffer
@@ -266,21 +277,26 @@ where
                 offset += read;
             }
 
+            finished(); // PATCH: the body is off the wire
             Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
         } else {
             let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
-            // PATCH (outline-mcp-proxy): not drained once the handler closes the connection
-            let data_reader = data_reader.skip_drain_when(closing.clone());
+            // PATCH (outline-mcp-proxy): its end noted; dropped before it, the connection closes
+            let data_reader = data_reader.on_connection(body_done.clone(), closing.clone());
             Box::new(FusedReader::new(data_reader)) as Box<dyn Read + Send + 'static>
         }
     } else if transfer_encoding.is_some() {
         // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
         // over the message (RFC2616 #3.6)
-        Box::new(FusedReader::new(Decoder::new(source_data))) as Box<dyn Read + Send + 'static>
+        // PATCH (outline-mcp-proxy): a strict, bounded reader that notes the body's end
+        // and, dropped before it, closes the connection (upstream's Decoder did neither)
+        let chunks = ChunkedReader::new(source_data, body_done.clone(), Some(closing.clone()));
+        Box::new(FusedReader::new(chunks)) as Box<dyn Read + Send + 'static>
     } else {
         // if we have neither a Content-Length nor a Transfer-Encoding,
         // assuming that we have no data
         // TODO: could also be multipart/byteranges
+        finished(); // PATCH
         Box::new(io::empty()) as Box<dyn Read + Send + 'static>
     };
 
@@ -299,6 +315,7 @@ where
         // PATCH
         socket,
         closing,
+        body_done,
     })
 }
 
@@ -449,6 +466,13 @@ impl Request {
     /// request). Call before answering; then shut the socket after the answer.
     pub fn close_connection(&self) {
         self.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// PATCH (outline-mcp-proxy): whether the body was read to its end (true when there
+    /// was none). An answer to a request whose body was not must close the connection:
+    /// the rest of the body must never be read as the next request.
+    pub fn body_read_to_end(&self) -> bool {
+        self.body_done.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// PATCH (outline-mcp-proxy): take the request's body reader and the response

@@ -255,7 +255,10 @@ where
         let header = header.into();
 
         // ignoring forbidden headers
-        if header.field.equiv("Connection")
+        // PATCH (outline-mcp-proxy): but `Connection: close` is kept: the library's own
+        // error answers close the connection, and say so (upstream dropped it silently)
+        let closes = header.field.equiv("Connection") && header.value.as_str().eq_ignore_ascii_case("close");
+        if (header.field.equiv("Connection") && !closes)
             || header.field.equiv("Trailer")
             || header.field.equiv("Transfer-Encoding")
             || header.field.equiv("Upgrade")

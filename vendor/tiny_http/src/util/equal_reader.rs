@@ -15,10 +15,11 @@ where
     reader: R,
     size: usize,
     last_read_signal: Sender<IoResult<()>>,
-    // PATCH (outline-mcp-proxy): set when the handler closes the connection; then the
-    // unread rest is not drained (an error answered before the body, e.g. a 413 for a
+    // PATCH (outline-mcp-proxy): on a connection, (done, closing): `done` is raised once
+    // the body is read to its end; dropped before it, the reader raises the connection's
+    // `closing` instead of draining (an answer given before the body, e.g. a 413 for a
     // declared 10^13 bytes, goes out at once and the connection is closed unread)
-    skip_drain: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    connection: Option<(std::sync::Arc<std::sync::atomic::AtomicBool>, std::sync::Arc<std::sync::atomic::AtomicBool>)>,
 }
 
 impl<R> EqualReader<R>
@@ -32,15 +33,23 @@ where
             reader,
             size,
             last_read_signal: tx,
-            skip_drain: None,
+            connection: None, // PATCH (outline-mcp-proxy)
         };
 
         (r, rx)
     }
 
-    /// PATCH (outline-mcp-proxy): no drain on drop once `flag` is set.
-    pub fn skip_drain_when(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
-        self.skip_drain = Some(flag);
+    /// PATCH (outline-mcp-proxy): raise `done` at the body's end; dropped before it,
+    /// raise `closing` (no further request is read) rather than drain.
+    pub fn on_connection(
+        mut self,
+        done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        closing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        if self.size == 0 {
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.connection = Some((done, closing));
         self
     }
 }
@@ -63,6 +72,12 @@ where
         match self.reader.read(buf) {
             Ok(len) => {
                 self.size -= len;
+                // PATCH (outline-mcp-proxy): the body's end is noted
+                if self.size == 0 {
+                    if let Some((done, _)) = &self.connection {
+                        done.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
                 Ok(len)
             }
             err @ Err(_) => err,
@@ -76,11 +91,13 @@ where
 {
     fn drop(&mut self) {
         let mut remaining_to_read = self.size;
-        // PATCH (outline-mcp-proxy): a connection being closed is not drained
-        if let Some(flag) = &self.skip_drain {
-            if flag.load(std::sync::atomic::Ordering::SeqCst) {
-                remaining_to_read = 0;
+        // PATCH (outline-mcp-proxy): on a connection, an unread rest is not drained: the
+        // connection is closed after the answer (the head writer says so too)
+        if let Some((_, closing)) = &self.connection {
+            if remaining_to_read > 0 {
+                closing.store(true, std::sync::atomic::Ordering::SeqCst);
             }
+            remaining_to_read = 0;
         }
 
         // PATCH (outline-mcp-proxy): upstream allocated the whole unread remainder

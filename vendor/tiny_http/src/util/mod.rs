@@ -1,6 +1,8 @@
+pub use self::chunked_reader::ChunkedReader; // PATCH (outline-mcp-proxy)
 pub use self::custom_stream::CustomStream;
 pub use self::equal_reader::EqualReader;
 pub use self::fused_reader::FusedReader;
+pub use self::linger::{lingering_close, Linger}; // PATCH (outline-mcp-proxy)
 pub use self::messages_queue::MessagesQueue;
 pub use self::refined_tcp_stream::RefinedTcpStream;
 pub use self::sequential::{SequentialReader, SequentialReaderBuilder};
@@ -9,9 +11,11 @@ pub use self::task_pool::TaskPool;
 
 use std::str::FromStr;
 
+mod chunked_reader; // PATCH (outline-mcp-proxy): strict, bounded, tracks its end
 mod custom_stream;
 mod equal_reader;
 mod fused_reader;
+mod linger; // PATCH (outline-mcp-proxy): the lingering close
 mod messages_queue;
 pub(crate) mod refined_tcp_stream;
 mod sequential;
