@@ -2159,7 +2159,8 @@ mod oauth {
             }
             Err(UpstreamRefusal::Refused) => {
                 log::info!("Outline refused to renew a sign-in: its grant is revoked");
-                let _ = door.grants.revoke_grant(&opened.grant_id);
+                // a revocation that did not reach the disk is said, not ignored
+                door.grants.revoke_grant(&opened.grant_id).map_err(RenewalFailed::Store)?;
                 Err(RenewalFailed::Outline(UpstreamRefusal::Refused))
             }
             Err(e) => Err(RenewalFailed::Outline(e)),
@@ -3126,9 +3127,10 @@ mod oauth {
             return Err(oauth_error(400, "invalid_target", "The refresh token is for another resource."));
         }
         let unavailable = || oauth_error(503, "temporarily_unavailable", "Outline could not be reached; try again.");
-        let gone = |door: &FrontDoor, opened: &Opened, why: &str| {
-            let _ = door.grants.revoke_grant(&opened.grant_id);
-            oauth_error(400, "invalid_grant", why)
+        let gone = |door: &FrontDoor, opened: &Opened, why: &str| match door.grants.revoke_grant(&opened.grant_id) {
+            Ok(()) => oauth_error(400, "invalid_grant", why),
+            // not revoked on disk: the client may try again, and is not told the grant is gone
+            Err(e) => refused(e),
         };
         match (&opened.sealed.upstream, &door.outline_app) {
             (Upstream::Outline { .. }, Some(_)) => {
