@@ -1320,23 +1320,6 @@ mod http1 {
             _ => "Status",
         }
     }
-}
-
-mod front {
-    //! Owns the front door: the listener (the patched tiny_http, a thread per
-    //! connection), routing each request, and its log line. Calls every chapter below.
-    use crate::auth::{self, Credential, User};
-    use crate::config::Config;
-    use crate::containers::Want;
-    use crate::error::ProxyError;
-    use crate::http1::{self, Incoming};
-    use crate::protocol::{self, Generation, McpPost, NotTaken, Plan, Refusal};
-    use crate::registry::Lease;
-    use crate::sessions::{Route, SESSION_HEADER};
-    use crate::{oauth, ops, relay, InFlight, Proxy};
-    use std::sync::atomic::Ordering;
-    use std::sync::Arc;
-    use std::time::Instant;
 
     /// A failed route hands the request back (boxed: it is large) when it has not yet
     /// been answered, so the caller can send the error.
@@ -1345,6 +1328,73 @@ mod front {
     pub fn reject(request: tiny_http::Request, error: ProxyError) -> RouteResult {
         Err((Some(Box::new(request)), error))
     }
+
+    /// Who a request is from, noted for its log line.
+    #[derive(Default)]
+    pub struct LogContext {
+        pub user: Option<String>,
+        pub container: Option<String>,
+        /// The MCP call, when the request was an MCP POST: its audit fields.
+        pub call: Option<McpCall>,
+    }
+
+    /// What an MCP request's log line tells of it: never its arguments.
+    pub struct McpCall {
+        pub method: String,
+        /// The tool of a `tools/call`, the prompt of a `prompts/get`, the URI of a `resources/read`.
+        pub name: Option<String>,
+        /// The protocol generation's label.
+        pub generation: &'static str,
+    }
+
+    impl McpCall {
+        /// ` method=… tool=… generation=…`, each value escaped.
+        pub fn log_fields(&self) -> String {
+            let method = if self.method.is_empty() { "(response)" } else { self.method.as_str() };
+            let named = match (self.method.as_str(), &self.name) {
+                ("tools/call", Some(name)) => format!(" tool={}", log_value(name)),
+                ("prompts/get", Some(name)) => format!(" prompt={}", log_value(name)),
+                ("resources/read", Some(uri)) => format!(" uri={}", log_value(uri)),
+                _ => String::new(),
+            };
+            format!(" method={}{named} generation={}", log_value(method), self.generation)
+        }
+
+        pub fn tool(&self) -> Option<&str> {
+            (self.method == "tools/call").then_some(self.name.as_deref()).flatten()
+        }
+    }
+
+    /// Paths are logged without their query, and cut short, with control characters
+    /// replaced: a log line is one line.
+    pub fn log_safe(path: &str) -> String {
+        path.chars().take(200).map(|c| if c.is_control() { '?' } else { c }).collect()
+    }
+
+    /// A value from outside (an Outline display name) in a log line: quoted, with
+    /// quotes, backslashes and control characters escaped, and cut short, so it can
+    /// neither end the line nor pass for another field.
+    pub fn log_value(value: &str) -> String {
+        let short: String = value.chars().take(100).collect();
+        format!("{short:?}")
+    }
+}
+
+mod front {
+    //! Owns the front door: the listener (the patched tiny_http, a thread per
+    //! connection), routing each request, and its log line. Calls every chapter below.
+    use crate::auth::{identify, Credential};
+    use crate::config::Config;
+    use crate::containers::Want;
+    use crate::error::ProxyError;
+    use crate::http1::{self, log_safe, reject, Incoming, LogContext, McpCall, RouteResult};
+    use crate::protocol::{self, Generation, McpPost, NotTaken, Plan, Refusal};
+    use crate::registry::Lease;
+    use crate::sessions::{Route, SESSION_HEADER};
+    use crate::{oauth, ops, relay, InFlight, Proxy};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::Instant;
 
     /// Binds the listener with the patched tiny_http: a header timeout on every
     /// connection, and each request handled on its connection's own thread (no hand-off
@@ -1403,45 +1453,6 @@ mod front {
         }
     }
 
-    /// Who a request is from, noted for its log line.
-    #[derive(Default)]
-    pub struct LogContext {
-        pub user: Option<String>,
-        pub container: Option<String>,
-        /// The MCP call, when the request was an MCP POST: its audit fields.
-        pub call: Option<McpCall>,
-    }
-
-    /// What an MCP request's log line tells of it: never its arguments.
-    pub struct McpCall {
-        pub method: String,
-        /// The tool of a `tools/call`, the prompt of a `prompts/get`, the URI of a `resources/read`.
-        pub name: Option<String>,
-        pub generation: Generation,
-    }
-
-    impl McpCall {
-        fn of(post: &McpPost) -> McpCall {
-            McpCall { method: post.method().to_string(), name: post.name.clone(), generation: post.generation }
-        }
-
-        /// ` method=… tool=… generation=…`, each value escaped.
-        fn log_fields(&self) -> String {
-            let method = if self.method.is_empty() { "(response)" } else { self.method.as_str() };
-            let named = match (self.method.as_str(), &self.name) {
-                ("tools/call", Some(name)) => format!(" tool={}", log_value(name)),
-                ("prompts/get", Some(name)) => format!(" prompt={}", log_value(name)),
-                ("resources/read", Some(uri)) => format!(" uri={}", log_value(uri)),
-                _ => String::new(),
-            };
-            format!(" method={}{named} generation={}", log_value(method), self.generation.label())
-        }
-
-        fn tool(&self) -> Option<&str> {
-            (self.method == "tools/call").then_some(self.name.as_deref()).flatten()
-        }
-    }
-
     /// One request from start to log line.
     fn handle_request(proxy: &Arc<Proxy>, request: tiny_http::Request) {
         let started = Instant::now();
@@ -1482,20 +1493,6 @@ mod front {
             log_ctx.user.as_deref().unwrap_or("-"),
             log_ctx.container.as_deref().unwrap_or("-"),
         );
-    }
-
-    /// Paths are logged without their query, and cut short, with control characters
-    /// replaced: a log line is one line.
-    pub fn log_safe(path: &str) -> String {
-        path.chars().take(200).map(|c| if c.is_control() { '?' } else { c }).collect()
-    }
-
-    /// A value from outside (an Outline display name) in a log line: quoted, with
-    /// quotes, backslashes and control characters escaped, and cut short, so it can
-    /// neither end the line nor pass for another field.
-    pub fn log_value(value: &str) -> String {
-        let short: String = value.chars().take(100).collect();
-        format!("{short:?}")
     }
 
     /// Checks form, size and origin, then sends the request to the endpoint or the
@@ -1592,7 +1589,7 @@ mod front {
             Err(NotTaken::Http(e)) => return reject(request, e),
             Err(NotTaken::Rpc(refusal)) => return Ok(refuse(request, incoming, &refusal)),
         };
-        log_ctx.call = Some(McpCall::of(&post));
+        log_ctx.call = Some(mcp_call(&post));
         let plan = protocol::plan(incoming, &post, incoming.header(SESSION_HEADER).is_some());
         let stateless = post.generation == Generation::Stateless2026;
         // an id the proxy did not mint for this user: 404 before any container wakes
@@ -1636,6 +1633,11 @@ mod front {
         proxy.containers.acquire(want, false, &proxy.life.stopping)
     }
 
+    /// What the request's log line tells of an MCP POST (never its arguments).
+    fn mcp_call(post: &McpPost) -> McpCall {
+        McpCall { method: post.method().to_string(), name: post.name.clone(), generation: post.generation.label() }
+    }
+
     /// A JSON-RPC error the proxy answers itself; the body was read, so the connection stays.
     fn refuse(request: tiny_http::Request, incoming: &Incoming, refusal: &Refusal) -> u16 {
         http1::send_json(request, incoming, refusal.status, &refusal.body());
@@ -1649,28 +1651,6 @@ mod front {
             return Err(ProxyError::TooLarge(cfg.max_body));
         }
         Ok(())
-    }
-
-    /// Whose request this is: the credential, Outline's user for it, and the name of
-    /// their container (also noted for the request's log line).
-    pub fn identify(
-        proxy: &Proxy,
-        incoming: &Incoming,
-        log_ctx: &mut LogContext,
-    ) -> Result<(Credential, User, String), ProxyError> {
-        let credential = auth::extract(incoming)?;
-        let user = proxy.auth.verify(&credential.key)?;
-        let name = note_user(proxy, &user, &credential, log_ctx);
-        Ok((credential, user, name))
-    }
-
-    /// The name of the user's container, noted with the user for the request's log line.
-    pub fn note_user(proxy: &Proxy, user: &User, credential: &Credential, log_ctx: &mut LogContext) -> String {
-        let owner = auth::owner_id(proxy.cfg.key_mode, user, &credential.key);
-        let name = auth::container_name(&proxy.cfg.prefix, &owner);
-        log_ctx.user = Some(log_value(&user.name));
-        log_ctx.container = Some(name.clone());
-        name
     }
 
     /// The MCP spec's DNS-rebinding rule: a browser Origin must be one we allow.
@@ -1694,12 +1674,12 @@ mod oauth {
     //! discovery documents, clients (metadata documents, then RFC 7591 registration), the
     //! authorize, callback, token and revoke endpoints, and the bearer token of a request
     //! turned into that user's Outline credential. Calls `signin` (the person's step),
-    //! `grants` (the store), `auth` (Outline's verdict), `front` (who), `http1`, `util`.
+    //! `grants` (the store), `auth` (Outline's verdict, who), `http1`, `util`.
     use crate::auth::{Credential, KeySource, User};
     use crate::config::ClientDocuments;
     use crate::error::ProxyError;
-    use crate::front::LogContext;
     use crate::grants::{self, Client, Opened, Pending, Sealed, Store, TokenRefused, Upstream};
+    use crate::http1::LogContext;
     use crate::http1::{self, Incoming, Source};
     use crate::signin::{self, OutlineApp, UpstreamRefusal};
     use crate::util::{base64url, constant_time_eq, lock, now_unix, parse_form, Flight};
@@ -2049,7 +2029,7 @@ mod oauth {
         let sealed = renewed_upstream(door, &token, opened).map_err(refused_by_outline)?;
         let credential = Credential { key: sealed.upstream.credential().to_string(), source: KeySource::KeyHeader };
         let user = proxy.auth.verify(&credential.key).map_err(refused_by_outline)?;
-        let name = crate::front::note_user(proxy, &user, &credential, log_ctx);
+        let name = crate::auth::note_user(proxy, &user, &credential, log_ctx);
         Ok((credential, user, name))
     }
 
@@ -2179,7 +2159,7 @@ mod oauth {
         mut request: tiny_http::Request,
         incoming: &Incoming,
         endpoint: Endpoint,
-    ) -> crate::front::RouteResult {
+    ) -> crate::http1::RouteResult {
         let reply = match door.public_base(incoming) {
             Err(e) => Reply::Error(e),
             Ok(base) => match (endpoint, incoming.method.as_str()) {
@@ -2460,7 +2440,7 @@ mod oauth {
             Err(TokenRefused::Full) => return Reply::Error(clients_full()),
             Err(_) => return Reply::Error(storage_error()),
         }
-        log::info!("OAuth client registered: {} ({method})", crate::front::log_value(&name));
+        log::info!("OAuth client registered: {} ({method})", crate::http1::log_value(&name));
         let mut answer = json!({
             "client_id": client_id,
             "client_id_issued_at": now_unix(),
@@ -2825,7 +2805,7 @@ mod oauth {
             return Reply::Redirect { location, cookie: None };
         }
         let key = field("api_key").trim();
-        if !crate::auth::is_plausible_key(key) || key.starts_with(grants::TOKEN_PREFIX) {
+        if !crate::auth::is_plausible_key(key) || key.starts_with(crate::auth::TOKEN_PREFIX) {
             if door.grants.count_attempt(request_id) >= 5 {
                 lock(&door.signins).end(request_id);
             }
@@ -2902,8 +2882,8 @@ mod oauth {
         };
         log::info!(
             "OAuth sign-in of user={} for client {}",
-            crate::front::log_value(&user.name),
-            crate::front::log_value(&pending.client_name)
+            crate::http1::log_value(&user.name),
+            crate::http1::log_value(&pending.client_name)
         );
         let location = client_redirect(&pending.redirect_uri, &[("code", &code)], pending.state.as_deref(), base);
         Reply::Redirect { location, cookie: Some(signin::clear_cookie(request_id)) }
@@ -3505,7 +3485,7 @@ mod grants {
     //! is itself stored only wrapped under keys derived (HKDF-SHA256) from the client's
     //! tokens: the state file without a token reveals no credential. Changes reach disk
     //! through one writer thread: a journal, compacted into the state file. Calls `util`, std.
-    use crate::auth::User;
+    use crate::auth::{User, TOKEN_PREFIX};
     use crate::util::{base64url, lock, now_unix};
     use chacha20poly1305::aead::{Aead, KeyInit, Payload};
     use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -3518,9 +3498,6 @@ mod grants {
     use std::thread;
     use std::time::{Duration, Instant};
 
-    /// Every token and code the proxy issues starts with this, so `/mcp` can refuse one
-    /// without showing it to Outline.
-    pub const TOKEN_PREFIX: &str = "omp_";
     const STATE_FILE: &str = "oauth-grants.json";
     /// Changes since the state file was written, one JSON line each, appended.
     const JOURNAL_FILE: &str = "oauth-grants.journal";
@@ -4625,10 +4602,15 @@ mod grants {
 mod auth {
     //! Owns the caller's credential (which headers carry it) and Outline's verdict on it:
     //! cached by the key's sha256, one call to Outline for concurrent misses. Calls
-    //! `http1` (headers), `util`, and Outline over ureq.
+    //! `http1` (headers, the log line's context), `util`, and Outline over ureq.
     use crate::config::{Config, KeyMode};
     use crate::error::ProxyError;
-    use crate::http1::Incoming;
+    use crate::http1::{log_value, Incoming, LogContext};
+    use crate::Proxy;
+
+    /// Every token and code the proxy issues starts with this (minted by `grants`), so
+    /// `/mcp` can refuse one without showing it to Outline.
+    pub const TOKEN_PREFIX: &str = "omp_";
     use crate::util::{agent_base, lock, Flight};
     use serde_json::Value;
     use sha2::{Digest, Sha256};
@@ -4683,7 +4665,7 @@ mod auth {
                 ))
             }
         };
-        if credential.key.starts_with(crate::grants::TOKEN_PREFIX) {
+        if credential.key.starts_with(TOKEN_PREFIX) {
             // the proxy's own OAuth token: never shown to Outline
             return Err(ProxyError::Unauthorized(
                 "This is a token of the proxy's OAuth sign-in: it is accepted only at the OAuth address.".into(),
@@ -4904,6 +4886,28 @@ mod auth {
             .tls_config(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::PlatformVerifier).build())
             .build()
             .new_agent()
+    }
+
+    /// Whose request this is: the credential, Outline's user for it, and the name of
+    /// their container (also noted for the request's log line).
+    pub fn identify(
+        proxy: &Proxy,
+        incoming: &Incoming,
+        log_ctx: &mut LogContext,
+    ) -> Result<(Credential, User, String), ProxyError> {
+        let credential = extract(incoming)?;
+        let user = proxy.auth.verify(&credential.key)?;
+        let name = note_user(proxy, &user, &credential, log_ctx);
+        Ok((credential, user, name))
+    }
+
+    /// The name of the user's container, noted with the user for the request's log line.
+    pub fn note_user(proxy: &Proxy, user: &User, credential: &Credential, log_ctx: &mut LogContext) -> String {
+        let owner = owner_id(proxy.cfg.key_mode, user, &credential.key);
+        let name = container_name(&proxy.cfg.prefix, &owner);
+        log_ctx.user = Some(log_value(&user.name));
+        log_ctx.container = Some(name.clone());
+        name
     }
 }
 
@@ -5833,7 +5837,7 @@ mod sessions {
 mod staged {
     //! Owns the marks of mcp-outline's unsaved staged edits (which container holds which
     //! documents, since when; `staged-edits.json`) and `may_sleep`, asked before any stop.
-    //! Reads JSON-RPC values its caller parsed. Calls `util`, `front::log_value`.
+    //! Reads JSON-RPC values its caller parsed. Calls `util`, `http1::log_value`.
     use crate::util::{lock, now_unix};
     use serde::{Deserialize, Serialize};
     use serde_json::Value;
@@ -6006,7 +6010,7 @@ mod staged {
             let documents: Vec<&str> = holding.documents.keys().map(String::as_str).collect();
             log::warn!(
                 "staged edits lost: container={name} user={} documents={} held={}s ({why})",
-                crate::front::log_value(user),
+                crate::http1::log_value(user),
                 documents.join(","),
                 holding.held_seconds()
             );
@@ -7678,8 +7682,8 @@ mod relay {
     use crate::config::{Config, KeyMode};
     use crate::containers::Want;
     use crate::error::ProxyError;
-    use crate::front::{reject, RouteResult};
     use crate::http1::{self, header_tokens, header_value, is_hop_by_hop, Framing, Incoming};
+    use crate::http1::{reject, RouteResult};
     use crate::protocol::{self, McpPost};
     use crate::registry::{Lease, StreamSlot};
     use crate::sessions::{self, Reopen, Route, SESSION_HEADER};
@@ -9027,12 +9031,13 @@ mod ops {
     //! same figures as JSON and Prometheus text), and the `check` and `cleanup`
     //! commands. Calls `registry` (figures), `staged` (holds), `docker` (verbs), `auth`
     //! (Outline).
+    use crate::auth::identify;
     use crate::auth::{self, Verifier};
     use crate::config::{Config, KeyMode};
     use crate::docker::{first_line, Docker};
     use crate::error::ProxyError;
-    use crate::front::{identify, reject, LogContext, RouteResult};
     use crate::http1::{self, Incoming};
+    use crate::http1::{reject, LogContext, RouteResult};
     use crate::registry::{due_for_removal, ContainerSnapshot, State};
     use crate::util::{base64_encode, constant_time_eq, format_rfc3339};
     use crate::Proxy;
