@@ -5766,8 +5766,9 @@ mod sessions {
         ) {
             let mut first_open = false;
             if let Some(session) = lock(&self.table).get_mut(client_id) {
-                // a default session opened the first time is no resurrection
-                first_open = session.upstream_id.is_none();
+                // a default session opened the first time is no resurrection (a client's
+                // session the proxy forgot in a restart is one)
+                first_open = is_default(client_id) && session.upstream_id.is_none();
                 session.upstream_id = Some(upstream_id.to_string());
                 session.incarnation = incarnation.map(str::to_string);
                 session.opening = None;

@@ -256,11 +256,12 @@ def test_subscriptions_listen_is_a_held_stream_with_keepalives(real_proxy, outli
     assert seen[-1].startswith(": keepalive")
 
 
-def test_sessions_outlive_containers_in_all_three_generations(real_proxy, outline):
+def test_sessions_outlive_containers_in_all_three_generations(real_proxy, outline, tmp_path):
     """A handshake client that echoes its id, a connector that never does, and a 2026
     client: each keeps working across the container's sleep, its removal, and a
-    restart of the proxy."""
-    proxy = real_proxy(idle_timeout="2s", sweep_interval="1s")
+    restart of the proxy (whose session key lives in its state directory, as systemd's
+    StateDirectory gives the service)."""
+    proxy = real_proxy(idle_timeout="2s", sweep_interval="1s", state_dir=str(tmp_path))
     carol = outline.add_user("carol")
     name = proxy.container_name(carol)
     init = connector_post(proxy.url, carol, rpc("initialize", INIT))

@@ -4,6 +4,7 @@ backend image in real containers, and the fake Outline API."""
 import concurrent.futures
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -44,7 +45,6 @@ def test_method_headers_and_body_reach_the_container_and_the_answer_comes_back(m
             content=body,
             headers={
                 "X-Outline-API-Key": key,
-                "Mcp-Session-Id": "sess-1",
                 "MCP-Protocol-Version": "2025-06-18",
                 "Last-Event-ID": "42",
                 "Accept": "application/json, text/event-stream",
@@ -63,7 +63,7 @@ def test_method_headers_and_body_reach_the_container_and_the_answer_comes_back(m
     assert got["method"] == "PATCH"
     assert got["body_len"] == len(body)
     assert got["body_sha256"] == hashlib.sha256(body).hexdigest()
-    assert headers["mcp-session-id"] == "sess-1"
+    assert "mcp-session-id" not in headers
     assert headers["mcp-protocol-version"] == "2025-06-18"
     assert headers["last-event-id"] == "42"
     assert headers["accept"] == "application/json, text/event-stream"
@@ -72,12 +72,15 @@ def test_method_headers_and_body_reach_the_container_and_the_answer_comes_back(m
     assert headers["x-forwarded-for"] == "127.0.0.1"
     assert headers["x-outline-api-key"] == key  # header key mode: per request
     assert "x-hop" not in headers and "connection" not in headers
-    # the container's headers come back; the session header as the client's own id
-    # (the proxy owns the session and maps it onto the container's)
-    assert r.headers["mcp-session-id"] == "sess-1"
+    # the container's headers come back; a session it opens reaches the client as an id
+    # the proxy minted (it owns the session and maps it onto the container's)
     assert r.headers["x-backend"] == "test"
-    # without a session, the container's session header passes unchanged
-    assert proxy.get("/echo", key=key).headers["mcp-session-id"] == "backend-session"
+    minted = r.headers["mcp-session-id"]
+    assert minted != "backend-session" and re.fullmatch(r"[0-9a-f]{64}", minted)
+    again = proxy.get("/echo", key=key, headers={"Mcp-Session-Id": minted})
+    assert again.status_code == 200 and again.headers["mcp-session-id"] == minted
+    sent = {k.lower(): v for k, v in again.json()["headers"]}
+    assert sent["mcp-session-id"] == "backend-session"  # the container sees its own id
 
 
 def test_an_empty_answer_arrives_at_once_on_a_kept_alive_connection(make_proxy, outline):
