@@ -204,9 +204,19 @@ class Proxy:
             return c.get("/stats", auth=auth).json()
 
     def cleanup(self):
-        names = self._names(True)
-        if names:
-            docker("rm", "--force", *names, check=False)
+        """Removes this proxy's containers, spares included. A `docker run` the killed
+        proxy had already asked for can still land a moment later: look again until a
+        listing comes back empty twice (at most a few seconds)."""
+        empty = 0
+        deadline = time.monotonic() + 5
+        while empty < 2 and time.monotonic() < deadline:
+            names = self._names(True)
+            if names:
+                docker("rm", "--force", *names, check=False)
+                empty = 0
+            else:
+                empty += 1
+                time.sleep(0.5)
 
 
 @pytest.fixture()
