@@ -149,6 +149,29 @@ def test_a_connection_upgrade_header_does_not_unframe_a_body(warm):
     assert not SERVED_SMUGGLED.search(proxy.log())
 
 
+@pytest.mark.parametrize("framing", [[], ["Content-Length: 0"]])
+def test_a_connection_upgrade_header_on_an_empty_post_takes_nothing_after_it(warm, framing):
+    """A POST without a body (none declared, or 0) and `Connection: upgrade`: its body
+    is empty, not the rest of the connection: answered at once (a parse error closes
+    the connection; the pipelined request is never read into the body)."""
+    proxy, key = warm
+    data = head("POST /mcp HTTP/1.1", "Host: localhost", f"X-Outline-API-Key: {key}",
+                "Accept: application/json, text/event-stream", "Content-Type: application/json",
+                "Connection: upgrade", "Upgrade: h2c", *framing)
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    try:
+        s.sendall(data + HEALTH.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        started = time.monotonic()
+        received, closed = read_until_closed(s, 4)
+        took = time.monotonic() - started
+    finally:
+        s.close()
+    found, rest = answers(received)
+    assert took < 4 and closed, f"waited {took:.1f}s: {received[:300]!r}"
+    assert [f[0] for f in found] in ([400], [400, 200]), received[:600]
+    assert b"-32700" in found[0][2] and b"GET /health" not in received
+
+
 # --- the one parse of MCP bodies ---
 
 def mcp_raw(proxy, key, body, extra=()):
@@ -282,3 +305,61 @@ def test_a_damaged_journal_starts_and_resurrects_nothing(oauth_proxy, outline):
     proxy.start()
     assert mcp_initialize(proxy.url, later["access_token"]).status_code == 401
     assert mcp_initialize(proxy.url, kept["access_token"]).status_code == 200
+
+
+# --- the lingering close ---
+
+def test_a_client_dripping_into_a_lingering_close_is_cut_off(warm):
+    """The lingering close after a refused body reads and throws away for at most 5 s:
+    a client that keeps sending a byte every 200 ms cannot hold the connection's
+    thread longer."""
+    proxy, _ = warm
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    try:
+        s.sendall(register_head("Content-Length: 100000000"))
+        s.settimeout(0.2)
+        received, started, closed = b"", time.monotonic(), False
+        while time.monotonic() - started < 12:
+            try:
+                chunk = s.recv(65536)
+                if not chunk:
+                    closed = True
+                    break
+                received += chunk
+            except socket.timeout:
+                pass
+            except ConnectionResetError:
+                closed = True
+                break
+            try:
+                s.send(b"x")
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+        took = time.monotonic() - started
+    finally:
+        s.close()
+    assert received.startswith(b"HTTP/1.1 413"), received[:300]
+    assert closed and took < 8, f"held {took:.1f}s"
+
+
+# --- redirect URIs ---
+
+EVASIONS = [
+    "https://evil.example\t.claude.ai/cb", "https://claude.ai\n@evil.example/", "https:\\\\evil.example/cb",
+    "https:/evil.example/cb", "https:evil.example/cb", "https:///evil.example/cb", "JavaScript:alert(1)//",
+    " javascript:alert(1)", "java\tscript:alert(1)", "http://localhost./cb", "http://127.0.0.1.evil.example/cb",
+    "http://127.1/cb", "http://0x7f000001/cb", "http://2130706433/cb", "http://localhost%2eevil.example/cb",
+    "http://127.0.0.1:80@evil.example/cb", "http://[::ffff:7f00:1]x/cb", "https://xn--clude-7ve.ai\u3002evil/cb",
+    "https://claude.ai%40evil.example/cb", "http://evil.example#@127.0.0.1/cb", "HTTP://evil.example/cb",
+    "Http://127.0.0.1.nip.io/cb", "data:text/html,x", "DATA:text/html,x", "file:///etc/passwd",
+]
+
+
+def test_redirect_uri_evasions_are_refused(make_proxy, outline):
+    proxy = make_proxy(oauth_register_limit="1000")
+    for uri in EVASIONS:
+        r = httpx.post(proxy.url + "/oauth/register",
+                       content=json.dumps({"client_name": "Sly", "redirect_uris": [uri]}, ensure_ascii=False).encode(),
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"] == "invalid_redirect_uri", (uri, r.status_code, r.text)
