@@ -8834,6 +8834,11 @@ mod relay {
         let Some(client_key) = incoming.header("sec-websocket-key").map(str::trim).map(str::to_string) else {
             return reject(request, ProxyError::BadRequest("A WebSocket upgrade needs Sec-WebSocket-Key.".into()));
         };
+        // a handshake is a GET without a body (RFC 6455 4.1); one declared would be framed
+        // by its length, not be the start of the session's frames
+        if incoming.has_body() {
+            return reject(request, ProxyError::BadRequest("A WebSocket upgrade must not have a body.".into()));
+        }
         let upstream = match handshake_upstream(proxy, incoming, credential, lease) {
             Ok(upstream) => upstream,
             Err(e) => return reject(request, e),

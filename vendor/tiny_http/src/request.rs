@@ -240,6 +240,15 @@ where
             _ => false,
         }
     };
+    // PATCH (outline-mcp-proxy): only a GET without a body (a WebSocket handshake) hands
+    // the rest of the connection over; any other body ends where its framing says,
+    // whatever Connection says (nginx sends `Connection: upgrade` for any client Upgrade
+    // header, h2c too: a POST's body was read until the connection's end, and what
+    // followed it taken as body)
+    let connection_upgrade = connection_upgrade
+        && method == Method::Get
+        && transfer_encoding.is_none()
+        && content_length.unwrap_or(0) == 0;
 
     // PATCH (outline-mcp-proxy): whether the body was read to its end, told by its reader;
     // raised below for no body and a body read whole here. After an upgrade request the
