@@ -12,7 +12,7 @@
 //! each opens with what it owns and what it may call:
 //!   config      every setting, its default and meaning; then `main` and `run_serve`
 //!   error       the one error type: status, code, message, the JSON body
-//!   http1       the wire: request form, headers, framing, the one writer of heads
+//!   wire        the wire: request form, headers, framing, the one writer of heads
 //!   front       the front door: the listener, routing, the request's log line
 //!   oauth       the OAuth resource /oauth/mcp: discovery, clients, authorize, tokens
 //!   signin      the person's sign-in: the consent page, and Outline's own OAuth
@@ -780,7 +780,7 @@ impl Drop for InFlight<'_> {
 
 mod error {
     //! Owns every way a request can fail: its status, code, message, and the JSON body
-    //! and headers that carry it to the client. Calls nothing; `http1` writes it.
+    //! and headers that carry it to the client. Calls nothing; `wire` writes it.
     use serde_json::json;
 
     #[derive(Clone, Debug)]
@@ -952,7 +952,7 @@ mod error {
     }
 }
 
-mod http1 {
+mod wire {
     //! Owns the wire: a request as parsed, which address the client is (the one rule for
     //! X-Real-IP), which headers are hop-by-hop, how an answer's end is framed, and the
     //! one writer of response heads. Calls tiny_http, `error`.
@@ -1387,10 +1387,10 @@ mod front {
     use crate::config::Config;
     use crate::containers::Want;
     use crate::error::ProxyError;
-    use crate::http1::{self, log_safe, reject, Incoming, LogContext, McpCall, RouteResult};
     use crate::protocol::{self, Generation, McpPost, NotTaken, Plan, Refusal};
     use crate::registry::Lease;
     use crate::sessions::{Route, SESSION_HEADER};
+    use crate::wire::{self, log_safe, reject, Incoming, LogContext, McpCall, RouteResult};
     use crate::{oauth, ops, relay, InFlight, Proxy};
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
@@ -1468,7 +1468,7 @@ mod front {
             Ok(status) => status,
             Err((request, error)) => {
                 if let Some(request) = request {
-                    http1::send_error(*request, &incoming, &error);
+                    wire::send_error(*request, &incoming, &error);
                 }
                 if error.status() >= 500 {
                     log::warn!("{} {}: {}", incoming.method, log_safe(&incoming.path), error.message());
@@ -1541,7 +1541,7 @@ mod front {
             let headers =
                 [("Allow".to_string(), "POST".to_string()), ("Content-Type".into(), "application/json".into())];
             let body = Refusal::not_allowed().body().to_string();
-            let _ = http1::send_body(request, incoming, 405, &headers, body.as_bytes(), false);
+            let _ = wire::send_body(request, incoming, 405, &headers, body.as_bytes(), false);
             return Ok(405);
         }
         if protocol::is_mcp_post(incoming) {
@@ -1610,7 +1610,7 @@ mod front {
         let lease = match plan {
             Plan::Refuse(refusal) => return Ok(refuse(request, incoming, &refusal)),
             Plan::Accept => {
-                let _ = http1::send_body(request, incoming, 202, &[], b"", false);
+                let _ = wire::send_body(request, incoming, 202, &[], b"", false);
                 return Ok(202);
             }
             _ => match acquire(proxy, want) {
@@ -1640,13 +1640,13 @@ mod front {
 
     /// A JSON-RPC error the proxy answers itself; the body was read, so the connection stays.
     fn refuse(request: tiny_http::Request, incoming: &Incoming, refusal: &Refusal) -> u16 {
-        http1::send_json(request, incoming, refusal.status, &refusal.body());
+        wire::send_json(request, incoming, refusal.status, &refusal.body());
         refusal.status
     }
 
     /// What every request must pass before anything else: its form and its declared size.
     fn admit(cfg: &Config, incoming: &Incoming) -> Result<(), ProxyError> {
-        http1::check_request_form(incoming)?;
+        wire::check_request_form(incoming)?;
         if incoming.declared_length().is_some_and(|len| len > cfg.max_body) {
             return Err(ProxyError::TooLarge(cfg.max_body));
         }
@@ -1674,15 +1674,15 @@ mod oauth {
     //! discovery documents, clients (metadata documents, then RFC 7591 registration), the
     //! authorize, callback, token and revoke endpoints, and the bearer token of a request
     //! turned into that user's Outline credential. Calls `signin` (the person's step),
-    //! `grants` (the store), `auth` (Outline's verdict, who), `http1`, `util`.
+    //! `grants` (the store), `auth` (Outline's verdict, who), `wire`, `util`.
     use crate::auth::{Credential, KeySource, User};
     use crate::config::ClientDocuments;
     use crate::error::ProxyError;
     use crate::grants::{self, Client, Opened, Pending, Sealed, Store, TokenRefused, Upstream};
-    use crate::http1::LogContext;
-    use crate::http1::{self, Incoming, Source};
     use crate::signin::{self, OutlineApp, UpstreamRefusal};
     use crate::util::{base64url, constant_time_eq, lock, now_unix, parse_form, Flight};
+    use crate::wire::LogContext;
+    use crate::wire::{self, Incoming, Source};
     use crate::Proxy;
     use serde_json::{json, Value};
     use sha2::{Digest, Sha256};
@@ -1919,7 +1919,7 @@ mod oauth {
 
         /// The address a request counts against in the door's per-address limits.
         fn source(&self, incoming: &Incoming) -> Source {
-            http1::client_source(incoming, &self.trusted_proxies)
+            wire::client_source(incoming, &self.trusted_proxies)
         }
 
         pub fn is_resource(&self, path: &str) -> bool {
@@ -2159,7 +2159,7 @@ mod oauth {
         mut request: tiny_http::Request,
         incoming: &Incoming,
         endpoint: Endpoint,
-    ) -> crate::http1::RouteResult {
+    ) -> crate::wire::RouteResult {
         let reply = match door.public_base(incoming) {
             Err(e) => Reply::Error(e),
             Ok(base) => match (endpoint, incoming.method.as_str()) {
@@ -2234,7 +2234,7 @@ mod oauth {
                 (204, headers, Vec::new())
             }
         };
-        let _ = http1::send_body(request, incoming, status, &headers, &body, false);
+        let _ = wire::send_body(request, incoming, status, &headers, &body, false);
         status
     }
 
@@ -2440,7 +2440,7 @@ mod oauth {
             Err(TokenRefused::Full) => return Reply::Error(clients_full()),
             Err(_) => return Reply::Error(storage_error()),
         }
-        log::info!("OAuth client registered: {} ({method})", crate::http1::log_value(&name));
+        log::info!("OAuth client registered: {} ({method})", crate::wire::log_value(&name));
         let mut answer = json!({
             "client_id": client_id,
             "client_id_issued_at": now_unix(),
@@ -2882,8 +2882,8 @@ mod oauth {
         };
         log::info!(
             "OAuth sign-in of user={} for client {}",
-            crate::http1::log_value(&user.name),
-            crate::http1::log_value(&pending.client_name)
+            crate::wire::log_value(&user.name),
+            crate::wire::log_value(&pending.client_name)
         );
         let location = client_redirect(&pending.redirect_uri, &[("code", &code)], pending.state.as_deref(), base);
         Reply::Redirect { location, cookie: Some(signin::clear_cookie(request_id)) }
@@ -4602,10 +4602,10 @@ mod grants {
 mod auth {
     //! Owns the caller's credential (which headers carry it) and Outline's verdict on it:
     //! cached by the key's sha256, one call to Outline for concurrent misses. Calls
-    //! `http1` (headers, the log line's context), `util`, and Outline over ureq.
+    //! `wire` (headers, the log line's context), `util`, and Outline over ureq.
     use crate::config::{Config, KeyMode};
     use crate::error::ProxyError;
-    use crate::http1::{log_value, Incoming, LogContext};
+    use crate::wire::{log_value, Incoming, LogContext};
     use crate::Proxy;
 
     /// Every token and code the proxy issues starts with this (minted by `grants`), so
@@ -4916,10 +4916,10 @@ mod protocol {
     //! MCP_PROXY_MAX_BODY): its method, id, name and protocol generation; what the proxy
     //! does with it (plan); the 2026-07-28 checks of headers against the body; the answers
     //! the proxy writes itself (server/discover, refusals); and the per-method call counts.
-    //! Calls `http1`, `error`, `util`, and `sessions` for the session header's name.
+    //! Calls `wire`, `error`, `util`, and `sessions` for the session header's name.
     use crate::error::ProxyError;
-    use crate::http1::Incoming;
     use crate::util::{base64_decode, lock};
+    use crate::wire::Incoming;
     use serde_json::{json, Map, Value};
     use std::collections::HashMap;
     use std::io::{self, Read};
@@ -5838,7 +5838,7 @@ mod sessions {
 mod staged {
     //! Owns the marks of mcp-outline's unsaved staged edits (which container holds which
     //! documents, since when; `staged-edits.json`) and `may_sleep`, asked before any stop.
-    //! Reads JSON-RPC values its caller parsed. Calls `util`, `http1::log_value`.
+    //! Reads JSON-RPC values its caller parsed. Calls `util`, `wire::log_value`.
     use crate::util::{lock, now_unix};
     use serde::{Deserialize, Serialize};
     use serde_json::Value;
@@ -6011,7 +6011,7 @@ mod staged {
             let documents: Vec<&str> = holding.documents.keys().map(String::as_str).collect();
             log::warn!(
                 "staged edits lost: container={name} user={} documents={} held={}s ({why})",
-                crate::http1::log_value(user),
+                crate::wire::log_value(user),
                 documents.join(","),
                 holding.held_seconds()
             );
@@ -7677,18 +7677,18 @@ mod relay {
     //! Owns carrying a request to its container and the answer back: HTTP streamed both
     //! ways (one retry, on a fresh lease, when the container never answered) and
     //! WebSocket frames relayed unchanged; an MCP message on the user's default session,
-    //! 2026-07-28 results stamped, its discover and listen stream. Calls `http1`, `auth`
+    //! 2026-07-28 results stamped, its discover and listen stream. Calls `wire`, `auth`
     //! (key headers), `containers`, `protocol`, `sessions`, `staged` (an edit and its answer).
     use crate::auth::{self, describe_ureq_error, Credential};
     use crate::config::{Config, KeyMode};
     use crate::containers::Want;
     use crate::error::ProxyError;
-    use crate::http1::{self, header_tokens, header_value, is_hop_by_hop, Framing, Incoming};
-    use crate::http1::{reject, RouteResult};
     use crate::protocol::{self, McpPost};
     use crate::registry::{Lease, StreamSlot};
     use crate::sessions::{self, Reopen, Route, SESSION_HEADER};
     use crate::util::agent_base;
+    use crate::wire::{self, header_tokens, header_value, is_hop_by_hop, Framing, Incoming};
+    use crate::wire::{reject, RouteResult};
     use crate::{InFlight, Proxy};
     use serde_json::{json, Value};
     use std::io::{self, BufReader, Read, Write};
@@ -8372,12 +8372,12 @@ mod relay {
             .get("content-length")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        let framing = http1::framing(&incoming.method, status, length, incoming.http10);
+        let framing = wire::framing(&incoming.method, status, length, incoming.http10);
         if let (Framing::NoBody, Some(len)) = (framing, length) {
             // a HEAD (or 304) answer still tells the length of what it describes
             headers.push(("Content-Length".into(), len.to_string()));
         }
-        let answer = http1::begin_answer(request, incoming, status, &headers, framing, false).map_err(client_gone)?;
+        let answer = wire::begin_answer(request, incoming, status, &headers, framing, false).map_err(client_gone)?;
         let (mut writer, close) = (answer.writer, answer.closes);
         match (framing, stamp) {
             (Framing::NoBody, _) => {}
@@ -8425,7 +8425,7 @@ mod relay {
             captured.extend_from_slice(&bytes[..bytes.len().min(CAPTURE_LIMIT)]);
         }
         let body = protocol::stamp_result(&bytes, stamp).map(String::into_bytes).unwrap_or(bytes);
-        http1::send_body(request, incoming, status, &headers, &body, incoming.wants_close).map_err(client_gone)
+        wire::send_body(request, incoming, status, &headers, &body, incoming.wants_close).map_err(client_gone)
     }
 
     /// An SSE answer to a 2026-07-28 request, passed on event line by event line, the
@@ -8554,7 +8554,7 @@ mod relay {
             ("X-Accel-Buffering".to_string(), "no".to_string()),
             ("Mcp-Session-Id".to_string(), client_id.to_string()),
         ];
-        let Ok(mut writer) = http1::begin_answer(request, incoming, 200, &headers, Framing::Chunked, false)
+        let Ok(mut writer) = wire::begin_answer(request, incoming, 200, &headers, Framing::Chunked, false)
             .and_then(|mut answer| answer.writer.flush().map(|_| answer.writer))
         else {
             return Ok(200);
@@ -8623,7 +8623,7 @@ mod relay {
         };
         drop(lease);
         let id = post.id.clone().unwrap_or(Value::Null);
-        http1::send_json(request, incoming, 200, &protocol::discover_result(&id, &initialized));
+        wire::send_json(request, incoming, 200, &protocol::discover_result(&id, &initialized));
         Ok(200)
     }
 
@@ -8658,7 +8658,7 @@ mod relay {
             "method": "notifications/subscriptions/acknowledged",
             "params": {"_meta": {protocol::SUBSCRIPTION_META: subscription}, "notifications": filter},
         });
-        let mut writer = match http1::begin_answer(request, incoming, 200, &headers, Framing::Chunked, false) {
+        let mut writer = match wire::begin_answer(request, incoming, 200, &headers, Framing::Chunked, false) {
             Ok(answer) => answer.writer,
             Err(_) => return Ok(200),
         };
@@ -8854,7 +8854,7 @@ mod relay {
         let Some(client_socket) = request.socket() else {
             return reject(request, ProxyError::BadRequest("WebSockets need a TCP connection.".into()));
         };
-        if let Ok((client_reader, client_writer)) = http1::accept_upgrade(request, &upstream.headers) {
+        if let Ok((client_reader, client_writer)) = wire::accept_upgrade(request, &upstream.headers) {
             relay_session(proxy, &lease.name, &client_socket, client_reader, client_writer, upstream);
         }
         Ok(101)
@@ -8881,7 +8881,7 @@ mod relay {
         let handshake = websocket_handshake(incoming, forward_key, lease.address);
         let (status, headers) = (&stream)
             .write_all(handshake.as_bytes())
-            .and_then(|_| http1::read_response_head(&mut reader))
+            .and_then(|_| wire::read_response_head(&mut reader))
             .map_err(|e| {
                 ProxyError::ContainerUnreachable(format!(
                     "The container broke off the WebSocket handshake ({}).",
@@ -8908,7 +8908,7 @@ mod relay {
             .into_iter()
             .filter(|(n, _)| !is_hop_by_hop(n, &[]) && !n.eq_ignore_ascii_case("content-length"))
             .collect();
-        let _ = http1::send_body(request, incoming, upstream.status, &kept, &body, true);
+        let _ = wire::send_body(request, incoming, upstream.status, &kept, &body, true);
         Ok(upstream.status)
     }
 
@@ -9042,10 +9042,10 @@ mod ops {
     use crate::config::{Config, KeyMode};
     use crate::docker::{first_line, Docker};
     use crate::error::ProxyError;
-    use crate::http1::{self, Incoming};
-    use crate::http1::{reject, LogContext, RouteResult};
     use crate::registry::{due_for_removal, ContainerSnapshot, State};
     use crate::util::{base64_encode, constant_time_eq, format_rfc3339};
+    use crate::wire::{self, Incoming};
+    use crate::wire::{reject, LogContext, RouteResult};
     use crate::Proxy;
     use serde_json::{json, Value};
     use std::net::TcpStream;
@@ -9088,7 +9088,7 @@ mod ops {
             body["container"] = json!({"name": name, "state": state.as_str()});
         }
         let status = if docker.is_ok() { 200 } else { 503 };
-        http1::send_json(request, incoming, status, &body);
+        wire::send_json(request, incoming, status, &body);
         Ok(status)
     }
 
@@ -9107,9 +9107,9 @@ mod ops {
         let snapshot = snapshot(proxy);
         if prometheus {
             let headers = vec![("Content-Type".to_string(), "text/plain; version=0.0.4".to_string())];
-            let _ = http1::send_body(request, incoming, 200, &headers, render_metrics(&snapshot).as_bytes(), false);
+            let _ = wire::send_body(request, incoming, 200, &headers, render_metrics(&snapshot).as_bytes(), false);
         } else {
-            http1::send_json(request, incoming, 200, &render_stats(&snapshot));
+            wire::send_json(request, incoming, 200, &render_stats(&snapshot));
         }
         Ok(200)
     }
@@ -10191,11 +10191,11 @@ mod tests {
     use crate::containers::Want;
     use crate::docker::{parse_inspect, ContainerSpec, DockerError};
     use crate::error::ProxyError;
-    use crate::http1::{check_request_form, framing, header_value, Framing, Incoming};
     use crate::ops::{render_metrics, render_stats, snapshot};
     use crate::registry::{due_for_removal, Entry, Plan, State};
     use crate::relay::{downstream_response_headers, relay_frames, upstream_request_headers};
     use crate::util::{base64_encode, constant_time_eq, format_rfc3339, lock, parse_rfc3339};
+    use crate::wire::{check_request_form, framing, header_value, Framing, Incoming};
     use crate::Proxy;
     use std::collections::HashMap;
     use std::net::SocketAddr;
@@ -10976,7 +10976,7 @@ mod tests {
 
     #[test]
     fn the_client_address_is_x_real_ip_only_from_a_trusted_proxy_and_ipv6_counts_by_its_64() {
-        use crate::http1::client_source;
+        use crate::wire::client_source;
         let from = |peer: &str, real: Option<&str>| {
             let mut request = incoming(&real.map(|r| vec![("X-Real-IP", r)]).unwrap_or_default());
             request.remote = Some(peer.parse().unwrap());
@@ -11221,8 +11221,8 @@ mod tests {
 #[cfg(test)]
 mod protocol_tests {
     //! The one parse of an MCP POST, and what the front door plans for it.
-    use crate::http1::Incoming;
     use crate::protocol::{self, header_text, parse, plan, Generation, Plan, Stamp};
+    use crate::wire::Incoming;
     use serde_json::json;
 
     fn post_to_mcp(headers: &[(&str, &str)]) -> Incoming {
