@@ -157,18 +157,25 @@ mod config {
         pub allowed_origins: Vec<String>,
         pub docker: String,
         pub log_level: log::LevelFilter,
-        /// Empty when the OAuth front door is off.
-        pub oauth_path: String,
-        pub public_url: Option<String>,
+        pub oauth: OAuthConfig,
         pub state_dir: Option<std::path::PathBuf>,
-        pub outline_oauth: Option<OutlineOAuthApp>,
-        pub oauth_access_ttl: Duration,
-        pub oauth_refresh_ttl: Duration,
-        pub oauth_register_limit: u32,
-        pub oauth_register_limit_total: u32,
-        pub oauth_signins_per_address: u32,
         pub trusted_proxies: Vec<std::net::IpAddr>,
-        pub oauth_max_clients: u32,
+    }
+
+    /// The OAuth front door's settings (MCP_PROXY_OAUTH_*, MCP_PROXY_PUBLIC_URL,
+    /// OUTLINE_OAUTH_*), parsed and checked together by `load_oauth`.
+    #[derive(Clone, Debug)]
+    pub struct OAuthConfig {
+        /// Empty when the OAuth front door is off.
+        pub path: String,
+        pub public_url: Option<String>,
+        pub outline_app: Option<OutlineOAuthApp>,
+        pub access_ttl: Duration,
+        pub refresh_ttl: Duration,
+        pub register_limit: u32,
+        pub register_limit_total: u32,
+        pub signins_per_address: u32,
+        pub max_clients: u32,
         pub client_documents: ClientDocuments,
     }
 
@@ -231,32 +238,12 @@ mod config {
                 parse_size(&v).ok_or_else(|| bad_setting(name, &v, "a size such as 256m, 1g or a number of bytes"))
             };
 
-            let listen_raw = get("MCP_PROXY_LISTEN");
-            let listen = listen_raw
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| bad_setting("MCP_PROXY_LISTEN", &listen_raw, "host:port"))?;
+            let listen = listen_address(&get)?;
             let outline_url = normalize_outline_url("OUTLINE_URL", &get("OUTLINE_URL"))?;
-            let container_outline_raw = get("MCP_PROXY_CONTAINER_OUTLINE_URL");
-            let container_outline_url = if container_outline_raw.trim().is_empty() {
-                outline_url.clone()
-            } else {
-                normalize_outline_url("MCP_PROXY_CONTAINER_OUTLINE_URL", &container_outline_raw)?
-            };
-            let image = get("MCP_PROXY_IMAGE");
-            if image.trim().is_empty() || image.starts_with('-') {
-                return Err(bad_setting("MCP_PROXY_IMAGE", &image, "an image reference"));
-            }
-            let port_raw = get("MCP_PROXY_CONTAINER_PORT");
-            let container_port = match port_raw.trim().parse::<u16>() {
-                Ok(p) if p > 0 => p,
-                _ => return Err(bad_setting("MCP_PROXY_CONTAINER_PORT", &port_raw, "a port from 1 to 65535")),
-            };
-            let ready_path = get("MCP_PROXY_READY_PATH");
-            if !ready_path.starts_with('/') || ready_path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(bad_setting("MCP_PROXY_READY_PATH", &ready_path, "a path starting with /"));
-            }
+            let container_outline_url = container_outline_url(&get, &outline_url)?;
+            let image = image(&get)?;
+            let container_port = container_port(&get)?;
+            let ready_path = ready_path(&get)?;
             let prefix = get("MCP_PROXY_CONTAINER_PREFIX");
             if !is_docker_name_safe(&prefix) {
                 return Err(bad_setting(
@@ -365,18 +352,9 @@ mod config {
                 allowed_origins,
                 docker,
                 log_level,
-                oauth_path: oauth.path,
-                public_url: oauth.public_url,
-                state_dir: oauth.state_dir,
-                outline_oauth: oauth.app,
-                oauth_access_ttl: oauth.access_ttl,
-                oauth_refresh_ttl: oauth.refresh_ttl,
-                oauth_register_limit: oauth.register_limit,
-                oauth_register_limit_total: oauth.register_limit_total,
-                oauth_signins_per_address: oauth.signins_per_address,
+                oauth,
+                state_dir: state_dir(&get)?,
                 trusted_proxies: trusted_proxies(&get)?,
-                oauth_max_clients: oauth.max_clients,
-                client_documents: oauth.client_documents,
             })
         }
 
@@ -391,26 +369,12 @@ mod config {
         }
     }
 
-    struct OAuthSettings {
-        path: String,
-        public_url: Option<String>,
-        state_dir: Option<std::path::PathBuf>,
-        app: Option<OutlineOAuthApp>,
-        access_ttl: Duration,
-        refresh_ttl: Duration,
-        register_limit: u32,
-        register_limit_total: u32,
-        signins_per_address: u32,
-        max_clients: u32,
-        client_documents: ClientDocuments,
-    }
-
     /// The OAuth front door's settings, checked together.
     fn load_oauth(
         get: &dyn Fn(&str) -> String,
         duration: &dyn Fn(&str) -> Result<Duration, String>,
         key_mode: KeyMode,
-    ) -> Result<OAuthSettings, String> {
+    ) -> Result<OAuthConfig, String> {
         let access_ttl = duration("MCP_PROXY_OAUTH_ACCESS_TTL")?;
         let refresh_ttl = duration("MCP_PROXY_OAUTH_REFRESH_TTL")?;
         if access_ttl.is_zero() || refresh_ttl < access_ttl {
@@ -426,11 +390,10 @@ mod config {
             "off" => ClientDocuments::Off,
             other => return Err(bad_setting("MCP_PROXY_OAUTH_CLIENT_DOCUMENTS", other, "public, any or off")),
         };
-        Ok(OAuthSettings {
+        Ok(OAuthConfig {
             path: oauth_path(get)?,
             public_url: public_url(get)?,
-            state_dir: state_dir(get)?,
-            app: outline_app(get, key_mode)?,
+            outline_app: outline_app(get, key_mode)?,
             access_ttl,
             refresh_ttl,
             register_limit: positive_whole(get, "MCP_PROXY_OAUTH_REGISTER_LIMIT")?,
@@ -439,6 +402,52 @@ mod config {
             max_clients: positive_whole(get, "MCP_PROXY_OAUTH_MAX_CLIENTS")?,
             client_documents,
         })
+    }
+
+    /// MCP_PROXY_LISTEN: host:port, resolved.
+    fn listen_address(get: &dyn Fn(&str) -> String) -> Result<SocketAddr, String> {
+        let raw = get("MCP_PROXY_LISTEN");
+        raw.to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| bad_setting("MCP_PROXY_LISTEN", &raw, "host:port"))
+    }
+
+    /// MCP_PROXY_CONTAINER_OUTLINE_URL, else OUTLINE_URL.
+    fn container_outline_url(get: &dyn Fn(&str) -> String, outline_url: &str) -> Result<String, String> {
+        let raw = get("MCP_PROXY_CONTAINER_OUTLINE_URL");
+        if raw.trim().is_empty() {
+            Ok(outline_url.to_string())
+        } else {
+            normalize_outline_url("MCP_PROXY_CONTAINER_OUTLINE_URL", &raw)
+        }
+    }
+
+    /// MCP_PROXY_IMAGE: an image reference (never one docker would read as a flag).
+    fn image(get: &dyn Fn(&str) -> String) -> Result<String, String> {
+        let image = get("MCP_PROXY_IMAGE");
+        if image.trim().is_empty() || image.starts_with('-') {
+            return Err(bad_setting("MCP_PROXY_IMAGE", &image, "an image reference"));
+        }
+        Ok(image)
+    }
+
+    /// MCP_PROXY_CONTAINER_PORT: 1 to 65535.
+    fn container_port(get: &dyn Fn(&str) -> String) -> Result<u16, String> {
+        let raw = get("MCP_PROXY_CONTAINER_PORT");
+        match raw.trim().parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(bad_setting("MCP_PROXY_CONTAINER_PORT", &raw, "a port from 1 to 65535")),
+        }
+    }
+
+    /// MCP_PROXY_READY_PATH: a path starting with `/`, without spaces or controls.
+    fn ready_path(get: &dyn Fn(&str) -> String) -> Result<String, String> {
+        let path = get("MCP_PROXY_READY_PATH");
+        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad_setting("MCP_PROXY_READY_PATH", &path, "a path starting with /"));
+        }
+        Ok(path)
     }
 
     /// MCP_PROXY_TRUSTED_PROXY: the peers whose X-Real-IP is believed (empty = none).
@@ -711,7 +720,7 @@ impl Proxy {
             containers: containers::Containers::new(&cfg, sessions.clone()),
             sessions,
             upstream: relay::Upstream::new(&cfg),
-            oauth: (!cfg.oauth_path.is_empty()).then(|| oauth::FrontDoor::new(&cfg)),
+            oauth: (!cfg.oauth.path.is_empty()).then(|| oauth::FrontDoor::new(&cfg)),
             life: Life::default(),
             calls: protocol::CallCounts::default(),
             stats_credentials: ops::stats_credentials(&cfg),
@@ -1882,35 +1891,36 @@ mod oauth {
                 .max_response_header_size(16 * 1024)
                 .tls_config(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::PlatformVerifier).build())
                 .build();
-            let resolver = AddressRule { public_only: cfg.client_documents != ClientDocuments::Any };
+            let resolver = AddressRule { public_only: cfg.oauth.client_documents != ClientDocuments::Any };
             let connector = ureq::unversioned::transport::DefaultConnector::new();
             let fetcher = ureq::Agent::with_parts(fetcher_config, connector, resolver);
             let outline_app = cfg
-                .outline_oauth
+                .oauth
+                .outline_app
                 .as_ref()
                 .map(|app| OutlineApp::new(&cfg.outline_url, &app.client_id, &app.client_secret, &app.scope))
                 .map(|app| app.keeping_key_in(cfg.state_dir.clone()));
             FrontDoor {
                 grants: Store::open(
                     cfg.state_dir.clone(),
-                    cfg.oauth_access_ttl,
-                    cfg.oauth_refresh_ttl,
-                    cfg.oauth_max_clients as usize,
+                    cfg.oauth.access_ttl,
+                    cfg.oauth.refresh_ttl,
+                    cfg.oauth.max_clients as usize,
                 ),
                 outline_app,
-                resource_path: cfg.oauth_path.clone(),
-                public_url: cfg.public_url.clone(),
-                register_per_hour: cfg.oauth_register_limit,
-                register_total_per_hour: cfg.oauth_register_limit_total,
-                signins_per_address: cfg.oauth_signins_per_address as usize,
+                resource_path: cfg.oauth.path.clone(),
+                public_url: cfg.oauth.public_url.clone(),
+                register_per_hour: cfg.oauth.register_limit,
+                register_total_per_hour: cfg.oauth.register_limit_total,
+                signins_per_address: cfg.oauth.signins_per_address as usize,
                 trusted_proxies: cfg.trusted_proxies.clone(),
-                documents_on: cfg.client_documents != ClientDocuments::Off,
+                documents_on: cfg.oauth.client_documents != ClientDocuments::Off,
                 fetcher,
                 fetching: Mutex::new(Fetching::default()),
                 documents: Mutex::new(HashMap::new()),
                 registrations: Mutex::new(Registrations {
                     per_source: HashMap::new(),
-                    total: (f64::from(cfg.oauth_register_limit_total), Instant::now()),
+                    total: (f64::from(cfg.oauth.register_limit_total), Instant::now()),
                 }),
                 signins: Mutex::new(SignIns::default()),
                 renewing: Mutex::new(HashMap::new()),
@@ -9406,15 +9416,15 @@ mod ops {
     /// The OAuth front door: where grants are kept (writable by this user), where
     /// people sign in, and whether Outline accepts the OAuth app's credentials.
     fn check_oauth(cfg: &Config, report: &mut dyn FnMut(bool, String)) {
-        if cfg.oauth_path.is_empty() {
+        if cfg.oauth.path.is_empty() {
             println!("- OAuth front door off (MCP_PROXY_OAUTH_PATH is empty)");
             return;
         }
-        match &cfg.public_url {
-            Some(url) => report(true, format!("OAuth front door at {url}{}", cfg.oauth_path)),
+        match &cfg.oauth.public_url {
+            Some(url) => report(true, format!("OAuth front door at {url}{}", cfg.oauth.path)),
             None => println!(
                 "! OAuth front door at {}: its URLs come from each request's Host (set MCP_PROXY_PUBLIC_URL)",
-                cfg.oauth_path
+                cfg.oauth.path
             ),
         }
         match &cfg.state_dir {
@@ -9430,7 +9440,7 @@ mod ops {
                 }
             }
         }
-        match &cfg.outline_oauth {
+        match &cfg.oauth.outline_app {
             None => println!("- people sign in by pasting an Outline API key (no Outline OAuth app is set)"),
             Some(app) => {
                 let outline =
