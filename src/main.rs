@@ -45,7 +45,7 @@
 //!   relay::upstream_request_headers   what reaches the container: only the checked key
 //!   relay::proxy_http                 the request streamed in, the answer streamed out
 //!
-//! For the OAuth door, then: oauth::serve, oauth::identify, grants::Store::open_with.
+//! For the OAuth door, then: oauth::serve, oauth::identify_by_token, grants::Store::open_with.
 //! The README's Security section names, for each claim, the function that keeps it.
 
 use std::process::ExitCode;
@@ -1536,7 +1536,7 @@ mod front {
         let (incoming, who) = match proxy.oauth.as_ref().filter(|door| door.is_resource(&incoming.path)) {
             Some(door) => {
                 resource_request = oauth::as_container_request(incoming);
-                (&resource_request, oauth::identify(proxy, door, incoming, log_ctx))
+                (&resource_request, oauth::identify_by_token(proxy, door, incoming, log_ctx))
             }
             None => (incoming, identify(proxy, incoming, log_ctx)),
         };
@@ -1687,7 +1687,7 @@ mod oauth {
     use crate::auth::{Credential, KeySource, User};
     use crate::config::ClientDocuments;
     use crate::error::ProxyError;
-    use crate::grants::{self, Client, Opened, Pending, Sealed, Store, TokenRefused, Upstream};
+    use crate::grants::{self, Client, Opened, Pending, SignedIn, Store, TokenRefused, OutlineCredential};
     use crate::signin::{self, OutlineApp, UpstreamRefusal};
     use crate::util::{base64url, constant_time_eq, lock, now_unix, parse_form, Flight};
     use crate::wire::LogContext;
@@ -1721,7 +1721,7 @@ mod oauth {
     /// Outline's access token is renewed when it has less than this to live.
     const OUTLINE_RENEW_BEFORE: u64 = 300;
 
-    type Renewal = Result<Sealed, UpstreamRefusal>;
+    type Renewal = Result<SignedIn, UpstreamRefusal>;
     /// A client document's client, or why it could not be used.
     type Document = Result<Client, String>;
 
@@ -2008,7 +2008,7 @@ mod oauth {
     /// Whose request to the resource this is: the bearer token opens its grant, whose
     /// Outline credential is checked with Outline like any key (and renewed first when
     /// it is Outline's own token near its end).
-    pub fn identify(
+    pub fn identify_by_token(
         proxy: &Proxy,
         door: &FrontDoor,
         incoming: &Incoming,
@@ -2037,7 +2037,7 @@ mod oauth {
             other => other,
         };
         let sealed = renewed_upstream(door, &token, opened).map_err(refused_by_outline)?;
-        let credential = Credential { key: sealed.upstream.credential().to_string(), source: KeySource::KeyHeader };
+        let credential = Credential { key: sealed.credential.key().to_string(), source: KeySource::KeyHeader };
         let user = proxy.auth.verify(&credential.key).map_err(refused_by_outline)?;
         let name = crate::auth::note_user(proxy, &user, &credential, log_ctx);
         Ok((credential, user, name))
@@ -2045,8 +2045,8 @@ mod oauth {
 
     /// The grant's upstream credential, with Outline's own access token renewed first
     /// when it is near its end.
-    fn renewed_upstream(door: &FrontDoor, token: &str, opened: Opened) -> Result<Sealed, ProxyError> {
-        let Upstream::Outline { expires_at, .. } = &opened.sealed.upstream else {
+    fn renewed_upstream(door: &FrontDoor, token: &str, opened: Opened) -> Result<SignedIn, ProxyError> {
+        let OutlineCredential::Outline { expires_at, .. } = &opened.sealed.credential else {
             return Ok(opened.sealed);
         };
         if *expires_at > now_unix() + OUTLINE_RENEW_BEFORE {
@@ -2111,7 +2111,7 @@ mod oauth {
             TokenRefused::Storage => UpstreamRefusal::Unreachable,
             _ => UpstreamRefusal::Refused,
         })?;
-        let Upstream::Outline { refresh_token, expires_at, .. } = &opened.sealed.upstream else {
+        let OutlineCredential::Outline { refresh_token, expires_at, .. } = &opened.sealed.credential else {
             return Ok(opened.sealed);
         };
         if matches!(asker, RenewalFor::Request { .. }) && *expires_at > now_unix() + OUTLINE_RENEW_BEFORE {
@@ -2139,11 +2139,11 @@ mod oauth {
         app: &OutlineApp,
         opened: &Opened,
         outline_refresh: &str,
-    ) -> Result<Sealed, RenewalFailed> {
+    ) -> Result<SignedIn, RenewalFailed> {
         match app.refresh(outline_refresh) {
             Ok(upstream) => {
                 let mut sealed = opened.sealed.clone();
-                sealed.upstream = upstream;
+                sealed.credential = upstream;
                 door.grants.reseal(opened, &sealed).map_err(RenewalFailed::Store)?;
                 Ok(sealed)
             }
@@ -2823,7 +2823,7 @@ mod oauth {
             return consent(door, &pending, request_id, field("csrf"), Some(why), None);
         }
         match proxy.auth.ask_outline(key) {
-            Ok(user) => finish_sign_in(door, request_id, Upstream::ApiKey { key: key.to_string() }, &user, base),
+            Ok(user) => finish_sign_in(door, request_id, OutlineCredential::ApiKey { key: key.to_string() }, &user, base),
             Err(ProxyError::Unauthorized(_)) => {
                 if door.grants.count_attempt(request_id) >= 5 {
                     lock(&door.signins).end(request_id);
@@ -2866,7 +2866,7 @@ mod oauth {
             Err(UpstreamRefusal::Refused) => return problem(400, "Outline did not accept the sign-in; start again."),
             Err(UpstreamRefusal::Unreachable) => return problem(502, "Outline could not be reached; try again."),
         };
-        match proxy.auth.ask_outline(upstream.credential()) {
+        match proxy.auth.ask_outline(upstream.key()) {
             Ok(user) => finish_sign_in(door, request_id, upstream, &user, base),
             Err(_) => problem(502, "Outline did not say who signed in; try again."),
         }
@@ -2882,12 +2882,12 @@ mod oauth {
     }
 
     /// The person is known: a one-time code goes back to the client's redirect URI.
-    fn finish_sign_in(door: &FrontDoor, request_id: &str, upstream: Upstream, user: &User, base: &str) -> Reply {
+    fn finish_sign_in(door: &FrontDoor, request_id: &str, upstream: OutlineCredential, user: &User, base: &str) -> Reply {
         lock(&door.signins).end(request_id);
         let Some(pending) = door.grants.take_pending(request_id) else {
             return problem(400, "This sign-in has expired; start again from your app.");
         };
-        let Ok(code) = door.grants.issue_code(&pending, Sealed::new(upstream, user)) else {
+        let Ok(code) = door.grants.issue_code(&pending, SignedIn::new(upstream, user)) else {
             return problem(503, "The proxy could not finish the sign-in; try again.");
         };
         log::info!(
@@ -3122,8 +3122,8 @@ mod oauth {
             // not revoked on disk: the client may try again, and is not told the grant is gone
             Err(e) => refused(e),
         };
-        match (&opened.sealed.upstream, &door.outline_app) {
-            (Upstream::Outline { .. }, Some(_)) => {
+        match (&opened.sealed.credential, &door.outline_app) {
+            (OutlineCredential::Outline { .. }, Some(_)) => {
                 match renew_once(door, &opened.grant_id, RenewalFor::Refresh { refresh_token }) {
                     Ok(_) => {}
                     Err(UpstreamRefusal::Refused) => {
@@ -3137,10 +3137,10 @@ mod oauth {
                     Err(UpstreamRefusal::Unreachable) => return Err(unavailable()),
                 }
             }
-            (Upstream::Outline { .. }, None) => {
+            (OutlineCredential::Outline { .. }, None) => {
                 return Err(gone(door, &opened, "Sign-in with Outline is no longer set up here; sign in again."))
             }
-            (Upstream::ApiKey { key }, _) => match proxy.auth.ask_outline(key) {
+            (OutlineCredential::ApiKey { key }, _) => match proxy.auth.ask_outline(key) {
                 Ok(_) => {}
                 Err(ProxyError::Unauthorized(_)) => {
                     proxy.auth.forget(key);
@@ -3168,7 +3168,7 @@ mod oauth {
             if caller.is_none_or(|c| Some(c) == owner) {
                 let opened = door.grants.open_with_access(token).or_else(|_| door.grants.open_with_refresh(token));
                 if let (Ok(opened), Some(app)) = (opened, &door.outline_app) {
-                    if let Upstream::Outline { refresh_token, .. } = &opened.sealed.upstream {
+                    if let OutlineCredential::Outline { refresh_token, .. } = &opened.sealed.credential {
                         app.revoke(refresh_token);
                     }
                 }
@@ -3187,10 +3187,10 @@ mod signin {
     //! field when no Outline OAuth app is set), its cookie and anti-framing headers, and
     //! the proxy's own OAuth client of Outline (authorize, token, refresh, revoke) with
     //! its PKCE verifiers keyed by a secret in the state directory.
-    //! Calls `grants` (the Upstream type), `auth` (Outline's HTTP client, ureq error
+    //! Calls `grants` (the OutlineCredential type), `auth` (Outline's HTTP client, ureq error
     //! words), `util`, ureq.
     use crate::auth::describe_ureq_error;
-    use crate::grants::Upstream;
+    use crate::grants::OutlineCredential;
     use crate::util::{base64url, lock, now_unix, percent_encode};
     use hkdf::hmac::{Hmac, Mac};
     use serde_json::Value;
@@ -3280,7 +3280,7 @@ mod signin {
         }
 
         /// Outline's code → Outline's tokens (`POST /oauth/token`, the secret in the body).
-        pub fn exchange(&self, code: &str, callback: &str, verifier: &str) -> Result<Upstream, UpstreamRefusal> {
+        pub fn exchange(&self, code: &str, callback: &str, verifier: &str) -> Result<OutlineCredential, UpstreamRefusal> {
             self.token_request(&[
                 ("grant_type", "authorization_code"),
                 ("code", code),
@@ -3290,7 +3290,7 @@ mod signin {
         }
 
         /// New tokens for old: Outline rotates its refresh token on every use.
-        pub fn refresh(&self, refresh_token: &str) -> Result<Upstream, UpstreamRefusal> {
+        pub fn refresh(&self, refresh_token: &str) -> Result<OutlineCredential, UpstreamRefusal> {
             self.token_request(&[("grant_type", "refresh_token"), ("refresh_token", refresh_token)])
         }
 
@@ -3322,7 +3322,7 @@ mod signin {
             }
         }
 
-        fn token_request(&self, params: &[(&str, &str)]) -> Result<Upstream, UpstreamRefusal> {
+        fn token_request(&self, params: &[(&str, &str)]) -> Result<OutlineCredential, UpstreamRefusal> {
             let url = format!("{}/oauth/token", self.outline_url);
             let mut form: Vec<(&str, &str)> = params.to_vec();
             form.push(("client_id", &self.client_id));
@@ -3354,11 +3354,11 @@ mod signin {
     }
 
     /// `{"access_token","refresh_token","expires_in",...}` → the upstream credential.
-    pub fn parse_outline_tokens(body: &str) -> Option<Upstream> {
+    pub fn parse_outline_tokens(body: &str) -> Option<OutlineCredential> {
         let value: Value = serde_json::from_str(body).ok()?;
         let text = |k: &str| value.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
         let expires_in = value.get("expires_in").and_then(Value::as_u64).unwrap_or(3600);
-        Some(Upstream::Outline {
+        Some(OutlineCredential::Outline {
             access_token: text("access_token")?,
             refresh_token: text("refresh_token")?,
             expires_at: now_unix() + expires_in,
@@ -3527,35 +3527,37 @@ mod grants {
     /// What the container is given: a pasted API key, or Outline's own OAuth tokens.
     #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
     #[serde(tag = "kind", rename_all = "snake_case")]
-    pub enum Upstream {
+    pub enum OutlineCredential {
         ApiKey { key: String },
         Outline { access_token: String, refresh_token: String, expires_at: u64 },
     }
 
-    impl Upstream {
-        /// The credential sent to Outline and to the container as `x-outline-api-key`.
-        pub fn credential(&self) -> &str {
+    impl OutlineCredential {
+        /// The key sent to Outline and to the container as `x-outline-api-key`.
+        pub fn key(&self) -> &str {
             match self {
-                Upstream::ApiKey { key } => key,
-                Upstream::Outline { access_token, .. } => access_token,
+                OutlineCredential::ApiKey { key } => key,
+                OutlineCredential::Outline { access_token, .. } => access_token,
             }
         }
     }
 
-    /// What a grant's sealed box holds: the credential and whose it is.
+    /// Who signed in, and their Outline credential: what a grant's sealed box holds,
+    /// opened (sealed at rest as JSON, the field names as they always were).
     #[derive(Serialize, Deserialize, Clone, Debug)]
-    pub struct Sealed {
-        pub upstream: Upstream,
+    pub struct SignedIn {
+        #[serde(rename = "upstream")]
+        pub credential: OutlineCredential,
         pub user_id: String,
         pub team_id: String,
         pub name: String,
         pub email: String,
     }
 
-    impl Sealed {
-        pub fn new(upstream: Upstream, user: &User) -> Sealed {
-            Sealed {
-                upstream,
+    impl SignedIn {
+        pub fn new(credential: OutlineCredential, user: &User) -> SignedIn {
+            SignedIn {
+                credential,
                 user_id: user.id.clone(),
                 team_id: user.team_id.clone(),
                 name: user.name.clone(),
@@ -3601,10 +3603,10 @@ mod grants {
         pub redirect_uri: String,
         pub code_challenge: String,
         pub resource: String,
-        pub sealed: Sealed,
+        pub sealed: SignedIn,
     }
 
-    /// An authorization code as kept: its `Sealed` sealed under a key derived from the
+    /// An authorization code as kept: its `SignedIn` sealed under a key derived from the
     /// code, so it too can be written when the proxy stops without a secret in the clear.
     #[derive(Clone, Debug, Serialize, Deserialize)]
     struct CodeRecord {
@@ -3629,7 +3631,7 @@ mod grants {
         id: String,
         client_id: String,
         resource: String,
-        /// `Sealed`, as JSON, sealed under the grant's key.
+        /// `SignedIn`, as JSON, sealed under the grant's key.
         sealed: String,
         refresh: TokenRecord,
         access: Vec<TokenRecord>,
@@ -3664,7 +3666,7 @@ mod grants {
         pub grant_id: String,
         pub client_id: String,
         pub resource: String,
-        pub sealed: Sealed,
+        pub sealed: SignedIn,
         key: [u8; 32],
     }
 
@@ -3901,7 +3903,7 @@ mod grants {
     }
 
     /// sha256 of whose grant it is: the Outline team and user, never the name or email.
-    fn user_key(sealed: &Sealed) -> String {
+    fn user_key(sealed: &SignedIn) -> String {
         token_hash(&format!("{}\n{}", sealed.team_id, sealed.user_id))
     }
 
@@ -4058,7 +4060,7 @@ mod grants {
         }
 
         /// A one-time code for a finished sign-in, valid for a minute.
-        pub fn issue_code(&self, pending: &Pending, sealed: Sealed) -> Result<String, TokenRefused> {
+        pub fn issue_code(&self, pending: &Pending, sealed: SignedIn) -> Result<String, TokenRefused> {
             let code = new_secret("ac")?;
             let plaintext = serde_json::to_vec(&sealed).map_err(|_| TokenRefused::Storage)?;
             let entry = CodeRecord {
@@ -4084,7 +4086,7 @@ mod grants {
                     return Err(TokenRefused::InvalidGrant("The authorization code has expired."));
                 }
                 let opened = open(&token_key(code, "code"), "code", &entry.sealed)
-                    .and_then(|plaintext| serde_json::from_slice::<Sealed>(&plaintext).ok())
+                    .and_then(|plaintext| serde_json::from_slice::<SignedIn>(&plaintext).ok())
                     .ok_or(TokenRefused::InvalidGrant("The authorization code does not open."))?;
                 return Ok(Code {
                     client_id: entry.client_id,
@@ -4188,12 +4190,12 @@ mod grants {
                 .ok_or(TokenRefused::InvalidGrant("The token does not open its grant."))?;
             let plaintext = open(&grant_key, &format!("grant:{grant_id}"), &boxed)
                 .ok_or(TokenRefused::InvalidGrant("The grant could not be opened."))?;
-            let sealed: Sealed = serde_json::from_slice(&plaintext).map_err(|_| TokenRefused::Storage)?;
+            let sealed: SignedIn = serde_json::from_slice(&plaintext).map_err(|_| TokenRefused::Storage)?;
             Ok(Opened { grant_id, client_id, resource, sealed, key: grant_key })
         }
 
         /// Seals a grant's credential again (Outline's tokens were refreshed).
-        pub fn reseal(&self, opened: &Opened, sealed: &Sealed) -> Result<(), TokenRefused> {
+        pub fn reseal(&self, opened: &Opened, sealed: &SignedIn) -> Result<(), TokenRefused> {
             let plaintext = serde_json::to_vec(sealed).map_err(|_| TokenRefused::Storage)?;
             let boxed = seal(&opened.key, &format!("grant:{}", opened.grant_id), &plaintext)?;
             let durable = {
@@ -11123,7 +11125,7 @@ mod tests {
             redirect_uri: "http://127.0.0.1/cb".into(),
             code_challenge: "c".into(),
             resource: "https://h/oauth/mcp".into(),
-            sealed: crate::grants::Sealed::new(crate::grants::Upstream::ApiKey { key: key.into() }, &user),
+            sealed: crate::grants::SignedIn::new(crate::grants::OutlineCredential::ApiKey { key: key.into() }, &user),
         }
     }
 
@@ -11139,7 +11141,7 @@ mod tests {
         // a new process (the store read back) opens it with the token, and only so
         let again = reopen(&dir);
         let opened = again.open_with_access(&issued.access_token).unwrap();
-        assert_eq!(opened.sealed.upstream.credential(), "ol_api_secret_key");
+        assert_eq!(opened.sealed.credential.key(), "ol_api_secret_key");
         assert_eq!(opened.sealed.name, "Carol");
         assert!(again.open_with_access(&issued.refresh_token).is_err(), "a refresh token is not an access token");
         assert!(again.open_with_access("omp_at_forged").is_err());
@@ -11179,7 +11181,7 @@ mod tests {
         assert_eq!(again.pending("omp_rq_one").map(|p| p.client_name), Some("Desk".into()));
         assert!(again.take_code("omp_ac_forged").is_err());
         let taken = again.take_code(&code).unwrap();
-        assert_eq!(taken.sealed.upstream.credential(), "ol_api_in_flight");
+        assert_eq!(taken.sealed.credential.key(), "ol_api_in_flight");
         assert!(again.take_code(&code).is_err(), "a code is used once");
         std::fs::remove_dir_all(&dir).unwrap();
     }
