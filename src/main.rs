@@ -1687,7 +1687,7 @@ mod oauth {
     use crate::auth::{Credential, KeySource, User};
     use crate::config::ClientDocuments;
     use crate::error::ProxyError;
-    use crate::grants::{self, Client, Opened, Pending, SignedIn, Store, TokenRefused, OutlineCredential};
+    use crate::grants::{self, Client, Opened, OutlineCredential, Pending, SignedIn, Store, TokenRefused};
     use crate::signin::{self, OutlineApp, UpstreamRefusal};
     use crate::util::{base64url, constant_time_eq, lock, now_unix, parse_form, Flight};
     use crate::wire::LogContext;
@@ -2823,7 +2823,9 @@ mod oauth {
             return consent(door, &pending, request_id, field("csrf"), Some(why), None);
         }
         match proxy.auth.ask_outline(key) {
-            Ok(user) => finish_sign_in(door, request_id, OutlineCredential::ApiKey { key: key.to_string() }, &user, base),
+            Ok(user) => {
+                finish_sign_in(door, request_id, OutlineCredential::ApiKey { key: key.to_string() }, &user, base)
+            }
             Err(ProxyError::Unauthorized(_)) => {
                 if door.grants.count_attempt(request_id) >= 5 {
                     lock(&door.signins).end(request_id);
@@ -2882,7 +2884,13 @@ mod oauth {
     }
 
     /// The person is known: a one-time code goes back to the client's redirect URI.
-    fn finish_sign_in(door: &FrontDoor, request_id: &str, upstream: OutlineCredential, user: &User, base: &str) -> Reply {
+    fn finish_sign_in(
+        door: &FrontDoor,
+        request_id: &str,
+        upstream: OutlineCredential,
+        user: &User,
+        base: &str,
+    ) -> Reply {
         lock(&door.signins).end(request_id);
         let Some(pending) = door.grants.take_pending(request_id) else {
             return problem(400, "This sign-in has expired; start again from your app.");
@@ -3280,7 +3288,12 @@ mod signin {
         }
 
         /// Outline's code → Outline's tokens (`POST /oauth/token`, the secret in the body).
-        pub fn exchange(&self, code: &str, callback: &str, verifier: &str) -> Result<OutlineCredential, UpstreamRefusal> {
+        pub fn exchange(
+            &self,
+            code: &str,
+            callback: &str,
+            verifier: &str,
+        ) -> Result<OutlineCredential, UpstreamRefusal> {
             self.token_request(&[
                 ("grant_type", "authorization_code"),
                 ("code", code),
