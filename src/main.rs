@@ -1684,7 +1684,7 @@ mod oauth {
     //! authorize, callback, token and revoke endpoints, and the bearer token of a request
     //! turned into that user's Outline credential. Calls `signin` (the person's step),
     //! `grants` (the store), `auth` (Outline's verdict, who), `wire`, `util`.
-    use crate::auth::{Credential, KeySource, User};
+    use crate::auth::{Credential, User};
     use crate::config::ClientDocuments;
     use crate::error::ProxyError;
     use crate::grants::{self, Client, Opened, OutlineCredential, Pending, SignedIn, Store, TokenRefused};
@@ -2037,7 +2037,7 @@ mod oauth {
             other => other,
         };
         let sealed = renewed_upstream(door, &token, opened).map_err(refused_by_outline)?;
-        let credential = Credential { key: sealed.credential.key().to_string(), source: KeySource::KeyHeader };
+        let credential = Credential { key: sealed.credential.key().to_string() };
         let user = proxy.auth.verify(&credential.key).map_err(refused_by_outline)?;
         let name = crate::auth::note_user(proxy, &user, &credential, log_ctx);
         Ok((credential, user, name))
@@ -4648,17 +4648,10 @@ mod auth {
     /// The header that carries the key; `Authorization: Bearer` is the other way.
     pub const KEY_HEADER: &str = "x-outline-api-key";
 
-    /// Which header the key came in.
-    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-    pub enum KeySource {
-        KeyHeader,
-        Bearer,
-    }
-
-    /// The key as the client sent it, and where.
+    /// The key as the client sent it (in either header: which one is not kept, as
+    /// nothing decides by it).
     pub struct Credential {
         pub key: String,
-        pub source: KeySource,
     }
 
     /// Whether the request carries a credential at all (it may still be a bad one).
@@ -4677,9 +4670,9 @@ mod auth {
     /// (without asking Outline) one that is empty, too long or not printable ASCII.
     pub fn extract(incoming: &Incoming) -> Result<Credential, ProxyError> {
         let credential = match (incoming.header(KEY_HEADER), incoming.header("authorization")) {
-            (Some(k), _) => Credential { key: k.trim().to_string(), source: KeySource::KeyHeader },
+            (Some(k), _) => Credential { key: k.trim().to_string() },
             (None, Some(auth)) => match bearer(auth) {
-                Some(key) => Credential { key: key.to_string(), source: KeySource::Bearer },
+                Some(key) => Credential { key: key.to_string() },
                 None => {
                     return Err(ProxyError::Unauthorized("Authorization must be 'Bearer <Outline API key>'.".into()))
                 }
@@ -10211,7 +10204,7 @@ mod util {
 
 #[cfg(test)]
 mod tests {
-    use crate::auth::{self, parse_auth_info, Credential, KeySource, User};
+    use crate::auth::{self, parse_auth_info, Credential, User};
     use crate::config::{parse_duration, parse_size, Config, KeyMode};
     use crate::containers::Want;
     use crate::docker::{parse_inspect, ContainerSpec, DockerError};
@@ -10348,7 +10341,7 @@ mod tests {
         assert_eq!(key_of(&[("Authorization", "Basic abc")]).unwrap_err().status(), 401);
         assert!(auth::is_plausible_key(&"k".repeat(512)));
         let bearer = auth::extract(&incoming(&[("Authorization", "Bearer k")])).unwrap();
-        assert_eq!(bearer.source, KeySource::Bearer);
+        assert_eq!(bearer.key, "k");
     }
 
     #[test]
@@ -10708,7 +10701,7 @@ mod tests {
     #[test]
     fn only_env_mode_lets_the_key_into_container_code() {
         let user = User { id: "u".into(), team_id: "t".into(), name: "Ann".into(), email: String::new() };
-        let credential = Credential { key: "k-123".into(), source: KeySource::KeyHeader };
+        let credential = Credential { key: "k-123".into() };
         for (mode, holds) in [("header", false), ("env", true)] {
             let cfg = Config::load(&env(&[("MCP_PROXY_KEY_MODE", mode)])).unwrap();
             let want = Want::new(&cfg, "mcp-x".into(), &user, &credential);
