@@ -2756,7 +2756,7 @@ mod oauth {
                 "Too many sign-ins are in progress from this address; finish one, or try again in a few minutes.",
             );
         }
-        if door.grants.add_pending(&request_id, pending.clone()).is_err() {
+        if door.grants.sign_ins.add_pending(&request_id, pending.clone()).is_err() {
             lock(&door.signins).end(&request_id);
             return problem(503, "Too many sign-ins are in progress; try again in a few minutes.");
         }
@@ -2816,7 +2816,7 @@ mod oauth {
         }
         let key = field("api_key").trim();
         if !crate::auth::is_plausible_key(key) || key.starts_with(crate::auth::TOKEN_PREFIX) {
-            if door.grants.count_attempt(request_id) >= 5 {
+            if door.grants.sign_ins.count_attempt(request_id) >= 5 {
                 lock(&door.signins).end(request_id);
             }
             let why = "That does not look like an Outline API key: paste the whole key.";
@@ -2827,7 +2827,7 @@ mod oauth {
                 finish_sign_in(door, request_id, OutlineCredential::ApiKey { key: key.to_string() }, &user, base)
             }
             Err(ProxyError::Unauthorized(_)) => {
-                if door.grants.count_attempt(request_id) >= 5 {
+                if door.grants.sign_ins.count_attempt(request_id) >= 5 {
                     lock(&door.signins).end(request_id);
                     return problem(400, "Outline refused five keys; start again from your app.");
                 }
@@ -2876,7 +2876,7 @@ mod oauth {
 
     /// The sign-in ends without access: the client hears `access_denied`.
     fn declined(door: &FrontDoor, request_id: &str, pending: &Pending, base: &str, why: &str) -> Reply {
-        door.grants.take_pending(request_id);
+        door.grants.sign_ins.take_pending(request_id);
         lock(&door.signins).end(request_id);
         let params = [("error", "access_denied"), ("error_description", why)];
         let location = client_redirect(&pending.redirect_uri, &params, pending.state.as_deref(), base);
@@ -2892,10 +2892,10 @@ mod oauth {
         base: &str,
     ) -> Reply {
         lock(&door.signins).end(request_id);
-        let Some(pending) = door.grants.take_pending(request_id) else {
+        let Some(pending) = door.grants.sign_ins.take_pending(request_id) else {
             return problem(400, "This sign-in has expired; start again from your app.");
         };
-        let Ok(code) = door.grants.issue_code(&pending, SignedIn::new(upstream, user)) else {
+        let Ok(code) = door.grants.sign_ins.issue_code(&pending, SignedIn::new(upstream, user)) else {
             return problem(503, "The proxy could not finish the sign-in; try again.");
         };
         log::info!(
@@ -2920,7 +2920,7 @@ mod oauth {
         request_id: &str,
         form_csrf: Option<&str>,
     ) -> Result<Pending, Reply> {
-        let Some(pending) = door.grants.pending(request_id) else {
+        let Some(pending) = door.grants.sign_ins.pending(request_id) else {
             return Err(problem(400, "This sign-in has expired or was already used; start again from your app."));
         };
         let cookie =
@@ -3695,8 +3695,10 @@ mod grants {
         Full,
     }
 
+    /// Registered clients and live grants, with the indexes that find a grant by token,
+    /// user and client. Every change to it is also handed to the journal (`Keeping`).
     #[derive(Default)]
-    struct State {
+    struct Ledger {
         clients: HashMap<String, Client>,
         grants: HashMap<String, GrantRecord>,
         /// token hash → grant id (access and refresh tokens alike)
@@ -3707,13 +3709,9 @@ mod grants {
         by_user: HashMap<String, Vec<String>>,
         /// client id → its live grants (a client without any is unused)
         per_client: HashMap<String, usize>,
-        pending: HashMap<String, Pending>,
-        codes: HashMap<String, CodeRecord>,
-        /// used code hash → (grant issued from it, when the memory may go)
-        used_codes: HashMap<String, (String, Instant)>,
     }
 
-    impl State {
+    impl Ledger {
         fn index_tokens(&mut self, grant: &GrantRecord) {
             self.tokens.insert(grant.refresh.hash.clone(), grant.id.clone());
             for access in &grant.access {
@@ -3762,6 +3760,59 @@ mod grants {
             Some(grant)
         }
 
+        /// A new grant kept, and the user's oldest grants for this client, then over all,
+        /// ended where they are beyond the limits: the changes for the journal.
+        fn add_grant_within_limits(&mut self, grant: GrantRecord) -> Vec<Entry> {
+            let (user, client_id) = (grant.user.clone(), grant.client_id.clone());
+            self.add_grant(grant);
+            let over = self.over_limits(&user, &client_id);
+            if !over.is_empty() {
+                log::info!("a new OAuth grant ended {} older one(s) of its user (the limits per user)", over.len());
+            }
+            over.into_iter()
+                .map(|id| {
+                    self.remove_grant(&id);
+                    Entry::GrantGone { id }
+                })
+                .collect()
+        }
+
+        /// Forgets grants whose refresh token is dead, clients unused for a day, and
+        /// expired access tokens (those in memory only): the changes for the journal.
+        fn expire(&mut self, now: u64) -> Vec<Entry> {
+            let dead: Vec<String> =
+                self.grants.values().filter(|g| g.refresh.expires_at <= now).map(|g| g.id.clone()).collect();
+            let mut entries = Vec::new();
+            for id in dead {
+                self.remove_grant(&id);
+                entries.push(Entry::GrantGone { id });
+            }
+            let unused: Vec<String> = self
+                .clients
+                .values()
+                .filter(|c| !self.per_client.contains_key(&c.id) && c.created_at + 86400 <= now)
+                .map(|c| c.id.clone())
+                .collect();
+            for id in unused {
+                self.clients.remove(&id);
+                entries.push(Entry::ClientGone { id });
+            }
+            let mut expired_access = Vec::new();
+            for grant in self.grants.values_mut() {
+                grant.access.retain(|a| {
+                    let alive = a.expires_at > now;
+                    if !alive {
+                        expired_access.push(a.hash.clone());
+                    }
+                    alive
+                });
+            }
+            for hash in &expired_access {
+                self.tokens.remove(hash);
+            }
+            entries
+        }
+
         /// A user's grants beyond the limits, oldest first: those over GRANTS_PER_CLIENT
         /// for this client, then those over GRANTS_PER_USER in all.
         fn over_limits(&self, user: &str, client_id: &str) -> Vec<String> {
@@ -3805,6 +3856,133 @@ mod grants {
         }
     }
 
+    /// Kept in memory only, and written when the proxy stops: sign-ins in progress,
+    /// codes not yet redeemed, and redeemed codes (remembered to catch a second use).
+    #[derive(Default)]
+    struct InProgress {
+        pending: HashMap<String, Pending>,
+        codes: HashMap<String, CodeRecord>,
+        /// used code hash → (the grant issued from it, once issued; when the memory may go)
+        used_codes: HashMap<String, (Option<String>, Instant)>,
+    }
+
+    /// Sign-ins (by id hash) and codes (by code hash) as the state file keeps them.
+    type InProgressAtRest = (Vec<(String, Pending)>, Vec<(String, CodeRecord)>);
+
+    /// Sign-ins between the authorize request and the person's answer, and the
+    /// one-time codes they end in.
+    pub struct SignIns(Mutex<InProgress>);
+
+    impl SignIns {
+        /// Remembers a sign-in in progress; at most MAX_PENDING at once (each lives ten
+        /// minutes), so a flood of authorize requests cannot grow memory without end.
+        pub fn add_pending(&self, id: &str, pending: Pending) -> Result<(), TokenRefused> {
+            let mut state = lock(&self.0);
+            if state.pending.len() >= MAX_PENDING {
+                let now = now_unix();
+                state.pending.retain(|_, p| p.expires_at > now);
+            }
+            if state.pending.len() >= MAX_PENDING {
+                return Err(TokenRefused::Storage);
+            }
+            state.pending.insert(token_hash(id), pending);
+            Ok(())
+        }
+
+        pub fn pending(&self, id: &str) -> Option<Pending> {
+            let state = lock(&self.0);
+            state.pending.get(&token_hash(id)).filter(|p| p.expires_at > now_unix()).cloned()
+        }
+
+        /// Counts a failed attempt (a wrong key); after five the sign-in is over.
+        pub fn count_attempt(&self, id: &str) -> u32 {
+            let mut state = lock(&self.0);
+            let hash = token_hash(id);
+            let attempts = state.pending.get_mut(&hash).map(|p| {
+                p.attempts += 1;
+                p.attempts
+            });
+            match attempts {
+                Some(n) if n < 5 => n,
+                _ => {
+                    state.pending.remove(&hash);
+                    5
+                }
+            }
+        }
+
+        pub fn take_pending(&self, id: &str) -> Option<Pending> {
+            lock(&self.0).pending.remove(&token_hash(id)).filter(|p| p.expires_at > now_unix())
+        }
+
+        /// A one-time code for a finished sign-in, valid for a minute.
+        pub fn issue_code(&self, pending: &Pending, signed_in: SignedIn) -> Result<String, TokenRefused> {
+            let code = new_secret("ac")?;
+            let plaintext = serde_json::to_vec(&signed_in).map_err(|_| TokenRefused::Storage)?;
+            let entry = CodeRecord {
+                client_id: pending.client_id.clone(),
+                redirect_uri: pending.redirect_uri.clone(),
+                code_challenge: pending.code_challenge.clone(),
+                resource: pending.resource.clone(),
+                sealed: seal(&token_key(&code, "code"), "code", &plaintext)?,
+                expires_at: now_unix() + 60,
+            };
+            lock(&self.0).codes.insert(token_hash(&code), entry);
+            Ok(code)
+        }
+
+        /// Takes a waiting code for good (it is remembered as used); `None` when no such
+        /// code waits (unknown, or used before).
+        fn take_code(&self, code: &str) -> Option<Result<Code, TokenRefused>> {
+            let hash = token_hash(code);
+            let mut state = lock(&self.0);
+            let entry = state.codes.remove(&hash)?;
+            state.used_codes.insert(hash, (None, Instant::now() + Duration::from_secs(660)));
+            if entry.expires_at <= now_unix() {
+                return Some(Err(TokenRefused::InvalidGrant("The authorization code has expired.")));
+            }
+            let opened = open(&token_key(code, "code"), "code", &entry.sealed)
+                .and_then(|plaintext| serde_json::from_slice::<SignedIn>(&plaintext).ok())
+                .ok_or(TokenRefused::InvalidGrant("The authorization code does not open."));
+            Some(opened.map(|sealed| Code {
+                client_id: entry.client_id,
+                redirect_uri: entry.redirect_uri,
+                code_challenge: entry.code_challenge,
+                resource: entry.resource,
+                sealed,
+            }))
+        }
+
+        /// The grant a used code was redeemed for, if it has been issued.
+        fn grant_of_used_code(&self, code: &str) -> Option<String> {
+            lock(&self.0).used_codes.get(&token_hash(code)).and_then(|(grant, _)| grant.clone())
+        }
+
+        /// Remembers which grant a used code gave (so a second use revokes it).
+        fn note_grant_of_code(&self, code: &str, grant_id: &str) {
+            if let Some(used) = lock(&self.0).used_codes.get_mut(&token_hash(code)) {
+                used.0 = Some(grant_id.to_string());
+            }
+        }
+
+        fn prune(&self, now: u64) {
+            let mut state = lock(&self.0);
+            let instant = Instant::now();
+            state.pending.retain(|_, p| p.expires_at > now);
+            state.codes.retain(|_, c| c.expires_at > now);
+            state.used_codes.retain(|_, (_, until)| *until > instant);
+        }
+
+        /// The sign-ins and codes in progress, as written at a stop.
+        fn in_progress(&self) -> InProgressAtRest {
+            let state = lock(&self.0);
+            (
+                state.pending.iter().map(|(h, p)| (h.clone(), p.clone())).collect(),
+                state.codes.iter().map(|(h, c)| (h.clone(), c.clone())).collect(),
+            )
+        }
+    }
+
     /// One change to what is kept at rest: one line of the journal.
     #[derive(Serialize, Deserialize, Clone, Debug)]
     #[serde(tag = "op", rename_all = "snake_case")]
@@ -3842,8 +4020,71 @@ mod grants {
         Failed,
     }
 
+    impl Keeping {
+        /// Hands changes to the writer. Called with the ledger locked (`_made` is it), so
+        /// the journal has them in the order they were made; nothing is written here.
+        fn record(&self, _made: &Ledger, entries: Vec<Entry>) -> Durable {
+            match self {
+                _ if entries.is_empty() => Durable::Nothing,
+                Keeping::InMemory => Durable::Nothing,
+                Keeping::Unwritable => Durable::Failed,
+                Keeping::OnDisk { mailbox, .. } => {
+                    let (done, on_disk) = mpsc::channel();
+                    match mailbox.send(ToWriter::Changes(entries, done)) {
+                        Ok(()) => Durable::Waiting(on_disk),
+                        Err(_) => Durable::Failed,
+                    }
+                }
+            }
+        }
+
+        /// Waits, without the ledger's lock, until recorded changes are on disk.
+        fn settled(&self, durable: Durable) -> Result<(), TokenRefused> {
+            let written = match durable {
+                Durable::Nothing => return Ok(()),
+                Durable::Waiting(on_disk) => on_disk.recv().ok(),
+                Durable::Failed => None,
+            };
+            match written {
+                Some(true) => Ok(()),
+                Some(false) => Err(TokenRefused::Storage),
+                None => {
+                    self.writer_gone();
+                    Err(TokenRefused::Storage)
+                }
+            }
+        }
+
+        /// The writer thread ended (it only does by a panic): said once, in the log.
+        fn writer_gone(&self) {
+            if let Keeping::OnDisk { thread, .. } = self {
+                if let Some(handle) = lock(thread).take() {
+                    let how = if handle.join().is_err() { "panicked" } else { "ended" };
+                    log::error!("the OAuth journal writer {how}: changes to grants are refused until a restart");
+                }
+            }
+        }
+
+        /// The state file written whole, with the sign-ins and codes in progress, and
+        /// the journal emptied.
+        fn save_at_stop(&self, sign_ins: Vec<(String, Pending)>, codes: Vec<(String, CodeRecord)>) {
+            let Keeping::OnDisk { mailbox, .. } = self else { return };
+            let in_progress = sign_ins.len();
+            let (done, saved) = mpsc::channel();
+            let sent = mailbox.send(ToWriter::Stop { sign_ins, codes, done }).is_ok();
+            match sent.then(|| saved.recv().ok()).flatten() {
+                Some(true) => log::info!("OAuth state saved ({in_progress} sign-in(s) in progress)"),
+                Some(false) => log::error!("the OAuth state could not be saved at the stop"),
+                None => self.writer_gone(),
+            }
+        }
+    }
+
+    /// Clients, sign-ins, codes and grants; every change to clients and grants reaches
+    /// disk through `keeping` before it is answered.
     pub struct Store {
-        state: Mutex<State>,
+        ledger: Mutex<Ledger>,
+        pub sign_ins: SignIns,
         keeping: Keeping,
         access_ttl: Duration,
         refresh_ttl: Duration,
@@ -3925,92 +4166,24 @@ mod grants {
         /// journal's changes after it (a missing file is an empty store; an unreadable
         /// one is set aside and logged, never silently reused).
         pub fn open(dir: Option<PathBuf>, access_ttl: Duration, refresh_ttl: Duration, max_clients: usize) -> Store {
-            let mut state = State::default();
-            let mut keeping = Keeping::InMemory;
-            if let Some(dir) = &dir {
-                let loaded = load(dir);
-                let now = now_unix();
-                let sign_ins: Vec<(String, Pending)> =
-                    loaded.sign_ins.into_iter().filter(|(_, p)| p.expires_at > now).collect();
-                let codes: Vec<(String, CodeRecord)> =
-                    loaded.codes.into_iter().filter(|(_, c)| c.expires_at > now).collect();
-                keeping =
-                    match start_writer(dir, &loaded.clients, &loaded.grants, loaded.journal_bytes, &sign_ins, &codes) {
-                        Ok(writer) => writer,
-                        Err(e) => {
-                            log::error!(
-                                "cannot open the OAuth journal in {}: {e}; sign-ins are refused",
-                                dir.display()
-                            );
-                            Keeping::Unwritable
-                        }
-                    };
-                state.clients = loaded.clients;
-                let mut grants: Vec<GrantRecord> = loaded.grants.into_values().collect();
-                grants.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-                for grant in grants {
-                    state.add_grant(grant);
-                }
-                state.pending = sign_ins.into_iter().collect();
-                state.codes = codes.into_iter().collect();
-            }
-            Store { state: Mutex::new(state), keeping, access_ttl, refresh_ttl, max_clients }
-        }
-
-        /// Hands changes to the writer. Called with the state locked (`_made` is it), so
-        /// the journal has them in the order they were made; nothing is written here.
-        fn record(&self, _made: &State, entries: Vec<Entry>) -> Durable {
-            match &self.keeping {
-                _ if entries.is_empty() => Durable::Nothing,
-                Keeping::InMemory => Durable::Nothing,
-                Keeping::Unwritable => Durable::Failed,
-                Keeping::OnDisk { mailbox, .. } => {
-                    let (done, on_disk) = mpsc::channel();
-                    match mailbox.send(ToWriter::Changes(entries, done)) {
-                        Ok(()) => Durable::Waiting(on_disk),
-                        Err(_) => Durable::Failed,
-                    }
-                }
-            }
-        }
-
-        /// Waits, without the state's lock, until recorded changes are on disk.
-        fn settled(&self, durable: Durable) -> Result<(), TokenRefused> {
-            let written = match durable {
-                Durable::Nothing => return Ok(()),
-                Durable::Waiting(on_disk) => on_disk.recv().ok(),
-                Durable::Failed => None,
+            let (ledger, in_progress, keeping) = match &dir {
+                Some(dir) => restore(dir),
+                None => (Ledger::default(), InProgress::default(), Keeping::InMemory),
             };
-            match written {
-                Some(true) => Ok(()),
-                Some(false) => Err(TokenRefused::Storage),
-                None => {
-                    self.writer_gone();
-                    Err(TokenRefused::Storage)
-                }
-            }
-        }
-
-        /// The writer thread ended (it only does by a panic): said once, in the log.
-        fn writer_gone(&self) {
-            if let Keeping::OnDisk { thread, .. } = &self.keeping {
-                if let Some(handle) = lock(thread).take() {
-                    let how = if handle.join().is_err() { "panicked" } else { "ended" };
-                    log::error!("the OAuth journal writer {how}: changes to grants are refused until a restart");
-                }
-            }
+            let (ledger, sign_ins) = (Mutex::new(ledger), SignIns(Mutex::new(in_progress)));
+            Store { ledger, sign_ins, keeping, access_ttl, refresh_ttl, max_clients }
         }
 
         pub fn grant_count(&self) -> usize {
-            lock(&self.state).grants.len()
+            lock(&self.ledger).grants.len()
         }
 
         pub fn client_count(&self) -> usize {
-            lock(&self.state).clients.len()
+            lock(&self.ledger).clients.len()
         }
 
         pub fn client(&self, id: &str) -> Option<Client> {
-            lock(&self.state).clients.get(id).cloned()
+            lock(&self.ledger).clients.get(id).cloned()
         }
 
         /// A registered client kept; at MCP_PROXY_OAUTH_MAX_CLIENTS the oldest unused
@@ -4018,7 +4191,7 @@ mod grants {
         pub fn add_client(&self, client: Client) -> Result<(), TokenRefused> {
             let mut entries = Vec::new();
             let durable = {
-                let mut state = lock(&self.state);
+                let mut state = lock(&self.ledger);
                 let dropped = state.make_room_for_client(self.max_clients)?;
                 if !dropped.is_empty() {
                     log::info!("{} unused OAuth client(s) forgotten to make room for a new one", dropped.len());
@@ -4026,96 +4199,20 @@ mod grants {
                 entries.extend(dropped.into_iter().map(|id| Entry::ClientGone { id }));
                 entries.push(Entry::Client { client: client.clone() });
                 state.clients.insert(client.id.clone(), client);
-                self.record(&state, entries)
+                self.keeping.record(&state, entries)
             };
-            self.settled(durable)
-        }
-
-        /// Remembers a sign-in in progress; at most MAX_PENDING at once (each lives ten
-        /// minutes), so a flood of authorize requests cannot grow memory without end.
-        pub fn add_pending(&self, id: &str, pending: Pending) -> Result<(), TokenRefused> {
-            let mut state = lock(&self.state);
-            if state.pending.len() >= MAX_PENDING {
-                let now = now_unix();
-                state.pending.retain(|_, p| p.expires_at > now);
-            }
-            if state.pending.len() >= MAX_PENDING {
-                return Err(TokenRefused::Storage);
-            }
-            state.pending.insert(token_hash(id), pending);
-            Ok(())
-        }
-
-        pub fn pending(&self, id: &str) -> Option<Pending> {
-            let state = lock(&self.state);
-            state.pending.get(&token_hash(id)).filter(|p| p.expires_at > now_unix()).cloned()
-        }
-
-        /// Counts a failed attempt (a wrong key); after five the sign-in is over.
-        pub fn count_attempt(&self, id: &str) -> u32 {
-            let mut state = lock(&self.state);
-            let hash = token_hash(id);
-            let attempts = state.pending.get_mut(&hash).map(|p| {
-                p.attempts += 1;
-                p.attempts
-            });
-            match attempts {
-                Some(n) if n < 5 => n,
-                _ => {
-                    state.pending.remove(&hash);
-                    5
-                }
-            }
-        }
-
-        pub fn take_pending(&self, id: &str) -> Option<Pending> {
-            lock(&self.state).pending.remove(&token_hash(id)).filter(|p| p.expires_at > now_unix())
-        }
-
-        /// A one-time code for a finished sign-in, valid for a minute.
-        pub fn issue_code(&self, pending: &Pending, sealed: SignedIn) -> Result<String, TokenRefused> {
-            let code = new_secret("ac")?;
-            let plaintext = serde_json::to_vec(&sealed).map_err(|_| TokenRefused::Storage)?;
-            let entry = CodeRecord {
-                client_id: pending.client_id.clone(),
-                redirect_uri: pending.redirect_uri.clone(),
-                code_challenge: pending.code_challenge.clone(),
-                resource: pending.resource.clone(),
-                sealed: seal(&token_key(&code, "code"), "code", &plaintext)?,
-                expires_at: now_unix() + 60,
-            };
-            lock(&self.state).codes.insert(token_hash(&code), entry);
-            Ok(code)
+            self.keeping.settled(durable)
         }
 
         /// Takes a code for good (a second use finds nothing, and revokes what the
         /// first use was given, as RFC 6749 §4.1.2 asks).
         pub fn take_code(&self, code: &str) -> Result<Code, TokenRefused> {
-            let hash = token_hash(code);
-            let mut state = lock(&self.state);
-            if let Some(entry) = state.codes.remove(&hash) {
-                state.used_codes.insert(hash, (String::new(), Instant::now() + Duration::from_secs(660)));
-                if entry.expires_at <= now_unix() {
-                    return Err(TokenRefused::InvalidGrant("The authorization code has expired."));
-                }
-                let opened = open(&token_key(code, "code"), "code", &entry.sealed)
-                    .and_then(|plaintext| serde_json::from_slice::<SignedIn>(&plaintext).ok())
-                    .ok_or(TokenRefused::InvalidGrant("The authorization code does not open."))?;
-                return Ok(Code {
-                    client_id: entry.client_id,
-                    redirect_uri: entry.redirect_uri,
-                    code_challenge: entry.code_challenge,
-                    resource: entry.resource,
-                    sealed: opened,
-                });
+            if let Some(taken) = self.sign_ins.take_code(code) {
+                return taken;
             }
-            let replayed = state.used_codes.get(&hash).map(|(grant, _)| grant.clone());
-            drop(state);
-            if let Some(grant_id) = replayed {
-                if !grant_id.is_empty() {
-                    log::warn!("an authorization code was used twice: its grant is revoked");
-                    self.revoke_grant(&grant_id)?;
-                }
+            if let Some(grant_id) = self.sign_ins.grant_of_used_code(code) {
+                log::warn!("an authorization code was used twice: its grant is revoked");
+                self.revoke_grant(&grant_id)?;
             }
             Err(TokenRefused::InvalidGrant("The authorization code is unknown or was already used."))
         }
@@ -4141,24 +4238,12 @@ mod grants {
             };
             let mut entries = vec![Entry::Grant { grant: grant.clone() }];
             let durable = {
-                let mut state = lock(&self.state);
-                let (user, client_id) = (grant.user.clone(), grant.client_id.clone());
-                state.add_grant(grant);
-                // the limits: the user's oldest grants for this client, then over all, end
-                let over = state.over_limits(&user, &client_id);
-                if !over.is_empty() {
-                    log::info!("a new OAuth grant ended {} older one(s) of its user (the limits per user)", over.len());
-                }
-                for id in over {
-                    state.remove_grant(&id);
-                    entries.push(Entry::GrantGone { id });
-                }
-                if let Some(used) = state.used_codes.get_mut(&token_hash(code_text)) {
-                    used.0 = grant_id;
-                }
-                self.record(&state, entries)
+                let mut state = lock(&self.ledger);
+                entries.extend(state.add_grant_within_limits(grant));
+                self.keeping.record(&state, entries)
             };
-            self.settled(durable)?;
+            self.sign_ins.note_grant_of_code(code_text, &grant_id);
+            self.keeping.settled(durable)?;
             Ok(Issued { access_token, refresh_token, expires_in: self.access_ttl.as_secs() })
         }
 
@@ -4174,7 +4259,7 @@ mod grants {
         fn open_with(&self, token: &str, refresh: bool) -> Result<Opened, TokenRefused> {
             let hash = token_hash(token);
             let (record, grant_id, client_id, resource, boxed) = {
-                let state = lock(&self.state);
+                let state = lock(&self.ledger);
                 if refresh {
                     if let Some(grant_id) = state.retired.get(&hash).cloned() {
                         drop(state);
@@ -4195,16 +4280,8 @@ mod grants {
                 // request's path at the OAuth resource)
                 (record, grant.id.clone(), grant.client_id.clone(), grant.resource.clone(), grant.sealed.clone())
             };
-            if record.expires_at <= now_unix() {
-                return Err(TokenRefused::InvalidGrant("The token has expired."));
-            }
-            let grant_key = open(&token_key(token, &grant_id), &format!("wrap:{grant_id}"), &record.wrapped_key)
-                .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
-                .ok_or(TokenRefused::InvalidGrant("The token does not open its grant."))?;
-            let plaintext = open(&grant_key, &format!("grant:{grant_id}"), &boxed)
-                .ok_or(TokenRefused::InvalidGrant("The grant could not be opened."))?;
-            let sealed: SignedIn = serde_json::from_slice(&plaintext).map_err(|_| TokenRefused::Storage)?;
-            Ok(Opened { grant_id, client_id, resource, sealed, key: grant_key })
+            let (key, sealed) = unwrap_grant(token, &grant_id, &record, &boxed)?;
+            Ok(Opened { grant_id, client_id, resource, sealed, key })
         }
 
         /// Seals a grant's credential again (Outline's tokens were refreshed).
@@ -4212,15 +4289,15 @@ mod grants {
             let plaintext = serde_json::to_vec(sealed).map_err(|_| TokenRefused::Storage)?;
             let boxed = seal(&opened.key, &format!("grant:{}", opened.grant_id), &plaintext)?;
             let durable = {
-                let mut state = lock(&self.state);
+                let mut state = lock(&self.ledger);
                 let Some(grant) = state.grants.get_mut(&opened.grant_id) else {
                     return Err(TokenRefused::InvalidGrant("The grant was revoked."));
                 };
                 grant.sealed = boxed;
                 let entry = Entry::Grant { grant: grant.clone() };
-                self.record(&state, vec![entry])
+                self.keeping.record(&state, vec![entry])
             };
-            self.settled(durable)
+            self.keeping.settled(durable)
         }
 
         /// New access and refresh tokens for an opened grant; the old refresh token is
@@ -4232,7 +4309,7 @@ mod grants {
             let access = token_record(&access_token, &opened.grant_id, &opened.key, self.access_ttl)?;
             let refresh = token_record(&refresh_token, &opened.grant_id, &opened.key, self.refresh_ttl)?;
             let durable = {
-                let mut state = lock(&self.state);
+                let mut state = lock(&self.ledger);
                 let old_hash = token_hash(old_refresh);
                 let Some(mut grant) = state.grants.remove(&opened.grant_id) else {
                     return Err(TokenRefused::InvalidGrant("The grant was revoked."));
@@ -4255,32 +4332,32 @@ mod grants {
                 state.index_tokens(&grant);
                 let entry = Entry::Grant { grant: grant.clone() };
                 state.grants.insert(grant.id.clone(), grant);
-                self.record(&state, vec![entry])
+                self.keeping.record(&state, vec![entry])
             };
-            self.settled(durable)?;
+            self.keeping.settled(durable)?;
             Ok(Issued { access_token, refresh_token, expires_in: self.access_ttl.as_secs() })
         }
 
         /// Which grant a token (access or refresh, current or retired) belongs to.
         pub fn grant_of(&self, token: &str) -> Option<String> {
             let hash = token_hash(token);
-            let state = lock(&self.state);
+            let state = lock(&self.ledger);
             state.tokens.get(&hash).or_else(|| state.retired.get(&hash)).cloned()
         }
 
         pub fn client_of(&self, grant_id: &str) -> Option<String> {
-            lock(&self.state).grants.get(grant_id).map(|g| g.client_id.clone())
+            lock(&self.ledger).grants.get(grant_id).map(|g| g.client_id.clone())
         }
 
         pub fn revoke_grant(&self, grant_id: &str) -> Result<(), TokenRefused> {
             let durable = {
-                let mut state = lock(&self.state);
+                let mut state = lock(&self.ledger);
                 match state.remove_grant(grant_id) {
-                    Some(_) => self.record(&state, vec![Entry::GrantGone { id: grant_id.to_string() }]),
+                    Some(_) => self.keeping.record(&state, vec![Entry::GrantGone { id: grant_id.to_string() }]),
                     None => Durable::Nothing,
                 }
             };
-            self.settled(durable)
+            self.keeping.settled(durable)
         }
 
         /// Forgets what has expired: sign-ins, codes, access tokens, grants whose
@@ -4288,68 +4365,73 @@ mod grants {
         /// access tokens are forgotten in memory only: on disk they open nothing.
         pub fn prune(&self) {
             let now = now_unix();
+            self.sign_ins.prune(now);
             let durable = {
-                let mut state = lock(&self.state);
-                let instant = Instant::now();
-                state.pending.retain(|_, p| p.expires_at > now);
-                state.codes.retain(|_, c| c.expires_at > now);
-                state.used_codes.retain(|_, (_, until)| *until > instant);
-                let dead: Vec<String> =
-                    state.grants.values().filter(|g| g.refresh.expires_at <= now).map(|g| g.id.clone()).collect();
-                let mut entries = Vec::new();
-                for id in dead {
-                    state.remove_grant(&id);
-                    entries.push(Entry::GrantGone { id });
-                }
-                let unused: Vec<String> = state
-                    .clients
-                    .values()
-                    .filter(|c| !state.per_client.contains_key(&c.id) && c.created_at + 86400 <= now)
-                    .map(|c| c.id.clone())
-                    .collect();
-                for id in unused {
-                    state.clients.remove(&id);
-                    entries.push(Entry::ClientGone { id });
-                }
-                let mut expired_access = Vec::new();
-                for grant in state.grants.values_mut() {
-                    grant.access.retain(|a| {
-                        let alive = a.expires_at > now;
-                        if !alive {
-                            expired_access.push(a.hash.clone());
-                        }
-                        alive
-                    });
-                }
-                for hash in &expired_access {
-                    state.tokens.remove(hash);
-                }
-                self.record(&state, entries)
+                let mut state = lock(&self.ledger);
+                let entries = state.expire(now);
+                self.keeping.record(&state, entries)
             };
-            let _ = self.settled(durable);
+            let _ = self.keeping.settled(durable);
         }
 
         /// At a stop: the state file written whole, with the sign-ins and codes in
         /// progress (they are otherwise not written, so a flood of authorize requests
         /// costs no disk writes), and the journal emptied.
         pub fn save_at_stop(&self) {
-            let Keeping::OnDisk { mailbox, .. } = &self.keeping else { return };
-            let (sign_ins, codes) = {
-                let state = lock(&self.state);
-                (
-                    state.pending.iter().map(|(h, p)| (h.clone(), p.clone())).collect::<Vec<_>>(),
-                    state.codes.iter().map(|(h, c)| (h.clone(), c.clone())).collect::<Vec<_>>(),
-                )
-            };
-            let in_progress = sign_ins.len();
-            let (done, saved) = mpsc::channel();
-            let sent = mailbox.send(ToWriter::Stop { sign_ins, codes, done }).is_ok();
-            match sent.then(|| saved.recv().ok()).flatten() {
-                Some(true) => log::info!("OAuth state saved ({in_progress} sign-in(s) in progress)"),
-                Some(false) => log::error!("the OAuth state could not be saved at the stop"),
-                None => self.writer_gone(),
+            if let Keeping::OnDisk { .. } = self.keeping {
+                let (sign_ins, codes) = self.sign_ins.in_progress();
+                self.keeping.save_at_stop(sign_ins, codes);
             }
         }
+    }
+
+    /// What `dir` keeps, loaded, and the journal's writer started over it (a journal
+    /// that cannot be opened leaves the store `Unwritable`: sign-ins are refused).
+    fn restore(dir: &std::path::Path) -> (Ledger, InProgress, Keeping) {
+        let loaded = load(dir);
+        let now = now_unix();
+        let sign_ins: Vec<(String, Pending)> =
+            loaded.sign_ins.into_iter().filter(|(_, p)| p.expires_at > now).collect();
+        let codes: Vec<(String, CodeRecord)> = loaded.codes.into_iter().filter(|(_, c)| c.expires_at > now).collect();
+        let keeping = match start_writer(dir, &loaded.clients, &loaded.grants, loaded.journal_bytes, &sign_ins, &codes)
+        {
+            Ok(writer) => writer,
+            Err(e) => {
+                log::error!("cannot open the OAuth journal in {}: {e}; sign-ins are refused", dir.display());
+                Keeping::Unwritable
+            }
+        };
+        let mut ledger = Ledger { clients: loaded.clients, ..Ledger::default() };
+        let mut grants: Vec<GrantRecord> = loaded.grants.into_values().collect();
+        grants.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        for grant in grants {
+            ledger.add_grant(grant);
+        }
+        let in_progress = InProgress {
+            pending: sign_ins.into_iter().collect(),
+            codes: codes.into_iter().collect(),
+            used_codes: HashMap::new(),
+        };
+        (ledger, in_progress, keeping)
+    }
+
+    /// A grant's key unwrapped with one of its live tokens, and its box opened with it.
+    fn unwrap_grant(
+        token: &str,
+        grant_id: &str,
+        record: &TokenRecord,
+        boxed: &str,
+    ) -> Result<([u8; 32], SignedIn), TokenRefused> {
+        if record.expires_at <= now_unix() {
+            return Err(TokenRefused::InvalidGrant("The token has expired."));
+        }
+        let grant_key = open(&token_key(token, grant_id), &format!("wrap:{grant_id}"), &record.wrapped_key)
+            .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
+            .ok_or(TokenRefused::InvalidGrant("The token does not open its grant."))?;
+        let plaintext = open(&grant_key, &format!("grant:{grant_id}"), boxed)
+            .ok_or(TokenRefused::InvalidGrant("The grant could not be opened."))?;
+        let sealed: SignedIn = serde_json::from_slice(&plaintext).map_err(|_| TokenRefused::Storage)?;
+        Ok((grant_key, sealed))
     }
 
     /// The writer thread's own picture of what is on disk: each client and grant as
@@ -11176,15 +11258,15 @@ mod tests {
             attempts: 0,
             expires_at: crate::util::now_unix() + 600,
         };
-        store.add_pending("omp_rq_one", pending.clone()).unwrap();
-        let code = store.issue_code(&pending, test_code("ol_api_in_flight").sealed).unwrap();
+        store.sign_ins.add_pending("omp_rq_one", pending.clone()).unwrap();
+        let code = store.sign_ins.issue_code(&pending, test_code("ol_api_in_flight").sealed).unwrap();
         store.save_at_stop();
         let on_disk = std::fs::read_to_string(dir.join("oauth-grants.json")).unwrap();
         for secret in ["ol_api_in_flight", "omp_rq_one", code.as_str(), "Carol"] {
             assert!(!on_disk.contains(secret), "{secret} is on disk in the clear");
         }
         let again = reopen(&dir);
-        assert_eq!(again.pending("omp_rq_one").map(|p| p.client_name), Some("Desk".into()));
+        assert_eq!(again.sign_ins.pending("omp_rq_one").map(|p| p.client_name), Some("Desk".into()));
         assert!(again.take_code("omp_ac_forged").is_err());
         let taken = again.take_code(&code).unwrap();
         assert_eq!(taken.sealed.credential.key(), "ol_api_in_flight");
