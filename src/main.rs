@@ -5628,6 +5628,27 @@ mod sessions {
         initialized: Option<Value>,
     }
 
+    impl ClientSession {
+        /// A session of `owner`'s with no upstream session known yet.
+        fn new(owner: &str) -> ClientSession {
+            ClientSession {
+                owner: owner.to_string(),
+                upstream_id: None,
+                incarnation: None,
+                init_params: None,
+                last_used: Instant::now(),
+                opening: None,
+                ended: false,
+                initialized: None,
+            }
+        }
+
+        /// Its upstream session was issued by another container incarnation than `now`.
+        fn issued_by_other_incarnation(&self, now: Option<&str>) -> bool {
+            matches!((&self.incarnation, now), (Some(had), Some(now)) if had != now)
+        }
+    }
+
     /// The table key of an owner's default session: a NUL cannot be in a header, so no
     /// client can present it.
     pub fn default_key(owner: &str) -> String {
@@ -5692,9 +5713,7 @@ mod sessions {
                 counters: Counters::default(),
             }
         }
-    }
 
-    impl Sessions {
         /// A request's session id must be one the proxy minted for this owner: any other
         /// (made up, another user's, from a key the proxy no longer has) is answered 404
         /// at once, so the client initializes again, before a container is woken.
@@ -5714,21 +5733,12 @@ mod sessions {
                 return Route::Foreign;
             }
             let mut table = lock(&self.table);
-            let session = table.entry(client_id.to_string()).or_insert_with(|| ClientSession {
-                owner: owner.to_string(),
-                upstream_id: None,
-                incarnation: None,
-                init_params: None,
-                last_used: Instant::now(),
-                opening: None,
-                ended: false,
-                initialized: None,
-            });
+            let session = table.entry(client_id.to_string()).or_insert_with(|| ClientSession::new(owner));
             if session.owner != owner || session.ended {
                 return Route::Foreign;
             }
             session.last_used = Instant::now();
-            let replaced = matches!((&session.incarnation, incarnation), (Some(had), Some(now)) if had != now);
+            let replaced = session.issued_by_other_incarnation(incarnation);
             let (upstream_id, stale) = match &session.upstream_id {
                 Some(id) => (id.clone(), replaced),
                 None => (client_id.to_string(), true),
@@ -5743,19 +5753,9 @@ mod sessions {
         pub fn default_route(&self, owner: &str, incarnation: Option<&str>) -> Route {
             let client_id = default_key(owner);
             let mut table = lock(&self.table);
-            let session = table.entry(client_id.clone()).or_insert_with(|| ClientSession {
-                owner: owner.to_string(),
-                upstream_id: None,
-                incarnation: None,
-                init_params: None,
-                last_used: Instant::now(),
-                opening: None,
-                ended: false,
-                initialized: None,
-            });
+            let session = table.entry(client_id.clone()).or_insert_with(|| ClientSession::new(owner));
             session.last_used = Instant::now();
-            let stale = session.upstream_id.is_none()
-                || matches!((&session.incarnation, incarnation), (Some(had), Some(now)) if had != now);
+            let stale = session.upstream_id.is_none() || session.issued_by_other_incarnation(incarnation);
             Route::Own { client_id, upstream_id: session.upstream_id.clone().unwrap_or_default(), stale }
         }
 
@@ -5815,19 +5815,13 @@ mod sessions {
             let client_id = self.key.mint(owner)?;
             let mut table = lock(&self.table);
             let latest = init_params.clone();
-            table.insert(
-                client_id.clone(),
-                ClientSession {
-                    owner: owner.to_string(),
-                    upstream_id: Some(upstream_id.to_string()),
-                    incarnation: incarnation.map(str::to_string),
-                    init_params,
-                    last_used: Instant::now(),
-                    opening: None,
-                    ended: false,
-                    initialized: None,
-                },
-            );
+            let session = ClientSession {
+                upstream_id: Some(upstream_id.to_string()),
+                incarnation: incarnation.map(str::to_string),
+                init_params,
+                ..ClientSession::new(owner)
+            };
+            table.insert(client_id.clone(), session);
             self.bound_owner(&mut table, owner);
             drop(table);
             if let Some(params) = latest {
@@ -5901,9 +5895,9 @@ mod sessions {
         pub fn attachable(&self, client_id: &str, owner: &str, incarnation: Option<&str>) -> Option<String> {
             let table = lock(&self.table);
             let session = table.get(client_id).filter(|s| s.owner == owner && !s.ended)?;
-            match (&session.incarnation, incarnation) {
-                (Some(had), Some(now)) if had != now => None,
-                _ => session.upstream_id.clone(),
+            match session.issued_by_other_incarnation(incarnation) {
+                true => None,
+                false => session.upstream_id.clone(),
             }
         }
 
