@@ -2036,8 +2036,8 @@ mod oauth {
             ProxyError::Unauthorized(_) => invalid("Outline no longer accepts this sign-in; sign in again."),
             other => other,
         };
-        let sealed = renewed_upstream(door, &token, opened).map_err(refused_by_outline)?;
-        let credential = Credential { key: sealed.credential.key().to_string() };
+        let signed_in = renewed_upstream(door, &token, opened).map_err(refused_by_outline)?;
+        let credential = Credential { key: signed_in.credential.key().to_string() };
         let user = proxy.auth.verify(&credential.key).map_err(refused_by_outline)?;
         let name = crate::auth::note_user(proxy, &user, &credential, log_ctx);
         Ok((credential, user, name))
@@ -2046,16 +2046,16 @@ mod oauth {
     /// The grant's upstream credential, with Outline's own access token renewed first
     /// when it is near its end.
     fn renewed_upstream(door: &FrontDoor, token: &str, opened: Opened) -> Result<SignedIn, ProxyError> {
-        let OutlineCredential::Outline { expires_at, .. } = &opened.sealed.credential else {
-            return Ok(opened.sealed);
+        let OutlineCredential::Outline { expires_at, .. } = &opened.signed_in.credential else {
+            return Ok(opened.signed_in);
         };
         if *expires_at > now_unix() + OUTLINE_RENEW_BEFORE {
-            return Ok(opened.sealed);
+            return Ok(opened.signed_in);
         }
         let still_good = *expires_at > now_unix();
         match renew_once(door, &opened.grant_id, RenewalFor::Request { access_token: token }) {
-            Ok(sealed) => Ok(sealed),
-            Err(UpstreamRefusal::Unreachable) if still_good => Ok(opened.sealed),
+            Ok(renewed) => Ok(renewed),
+            Err(UpstreamRefusal::Unreachable) if still_good => Ok(opened.signed_in),
             Err(UpstreamRefusal::Unreachable) => {
                 Err(ProxyError::OutlineUnreachable("Outline could not be reached to renew the sign-in.".into()))
             }
@@ -2111,11 +2111,11 @@ mod oauth {
             TokenRefused::Storage => UpstreamRefusal::Unreachable,
             _ => UpstreamRefusal::Refused,
         })?;
-        let OutlineCredential::Outline { refresh_token, expires_at, .. } = &opened.sealed.credential else {
-            return Ok(opened.sealed);
+        let OutlineCredential::Outline { refresh_token, expires_at, .. } = &opened.signed_in.credential else {
+            return Ok(opened.signed_in);
         };
         if matches!(asker, RenewalFor::Request { .. }) && *expires_at > now_unix() + OUTLINE_RENEW_BEFORE {
-            return Ok(opened.sealed);
+            return Ok(opened.signed_in);
         }
         renew_at_outline(door, app, &opened, refresh_token).map_err(|failed| match failed {
             RenewalFailed::Outline(refusal) => refusal,
@@ -2142,10 +2142,10 @@ mod oauth {
     ) -> Result<SignedIn, RenewalFailed> {
         match app.refresh(outline_refresh) {
             Ok(upstream) => {
-                let mut sealed = opened.sealed.clone();
-                sealed.credential = upstream;
-                door.grants.reseal(opened, &sealed).map_err(RenewalFailed::Store)?;
-                Ok(sealed)
+                let mut renewed = opened.signed_in.clone();
+                renewed.credential = upstream;
+                door.grants.reseal(opened, &renewed).map_err(RenewalFailed::Store)?;
+                Ok(renewed)
             }
             Err(UpstreamRefusal::Refused) => {
                 log::info!("Outline refused to renew a sign-in: its grant is revoked");
@@ -3130,7 +3130,7 @@ mod oauth {
             // not revoked on disk: the client may try again, and is not told the grant is gone
             Err(e) => refused(e),
         };
-        match (&opened.sealed.credential, &door.outline_app) {
+        match (&opened.signed_in.credential, &door.outline_app) {
             (OutlineCredential::Outline { .. }, Some(_)) => {
                 match renew_once(door, &opened.grant_id, RenewalFor::Refresh { refresh_token }) {
                     Ok(_) => {}
@@ -3176,7 +3176,7 @@ mod oauth {
             if caller.is_none_or(|c| Some(c) == owner) {
                 let opened = door.grants.open_with_access(token).or_else(|_| door.grants.open_with_refresh(token));
                 if let (Ok(opened), Some(app)) = (opened, &door.outline_app) {
-                    if let OutlineCredential::Outline { refresh_token, .. } = &opened.sealed.credential {
+                    if let OutlineCredential::Outline { refresh_token, .. } = &opened.signed_in.credential {
                         app.revoke(refresh_token);
                     }
                 }
@@ -3616,7 +3616,7 @@ mod grants {
         pub redirect_uri: String,
         pub code_challenge: String,
         pub resource: String,
-        pub sealed: SignedIn,
+        pub signed_in: SignedIn,
     }
 
     /// An authorization code as kept: its `SignedIn` sealed under a key derived from the
@@ -3679,7 +3679,7 @@ mod grants {
         pub grant_id: String,
         pub client_id: String,
         pub resource: String,
-        pub sealed: SignedIn,
+        pub signed_in: SignedIn,
         key: [u8; 32],
     }
 
@@ -3944,12 +3944,12 @@ mod grants {
             let opened = open(&token_key(code, "code"), "code", &entry.sealed)
                 .and_then(|plaintext| serde_json::from_slice::<SignedIn>(&plaintext).ok())
                 .ok_or(TokenRefused::InvalidGrant("The authorization code does not open."));
-            Some(opened.map(|sealed| Code {
+            Some(opened.map(|signed_in| Code {
                 client_id: entry.client_id,
                 redirect_uri: entry.redirect_uri,
                 code_challenge: entry.code_challenge,
                 resource: entry.resource,
-                sealed,
+                signed_in,
             }))
         }
 
@@ -4157,8 +4157,8 @@ mod grants {
     }
 
     /// sha256 of whose grant it is: the Outline team and user, never the name or email.
-    fn user_key(sealed: &SignedIn) -> String {
-        token_hash(&format!("{}\n{}", sealed.team_id, sealed.user_id))
+    fn user_key(signed_in: &SignedIn) -> String {
+        token_hash(&format!("{}\n{}", signed_in.team_id, signed_in.user_id))
     }
 
     impl Store {
@@ -4221,7 +4221,7 @@ mod grants {
         pub fn create_grant(&self, code_text: &str, code: &Code) -> Result<Issued, TokenRefused> {
             let grant_id = base64url(&random_32().map_err(|_| TokenRefused::Storage)?);
             let grant_key = random_32().map_err(|_| TokenRefused::Storage)?;
-            let plaintext = serde_json::to_vec(&code.sealed).map_err(|_| TokenRefused::Storage)?;
+            let plaintext = serde_json::to_vec(&code.signed_in).map_err(|_| TokenRefused::Storage)?;
             let sealed = seal(&grant_key, &format!("grant:{grant_id}"), &plaintext)?;
             let access_token = new_secret("at")?;
             let refresh_token = new_secret("rt")?;
@@ -4234,7 +4234,7 @@ mod grants {
                 access: vec![token_record(&access_token, &grant_id, &grant_key, self.access_ttl)?],
                 retired_refresh: Vec::new(),
                 created_at: now_unix(),
-                user: user_key(&code.sealed),
+                user: user_key(&code.signed_in),
             };
             let mut entries = vec![Entry::Grant { grant: grant.clone() }];
             let durable = {
@@ -4280,13 +4280,13 @@ mod grants {
                 // request's path at the OAuth resource)
                 (record, grant.id.clone(), grant.client_id.clone(), grant.resource.clone(), grant.sealed.clone())
             };
-            let (key, sealed) = unwrap_grant(token, &grant_id, &record, &boxed)?;
-            Ok(Opened { grant_id, client_id, resource, sealed, key })
+            let (key, signed_in) = unwrap_grant(token, &grant_id, &record, &boxed)?;
+            Ok(Opened { grant_id, client_id, resource, signed_in, key })
         }
 
         /// Seals a grant's credential again (Outline's tokens were refreshed).
-        pub fn reseal(&self, opened: &Opened, sealed: &SignedIn) -> Result<(), TokenRefused> {
-            let plaintext = serde_json::to_vec(sealed).map_err(|_| TokenRefused::Storage)?;
+        pub fn reseal(&self, opened: &Opened, signed_in: &SignedIn) -> Result<(), TokenRefused> {
+            let plaintext = serde_json::to_vec(signed_in).map_err(|_| TokenRefused::Storage)?;
             let boxed = seal(&opened.key, &format!("grant:{}", opened.grant_id), &plaintext)?;
             let durable = {
                 let mut state = lock(&self.ledger);
@@ -4430,8 +4430,8 @@ mod grants {
             .ok_or(TokenRefused::InvalidGrant("The token does not open its grant."))?;
         let plaintext = open(&grant_key, &format!("grant:{grant_id}"), boxed)
             .ok_or(TokenRefused::InvalidGrant("The grant could not be opened."))?;
-        let sealed: SignedIn = serde_json::from_slice(&plaintext).map_err(|_| TokenRefused::Storage)?;
-        Ok((grant_key, sealed))
+        let signed_in: SignedIn = serde_json::from_slice(&plaintext).map_err(|_| TokenRefused::Storage)?;
+        Ok((grant_key, signed_in))
     }
 
     /// The writer thread's own picture of what is on disk: each client and grant as
@@ -11207,7 +11207,10 @@ mod tests {
             redirect_uri: "http://127.0.0.1/cb".into(),
             code_challenge: "c".into(),
             resource: "https://h/oauth/mcp".into(),
-            sealed: crate::grants::SignedIn::new(crate::grants::OutlineCredential::ApiKey { key: key.into() }, &user),
+            signed_in: crate::grants::SignedIn::new(
+                crate::grants::OutlineCredential::ApiKey { key: key.into() },
+                &user,
+            ),
         }
     }
 
@@ -11223,8 +11226,8 @@ mod tests {
         // a new process (the store read back) opens it with the token, and only so
         let again = reopen(&dir);
         let opened = again.open_with_access(&issued.access_token).unwrap();
-        assert_eq!(opened.sealed.credential.key(), "ol_api_secret_key");
-        assert_eq!(opened.sealed.name, "Carol");
+        assert_eq!(opened.signed_in.credential.key(), "ol_api_secret_key");
+        assert_eq!(opened.signed_in.name, "Carol");
         assert!(again.open_with_access(&issued.refresh_token).is_err(), "a refresh token is not an access token");
         assert!(again.open_with_access("omp_at_forged").is_err());
         // rotation: the new refresh token works, the old one presented again revokes it all
@@ -11253,7 +11256,7 @@ mod tests {
             expires_at: crate::util::now_unix() + 600,
         };
         store.sign_ins.add_pending("omp_rq_one", pending.clone()).unwrap();
-        let code = store.sign_ins.issue_code(&pending, test_code("ol_api_in_flight").sealed).unwrap();
+        let code = store.sign_ins.issue_code(&pending, test_code("ol_api_in_flight").signed_in).unwrap();
         store.save_at_stop();
         let on_disk = std::fs::read_to_string(dir.join("oauth-grants.json")).unwrap();
         for secret in ["ol_api_in_flight", "omp_rq_one", code.as_str(), "Carol"] {
@@ -11263,7 +11266,7 @@ mod tests {
         assert_eq!(again.sign_ins.pending("omp_rq_one").map(|p| p.client_name), Some("Desk".into()));
         assert!(again.take_code("omp_ac_forged").is_err());
         let taken = again.take_code(&code).unwrap();
-        assert_eq!(taken.sealed.credential.key(), "ol_api_in_flight");
+        assert_eq!(taken.signed_in.credential.key(), "ol_api_in_flight");
         assert!(again.take_code(&code).is_err(), "a code is used once");
         std::fs::remove_dir_all(&dir).unwrap();
     }
