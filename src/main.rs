@@ -24,7 +24,12 @@
 //!   registry    what the proxy knows of each container: plans, leases, sweeps (no I/O)
 //!   docker      every docker CLI call, as named verbs with typed results
 //!   containers  bringing a user's container to ready, and putting it to sleep
-//!   relay       HTTP streamed both ways, and WebSocket frames
+//!   relay       HTTP streamed both ways: send, one retry, a session reopened, the answer
+//!   modern      2026-07-28 by the proxy itself: server/discover, listen, results stamped
+//!   reopen      the upstream MCP sessions the proxy opens (again) and closes for clients
+//!   held        notification streams held open: never waking a container, nor dying with it
+//!   websocket   the WebSocket handshake, then frames relayed unchanged
+//!   upstream    the pooled client to the containers, and the headers each way
 //!   ops         /health, /stats, /metrics, and the `check` and `cleanup` commands
 //!   background  the sleeper, the Docker watcher and event follower, the spare keeper
 //!   signals     SIGTERM and SIGINT, taken with sigwait
@@ -42,7 +47,7 @@
 //!     (then bring_up and wake)
 //!   docker::ContainerSpec::args       every flag a user's container runs with, in one place
 //!   docker::Docker::run               the one place a docker process is spawned
-//!   relay::upstream_request_headers   what reaches the container: only the checked key
+//!   upstream::request_headers         what reaches the container: only the checked key
 //!   relay::proxy_http                 the request streamed in, the answer streamed out
 //!
 //! For the OAuth door, then: oauth::serve, oauth::identify_by_token, grants::Store::open_with.
@@ -702,7 +707,7 @@ pub struct Proxy {
     pub auth: auth::Verifier,
     pub sessions: Arc<sessions::Sessions>,
     pub containers: containers::Containers,
-    pub upstream: relay::Upstream,
+    pub upstream: upstream::Upstream,
     /// The OAuth front door, unless MCP_PROXY_OAUTH_PATH is empty.
     pub oauth: Option<oauth::FrontDoor>,
     pub life: Life,
@@ -719,7 +724,7 @@ impl Proxy {
             auth: auth::Verifier::new(&cfg),
             containers: containers::Containers::new(&cfg, sessions.clone()),
             sessions,
-            upstream: relay::Upstream::new(&cfg),
+            upstream: upstream::Upstream::new(&cfg),
             oauth: (!cfg.oauth.path.is_empty()).then(|| oauth::FrontDoor::new(&cfg)),
             life: Life::default(),
             calls: protocol::CallCounts::default(),
@@ -1396,11 +1401,12 @@ mod front {
     use crate::config::Config;
     use crate::containers::Want;
     use crate::error::ProxyError;
+    use crate::modern::{self, Method};
     use crate::protocol::{self, Generation, McpPost, NotTaken, Plan, Refusal};
     use crate::registry::Lease;
     use crate::sessions::{Route, SESSION_HEADER};
     use crate::wire::{self, log_safe, reject, Incoming, LogContext, McpCall, RouteResult};
-    use crate::{oauth, ops, relay, InFlight, Proxy};
+    use crate::{held, oauth, ops, relay, websocket, InFlight, Proxy};
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
     use std::time::Instant;
@@ -1560,14 +1566,14 @@ mod front {
         if let Err(e) = proxy.sessions.check(incoming.header(SESSION_HEADER), &want.name) {
             return reject(request, e);
         }
-        if relay::is_notification_stream(incoming) {
+        if held::is_notification_stream(incoming) {
             let client_id = incoming.header(SESSION_HEADER).unwrap_or("").trim();
             if let Route::Own { .. } = proxy.sessions.route(Some(client_id), &want.name, None) {
                 let slot = match proxy.containers.registry.hold_stream(&want.name) {
                     Ok(slot) => slot,
                     Err(e) => return reject(request, e),
                 };
-                return relay::hold_stream(proxy, request, incoming, &credential, &want.name, client_id, slot);
+                return held::hold_stream(proxy, request, incoming, &credential, &want.name, client_id, slot);
             }
         }
         let websocket = incoming.is_websocket_upgrade();
@@ -1576,7 +1582,7 @@ mod front {
             Err(e) => return reject(request, e),
         };
         if websocket {
-            relay::relay_websocket(proxy, request, incoming, &credential, &lease)
+            websocket::relay_websocket(proxy, request, incoming, &credential, &lease)
         } else {
             relay::proxy_http(proxy, request, incoming, &credential, &want, lease, relay::Forward::default())
         }
@@ -1628,8 +1634,8 @@ mod front {
             },
         };
         match plan {
-            Plan::Discover => relay::discover(proxy, request, incoming, credential, lease, &post),
-            Plan::Listen => relay::listen(proxy, request, incoming, credential, lease, &post),
+            Plan::Discover => modern::answer(proxy, request, incoming, credential, lease, &post, Method::Discover),
+            Plan::Listen => modern::answer(proxy, request, incoming, credential, lease, &post, Method::Listen),
             plan => {
                 let on_default = plan == Plan::OnDefault;
                 let forward = relay::Forward { post: Some(post), on_default, stateless };
@@ -7768,135 +7774,29 @@ mod containers {
 }
 
 mod relay {
-    //! Owns carrying a request to its container and the answer back: HTTP streamed both
-    //! ways (one retry, on a fresh lease, when the container never answered) and
-    //! WebSocket frames relayed unchanged; an MCP message on the user's default session,
-    //! 2026-07-28 results stamped, its discover and listen stream. Calls `wire`, `auth`
-    //! (key headers), `containers`, `protocol`, `sessions`, `staged` (an edit and its answer).
-    use crate::auth::{self, describe_ureq_error, Credential};
-    use crate::config::{Config, KeyMode};
+    //! Owns carrying an HTTP request to its container and the answer back, streamed both
+    //! ways: send → classify the failure → one retry, on a fresh lease, when the container
+    //! never answered → the session opened again when the container does not know it → the
+    //! answer streamed (2026-07-28 results stamped; an edit's answer told to `staged`).
+    //! Calls `wire`, `error`, `auth` (the credential), `containers` (a fresh lease),
+    //! `registry`, `protocol`, `sessions`, `staged`, `reopen`, `modern` (stamps),
+    //! `upstream`.
+    use crate::auth::{describe_ureq_error, Credential};
     use crate::containers::Want;
     use crate::error::ProxyError;
+    use crate::modern::{copy_stamped_events, send_stamped_json, server_info};
     use crate::protocol::{self, McpPost};
-    use crate::registry::{Lease, StreamSlot};
-    use crate::sessions::{self, Reopen, Route, SESSION_HEADER};
-    use crate::util::agent_base;
-    use crate::wire::{self, header_tokens, header_value, is_hop_by_hop, Framing, Incoming};
-    use crate::wire::{reject, RouteResult};
+    use crate::registry::Lease;
+    use crate::reopen::{close_evicted, note_session, reopen_session};
+    use crate::sessions::{self, Route, SESSION_HEADER};
+    use crate::upstream::{client_gone, is_event_stream, request_headers, response_headers, Upstream, CAPTURE_LIMIT};
+    use crate::wire::{self, reject, Framing, Incoming, RouteResult};
     use crate::{InFlight, Proxy};
-    use serde_json::{json, Value};
-    use std::io::{self, BufReader, Read, Write};
+    use serde_json::Value;
+    use std::io::{self, Read, Write};
     use std::net::{Shutdown, SocketAddr, TcpStream};
     use std::sync::Arc;
-    use std::thread;
-    use std::time::{Duration, Instant};
-
-    /// The pooled HTTP client to the containers, and what it must know of the settings.
-    pub struct Upstream {
-        agent: ureq::Agent,
-        key_mode: KeyMode,
-        max_body: u64,
-        response_timeout: Duration,
-    }
-
-    impl Upstream {
-        /// The client's headers as sent (no User-Agent, Accept or Accept-Encoding
-        /// added), any method, no limit on a streamed body.
-        pub fn new(cfg: &Config) -> Upstream {
-            let agent = agent_base()
-                .allow_non_standard_methods(true)
-                .user_agent(ureq::config::AutoHeaderValue::None)
-                .accept(ureq::config::AutoHeaderValue::None)
-                .accept_encoding(ureq::config::AutoHeaderValue::None)
-                .timeout_connect(Some(Duration::from_secs(5)))
-                .timeout_send_request(Some(Duration::from_secs(30)))
-                .timeout_per_write(Some(Duration::from_secs(60)))
-                .timeout_recv_response(Some(cfg.response_timeout))
-                // ureq's 128 KiB buffers each way, per connection, made 300 open streams
-                // cost 100 MiB; MCP's headers are small and bodies stream through anyway
-                .input_buffer_size(32 * 1024)
-                .max_response_header_size(32 * 1024)
-                .output_buffer_size(16 * 1024)
-                .max_idle_connections_per_host(8)
-                // below uvicorn's 5 s keep-alive, so a pooled connection is not one the
-                // container is closing
-                .max_idle_age(Duration::from_secs(4))
-                .build()
-                .new_agent();
-            Upstream { agent, key_mode: cfg.key_mode, max_body: cfg.max_body, response_timeout: cfg.response_timeout }
-        }
-
-        /// The key the container gets with each request: in `header` mode only.
-        fn forward_key<'a>(&self, credential: &'a Credential) -> Option<&'a str> {
-            (self.key_mode == KeyMode::Header).then_some(credential.key.as_str())
-        }
-    }
-
-    /// The headers the container gets: the client's, less hop-by-hop ones, the
-    /// credential headers, Host and Expect; plus X-Forwarded-*, and the key when given.
-    pub fn upstream_request_headers(
-        incoming: &Incoming,
-        forward_key: Option<&str>,
-        address: SocketAddr,
-        session: Option<&str>,
-    ) -> Vec<(String, String)> {
-        let connection = header_tokens(&incoming.headers, "connection");
-        let mut out: Vec<(String, String)> = Vec::with_capacity(incoming.headers.len() + 5);
-        if let (Some(upstream), None) = (session, incoming.header(SESSION_HEADER)) {
-            // the default session, for a client that sent no id
-            out.push(("Mcp-Session-Id".into(), upstream.to_string()));
-        }
-        for (name, value) in &incoming.headers {
-            let lower = name.to_ascii_lowercase();
-            let dropped = is_hop_by_hop(&lower, &connection)
-                || matches!(lower.as_str(), "host" | "expect" | "x-forwarded-for" | "content-length")
-                || auth::is_credential_header(&lower);
-            if dropped {
-                continue;
-            }
-            match (lower.as_str(), session) {
-                // the upstream session that stands for the client's
-                (SESSION_HEADER, Some(upstream)) => out.push((name.clone(), upstream.to_string())),
-                _ => out.push((name.clone(), value.clone())),
-            }
-        }
-        out.push(("Host".into(), address.to_string()));
-        if let Some(host) = incoming.header("host") {
-            if incoming.header("x-forwarded-host").is_none() {
-                out.push(("X-Forwarded-Host".into(), host.to_string()));
-            }
-        }
-        let client_ip = incoming.remote.map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
-        let forwarded_for = match incoming.header("x-forwarded-for") {
-            Some(prior) => format!("{prior}, {client_ip}"),
-            None => client_ip,
-        };
-        out.push(("X-Forwarded-For".into(), forwarded_for));
-        if incoming.header("x-forwarded-proto").is_none() {
-            out.push(("X-Forwarded-Proto".into(), "http".into()));
-        }
-        if let Some(key) = forward_key {
-            out.push((auth::KEY_HEADER.into(), key.to_string()));
-        }
-        out
-    }
-
-    /// The headers the client gets back: the container's, less hop-by-hop ones and the
-    /// framing (which the proxy writes itself).
-    pub fn downstream_response_headers(headers: &ureq::http::HeaderMap) -> Vec<(String, String)> {
-        let connection: Vec<String> = headers
-            .get_all("connection")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|t| t.trim().to_ascii_lowercase())
-            .collect();
-        headers
-            .iter()
-            .filter(|(name, _)| !is_hop_by_hop(name.as_str(), &connection) && name.as_str() != "content-length")
-            .filter_map(|(name, value)| value.to_str().ok().map(|v| (name.as_str().to_string(), v.to_string())))
-            .collect()
-    }
+    use std::time::Duration;
 
     /// Reads the client's body for the container, counting it against MAX_BODY and
     /// remembering why it failed (so a client fault is not blamed on the container).
@@ -8035,7 +7935,7 @@ mod relay {
         address: SocketAddr,
         session: Option<&str>,
     ) -> Result<ureq::http::Response<ureq::Body>, Failure> {
-        let headers = upstream_request_headers(incoming, upstream.forward_key(credential), address, session);
+        let headers = request_headers(incoming, upstream.forward_key(credential), address, session);
         let url = format!("http://{address}{}", incoming.target);
         let mut builder = ureq::http::Request::builder().method(incoming.method.as_str()).uri(&url);
         for (name, value) in &headers {
@@ -8100,7 +8000,11 @@ mod relay {
             Route::Own { upstream_id, .. } => Some(upstream_id.clone()),
             Route::Foreign | Route::Plain => None,
         };
-        let (mut retried, mut reopened) = (false, false);
+        let own_session = match &route {
+            Route::Own { client_id, .. } => Some(client_id.as_str()),
+            Route::Foreign | Route::Plain => None,
+        };
+        let mut attempt = Attempt::default();
         let response = loop {
             let sent = send_upstream(
                 &proxy.upstream,
@@ -8111,35 +8015,30 @@ mod relay {
                 lease.address,
                 session.as_deref(),
             );
-            match sent {
-                Ok(response) => {
-                    let unknown_session = response.status().as_u16() == 404 && incoming.method != "DELETE";
-                    let Route::Own { client_id, .. } = &route else { break response };
-                    if !unknown_session || reopened || !body.resendable() {
-                        break response;
-                    }
-                    // the container does not know this session (it slept, was replaced,
-                    // or this is another host): open one for the client, send again
-                    reopened = true;
+            match attempt.next(sent, own_session, &incoming.method, body.resendable()) {
+                Next::Answer(response) => break response,
+                // the container does not know this session (it slept, was replaced,
+                // or this is another host): open one for the client, send again
+                Next::Reopen(response, client_id) => {
                     match reopen_session(proxy, incoming, credential, &lease, client_id) {
                         Ok(id) => session = Some(id),
                         Err(_) => break response,
                     }
                 }
-                Err(Failure::Client(e) | Failure::Failed(e)) => return reject(request, e),
-                Err(Failure::NeverAnswered { resendable, error }) => {
-                    // the container moved or died since we last looked: look again (and
-                    // start it if need be), then try once more
+                // the container moved or died since we last looked: look again (and
+                // start it if need be), then try once more
+                Next::Resend => {
                     proxy.containers.registry.mark_unknown(&lease.name);
-                    if !(resendable || body.resendable()) || retried {
-                        return reject(request, error);
-                    }
-                    retried = true;
                     match proxy.containers.acquire(want, false, &proxy.life.stopping) {
                         Ok(fresh) => lease = fresh,
                         Err(e) => return reject(request, e),
                     }
                 }
+                Next::Unreachable(e) => {
+                    proxy.containers.registry.mark_unknown(&lease.name);
+                    return reject(request, e);
+                }
+                Next::Refuse(e) => return reject(request, e),
             }
         };
         let status = response.status().as_u16();
@@ -8172,6 +8071,64 @@ mod relay {
         answered.map_err(|e| (None, e))?;
         drop(lease);
         Ok(status)
+    }
+
+    /// Where one request stands in its sends: each way of sending it again is taken once.
+    #[derive(Default)]
+    struct Attempt {
+        /// Sent again on a fresh lease, after the container never answered.
+        resent: bool,
+        /// Sent again on a session opened again, after the container did not know it.
+        reopened: bool,
+    }
+
+    /// What a send came to: the step `proxy_http` takes next.
+    enum Next<'r> {
+        /// The answer, passed on to the client.
+        Answer(ureq::http::Response<ureq::Body>),
+        /// The container does not know the client's session (`client_id`): open it again
+        /// and send again; this answer (a 404) is passed on if it cannot be opened.
+        Reopen(ureq::http::Response<ureq::Body>, &'r str),
+        /// The container never answered: look for it again (a fresh lease), send again.
+        Resend,
+        /// The container never answered, and the request is not sent again.
+        Unreachable(ProxyError),
+        /// The client's side failed, or the container took the request and failed it.
+        Refuse(ProxyError),
+    }
+
+    impl Attempt {
+        /// The step after a send: `own_session` is the client's session when it has its
+        /// own, `resendable` whether the body can be sent again whole.
+        fn next<'r>(
+            &mut self,
+            sent: Result<ureq::http::Response<ureq::Body>, Failure>,
+            own_session: Option<&'r str>,
+            method: &str,
+            resendable: bool,
+        ) -> Next<'r> {
+            match sent {
+                Ok(response) => {
+                    let unknown_session = response.status().as_u16() == 404 && method != "DELETE";
+                    match own_session {
+                        Some(client_id) if unknown_session && resendable && !self.reopened => {
+                            self.reopened = true;
+                            Next::Reopen(response, client_id)
+                        }
+                        _ => Next::Answer(response),
+                    }
+                }
+                Err(Failure::Client(e) | Failure::Failed(e)) => Next::Refuse(e),
+                Err(Failure::NeverAnswered { resendable: unread, error }) => {
+                    if (unread || resendable) && !self.resent {
+                        self.resent = true;
+                        Next::Resend
+                    } else {
+                        Next::Unreachable(error)
+                    }
+                }
+            }
+        }
     }
 
     /// The JSON-RPC messages of the container's answer (a JSON body, a batch, or SSE
@@ -8228,37 +8185,347 @@ mod relay {
         NoSession,
     }
 
-    /// The container's identity from its `initialize` result, for 2026-07-28 results.
-    fn server_info(proxy: &Proxy, client_id: &str) -> Value {
-        proxy.sessions.initialized(client_id).and_then(|r| r.get("serverInfo").cloned()).unwrap_or(Value::Null)
+    /// Writes the container's answer: its own length when it gave one, else chunked
+    /// (close-delimited for HTTP/1.0); flushed after every read, so events are not held.
+    fn stream_response(
+        proxy: &Proxy,
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        response: ureq::http::Response<ureq::Body>,
+        socket: Option<&TcpStream>,
+        delivery: Delivery,
+    ) -> Result<(), ProxyError> {
+        let Delivery { shown, stamp, capture } = delivery;
+        let status = response.status().as_u16();
+        let mut headers = response_headers(response.headers());
+        match shown {
+            // the client sees its own session id, never the upstream one behind it
+            Shown::Client(id) => {
+                for (name, value) in headers.iter_mut() {
+                    if name.eq_ignore_ascii_case(SESSION_HEADER) {
+                        *value = id.to_string();
+                    }
+                }
+            }
+            Shown::NoSession => headers.retain(|(name, _)| !name.eq_ignore_ascii_case(SESSION_HEADER)),
+        }
+        let event_stream = is_event_stream(response.headers());
+        if let (Some(stamp), false) = (stamp, event_stream) {
+            return send_stamped_json(request, incoming, status, headers, response, stamp, capture);
+        }
+        let _long_lived = event_stream.then(|| InFlight::long_lived(&proxy.life));
+        if event_stream {
+            headers.retain(|(n, _)| !n.eq_ignore_ascii_case("x-accel-buffering"));
+            headers.push(("X-Accel-Buffering".into(), "no".into()));
+            if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("cache-control")) {
+                headers.push(("Cache-Control".into(), "no-cache".into()));
+            }
+        }
+        let length = response
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let framing = wire::framing(&incoming.method, status, length, incoming.http10);
+        if let (Framing::NoBody, Some(len)) = (framing, length) {
+            // a HEAD (or 304) answer still tells the length of what it describes
+            headers.push(("Content-Length".into(), len.to_string()));
+        }
+        let answer = wire::begin_answer(request, incoming, status, &headers, framing, false).map_err(client_gone)?;
+        let (mut writer, close) = (answer.writer, answer.closes);
+        match (framing, stamp) {
+            (Framing::NoBody, _) => {}
+            (framing, Some(stamp)) => copy_stamped_events(
+                response.into_body().into_reader(),
+                &mut writer,
+                framing == Framing::Chunked,
+                stamp,
+                capture,
+            )?,
+            (framing, None) => copy_body(
+                response.into_body().into_reader(),
+                &mut writer,
+                framing == Framing::Chunked,
+                socket,
+                capture,
+            )?,
+        }
+        // the head and any last bytes may still sit in the buffer (an empty body above)
+        writer.flush().map_err(client_gone)?;
+        if close {
+            if let Some(s) = socket {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+        }
+        Ok(())
     }
 
-    /// Closes with DELETE the owner's upstream sessions forgotten beyond the bound, so a
-    /// client that opens a session per call leaves nothing open in its container.
-    fn close_evicted(proxy: &Proxy, credential: &Credential, lease: &Lease) {
-        for upstream_id in proxy.sessions.take_evicted(&lease.name) {
-            let url = format!("http://{}{}", lease.address, protocol::MCP_PATH);
-            let mut builder = ureq::http::Request::delete(&url)
-                .header("Host", lease.address.to_string())
-                .header(SESSION_HEADER, upstream_id.as_str());
-            if let Some(key) = proxy.upstream.forward_key(credential) {
-                builder = builder.header(auth::KEY_HEADER, key);
-            }
-            let closed = builder.body(()).map_err(|_| "unsendable".to_string()).and_then(|request| {
-                proxy.upstream.agent.run(request).map(|r| r.status().as_u16()).map_err(|e| describe_ureq_error(&e))
-            });
-            match closed {
-                Ok(status) => {
-                    log::info!("closed an upstream session over the bound container={} status={status}", lease.name)
+    /// Copies the container's body to the client, a flush after every read, in chunks
+    /// when `chunked`, and into `capture` (up to CAPTURE_LIMIT) when given. A container
+    /// that breaks off ends the client's answer unfinished, so the client knows, rather
+    /// than as if it were complete.
+    fn copy_body(
+        mut body: impl Read,
+        writer: &mut dyn Write,
+        chunked: bool,
+        socket: Option<&TcpStream>,
+        mut capture: Option<&mut Vec<u8>>,
+    ) -> Result<(), ProxyError> {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match body.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    log::warn!("container stream broke off: {}", e.kind());
+                    if let Some(s) = socket {
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                    return Err(ProxyError::ContainerUnreachable("The container's answer broke off.".into()));
                 }
-                Err(e) => log::warn!("could not close an upstream session in {}: {e}", lease.name),
+            };
+            if let Some(kept) = capture.as_deref_mut() {
+                kept.extend_from_slice(&buf[..n.min(CAPTURE_LIMIT.saturating_sub(kept.len()))]);
             }
+            let written = if chunked {
+                write!(writer, "{n:x}\r\n")
+                    .and_then(|_| writer.write_all(&buf[..n]))
+                    .and_then(|_| writer.write_all(b"\r\n"))
+            } else {
+                writer.write_all(&buf[..n])
+            };
+            written.and_then(|_| writer.flush()).map_err(client_gone)?;
+        }
+        if chunked {
+            writer.write_all(b"0\r\n\r\n").map_err(client_gone)?;
+        }
+        Ok(())
+    }
+}
+
+mod modern {
+    //! Owns what the 2026-07-28 revision gets from the proxy itself: `server/discover`
+    //! answered from the user's default session, `subscriptions/listen` held open, and
+    //! results stamped with the server's identity (`_meta` serverInfo); the one parse of a
+    //! POST and its checks stay in `protocol`. Calls `wire`, `error`, `auth` (the
+    //! credential), `registry` (a lease), `protocol`, `sessions`, `reopen` (the default
+    //! session), `held`, `upstream`.
+    use crate::auth::Credential;
+    use crate::error::ProxyError;
+    use crate::held::{keep_open, EventFilter, HeldStream, Released};
+    use crate::protocol::{self, McpPost};
+    use crate::registry::Lease;
+    use crate::reopen::open_default;
+    use crate::sessions;
+    use crate::upstream::{client_gone, write_chunk, CAPTURE_LIMIT};
+    use crate::wire::{self, reject, Framing, Incoming, RouteResult};
+    use crate::{InFlight, Proxy};
+    use serde_json::{json, Value};
+    use std::io::{self, Read, Write};
+    use std::sync::Arc;
+
+    /// The methods the proxy answers itself, from the user's default session.
+    #[derive(Clone, Copy)]
+    pub enum Method {
+        Discover,
+        Listen,
+    }
+
+    /// A 2026-07-28 request the proxy answers itself, from the `initialize` of the user's
+    /// default session (opened first unless it is open in this container).
+    pub fn answer(
+        proxy: &Arc<Proxy>,
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        credential: &Credential,
+        lease: Lease,
+        post: &McpPost,
+        method: Method,
+    ) -> RouteResult {
+        let initialized = match open_default(proxy, incoming, credential, &lease) {
+            Ok(initialized) => initialized,
+            Err(e) => return reject(request, e),
+        };
+        let owner = lease.name.clone();
+        drop(lease);
+        match method {
+            Method::Discover => discover(request, incoming, post, &initialized),
+            Method::Listen => listen(proxy, request, incoming, credential, &owner, post, &initialized),
         }
     }
 
+    /// `server/discover`: the container's capabilities and identity, from the
+    /// `initialize` of the user's default session, with every version the proxy speaks.
+    fn discover(request: tiny_http::Request, incoming: &Incoming, post: &McpPost, initialized: &Value) -> RouteResult {
+        let id = post.id.clone().unwrap_or(Value::Null);
+        wire::send_json(request, incoming, 200, &protocol::discover_result(&id, initialized));
+        Ok(200)
+    }
+
+    /// `subscriptions/listen`: a held SSE stream. Acknowledged with the filter the
+    /// container can honour; then the change notifications the container sends on the
+    /// user's default session, while it runs, and comment keep-alives. Like a held
+    /// notification stream, it neither wakes nor keeps awake the container.
+    fn listen(
+        proxy: &Proxy,
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        credential: &Credential,
+        owner: &str,
+        post: &McpPost,
+        initialized: &Value,
+    ) -> RouteResult {
+        let capabilities = initialized.get("capabilities").cloned().unwrap_or(Value::Null);
+        let filter = protocol::listen_filter(post, &capabilities);
+        let subscription = post.id.clone().unwrap_or(Value::Null);
+        let headers = vec![
+            ("Content-Type".to_string(), "text/event-stream".to_string()),
+            ("Cache-Control".to_string(), "no-cache".to_string()),
+            ("X-Accel-Buffering".to_string(), "no".to_string()),
+        ];
+        let acknowledged = json!({
+            "jsonrpc": "2.0",
+            "method": "notifications/subscriptions/acknowledged",
+            "params": {"_meta": {protocol::SUBSCRIPTION_META: subscription}, "notifications": filter},
+        });
+        let mut writer = match wire::begin_answer(request, incoming, 200, &headers, Framing::Chunked, false) {
+            Ok(answer) => answer.writer,
+            Err(_) => return Ok(200),
+        };
+        if write_chunk(&mut writer, format!("data: {acknowledged}\n\n").as_bytes()).is_err() {
+            return Ok(200);
+        }
+        let _long_lived = InFlight::long_lived(&proxy.life);
+        let _held = HeldStream::count(proxy);
+        let default_id = sessions::default_key(owner);
+        let listening = Listening { filter: &filter, subscription: &subscription };
+        // nothing agreed (mcp-outline announces no change notifications): keep-alives only
+        let agreed = filter.as_object().is_some_and(|f| !f.is_empty());
+        let session = agreed.then_some(default_id.as_str());
+        if let Released::ClientGone =
+            keep_open(proxy, incoming, credential, owner, session, &mut writer, Some(&listening))
+        {
+            return Ok(200);
+        }
+        // the proxy is stopping: the subscription ends gracefully
+        let ended = json!({"jsonrpc": "2.0", "id": subscription,
+            "result": {"resultType": "complete", "_meta": {protocol::SUBSCRIPTION_META: subscription}}});
+        let _ = write_chunk(&mut writer, format!("data: {ended}\n\n").as_bytes())
+            .and_then(|_| writer.write_all(b"0\r\n\r\n"))
+            .and_then(|_| writer.flush());
+        Ok(200)
+    }
+
+    /// A listen stream's filter and subscription id, applied to the container's events.
+    struct Listening<'a> {
+        filter: &'a Value,
+        subscription: &'a Value,
+    }
+
+    impl EventFilter for Listening<'_> {
+        /// The event to pass on for one of the container's `data:` lines, if wanted.
+        fn pass(&self, data: &str) -> Option<String> {
+            let mut message: Value = serde_json::from_str(data.trim()).ok()?;
+            if !protocol::wanted(self.filter, &message) {
+                return None;
+            }
+            let params = message.as_object_mut()?.entry("params").or_insert_with(|| json!({}));
+            let meta = params.as_object_mut()?.entry("_meta").or_insert_with(|| json!({}));
+            meta.as_object_mut()?.insert(protocol::SUBSCRIPTION_META.into(), self.subscription.clone());
+            Some(format!("data: {message}\n\n"))
+        }
+    }
+
+    /// The container's identity from its `initialize` result, for 2026-07-28 results.
+    pub fn server_info(proxy: &Proxy, client_id: &str) -> Value {
+        proxy.sessions.initialized(client_id).and_then(|r| r.get("serverInfo").cloned()).unwrap_or(Value::Null)
+    }
+
+    /// Largest JSON answer stamped for a 2026-07-28 client (read whole to be stamped).
+    const STAMP_LIMIT: u64 = 64 << 20;
+
+    /// A JSON answer to a 2026-07-28 request, its result stamped with the server's identity.
+    pub fn send_stamped_json(
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        status: u16,
+        headers: Vec<(String, String)>,
+        response: ureq::http::Response<ureq::Body>,
+        stamp: &protocol::Stamp,
+        capture: Option<&mut Vec<u8>>,
+    ) -> Result<(), ProxyError> {
+        let broke = || ProxyError::ContainerUnreachable("The container's answer broke off.".into());
+        let bytes = response.into_body().with_config().limit(STAMP_LIMIT).read_to_vec().map_err(|_| broke())?;
+        if let Some(captured) = capture {
+            captured.extend_from_slice(&bytes[..bytes.len().min(CAPTURE_LIMIT)]);
+        }
+        let body = protocol::stamp_result(&bytes, stamp).map(String::into_bytes).unwrap_or(bytes);
+        wire::send_body(request, incoming, status, &headers, &body, incoming.wants_close).map_err(client_gone)
+    }
+
+    /// An SSE answer to a 2026-07-28 request, passed on event line by event line, the
+    /// result's line stamped with the server's identity.
+    pub fn copy_stamped_events(
+        body: impl Read,
+        writer: &mut dyn Write,
+        chunked: bool,
+        stamp: &protocol::Stamp,
+        mut capture: Option<&mut Vec<u8>>,
+    ) -> Result<(), ProxyError> {
+        let mut lines = io::BufReader::new(body);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match io::BufRead::read_line(&mut lines, &mut line) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => return Err(ProxyError::ContainerUnreachable("The container's answer broke off.".into())),
+            }
+            if let Some(kept) = capture.as_deref_mut() {
+                let room = CAPTURE_LIMIT.saturating_sub(kept.len());
+                kept.extend_from_slice(&line.as_bytes()[..line.len().min(room)]);
+            }
+            let stamped = line.strip_prefix("data:").and_then(|d| protocol::stamp_result(d.trim().as_bytes(), stamp));
+            let out = match stamped {
+                Some(message) => format!("data: {message}\n"),
+                None => line.clone(),
+            };
+            let written = if chunked {
+                write_chunk(writer, out.as_bytes())
+            } else {
+                writer.write_all(out.as_bytes()).and_then(|_| writer.flush())
+            };
+            written.map_err(client_gone)?;
+        }
+        if chunked {
+            writer.write_all(b"0\r\n\r\n").map_err(client_gone)?;
+        }
+        Ok(())
+    }
+}
+
+mod reopen {
+    //! Owns the upstream MCP sessions the proxy itself opens and closes for its clients:
+    //! what an answer says of a client's session, a session opened again (`initialize` with
+    //! the client's own params) when its container slept or was replaced, the user's
+    //! default session, and the sessions closed beyond the bound. Calls `wire`, `error`,
+    //! `auth` (the key header), `registry` (a lease), `protocol` (versions, the MCP path),
+    //! `sessions`, `upstream`.
+    use crate::auth::{self, describe_ureq_error, Credential};
+    use crate::error::ProxyError;
+    use crate::protocol;
+    use crate::registry::Lease;
+    use crate::sessions::{Reopen, Route, SESSION_HEADER};
+    use crate::upstream::is_event_stream;
+    use crate::wire::Incoming;
+    use crate::Proxy;
+    use serde_json::{json, Value};
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
     /// Records what an answer says of the client's session; returns the session id the
     /// client is to see in the answer's Mcp-Session-Id (its own, never the upstream's).
-    fn note_session(
+    pub fn note_session(
         proxy: &Proxy,
         incoming: &Incoming,
         route: &Route,
@@ -8295,7 +8562,7 @@ mod relay {
     /// Opens a new upstream session for a client session, or waits for the one another
     /// request is opening: `initialize` with the client's own recorded params (else its
     /// protocol version), then `notifications/initialized`.
-    fn reopen_session(
+    pub fn reopen_session(
         proxy: &Proxy,
         incoming: &Incoming,
         credential: &Credential,
@@ -8418,199 +8685,66 @@ mod relay {
             .unwrap_or(Value::Null)
     }
 
-    fn is_event_stream(headers: &ureq::http::HeaderMap) -> bool {
-        headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.to_ascii_lowercase().starts_with("text/event-stream"))
-    }
-
-    /// Writes the container's answer: its own length when it gave one, else chunked
-    /// (close-delimited for HTTP/1.0); flushed after every read, so events are not held.
-    fn stream_response(
+    /// Opens the user's default upstream session unless it is open in this container,
+    /// and gives the container's `initialize` result.
+    pub fn open_default(
         proxy: &Proxy,
-        request: tiny_http::Request,
         incoming: &Incoming,
-        response: ureq::http::Response<ureq::Body>,
-        socket: Option<&TcpStream>,
-        delivery: Delivery,
-    ) -> Result<(), ProxyError> {
-        let Delivery { shown, stamp, capture } = delivery;
-        let status = response.status().as_u16();
-        let mut headers = downstream_response_headers(response.headers());
-        match shown {
-            // the client sees its own session id, never the upstream one behind it
-            Shown::Client(id) => {
-                for (name, value) in headers.iter_mut() {
-                    if name.eq_ignore_ascii_case(SESSION_HEADER) {
-                        *value = id.to_string();
-                    }
+        credential: &Credential,
+        lease: &Lease,
+    ) -> Result<Value, ProxyError> {
+        let not_open = || ProxyError::ContainerUnreachable("The container's session could not be opened.".into());
+        let Route::Own { client_id, stale, .. } =
+            proxy.sessions.default_route(&lease.name, lease.incarnation.as_deref())
+        else {
+            return Err(not_open());
+        };
+        if stale || proxy.sessions.initialized(&client_id).is_none() {
+            reopen_session(proxy, incoming, credential, lease, &client_id)?;
+        }
+        proxy.sessions.initialized(&client_id).ok_or_else(not_open)
+    }
+
+    /// Closes with DELETE the owner's upstream sessions forgotten beyond the bound, so a
+    /// client that opens a session per call leaves nothing open in its container.
+    pub fn close_evicted(proxy: &Proxy, credential: &Credential, lease: &Lease) {
+        for upstream_id in proxy.sessions.take_evicted(&lease.name) {
+            let url = format!("http://{}{}", lease.address, protocol::MCP_PATH);
+            let mut builder = ureq::http::Request::delete(&url)
+                .header("Host", lease.address.to_string())
+                .header(SESSION_HEADER, upstream_id.as_str());
+            if let Some(key) = proxy.upstream.forward_key(credential) {
+                builder = builder.header(auth::KEY_HEADER, key);
+            }
+            let closed = builder.body(()).map_err(|_| "unsendable".to_string()).and_then(|request| {
+                proxy.upstream.agent.run(request).map(|r| r.status().as_u16()).map_err(|e| describe_ureq_error(&e))
+            });
+            match closed {
+                Ok(status) => {
+                    log::info!("closed an upstream session over the bound container={} status={status}", lease.name)
                 }
-            }
-            Shown::NoSession => headers.retain(|(name, _)| !name.eq_ignore_ascii_case(SESSION_HEADER)),
-        }
-        let event_stream = is_event_stream(response.headers());
-        if let (Some(stamp), false) = (stamp, event_stream) {
-            return send_stamped_json(request, incoming, status, headers, response, stamp, capture);
-        }
-        let _long_lived = event_stream.then(|| InFlight::long_lived(&proxy.life));
-        if event_stream {
-            headers.retain(|(n, _)| !n.eq_ignore_ascii_case("x-accel-buffering"));
-            headers.push(("X-Accel-Buffering".into(), "no".into()));
-            if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("cache-control")) {
-                headers.push(("Cache-Control".into(), "no-cache".into()));
+                Err(e) => log::warn!("could not close an upstream session in {}: {e}", lease.name),
             }
         }
-        let length = response
-            .headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let framing = wire::framing(&incoming.method, status, length, incoming.http10);
-        if let (Framing::NoBody, Some(len)) = (framing, length) {
-            // a HEAD (or 304) answer still tells the length of what it describes
-            headers.push(("Content-Length".into(), len.to_string()));
-        }
-        let answer = wire::begin_answer(request, incoming, status, &headers, framing, false).map_err(client_gone)?;
-        let (mut writer, close) = (answer.writer, answer.closes);
-        match (framing, stamp) {
-            (Framing::NoBody, _) => {}
-            (framing, Some(stamp)) => copy_stamped_events(
-                response.into_body().into_reader(),
-                &mut writer,
-                framing == Framing::Chunked,
-                stamp,
-                capture,
-            )?,
-            (framing, None) => copy_body(
-                response.into_body().into_reader(),
-                &mut writer,
-                framing == Framing::Chunked,
-                socket,
-                capture,
-            )?,
-        }
-        // the head and any last bytes may still sit in the buffer (an empty body above)
-        writer.flush().map_err(client_gone)?;
-        if close {
-            if let Some(s) = socket {
-                let _ = s.shutdown(Shutdown::Write);
-            }
-        }
-        Ok(())
     }
+}
 
-    /// Largest JSON answer stamped for a 2026-07-28 client (read whole to be stamped).
-    const STAMP_LIMIT: u64 = 64 << 20;
-
-    /// A JSON answer to a 2026-07-28 request, its result stamped with the server's identity.
-    fn send_stamped_json(
-        request: tiny_http::Request,
-        incoming: &Incoming,
-        status: u16,
-        headers: Vec<(String, String)>,
-        response: ureq::http::Response<ureq::Body>,
-        stamp: &protocol::Stamp,
-        capture: Option<&mut Vec<u8>>,
-    ) -> Result<(), ProxyError> {
-        let broke = || ProxyError::ContainerUnreachable("The container's answer broke off.".into());
-        let bytes = response.into_body().with_config().limit(STAMP_LIMIT).read_to_vec().map_err(|_| broke())?;
-        if let Some(captured) = capture {
-            captured.extend_from_slice(&bytes[..bytes.len().min(CAPTURE_LIMIT)]);
-        }
-        let body = protocol::stamp_result(&bytes, stamp).map(String::into_bytes).unwrap_or(bytes);
-        wire::send_body(request, incoming, status, &headers, &body, incoming.wants_close).map_err(client_gone)
-    }
-
-    /// An SSE answer to a 2026-07-28 request, passed on event line by event line, the
-    /// result's line stamped with the server's identity.
-    fn copy_stamped_events(
-        body: impl Read,
-        writer: &mut dyn Write,
-        chunked: bool,
-        stamp: &protocol::Stamp,
-        mut capture: Option<&mut Vec<u8>>,
-    ) -> Result<(), ProxyError> {
-        let mut lines = io::BufReader::new(body);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match io::BufRead::read_line(&mut lines, &mut line) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(_) => return Err(ProxyError::ContainerUnreachable("The container's answer broke off.".into())),
-            }
-            if let Some(kept) = capture.as_deref_mut() {
-                let room = CAPTURE_LIMIT.saturating_sub(kept.len());
-                kept.extend_from_slice(&line.as_bytes()[..line.len().min(room)]);
-            }
-            let stamped = line.strip_prefix("data:").and_then(|d| protocol::stamp_result(d.trim().as_bytes(), stamp));
-            let out = match stamped {
-                Some(message) => format!("data: {message}\n"),
-                None => line.clone(),
-            };
-            let written = if chunked {
-                write_chunk(writer, out.as_bytes())
-            } else {
-                writer.write_all(out.as_bytes()).and_then(|_| writer.flush())
-            };
-            written.map_err(client_gone)?;
-        }
-        if chunked {
-            writer.write_all(b"0\r\n\r\n").map_err(client_gone)?;
-        }
-        Ok(())
-    }
-
-    fn client_gone(_: io::Error) -> ProxyError {
-        ProxyError::BadRequest("The client went away.".into())
-    }
-
-    /// Largest answer kept aside for the staged-edit marks (mcp-outline's answer to an
-    /// edit is a sentence).
-    const CAPTURE_LIMIT: usize = 1 << 20;
-
-    /// Copies the container's body to the client, a flush after every read, in chunks
-    /// when `chunked`, and into `capture` (up to CAPTURE_LIMIT) when given. A container
-    /// that breaks off ends the client's answer unfinished, so the client knows, rather
-    /// than as if it were complete.
-    fn copy_body(
-        mut body: impl Read,
-        writer: &mut dyn Write,
-        chunked: bool,
-        socket: Option<&TcpStream>,
-        mut capture: Option<&mut Vec<u8>>,
-    ) -> Result<(), ProxyError> {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = match body.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) => {
-                    log::warn!("container stream broke off: {}", e.kind());
-                    if let Some(s) = socket {
-                        let _ = s.shutdown(Shutdown::Both);
-                    }
-                    return Err(ProxyError::ContainerUnreachable("The container's answer broke off.".into()));
-                }
-            };
-            if let Some(kept) = capture.as_deref_mut() {
-                kept.extend_from_slice(&buf[..n.min(CAPTURE_LIMIT.saturating_sub(kept.len()))]);
-            }
-            let written = if chunked {
-                write!(writer, "{n:x}\r\n")
-                    .and_then(|_| writer.write_all(&buf[..n]))
-                    .and_then(|_| writer.write_all(b"\r\n"))
-            } else {
-                writer.write_all(&buf[..n])
-            };
-            written.and_then(|_| writer.flush()).map_err(client_gone)?;
-        }
-        if chunked {
-            writer.write_all(b"0\r\n\r\n").map_err(client_gone)?;
-        }
-        Ok(())
-    }
+mod held {
+    //! Owns the streams the proxy holds open for clients, so that they neither keep a
+    //! container awake nor die with one: a client's GET notification stream, and the stream
+    //! `modern` holds for a listen; attached to the container's own stream while it runs.
+    //! Calls `wire`, `auth` (the credential), `registry` (a stream slot), `sessions`,
+    //! `upstream`.
+    use crate::auth::Credential;
+    use crate::registry::StreamSlot;
+    use crate::sessions::SESSION_HEADER;
+    use crate::upstream::{is_event_stream, request_headers, write_chunk};
+    use crate::wire::{self, header_tokens, Framing, Incoming, RouteResult};
+    use crate::{InFlight, Proxy};
+    use std::io::{self, Read, Write};
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Instant;
 
     /// A client's standalone notification stream (GET, `Accept: text/event-stream`): the
     /// proxy holds it, so it neither keeps a container awake nor dies with one.
@@ -8629,10 +8763,8 @@ mod relay {
         ClientGone,
     }
 
-    /// Holds a client's notification stream: attached to the container's own stream
-    /// while the container runs and knows the session, else kept open with SSE comment
-    /// keep-alives; it never wakes the container (a POST does), and attaches again when
-    /// the container starts or the session is opened again.
+    /// Holds a client's notification stream (`keep_open`), ended properly when the proxy
+    /// stops.
     pub fn hold_stream(
         proxy: &Arc<Proxy>,
         request: tiny_http::Request,
@@ -8655,174 +8787,71 @@ mod relay {
         };
         let _long_lived = InFlight::long_lived(&proxy.life);
         let _held = HeldStream::count(proxy);
+        if let Released::Stopping = keep_open(proxy, incoming, credential, owner, Some(client_id), &mut writer, None) {
+            let _ = writer.write_all(b"0\r\n\r\n").and_then(|_| writer.flush());
+        }
+        Ok(200)
+    }
+
+    /// How a held stream was let go.
+    pub enum Released {
+        /// The proxy is stopping: the stream may be ended properly.
+        Stopping,
+        ClientGone,
+    }
+
+    /// Keeps a held stream open until the proxy stops or the client goes: attached to the
+    /// container's own stream for the client's `session` while the container runs and
+    /// knows it, else kept open with SSE comment keep-alives; it never wakes the
+    /// container (a POST does), and attaches again when the container starts or the
+    /// session is opened again. No `session`: keep-alives only. With a `filter`, the
+    /// container's events are passed line by line as it picks them; else unchanged.
+    pub fn keep_open(
+        proxy: &Proxy,
+        incoming: &Incoming,
+        credential: &Credential,
+        owner: &str,
+        session: Option<&str>,
+        writer: &mut dyn Write,
+        filter: Option<&dyn EventFilter>,
+    ) -> Released {
         let keepalive = proxy.cfg.sse_keepalive;
         let mut seen = proxy.sessions.generation();
         let mut last_write = Instant::now();
         while !proxy.life.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            let attachable = proxy.containers.registry.peek_running(owner).and_then(|(address, incarnation)| {
+            let attachable = session.and_then(|client_id| {
+                let (address, incarnation) = proxy.containers.registry.peek_running(owner)?;
                 let upstream_id = proxy.sessions.attachable(client_id, owner, incarnation.as_deref())?;
                 Some((address, upstream_id))
             });
             if let Some(upstream) = attachable {
-                let attached = attach(proxy, incoming, credential, &upstream, &mut writer, &mut last_write, None);
+                let attached = attach(proxy, incoming, credential, &upstream, writer, &mut last_write, filter);
                 if let Attached::ClientGone = attached {
-                    return Ok(200);
+                    return Released::ClientGone;
                 }
             }
             seen = proxy.sessions.wait_change(seen, keepalive.saturating_sub(last_write.elapsed()));
             if last_write.elapsed() >= keepalive {
-                if write_chunk(&mut writer, b": keepalive\n\n").is_err() {
-                    return Ok(200);
+                if write_chunk(writer, b": keepalive\n\n").is_err() {
+                    return Released::ClientGone;
                 }
                 last_write = Instant::now();
             }
         }
-        let _ = writer.write_all(b"0\r\n\r\n").and_then(|_| writer.flush());
-        Ok(200)
+        Released::Stopping
     }
 
-    /// Opens the user's default upstream session unless it is open in this container,
-    /// and gives the container's `initialize` result.
-    fn open_default(
-        proxy: &Proxy,
-        incoming: &Incoming,
-        credential: &Credential,
-        lease: &Lease,
-    ) -> Result<Value, ProxyError> {
-        let not_open = || ProxyError::ContainerUnreachable("The container's session could not be opened.".into());
-        let Route::Own { client_id, stale, .. } =
-            proxy.sessions.default_route(&lease.name, lease.incarnation.as_deref())
-        else {
-            return Err(not_open());
-        };
-        if stale || proxy.sessions.initialized(&client_id).is_none() {
-            reopen_session(proxy, incoming, credential, lease, &client_id)?;
-        }
-        proxy.sessions.initialized(&client_id).ok_or_else(not_open)
-    }
-
-    /// `server/discover`: the container's capabilities and identity, from the
-    /// `initialize` of the user's default session, with every version the proxy speaks.
-    pub fn discover(
-        proxy: &Arc<Proxy>,
-        request: tiny_http::Request,
-        incoming: &Incoming,
-        credential: &Credential,
-        lease: Lease,
-        post: &McpPost,
-    ) -> RouteResult {
-        let initialized = match open_default(proxy, incoming, credential, &lease) {
-            Ok(initialized) => initialized,
-            Err(e) => return reject(request, e),
-        };
-        drop(lease);
-        let id = post.id.clone().unwrap_or(Value::Null);
-        wire::send_json(request, incoming, 200, &protocol::discover_result(&id, &initialized));
-        Ok(200)
-    }
-
-    /// `subscriptions/listen`: a held SSE stream. Acknowledged with the filter the
-    /// container can honour; then the change notifications the container sends on the
-    /// user's default session, while it runs, and comment keep-alives. Like a held
-    /// notification stream, it neither wakes nor keeps awake the container.
-    pub fn listen(
-        proxy: &Arc<Proxy>,
-        request: tiny_http::Request,
-        incoming: &Incoming,
-        credential: &Credential,
-        lease: Lease,
-        post: &McpPost,
-    ) -> RouteResult {
-        let initialized = match open_default(proxy, incoming, credential, &lease) {
-            Ok(initialized) => initialized,
-            Err(e) => return reject(request, e),
-        };
-        let owner = lease.name.clone();
-        drop(lease);
-        let capabilities = initialized.get("capabilities").cloned().unwrap_or(Value::Null);
-        let filter = protocol::listen_filter(post, &capabilities);
-        let subscription = post.id.clone().unwrap_or(Value::Null);
-        let headers = vec![
-            ("Content-Type".to_string(), "text/event-stream".to_string()),
-            ("Cache-Control".to_string(), "no-cache".to_string()),
-            ("X-Accel-Buffering".to_string(), "no".to_string()),
-        ];
-        let acknowledged = json!({
-            "jsonrpc": "2.0",
-            "method": "notifications/subscriptions/acknowledged",
-            "params": {"_meta": {protocol::SUBSCRIPTION_META: subscription}, "notifications": filter},
-        });
-        let mut writer = match wire::begin_answer(request, incoming, 200, &headers, Framing::Chunked, false) {
-            Ok(answer) => answer.writer,
-            Err(_) => return Ok(200),
-        };
-        if write_chunk(&mut writer, format!("data: {acknowledged}\n\n").as_bytes()).is_err() {
-            return Ok(200);
-        }
-        let _long_lived = InFlight::long_lived(&proxy.life);
-        let _held = HeldStream::count(proxy);
-        let keepalive = proxy.cfg.sse_keepalive;
-        let default_id = sessions::default_key(&owner);
-        let mut seen = proxy.sessions.generation();
-        let mut last_write = Instant::now();
-        let listening = Listening { filter: &filter, subscription: &subscription };
-        // nothing agreed (mcp-outline announces no change notifications): keep-alives only
-        let agreed = filter.as_object().is_some_and(|f| !f.is_empty());
-        while !proxy.life.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            let running = proxy.containers.registry.peek_running(&owner).filter(|_| agreed);
-            let attachable = running.and_then(|(address, incarnation)| {
-                let upstream_id = proxy.sessions.attachable(&default_id, &owner, incarnation.as_deref())?;
-                Some((address, upstream_id))
-            });
-            if let Some(upstream) = attachable {
-                let attached =
-                    attach(proxy, incoming, credential, &upstream, &mut writer, &mut last_write, Some(&listening));
-                if let Attached::ClientGone = attached {
-                    return Ok(200);
-                }
-            }
-            seen = proxy.sessions.wait_change(seen, keepalive.saturating_sub(last_write.elapsed()));
-            if last_write.elapsed() >= keepalive {
-                if write_chunk(&mut writer, b": keepalive\n\n").is_err() {
-                    return Ok(200);
-                }
-                last_write = Instant::now();
-            }
-        }
-        // the proxy is stopping: the subscription ends gracefully
-        let ended = json!({"jsonrpc": "2.0", "id": subscription,
-            "result": {"resultType": "complete", "_meta": {protocol::SUBSCRIPTION_META: subscription}}});
-        let _ = write_chunk(&mut writer, format!("data: {ended}\n\n").as_bytes())
-            .and_then(|_| writer.write_all(b"0\r\n\r\n"))
-            .and_then(|_| writer.flush());
-        Ok(200)
-    }
-
-    /// A listen stream's filter and subscription id, applied to the container's events.
-    struct Listening<'a> {
-        filter: &'a Value,
-        subscription: &'a Value,
-    }
-
-    impl Listening<'_> {
-        /// The event to pass on for one of the container's `data:` lines, if wanted.
-        fn pass(&self, data: &str) -> Option<String> {
-            let mut message: Value = serde_json::from_str(data.trim()).ok()?;
-            if !protocol::wanted(self.filter, &message) {
-                return None;
-            }
-            let params = message.as_object_mut()?.entry("params").or_insert_with(|| json!({}));
-            let meta = params.as_object_mut()?.entry("_meta").or_insert_with(|| json!({}));
-            meta.as_object_mut()?.insert(protocol::SUBSCRIPTION_META.into(), self.subscription.clone());
-            Some(format!("data: {message}\n\n"))
-        }
+    /// Picks and rewrites the container's events for a held stream, from each `data:`
+    /// line: the event to pass on, or None.
+    pub trait EventFilter {
+        fn pass(&self, data: &str) -> Option<String>;
     }
 
     /// Counts a held stream for /stats while alive.
-    struct HeldStream<'a>(&'a std::sync::atomic::AtomicUsize);
+    pub struct HeldStream<'a>(&'a std::sync::atomic::AtomicUsize);
 
     impl<'a> HeldStream<'a> {
-        fn count(proxy: &'a Proxy) -> HeldStream<'a> {
+        pub fn count(proxy: &'a Proxy) -> HeldStream<'a> {
             let held = &proxy.sessions.counters.held_streams;
             held.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             HeldStream(held)
@@ -8835,13 +8864,6 @@ mod relay {
         }
     }
 
-    fn write_chunk(writer: &mut dyn Write, bytes: &[u8]) -> io::Result<()> {
-        write!(writer, "{:x}\r\n", bytes.len())
-            .and_then(|_| writer.write_all(bytes))
-            .and_then(|_| writer.write_all(b"\r\n"))
-            .and_then(|_| writer.flush())
-    }
-
     /// Opens the container's notification stream for the session and passes its events
     /// on, until either side ends.
     fn attach(
@@ -8851,11 +8873,10 @@ mod relay {
         (address, upstream_id): &(SocketAddr, String),
         writer: &mut dyn Write,
         last_write: &mut Instant,
-        listening: Option<&Listening>,
+        filter: Option<&dyn EventFilter>,
     ) -> Attached {
         let (address, upstream_id) = (*address, upstream_id.as_str());
-        let headers =
-            upstream_request_headers(incoming, proxy.upstream.forward_key(credential), address, Some(upstream_id));
+        let headers = request_headers(incoming, proxy.upstream.forward_key(credential), address, Some(upstream_id));
         let url = format!("http://{address}{}", incoming.target);
         let mut builder = ureq::http::Request::get(&url);
         for (name, value) in headers.iter().filter(|(n, _)| !n.eq_ignore_ascii_case("last-event-id")) {
@@ -8867,8 +8888,8 @@ mod relay {
             _ => return Attached::Refused,
         };
         let mut body = response.into_body().into_reader();
-        if let Some(listening) = listening {
-            return pass_listened(io::BufReader::new(body), writer, last_write, listening);
+        if let Some(filter) = filter {
+            return pass_filtered(io::BufReader::new(body), writer, last_write, filter);
         }
         let mut buf = vec![0u8; 16 * 1024];
         loop {
@@ -8884,12 +8905,12 @@ mod relay {
         }
     }
 
-    /// Passes on the container's events a listen stream asked for, line by line.
-    fn pass_listened(
+    /// Passes on the container's events the filter picks, line by line.
+    fn pass_filtered(
         mut body: impl io::BufRead,
         writer: &mut dyn Write,
         last_write: &mut Instant,
-        listening: &Listening,
+        filter: &dyn EventFilter,
     ) -> Attached {
         let mut line = String::new();
         loop {
@@ -8898,13 +8919,31 @@ mod relay {
                 Ok(0) | Err(_) => return Attached::Ended,
                 Ok(_) => {}
             }
-            let Some(event) = line.strip_prefix("data:").and_then(|data| listening.pass(data)) else { continue };
+            let Some(event) = line.strip_prefix("data:").and_then(|data| filter.pass(data)) else { continue };
             if write_chunk(writer, event.as_bytes()).is_err() {
                 return Attached::ClientGone;
             }
             *last_write = Instant::now();
         }
     }
+}
+
+mod websocket {
+    //! Owns WebSocket sessions: the handshake passed to the container (the client's path,
+    //! subprotocols and key header), the container's answer deciding the client's, then
+    //! frames relayed unchanged, one thread a direction. Calls `wire`, `error`, `auth` (the
+    //! credential), `registry` (a lease), `upstream` (the request headers).
+    use crate::auth::Credential;
+    use crate::error::ProxyError;
+    use crate::registry::Lease;
+    use crate::upstream::request_headers;
+    use crate::wire::{self, header_value, is_hop_by_hop, reject, Incoming, RouteResult};
+    use crate::{InFlight, Proxy};
+    use std::io::{self, BufReader, Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpStream};
+    use std::sync::Arc;
+    use std::thread;
+    use std::time::Duration;
 
     /// The container's side of a WebSocket handshake: the socket, a reader on it, and
     /// the status and headers it answered.
@@ -9060,7 +9099,7 @@ mod relay {
     /// on, so the container's Sec-WebSocket-Accept is valid for the client too.
     fn websocket_handshake(incoming: &Incoming, forward_key: Option<&str>, address: SocketAddr) -> String {
         let mut out = format!("GET {} HTTP/1.1\r\n", incoming.target);
-        let mut headers = upstream_request_headers(incoming, forward_key, address, None);
+        let mut headers = request_headers(incoming, forward_key, address, None);
         headers.push(("Connection".into(), "Upgrade".into()));
         headers.push(("Upgrade".into(), "websocket".into()));
         for (name, value) in headers {
@@ -9124,6 +9163,151 @@ mod relay {
             }
         }
     }
+}
+
+mod upstream {
+    //! Owns what passes between the proxy and a container over HTTP: the pooled client, the
+    //! headers a container gets (only the checked key), the headers a client gets back, and
+    //! the pieces of a body the relays share (event streams, chunks). Calls `wire`,
+    //! `error`, `auth` (key headers), `config`, `sessions` (the session header), `util`.
+    use crate::auth::{self, Credential};
+    use crate::config::{Config, KeyMode};
+    use crate::error::ProxyError;
+    use crate::sessions::SESSION_HEADER;
+    use crate::util::agent_base;
+    use crate::wire::{header_tokens, is_hop_by_hop, Incoming};
+    use std::io::{self, Write};
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    /// The pooled HTTP client to the containers, and what it must know of the settings.
+    pub struct Upstream {
+        pub agent: ureq::Agent,
+        key_mode: KeyMode,
+        pub max_body: u64,
+        pub response_timeout: Duration,
+    }
+
+    impl Upstream {
+        /// The client's headers as sent (no User-Agent, Accept or Accept-Encoding
+        /// added), any method, no limit on a streamed body.
+        pub fn new(cfg: &Config) -> Upstream {
+            let agent = agent_base()
+                .allow_non_standard_methods(true)
+                .user_agent(ureq::config::AutoHeaderValue::None)
+                .accept(ureq::config::AutoHeaderValue::None)
+                .accept_encoding(ureq::config::AutoHeaderValue::None)
+                .timeout_connect(Some(Duration::from_secs(5)))
+                .timeout_send_request(Some(Duration::from_secs(30)))
+                .timeout_per_write(Some(Duration::from_secs(60)))
+                .timeout_recv_response(Some(cfg.response_timeout))
+                // ureq's 128 KiB buffers each way, per connection, made 300 open streams
+                // cost 100 MiB; MCP's headers are small and bodies stream through anyway
+                .input_buffer_size(32 * 1024)
+                .max_response_header_size(32 * 1024)
+                .output_buffer_size(16 * 1024)
+                .max_idle_connections_per_host(8)
+                // below uvicorn's 5 s keep-alive, so a pooled connection is not one the
+                // container is closing
+                .max_idle_age(Duration::from_secs(4))
+                .build()
+                .new_agent();
+            Upstream { agent, key_mode: cfg.key_mode, max_body: cfg.max_body, response_timeout: cfg.response_timeout }
+        }
+
+        /// The key the container gets with each request: in `header` mode only.
+        pub fn forward_key<'a>(&self, credential: &'a Credential) -> Option<&'a str> {
+            (self.key_mode == KeyMode::Header).then_some(credential.key.as_str())
+        }
+    }
+
+    /// The headers the container gets: the client's, less hop-by-hop ones, the
+    /// credential headers, Host and Expect; plus X-Forwarded-*, and the key when given.
+    pub fn request_headers(
+        incoming: &Incoming,
+        forward_key: Option<&str>,
+        address: SocketAddr,
+        session: Option<&str>,
+    ) -> Vec<(String, String)> {
+        let connection = header_tokens(&incoming.headers, "connection");
+        let mut out: Vec<(String, String)> = Vec::with_capacity(incoming.headers.len() + 5);
+        if let (Some(upstream), None) = (session, incoming.header(SESSION_HEADER)) {
+            // the default session, for a client that sent no id
+            out.push(("Mcp-Session-Id".into(), upstream.to_string()));
+        }
+        for (name, value) in &incoming.headers {
+            let lower = name.to_ascii_lowercase();
+            let dropped = is_hop_by_hop(&lower, &connection)
+                || matches!(lower.as_str(), "host" | "expect" | "x-forwarded-for" | "content-length")
+                || auth::is_credential_header(&lower);
+            if dropped {
+                continue;
+            }
+            match (lower.as_str(), session) {
+                // the upstream session that stands for the client's
+                (SESSION_HEADER, Some(upstream)) => out.push((name.clone(), upstream.to_string())),
+                _ => out.push((name.clone(), value.clone())),
+            }
+        }
+        out.push(("Host".into(), address.to_string()));
+        if let Some(host) = incoming.header("host") {
+            if incoming.header("x-forwarded-host").is_none() {
+                out.push(("X-Forwarded-Host".into(), host.to_string()));
+            }
+        }
+        let client_ip = incoming.remote.map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
+        let forwarded_for = match incoming.header("x-forwarded-for") {
+            Some(prior) => format!("{prior}, {client_ip}"),
+            None => client_ip,
+        };
+        out.push(("X-Forwarded-For".into(), forwarded_for));
+        if incoming.header("x-forwarded-proto").is_none() {
+            out.push(("X-Forwarded-Proto".into(), "http".into()));
+        }
+        if let Some(key) = forward_key {
+            out.push((auth::KEY_HEADER.into(), key.to_string()));
+        }
+        out
+    }
+
+    /// The headers the client gets back: the container's, less hop-by-hop ones and the
+    /// framing (which the proxy writes itself).
+    pub fn response_headers(headers: &ureq::http::HeaderMap) -> Vec<(String, String)> {
+        let connection: Vec<String> = headers
+            .get_all("connection")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .collect();
+        headers
+            .iter()
+            .filter(|(name, _)| !is_hop_by_hop(name.as_str(), &connection) && name.as_str() != "content-length")
+            .filter_map(|(name, value)| value.to_str().ok().map(|v| (name.as_str().to_string(), v.to_string())))
+            .collect()
+    }
+
+    pub fn is_event_stream(headers: &ureq::http::HeaderMap) -> bool {
+        headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().starts_with("text/event-stream"))
+    }
+
+    pub fn write_chunk(writer: &mut dyn Write, bytes: &[u8]) -> io::Result<()> {
+        write!(writer, "{:x}\r\n", bytes.len())
+            .and_then(|_| writer.write_all(bytes))
+            .and_then(|_| writer.write_all(b"\r\n"))
+            .and_then(|_| writer.flush())
+    }
+
+    pub fn client_gone(_: io::Error) -> ProxyError {
+        ProxyError::BadRequest("The client went away.".into())
+    }
+
+    /// Largest answer kept aside for the staged-edit marks (mcp-outline's answer to an
+    /// edit is a sentence).
+    pub const CAPTURE_LIMIT: usize = 1 << 20;
 }
 
 mod ops {
@@ -10287,8 +10471,9 @@ mod tests {
     use crate::error::ProxyError;
     use crate::ops::{render_metrics, render_stats, snapshot};
     use crate::registry::{due_for_removal, Entry, Plan, State};
-    use crate::relay::{downstream_response_headers, relay_frames, upstream_request_headers};
+    use crate::upstream::{request_headers, response_headers};
     use crate::util::{base64_encode, constant_time_eq, format_rfc3339, lock, parse_rfc3339};
+    use crate::websocket::relay_frames;
     use crate::wire::{check_request_form, framing, header_value, Framing, Incoming};
     use crate::Proxy;
     use std::collections::HashMap;
@@ -10492,7 +10677,7 @@ mod tests {
             ("X-Forwarded-For", "1.2.3.4"),
         ]);
         let addr: SocketAddr = "172.17.0.5:3000".parse().unwrap();
-        let out = upstream_request_headers(&inc, Some("client-key"), addr, None);
+        let out = request_headers(&inc, Some("client-key"), addr, None);
         let names: Vec<String> = out.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
         for gone in ["connection", "x-private", "keep-alive", "te", "proxy-authorization"] {
             assert!(!names.contains(&gone.to_string()), "{gone} forwarded");
@@ -10505,14 +10690,14 @@ mod tests {
         assert_eq!(header_value(&out, "x-forwarded-host"), Some("proxy.example.com"));
         assert_eq!(out.iter().filter(|(n, _)| n.eq_ignore_ascii_case("x-outline-api-key")).count(), 1);
         // env mode: the container holds the key, requests do not carry it
-        let env_mode = upstream_request_headers(&inc, None, addr, None);
+        let env_mode = request_headers(&inc, None, addr, None);
         assert!(header_value(&env_mode, "x-outline-api-key").is_none());
         // a key sent as Bearer is not passed on as Authorization; nor is a second key
         // beside X-Outline-API-Key: only the checked key reaches the container
         let bearer = incoming(&[("Authorization", "Bearer k")]);
-        assert!(header_value(&upstream_request_headers(&bearer, None, addr, None), "authorization").is_none());
+        assert!(header_value(&request_headers(&bearer, None, addr, None), "authorization").is_none());
         let both = incoming(&[("X-Outline-API-Key", "checked"), ("Authorization", "Bearer another")]);
-        let out = upstream_request_headers(&both, Some("checked"), addr, None);
+        let out = request_headers(&both, Some("checked"), addr, None);
         assert!(header_value(&out, "authorization").is_none());
         assert_eq!(header_value(&out, "x-outline-api-key"), Some("checked"));
     }
@@ -10525,7 +10710,7 @@ mod tests {
         map.insert("transfer-encoding", "chunked".parse().unwrap());
         map.insert("content-length", "5".parse().unwrap());
         map.insert("mcp-session-id", "s1".parse().unwrap());
-        let out = downstream_response_headers(&map);
+        let out = response_headers(&map);
         assert_eq!(out, vec![("mcp-session-id".to_string(), "s1".to_string())]);
     }
 
