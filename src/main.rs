@@ -6733,7 +6733,8 @@ mod registry {
 
 mod docker {
     //! Owns every docker CLI call (the root-equivalent surface), as named verbs with typed
-    //! results; stderr is read by `classify`, and by three verbs for their own messages. Calls std::process only.
+    //! results; stderr is read once, by `DockerError::classify`, and verbs match on the
+    //! typed error. Calls `error` (the proxy's errors) and `util` (time), and std::process.
     use crate::error::ProxyError;
     use crate::util::parse_rfc3339;
     use serde_json::Value;
@@ -6758,13 +6759,19 @@ mod docker {
     const SHORT: Duration = Duration::from_secs(15);
     const LONG: Duration = Duration::from_secs(60);
 
-    /// What Docker said, classified once.
+    /// What Docker said, classified once (by `classify`); the verbs match on it.
     #[derive(Debug, PartialEq)]
     pub enum DockerError {
         NoSuchContainer,
         NameInUse,
         /// The CLI is missing or the daemon does not answer.
         Unavailable(String),
+        /// The image has no such program to run (a probe's `--entrypoint`).
+        NoExecutable(String),
+        /// The network named does not exist.
+        NoSuchNetwork(String),
+        /// What was to be made (a network) exists already.
+        AlreadyExists(String),
         /// The daemon answered with another error.
         Failed(String),
     }
@@ -6783,6 +6790,12 @@ mod docker {
                 DockerError::NoSuchContainer
             } else if s.contains("is already in use") {
                 DockerError::NameInUse
+            } else if s.contains("executable file not found") || s.contains("no such file") {
+                DockerError::NoExecutable(stderr.trim().to_string())
+            } else if s.contains("no such network") || (s.contains("network") && s.contains("not found")) {
+                DockerError::NoSuchNetwork(stderr.trim().to_string())
+            } else if s.contains("already exists") {
+                DockerError::AlreadyExists(stderr.trim().to_string())
             } else {
                 DockerError::Failed(stderr.trim().to_string())
             }
@@ -6792,7 +6805,11 @@ mod docker {
             match self {
                 DockerError::NoSuchContainer => "no such container".into(),
                 DockerError::NameInUse => "the container name is already in use".into(),
-                DockerError::Unavailable(m) | DockerError::Failed(m) => m.clone(),
+                DockerError::Unavailable(m)
+                | DockerError::NoExecutable(m)
+                | DockerError::NoSuchNetwork(m)
+                | DockerError::AlreadyExists(m)
+                | DockerError::Failed(m) => m.clone(),
             }
         }
 
@@ -6810,11 +6827,6 @@ mod docker {
                 }
             }
         }
-    }
-
-    fn is_missing_network(stderr: &str) -> bool {
-        let s = stderr.to_ascii_lowercase();
-        s.contains("no such network") || (s.contains("network") && s.contains("not found"))
     }
 
     pub fn first_line(s: &str) -> String {
@@ -7102,12 +7114,10 @@ mod docker {
             ];
             match self.run(&args, None, LONG) {
                 Ok(_) => Ok(true),
-                Err(DockerError::Failed(m))
-                    if m.contains("executable file not found") || m.contains("no such file") =>
-                {
-                    Err(DockerError::Failed(m))
+                // (a missing python3 is `NoExecutable`: the probe cannot run)
+                Err(DockerError::Failed(_) | DockerError::NoSuchNetwork(_) | DockerError::AlreadyExists(_)) => {
+                    Ok(false)
                 }
-                Err(DockerError::Failed(_)) => Ok(false),
                 Err(e) => Err(e),
             }
         }
@@ -7188,7 +7198,7 @@ mod docker {
             let format = "{{index .Options \"com.docker.network.bridge.enable_icc\"}}";
             match self.run(&["network", "inspect", "--format", format, network], None, SHORT) {
                 Ok(out) => Ok(Some(out.trim() != "false")),
-                Err(DockerError::Failed(m)) if is_missing_network(&m) => Ok(None),
+                Err(DockerError::NoSuchNetwork(_)) => Ok(None),
                 Err(e) => Err(e),
             }
         }
@@ -7208,7 +7218,7 @@ mod docker {
                 network,
             ];
             match self.run(&args, None, SHORT) {
-                Err(DockerError::Failed(m)) if m.contains("already exists") => Ok(()),
+                Err(DockerError::AlreadyExists(_)) => Ok(()),
                 other => other.map(|_| ()),
             }
         }
@@ -10615,6 +10625,14 @@ mod tests {
             DockerError::Unavailable(_)
         ));
         assert!(matches!(classify("invalid reference format"), DockerError::Failed(_)));
+        let no_python = "exec: \"python3\": executable file not found in $PATH";
+        assert!(matches!(classify(no_python), DockerError::NoExecutable(_)));
+        assert!(matches!(classify("Error: No such network: net-x"), DockerError::NoSuchNetwork(_)));
+        assert!(matches!(
+            classify("Error response from daemon: network net-x not found"),
+            DockerError::NoSuchNetwork(_)
+        ));
+        assert!(matches!(classify("network with name net-x already exists"), DockerError::AlreadyExists(_)));
         // the client's message is a sentence; Docker's own words stay in the log
         let err = DockerError::NoSuchContainer.into_proxy_error("start container mcp-x");
         assert_eq!((err.status(), err.code()), (503, "container_failed"));
