@@ -6079,11 +6079,12 @@ mod staged {
 }
 
 mod registry {
-    //! Owns what the proxy knows of each container (state, address, leases, counters)
-    //! and every decision made on it: plans, sweep selection, the removal policy. Pure:
-    //! no Docker, no HTTP; its one lock is held only for field updates. Calls `util`,
-    //! `staged` (whether a container may sleep), and reads `docker`'s plain data types.
-    use crate::docker::{ContainerInfo, Event};
+    //! Owns what the proxy knows of each container (state and address, role, leases,
+    //! counters) and every decision made on it: plans, sweep selection, the removal
+    //! policy. Pure: no Docker, no HTTP; its one lock is held only for field updates.
+    //! Calls `util`, `error`, `staged` (whether a container may sleep), and `docker` for
+    //! its plain data types only (`ContainerInfo`, `Event`, `Role`), never a verb.
+    use crate::docker::{ContainerInfo, Event, Role};
     use crate::error::ProxyError;
     use crate::staged::Staged;
     use crate::util::{lock, Flight};
@@ -6092,24 +6093,36 @@ mod registry {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant, SystemTime};
 
-    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    /// Where a running container answers, and which process of it (see `ContainerInfo`).
+    #[derive(Clone, PartialEq, Eq, Debug)]
+    pub struct Place {
+        pub address: SocketAddr,
+        pub incarnation: Option<String>,
+    }
+
+    #[derive(Clone, PartialEq, Eq, Debug)]
     pub enum State {
         /// Not known to exist (a fresh entry, or removed).
         Missing,
         Stopped,
-        Running,
+        /// Running, and answering at its place: a running entry always has one.
+        Running(Place),
         /// Believed to exist, state unknown (a start timed out, a connection failed).
         Unknown,
     }
 
     impl State {
-        pub fn as_str(self) -> &'static str {
+        pub fn as_str(&self) -> &'static str {
             match self {
                 State::Missing => "missing",
                 State::Stopped => "stopped",
-                State::Running => "running",
+                State::Running(_) => "running",
                 State::Unknown => "unknown",
             }
+        }
+
+        pub fn is_running(&self) -> bool {
+            matches!(self, State::Running(_))
         }
     }
 
@@ -6118,11 +6131,11 @@ mod registry {
 
     pub struct Entry {
         pub state: State,
-        pub address: Option<SocketAddr>,
-        /// Which process of the container answers there (see `ContainerInfo`).
-        pub incarnation: Option<String>,
-        /// Booted ahead of time, assigned to nobody yet.
-        pub spare: bool,
+        /// Where it was last seen: set as it starts, kept after it stops (for /stats,
+        /// and so that its address, given by Docker to another container, is spotted).
+        pub last_address: Option<SocketAddr>,
+        /// A user's container, or a spare: booted ahead of time, assigned to nobody yet.
+        pub role: Role,
         /// The image it was made from, when known.
         pub image_id: Option<String>,
         pub user: String,
@@ -6140,10 +6153,12 @@ mod registry {
     impl Entry {
         pub fn new(state: State) -> Entry {
             Entry {
+                last_address: match &state {
+                    State::Running(place) => Some(place.address),
+                    _ => None,
+                },
                 state,
-                address: None,
-                incarnation: None,
-                spare: false,
+                role: Role::User,
                 image_id: None,
                 user: String::new(),
                 created_at: None,
@@ -6161,10 +6176,26 @@ mod registry {
             self.active == 0 && self.transition.is_none()
         }
 
+        fn is_ready_spare(&self) -> bool {
+            self.role == Role::Spare && self.state.is_running() && self.is_idle_and_settled()
+        }
+
         fn begin(&mut self) -> Transition {
             let flight = Flight::new();
             self.transition = Some(flight.clone());
             flight
+        }
+
+        /// Running at `place`: the one way an entry comes to run.
+        fn run_at(&mut self, place: Place) {
+            self.last_address = Some(place.address);
+            self.state = State::Running(place);
+        }
+
+        /// Gone or dead: where it was is worth nothing now.
+        fn forget_place(&mut self, state: State) {
+            self.state = state;
+            self.last_address = None;
         }
     }
 
@@ -6241,7 +6272,7 @@ mod registry {
         pub address: Option<SocketAddr>,
         /// Client sessions bound to it (filled in by `ops`).
         pub sessions: usize,
-        pub spare: bool,
+        pub role: Role,
         /// Documents it holds staged (unsaved), and for how long (filled in by `ops`).
         pub staged_documents: usize,
         pub staged_seconds: u64,
@@ -6261,9 +6292,10 @@ mod registry {
     /// and is inspected again before anything is routed to it.
     fn forget_address_elsewhere(entries: &mut HashMap<String, Entry>, name: &str, address: SocketAddr) {
         for (other, entry) in entries.iter_mut() {
-            if other != name && entry.address == Some(address) {
-                entry.address = None;
-                if entry.transition.is_none() {
+            if other != name && entry.last_address == Some(address) {
+                entry.last_address = None;
+                // (a running entry, even one in a transition, is never left at it)
+                if entry.transition.is_none() || entry.state.is_running() {
                     entry.state = State::Unknown;
                 }
             }
@@ -6274,31 +6306,10 @@ mod registry {
     pub struct Registry {
         pub entries: Mutex<HashMap<String, Entry>>,
         max_running: usize,
-        user_max_inflight: usize,
-        user_max_streams: usize,
-        /// Notification streams the proxy holds, per container name: apart from the
-        /// entries, whose life is the container's. Locked after `entries`, never before.
-        streams: Mutex<HashMap<String, usize>>,
+        /// The notification streams the proxy holds (locked after `entries`).
+        streams: Arc<Streams>,
         /// Which containers hold staged edits (taken after `entries`, never before).
         pub staged: Arc<Staged>,
-    }
-
-    /// One held notification stream of a user, counted while alive.
-    pub struct StreamSlot {
-        registry: Arc<Registry>,
-        name: String,
-    }
-
-    impl Drop for StreamSlot {
-        fn drop(&mut self) {
-            let mut streams = lock(&self.registry.streams);
-            if let Some(held) = streams.get_mut(&self.name) {
-                *held = held.saturating_sub(1);
-                if *held == 0 {
-                    streams.remove(&self.name);
-                }
-            }
-        }
     }
 
     impl Registry {
@@ -6311,35 +6322,17 @@ mod registry {
             Registry {
                 entries: Mutex::new(HashMap::new()),
                 max_running,
-                user_max_inflight,
-                user_max_streams,
-                streams: Mutex::new(HashMap::new()),
+                streams: Arc::new(Streams { held: Mutex::new(HashMap::new()), user_max_inflight, user_max_streams }),
                 staged,
             }
         }
 
-        /// A user's requests in flight and held streams together have reached
-        /// MCP_PROXY_USER_MAX_INFLIGHT (0 = no limit).
-        fn user_busy(&self, active: usize, name: &str) -> bool {
-            self.user_max_inflight > 0
-                && active + lock(&self.streams).get(name).copied().unwrap_or(0) >= self.user_max_inflight
-        }
-
         /// Claims a slot for one more held notification stream of `name`'s user: at most
         /// MCP_PROXY_USER_MAX_STREAMS, and counted with their requests in flight.
-        pub fn hold_stream(self: &Arc<Self>, name: &str) -> Result<StreamSlot, ProxyError> {
+        pub fn hold_stream(&self, name: &str) -> Result<StreamSlot, ProxyError> {
             let entries = lock(&self.entries);
             let active = entries.get(name).map_or(0, |e| e.active);
-            if self.user_busy(active, name) {
-                return Err(ProxyError::UserBusy(self.user_max_inflight));
-            }
-            let mut streams = lock(&self.streams);
-            let held = streams.entry(name.to_string()).or_insert(0);
-            if self.user_max_streams > 0 && *held >= self.user_max_streams {
-                return Err(ProxyError::TooManyStreams(self.user_max_streams));
-            }
-            *held += 1;
-            Ok(StreamSlot { registry: self.clone(), name: name.to_string() })
+            self.streams.hold(active, name)
         }
 
         /// Routes to a running container, waits for a transition under way, or claims
@@ -6348,7 +6341,7 @@ mod registry {
             let mut entries = lock(&self.entries);
             // counted only under a cap: no walk over every container on each request
             let at_cap = self.max_running > 0
-                && entries.values().filter(|e| e.state == State::Running || e.transition.is_some()).count()
+                && entries.values().filter(|e| e.state.is_running() || e.transition.is_some()).count()
                     >= self.max_running;
             let entry = entries.entry(name.to_string()).or_insert_with(|| Entry::new(State::Missing));
             if entry.user != user_label {
@@ -6357,26 +6350,24 @@ mod registry {
             if let Some(flight) = &entry.transition {
                 return Ok(Plan::Wait(flight.clone()));
             }
-            if let (State::Running, Some(address)) = (entry.state, entry.address) {
-                if self.user_busy(entry.active, name) {
-                    return Err(ProxyError::UserBusy(self.user_max_inflight));
-                }
+            if let State::Running(place) = &entry.state {
+                self.streams.admit(entry.active, name)?;
                 entry.active += 1;
                 entry.requests_total += 1;
                 if websocket {
                     entry.websockets += 1;
                 }
-                let incarnation = entry.incarnation.clone();
+                let (address, incarnation) = (place.address, place.incarnation.clone());
                 let lease = Lease { registry: self.clone(), name: name.to_string(), address, incarnation, websocket };
                 return Ok(Plan::Route(lease));
             }
-            let known = entry.state;
+            let known = entry.state.clone();
             let flight = entry.begin();
             // a ready spare serves at once, and takes no new slot under the cap (but never
             // in place of a container that may still run with staged edits)
             let spare = entries
                 .iter()
-                .find(|(n, e)| *n != name && e.spare && e.state == State::Running && e.is_idle_and_settled())
+                .find(|(n, e)| *n != name && e.is_ready_spare())
                 .map(|(n, _)| n.clone())
                 .filter(|_| self.staged.may_sleep(name));
             if let Some(spare) = spare {
@@ -6391,7 +6382,7 @@ mod registry {
             // a container holding staged edits is never the one to make room: 503 instead
             let victim = entries
                 .iter()
-                .filter(|(n, e)| *n != name && e.state == State::Running && e.is_idle_and_settled())
+                .filter(|(n, e)| *n != name && e.state.is_running() && e.is_idle_and_settled())
                 .filter(|(n, _)| self.staged.may_sleep(n))
                 .min_by_key(|(_, e)| e.idle_since)
                 .map(|(n, _)| n.clone());
@@ -6409,73 +6400,6 @@ mod registry {
                     Err(full)
                 }
             }
-        }
-
-        /// A spare becomes `name`'s container: the entry takes its address, incarnation
-        /// and image, and the spare's entry goes (its transition ends with the user's).
-        pub fn adopt_spare(&self, spare: &str, name: &str) {
-            let mut entries = lock(&self.entries);
-            let Some(taken) = entries.remove(spare) else { return };
-            if let Some(entry) = entries.get_mut(name) {
-                entry.state = State::Running;
-                entry.address = taken.address;
-                entry.incarnation = taken.incarnation;
-                entry.image_id = taken.image_id;
-                entry.created_at = taken.created_at;
-                entry.stopped_at = None;
-            }
-        }
-
-        /// A claimed spare that could not be taken goes back to the pool (or is
-        /// forgotten when it is gone).
-        pub fn release_spare(&self, spare: &str, gone: bool) {
-            let mut entries = lock(&self.entries);
-            if gone {
-                entries.remove(spare);
-            } else if let Some(entry) = entries.get_mut(spare) {
-                entry.transition = None;
-            }
-        }
-
-        /// A new spare, booting: counted at once, so only one boot at a time is started.
-        pub fn begin_spare(&self, name: &str) -> Transition {
-            let mut entry = Entry::new(State::Missing);
-            entry.spare = true;
-            let flight = entry.begin();
-            lock(&self.entries).insert(name.to_string(), entry);
-            flight
-        }
-
-        pub fn spare_ready(&self, name: &str, address: SocketAddr, incarnation: Option<String>, image_id: &str) {
-            self.mark_running(name, address, incarnation);
-            if let Some(entry) = lock(&self.entries).get_mut(name) {
-                entry.image_id = Some(image_id.to_string());
-                entry.transition = None;
-            }
-        }
-
-        /// Whether another spare may boot now: fewer than `wanted`, no user's container
-        /// starting (user traffic first), and room under the cap.
-        pub fn wants_spare(&self, wanted: usize) -> bool {
-            let mut entries = lock(&self.entries);
-            // a spare removed or killed behind the proxy's back is forgotten
-            entries.retain(|_, e| !(e.spare && e.transition.is_none() && e.state != State::Running));
-            let spares = entries.values().filter(|e| e.spare).count();
-            let user_starting = entries.values().any(|e| !e.spare && e.transition.is_some());
-            let running = entries.values().filter(|e| e.state == State::Running || e.transition.is_some()).count();
-            spares < wanted && !user_starting && (self.max_running == 0 || running < self.max_running)
-        }
-
-        /// Claims the settled spares not of `image_id`, to be replaced.
-        pub fn claim_outdated_spares(&self, image_id: &str) -> Vec<(String, Transition)> {
-            let mut claimed = Vec::new();
-            for (name, entry) in lock(&self.entries).iter_mut() {
-                let outdated = entry.image_id.as_deref().is_some_and(|id| id != image_id);
-                if entry.spare && outdated && entry.is_idle_and_settled() {
-                    claimed.push((name.clone(), entry.begin()));
-                }
-            }
-            claimed
         }
 
         pub fn note_image(&self, name: &str, image_id: &str) {
@@ -6510,7 +6434,7 @@ mod registry {
             let mut entries = lock(&self.entries);
             forget_address_elsewhere(&mut entries, name, address);
             if let Some(entry) = entries.get_mut(name) {
-                entry.address = Some(address);
+                entry.last_address = Some(address);
                 entry.created_at = created_at.or(entry.created_at);
             }
         }
@@ -6519,73 +6443,8 @@ mod registry {
             let mut entries = lock(&self.entries);
             forget_address_elsewhere(&mut entries, name, address);
             if let Some(entry) = entries.get_mut(name) {
-                entry.state = State::Running;
-                entry.address = Some(address);
-                entry.incarnation = incarnation;
+                entry.run_at(Place { address, incarnation });
                 entry.stopped_at = None;
-            }
-        }
-
-        /// What a line of Docker's event stream means for the registry: a start the
-        /// proxy did not make must be inspected (its address and incarnation are new);
-        /// a death or removal makes a cached address worthless at once.
-        pub fn observe(&self, event: &Event) -> Option<String> {
-            if let Event::Die(name) | Event::Destroy(name) = event {
-                // (its own stops are the sleeper's to report; this is a crash or a kill)
-                let user = lock(&self.entries).get(name).filter(|e| e.transition.is_none()).map(|e| e.user.clone());
-                if let Some(user) = user {
-                    self.staged.lost(name, &user, "the container died or was removed");
-                }
-            }
-            let mut entries = lock(&self.entries);
-            let settled = |entries: &HashMap<String, Entry>, name: &str| {
-                entries.get(name).is_some_and(|e| e.transition.is_none())
-            };
-            match event {
-                Event::Start(name) if settled(&entries, name) => return Some(name.clone()),
-                Event::Die(name) | Event::Destroy(name) if settled(&entries, name) => {
-                    if let Some(entry) = entries.get_mut(name) {
-                        entry.state = if matches!(event, Event::Destroy(_)) { State::Missing } else { State::Unknown };
-                        entry.address = None;
-                        entry.incarnation = None;
-                    }
-                }
-                Event::Rename { from, to } => {
-                    if let Some(entry) = entries.get_mut(from).filter(|e| e.transition.is_none()) {
-                        entry.state = State::Missing;
-                        entry.address = None;
-                    }
-                    if settled(&entries, to) {
-                        return Some(to.clone());
-                    }
-                }
-                _ => {}
-            }
-            None
-        }
-
-        /// A container someone else started, as Docker now describes it.
-        pub fn observe_started(&self, name: &str, address: Option<SocketAddr>, incarnation: Option<String>) {
-            let mut entries = lock(&self.entries);
-            if let Some(address) = address {
-                forget_address_elsewhere(&mut entries, name, address);
-            }
-            if let Some(entry) = entries.get_mut(name).filter(|e| e.transition.is_none()) {
-                entry.state = if address.is_some() { State::Running } else { State::Unknown };
-                entry.address = address;
-                entry.incarnation = incarnation;
-                entry.stopped_at = None;
-            }
-        }
-
-        /// Docker's event stream broke off (a daemon restart): nothing cached is
-        /// trusted until the registry is rebuilt; every container is inspected again
-        /// before traffic is routed to it.
-        pub fn distrust_all(&self) {
-            for entry in lock(&self.entries).values_mut() {
-                if entry.transition.is_none() && entry.state == State::Running {
-                    entry.state = State::Unknown;
-                }
             }
         }
 
@@ -6593,8 +6452,10 @@ mod registry {
         /// it awake (a held notification stream).
         pub fn peek_running(&self, name: &str) -> Option<(SocketAddr, Option<String>)> {
             let entries = lock(&self.entries);
-            let entry = entries.get(name).filter(|e| e.state == State::Running && e.transition.is_none())?;
-            Some((entry.address?, entry.incarnation.clone()))
+            match entries.get(name).filter(|e| e.transition.is_none()).map(|e| &e.state) {
+                Some(State::Running(place)) => Some((place.address, place.incarnation.clone())),
+                _ => None,
+            }
         }
 
         /// A connection to the container failed: forget what we believed about it, so
@@ -6607,20 +6468,311 @@ mod registry {
             }
         }
 
+        pub fn state_of(&self, name: &str) -> State {
+            lock(&self.entries).get(name).map(|e| e.state.clone()).unwrap_or(State::Missing)
+        }
+
+        /// (containers tracked, running)
+        pub fn counts(&self) -> (usize, usize) {
+            let entries = lock(&self.entries);
+            (entries.len(), entries.values().filter(|e| e.state.is_running()).count())
+        }
+
+        pub fn snapshot(&self) -> Vec<ContainerSnapshot> {
+            let mut containers: Vec<ContainerSnapshot> = lock(&self.entries)
+                .iter()
+                .map(|(name, e)| ContainerSnapshot {
+                    name: name.clone(),
+                    state: e.state.clone(),
+                    user: e.user.clone(),
+                    created_at: e.created_at,
+                    last_used: e.last_used,
+                    idle_seconds: if e.active > 0 { 0 } else { e.idle_since.elapsed().as_secs() },
+                    active: e.active,
+                    websockets: e.websockets,
+                    requests_total: e.requests_total,
+                    address: e.last_address,
+                    sessions: 0,
+                    role: e.role,
+                    staged_documents: 0,
+                    staged_seconds: 0,
+                })
+                .collect();
+            containers.sort_by(|a, b| a.name.cmp(&b.name));
+            containers
+        }
+
+        /// The spare keeper's view of the entries.
+        pub fn spares(&self) -> Spares<'_> {
+            Spares { registry: self }
+        }
+
+        /// What Docker reports (its listing, its events), applied to the entries.
+        pub fn sightings(&self) -> Sightings<'_> {
+            Sightings { registry: self }
+        }
+
+        /// The sleeper's view of the entries: what to stop and remove, and how it went.
+        pub fn sweeps(&self) -> Sweeps<'_> {
+            Sweeps { registry: self }
+        }
+    }
+
+    /// The notification streams the proxy holds, per container name, and the per-user
+    /// limits they count against: apart from the entries, whose life is the container's.
+    /// Locked after `entries`, never before.
+    pub struct Streams {
+        held: Mutex<HashMap<String, usize>>,
+        user_max_inflight: usize,
+        user_max_streams: usize,
+    }
+
+    impl Streams {
+        /// Refused when a user's requests in flight and held streams together have
+        /// reached MCP_PROXY_USER_MAX_INFLIGHT (0 = no limit).
+        fn admit(&self, active: usize, name: &str) -> Result<(), ProxyError> {
+            let held = lock(&self.held).get(name).copied().unwrap_or(0);
+            match self.user_max_inflight > 0 && active + held >= self.user_max_inflight {
+                true => Err(ProxyError::UserBusy(self.user_max_inflight)),
+                false => Ok(()),
+            }
+        }
+
+        fn hold(self: &Arc<Self>, active: usize, name: &str) -> Result<StreamSlot, ProxyError> {
+            self.admit(active, name)?;
+            let mut held = lock(&self.held);
+            let count = held.entry(name.to_string()).or_insert(0);
+            if self.user_max_streams > 0 && *count >= self.user_max_streams {
+                return Err(ProxyError::TooManyStreams(self.user_max_streams));
+            }
+            *count += 1;
+            Ok(StreamSlot { streams: self.clone(), name: name.to_string() })
+        }
+    }
+
+    /// One held notification stream of a user, counted while alive.
+    pub struct StreamSlot {
+        streams: Arc<Streams>,
+        name: String,
+    }
+
+    impl Drop for StreamSlot {
+        fn drop(&mut self) {
+            let mut held = lock(&self.streams.held);
+            if let Some(count) = held.get_mut(&self.name) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    held.remove(&self.name);
+                }
+            }
+        }
+    }
+
+    /// The spares: containers booted ahead of time for whoever needs one next. They
+    /// are entries like any other (the cap counts them), with `Role::Spare`.
+    pub struct Spares<'a> {
+        registry: &'a Registry,
+    }
+
+    impl Spares<'_> {
+        /// A spare becomes `name`'s container: the entry takes its place (address and
+        /// incarnation) and image, and the spare's entry goes (its transition ends with
+        /// the user's).
+        pub fn adopt(&self, spare: &str, name: &str) {
+            let mut entries = lock(&self.registry.entries);
+            let Some(taken) = entries.remove(spare) else { return };
+            if let Some(entry) = entries.get_mut(name) {
+                entry.state = taken.state;
+                entry.last_address = taken.last_address;
+                entry.image_id = taken.image_id;
+                entry.created_at = taken.created_at;
+                entry.stopped_at = None;
+            }
+        }
+
+        /// A claimed spare that could not be taken goes back to the pool (or is
+        /// forgotten when it is gone).
+        pub fn release(&self, spare: &str, gone: bool) {
+            let mut entries = lock(&self.registry.entries);
+            if gone {
+                entries.remove(spare);
+            } else if let Some(entry) = entries.get_mut(spare) {
+                entry.transition = None;
+            }
+        }
+
+        /// A new spare, booting: counted at once, so only one boot at a time is started.
+        pub fn begin(&self, name: &str) -> Transition {
+            let mut entry = Entry::new(State::Missing);
+            entry.role = Role::Spare;
+            let flight = entry.begin();
+            lock(&self.registry.entries).insert(name.to_string(), entry);
+            flight
+        }
+
+        pub fn ready(&self, name: &str, address: SocketAddr, incarnation: Option<String>, image_id: &str) {
+            self.registry.mark_running(name, address, incarnation);
+            if let Some(entry) = lock(&self.registry.entries).get_mut(name) {
+                entry.image_id = Some(image_id.to_string());
+                entry.transition = None;
+            }
+        }
+
+        /// Whether another spare may boot now: fewer than `wanted`, no user's container
+        /// starting (user traffic first), and room under the cap.
+        pub fn wanted(&self, wanted: usize) -> bool {
+            let mut entries = lock(&self.registry.entries);
+            let is_spare = |e: &Entry| e.role == Role::Spare;
+            // a spare removed or killed behind the proxy's back is forgotten
+            entries.retain(|_, e| !(is_spare(e) && e.transition.is_none() && !e.state.is_running()));
+            let spares = entries.values().filter(|e| is_spare(e)).count();
+            let user_starting = entries.values().any(|e| !is_spare(e) && e.transition.is_some());
+            let running = entries.values().filter(|e| e.state.is_running() || e.transition.is_some()).count();
+            let max_running = self.registry.max_running;
+            spares < wanted && !user_starting && (max_running == 0 || running < max_running)
+        }
+
+        /// Claims the settled spares not of `image_id`, to be replaced.
+        pub fn claim_outdated(&self, image_id: &str) -> Vec<(String, Transition)> {
+            let mut claimed = Vec::new();
+            for (name, entry) in lock(&self.registry.entries).iter_mut() {
+                let outdated = entry.image_id.as_deref().is_some_and(|id| id != image_id);
+                if entry.role == Role::Spare && outdated && entry.is_idle_and_settled() {
+                    claimed.push((name.clone(), entry.begin()));
+                }
+            }
+            claimed
+        }
+    }
+
+    /// What Docker reports, applied to the entries: its listing (at start-up, and when
+    /// it comes back) and its event stream. Entries in a transition are left to it.
+    pub struct Sightings<'a> {
+        registry: &'a Registry,
+    }
+
+    impl Sightings<'_> {
+        /// What a line of Docker's event stream means for the registry: a start the
+        /// proxy did not make must be inspected (its address and incarnation are new);
+        /// a death or removal makes a cached address worthless at once.
+        pub fn observe(&self, event: &Event) -> Option<String> {
+            if let Event::Die(name) | Event::Destroy(name) = event {
+                // (its own stops are the sleeper's to report; this is a crash or a kill)
+                let user =
+                    lock(&self.registry.entries).get(name).filter(|e| e.transition.is_none()).map(|e| e.user.clone());
+                if let Some(user) = user {
+                    self.registry.staged.lost(name, &user, "the container died or was removed");
+                }
+            }
+            let mut entries = lock(&self.registry.entries);
+            let settled = |entries: &HashMap<String, Entry>, name: &str| {
+                entries.get(name).is_some_and(|e| e.transition.is_none())
+            };
+            match event {
+                Event::Start(name) if settled(&entries, name) => return Some(name.clone()),
+                Event::Die(name) | Event::Destroy(name) if settled(&entries, name) => {
+                    if let Some(entry) = entries.get_mut(name) {
+                        let destroyed = matches!(event, Event::Destroy(_));
+                        entry.forget_place(if destroyed { State::Missing } else { State::Unknown });
+                    }
+                }
+                Event::Rename { from, to } => {
+                    if let Some(entry) = entries.get_mut(from).filter(|e| e.transition.is_none()) {
+                        entry.forget_place(State::Missing);
+                    }
+                    if settled(&entries, to) {
+                        return Some(to.clone());
+                    }
+                }
+                _ => {}
+            }
+            None
+        }
+
+        /// A container someone else started, as Docker now describes it.
+        pub fn started(&self, name: &str, address: Option<SocketAddr>, incarnation: Option<String>) {
+            let mut entries = lock(&self.registry.entries);
+            if let Some(address) = address {
+                forget_address_elsewhere(&mut entries, name, address);
+            }
+            if let Some(entry) = entries.get_mut(name).filter(|e| e.transition.is_none()) {
+                match address {
+                    Some(address) => entry.run_at(Place { address, incarnation }),
+                    None => entry.forget_place(State::Unknown),
+                }
+                entry.stopped_at = None;
+            }
+        }
+
+        /// Docker's event stream broke off (a daemon restart): nothing cached is
+        /// trusted until the registry is rebuilt; every container is inspected again
+        /// before traffic is routed to it.
+        pub fn distrust_all(&self) {
+            for entry in lock(&self.registry.entries).values_mut() {
+                if entry.transition.is_none() && entry.state.is_running() {
+                    entry.state = State::Unknown;
+                }
+            }
+        }
+
+        /// Brings the registry in line with Docker's listing of this proxy's containers
+        /// (at start-up, and when Docker comes back). Entries in a transition are left
+        /// to it; ones Docker no longer has, and nobody uses, become missing. (A running
+        /// one without an address on the network is in doubt: inspected before use.)
+        pub fn reconcile(&self, containers: &[ContainerInfo], port: u16) {
+            let mut entries = lock(&self.registry.entries);
+            for info in containers {
+                let entry = entries.entry(info.name.clone()).or_insert_with(|| Entry::new(State::Missing));
+                if entry.transition.is_some() {
+                    continue;
+                }
+                let address = info.address.map(|ip| SocketAddr::new(ip, port));
+                match (info.running, address) {
+                    (true, Some(address)) => entry.run_at(Place { address, incarnation: info.incarnation.clone() }),
+                    (true, None) => entry.forget_place(State::Unknown),
+                    (false, _) => {
+                        entry.state = State::Stopped;
+                        entry.last_address = address;
+                    }
+                }
+                let spare = info.role == Role::Spare && info.name.contains(crate::docker::SPARE_MARK);
+                entry.role = if spare { Role::Spare } else { Role::User };
+                entry.image_id = Some(info.image_id.clone()).filter(|id| !id.is_empty());
+                entry.created_at = info.created_at;
+                entry.stopped_at = if info.running { None } else { info.finished_at };
+                if entry.user.is_empty() {
+                    entry.user = info.user.clone();
+                }
+            }
+            for (name, entry) in entries.iter_mut() {
+                let listed = containers.iter().any(|c| &c.name == name);
+                if !listed && entry.transition.is_none() && entry.active == 0 {
+                    entry.forget_place(State::Missing);
+                }
+            }
+        }
+    }
+
+    /// The sleeper's view of the entries: which to stop and remove, and how that went.
+    pub struct Sweeps<'a> {
+        registry: &'a Registry,
+    }
+
+    impl Sweeps<'_> {
         /// Picks the idle containers to stop and the long-stopped ones to remove, and
         /// holds a transition on each so requests wait rather than race.
-        pub fn select_sweep(&self, idle_timeout: Duration, remove_after: Option<Duration>) -> Sweep {
+        pub fn select(&self, idle_timeout: Duration, remove_after: Option<Duration>) -> Sweep {
             let now = Instant::now();
             let mut sweep = Sweep::default();
-            for (name, entry) in lock(&self.entries).iter_mut() {
+            for (name, entry) in lock(&self.registry.entries).iter_mut() {
                 // a spare is idle by design: the keeper looks after it
-                if entry.spare || !entry.is_idle_and_settled() {
+                if entry.role == Role::Spare || !entry.is_idle_and_settled() {
                     continue;
                 }
                 let idle_for = now.saturating_duration_since(entry.idle_since);
-                if matches!(entry.state, State::Running | State::Unknown)
+                if matches!(entry.state, State::Running(_) | State::Unknown)
                     && idle_for >= idle_timeout
-                    && self.staged.may_sleep(name)
+                    && self.registry.staged.may_sleep(name)
                 {
                     sweep.stop.push((name.clone(), entry.begin()));
                 } else if entry.state == State::Stopped && due_for_removal(entry.stopped_at, remove_after) {
@@ -6634,22 +6786,18 @@ mod registry {
         /// held (past MCP_PROXY_STAGED_EDITS_TIMEOUT) are gone with it.
         pub fn after_stop(&self, name: &str, outcome: StopOutcome) {
             let slept = !matches!(outcome, StopOutcome::Failed);
-            let user = lock(&self.entries).get(name).map(|e| e.user.clone()).unwrap_or_default();
+            let user = lock(&self.registry.entries).get(name).map(|e| e.user.clone()).unwrap_or_default();
             if slept {
-                self.staged.lost(name, &user, "put to sleep: held longer than MCP_PROXY_STAGED_EDITS_TIMEOUT");
+                self.registry.staged.lost(name, &user, "put to sleep: held longer than MCP_PROXY_STAGED_EDITS_TIMEOUT");
             }
-            if let Some(entry) = lock(&self.entries).get_mut(name) {
+            if let Some(entry) = lock(&self.registry.entries).get_mut(name) {
                 entry.transition = None;
                 match outcome {
                     StopOutcome::Stopped => {
                         entry.state = State::Stopped;
                         entry.stopped_at = Some(SystemTime::now());
                     }
-                    StopOutcome::Gone | StopOutcome::Retired => {
-                        entry.state = State::Missing;
-                        entry.address = None;
-                        entry.incarnation = None;
-                    }
+                    StopOutcome::Gone | StopOutcome::Retired => entry.forget_place(State::Missing),
                     StopOutcome::Failed => {}
                 }
             }
@@ -6657,76 +6805,12 @@ mod registry {
 
         /// Forgets a removed container, or releases the transition of one that was not.
         pub fn after_remove(&self, name: &str, removed: bool) {
-            let mut entries = lock(&self.entries);
+            let mut entries = lock(&self.registry.entries);
             if removed {
                 entries.remove(name);
             } else if let Some(entry) = entries.get_mut(name) {
                 entry.transition = None;
             }
-        }
-
-        /// Brings the registry in line with Docker's listing of this proxy's containers
-        /// (at start-up, and when Docker comes back). Entries in a transition are left
-        /// to it; ones Docker no longer has, and nobody uses, become missing.
-        pub fn reconcile(&self, containers: &[ContainerInfo], port: u16) {
-            let mut entries = lock(&self.entries);
-            for info in containers {
-                let entry = entries.entry(info.name.clone()).or_insert_with(|| Entry::new(State::Missing));
-                if entry.transition.is_some() {
-                    continue;
-                }
-                entry.state = if info.running { State::Running } else { State::Stopped };
-                entry.address = info.address.map(|ip| SocketAddr::new(ip, port));
-                entry.incarnation = info.incarnation.clone();
-                entry.spare = info.spare && info.name.contains(crate::docker::SPARE_MARK);
-                entry.image_id = Some(info.image_id.clone()).filter(|id| !id.is_empty());
-                entry.created_at = info.created_at;
-                entry.stopped_at = if info.running { None } else { info.finished_at };
-                if entry.user.is_empty() {
-                    entry.user = info.user.clone();
-                }
-            }
-            for (name, entry) in entries.iter_mut() {
-                let listed = containers.iter().any(|c| &c.name == name);
-                if !listed && entry.transition.is_none() && entry.active == 0 {
-                    entry.state = State::Missing;
-                    entry.address = None;
-                }
-            }
-        }
-
-        pub fn state_of(&self, name: &str) -> State {
-            lock(&self.entries).get(name).map(|e| e.state).unwrap_or(State::Missing)
-        }
-
-        /// (containers tracked, running)
-        pub fn counts(&self) -> (usize, usize) {
-            let entries = lock(&self.entries);
-            (entries.len(), entries.values().filter(|e| e.state == State::Running).count())
-        }
-
-        pub fn snapshot(&self) -> Vec<ContainerSnapshot> {
-            let mut containers: Vec<ContainerSnapshot> = lock(&self.entries)
-                .iter()
-                .map(|(name, e)| ContainerSnapshot {
-                    name: name.clone(),
-                    state: e.state,
-                    user: e.user.clone(),
-                    created_at: e.created_at,
-                    last_used: e.last_used,
-                    idle_seconds: if e.active > 0 { 0 } else { e.idle_since.elapsed().as_secs() },
-                    active: e.active,
-                    websockets: e.websockets,
-                    requests_total: e.requests_total,
-                    address: e.address,
-                    sessions: 0,
-                    spare: e.spare,
-                    staged_documents: 0,
-                    staged_seconds: 0,
-                })
-                .collect();
-            containers.sort_by(|a, b| a.name.cmp(&b.name));
-            containers
         }
     }
 }
@@ -6760,7 +6844,7 @@ mod docker {
     const LONG: Duration = Duration::from_secs(60);
 
     /// What Docker said, classified once (by `classify`); the verbs match on it.
-    #[derive(Debug, PartialEq)]
+    #[derive(Clone, Debug, PartialEq)]
     pub enum DockerError {
         NoSuchContainer,
         NameInUse,
@@ -6833,6 +6917,48 @@ mod docker {
         s.lines().next().unwrap_or("").chars().take(300).collect()
     }
 
+    /// Whose a container is: a user's, or a spare booted ahead of time for whoever
+    /// needs one next (labelled so, and without an owner).
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum Role {
+        User,
+        Spare,
+    }
+
+    impl Role {
+        fn label(self) -> &'static str {
+            match self {
+                Role::User => "user",
+                Role::Spare => "spare",
+            }
+        }
+    }
+
+    /// Whether Docker answered at the watcher's last look (for /health).
+    #[derive(Clone, Debug, PartialEq)]
+    pub enum DockerStatus {
+        Answering,
+        /// It did not answer when the proxy started.
+        AwayAtStartUp,
+        /// It stopped answering: what the last call met.
+        Away(DockerError),
+    }
+
+    impl DockerStatus {
+        pub fn is_answering(&self) -> bool {
+            *self == DockerStatus::Answering
+        }
+
+        /// Why it is away, in one line (None while it answers).
+        pub fn reason(&self) -> Option<String> {
+            match self {
+                DockerStatus::Answering => None,
+                DockerStatus::AwayAtStartUp => Some("Docker did not answer at start-up".into()),
+                DockerStatus::Away(e) => Some(first_line(&e.message())),
+            }
+        }
+    }
+
     /// How a container came to be running.
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
     pub enum Wake {
@@ -6856,6 +6982,8 @@ mod docker {
     pub struct ContainerSpec<'a> {
         pub name: &'a str,
         pub prefix: &'a str,
+        pub role: Role,
+        /// Labelled only on a user's container (a spare has no owner yet).
         pub owner: &'a str,
         pub user_label: &'a str,
         pub env_key: Option<&'a str>,
@@ -6876,8 +7004,8 @@ mod docker {
                 ("--name", self.name.to_string()),
                 ("--label", format!("{LABEL_MANAGED}=true")),
                 ("--label", format!("{LABEL_PREFIX}={}", self.prefix)),
-                ("--label", format!("{LABEL_OWNER}={}", self.owner)),
-                ("--label", format!("{LABEL_ROLE}={}", if self.owner.is_empty() { "spare" } else { "user" })),
+                ("--label", format!("{LABEL_OWNER}={}", if self.role == Role::Spare { "" } else { self.owner })),
+                ("--label", format!("{LABEL_ROLE}={}", self.role.label())),
                 ("--label", format!("{LABEL_USER}={}", sanitize_label(self.user_label))),
                 ("--restart", "unless-stopped".into()),
                 ("--memory", memory.clone()),
@@ -6928,7 +7056,7 @@ mod docker {
         let Some(rest) = c.name.strip_prefix(prefix) else { return false };
         let owned_name = rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit());
         c.prefix_label == prefix
-            && if c.spare {
+            && if c.role == Role::Spare {
                 rest.starts_with(SPARE_MARK) || owned_name
             } else {
                 !c.owner_label.is_empty() && rest == c.owner_label
@@ -6995,7 +7123,7 @@ mod docker {
         pub user: String,
         pub prefix_label: String,
         pub owner_label: String,
-        pub spare: bool,
+        pub role: Role,
         /// The image it was made from (an id), to replace those of an older image.
         pub image_id: String,
     }
@@ -7026,7 +7154,10 @@ mod docker {
                     user: c["Config"]["Labels"][LABEL_USER].as_str().unwrap_or("").to_string(),
                     prefix_label: c["Config"]["Labels"][LABEL_PREFIX].as_str().unwrap_or("").to_string(),
                     owner_label: c["Config"]["Labels"][LABEL_OWNER].as_str().unwrap_or("").to_string(),
-                    spare: c["Config"]["Labels"][LABEL_ROLE].as_str() == Some("spare"),
+                    role: match c["Config"]["Labels"][LABEL_ROLE].as_str() {
+                        Some("spare") => Role::Spare,
+                        _ => Role::User,
+                    },
                     image_id: c["Image"].as_str().unwrap_or("").to_string(),
                 }
             })
@@ -7316,7 +7447,7 @@ mod containers {
     //! every decision and `docker` for every act.
     use crate::auth::{Credential, User};
     use crate::config::{Config, KeyMode};
-    use crate::docker::{ContainerInfo, ContainerSpec, Docker, DockerError, Wake};
+    use crate::docker::{ContainerInfo, ContainerSpec, Docker, DockerError, DockerStatus, Role, Wake};
     use crate::error::ProxyError;
     use crate::registry::{Lease, Plan, Registry, State, StopOutcome, TransitionResult};
     use crate::sessions::Sessions;
@@ -7351,7 +7482,7 @@ mod containers {
         /// Told when a container starts, so held notification streams attach again.
         pub sessions: Arc<Sessions>,
         /// Whether Docker answered at the watcher's last look (for /health).
-        pub docker_status: Mutex<Result<(), String>>,
+        pub docker_status: Mutex<DockerStatus>,
         /// The current image's id, as last seen.
         image_id: Mutex<Option<String>>,
         /// Raised when a spare was taken or a container retired: the keeper looks.
@@ -7376,7 +7507,7 @@ mod containers {
                     .max_idle_connections(0)
                     .build()
                     .new_agent(),
-                docker_status: Mutex::new(Ok(())),
+                docker_status: Mutex::new(DockerStatus::Answering),
                 image_id: Mutex::new(None),
                 spare_signal: (Mutex::new(false), Condvar::new()),
             }
@@ -7447,7 +7578,7 @@ mod containers {
             };
             match renamed {
                 Ok(()) => {
-                    self.registry.adopt_spare(spare, &want.name);
+                    self.registry.spares().adopt(spare, &want.name);
                     log::info!("container {} took spare {spare} in {}ms", want.name, begun.elapsed().as_millis());
                     self.sessions.notify_change();
                     self.spare_wanted();
@@ -7455,7 +7586,7 @@ mod containers {
                 }
                 Err(e) => {
                     log::warn!("could not take spare {spare}: {}", e.message());
-                    self.registry.release_spare(spare, e == DockerError::NoSuchContainer);
+                    self.registry.spares().release(spare, e == DockerError::NoSuchContainer);
                     self.bring_up(want, None, State::Unknown)
                 }
             }
@@ -7527,7 +7658,7 @@ mod containers {
                 State::Missing => self.docker.create(&spec),
                 // (a death Docker reported since start-up leaves the state unknown:
                 // the image is checked here too)
-                State::Running | State::Unknown => match self.docker.inspect(&want.name, &self.cfg.network) {
+                State::Running(_) | State::Unknown => match self.docker.inspect(&want.name, &self.cfg.network) {
                     Ok(None) => self.docker.create(&spec),
                     Ok(Some(info)) if info.running => Ok(Wake::Running),
                     Ok(Some(info)) if self.is_older_image(&info.image_id) => return self.replace(want, &spec),
@@ -7543,6 +7674,7 @@ mod containers {
             ContainerSpec {
                 name: &want.name,
                 prefix: &c.prefix,
+                role: Role::User,
                 owner: want.name.strip_prefix(c.prefix.as_str()).unwrap_or(&want.name),
                 user_label: &want.user_label,
                 env_key: want.env_key.as_deref(),
@@ -7658,7 +7790,7 @@ mod containers {
                         StopOutcome::Failed
                     }
                 };
-                self.registry.after_stop(name, outcome);
+                self.registry.sweeps().after_stop(name, outcome);
                 self.spare_wanted();
                 return;
             }
@@ -7674,10 +7806,10 @@ mod containers {
                     StopOutcome::Failed
                 }
             };
-            self.registry.after_stop(name, outcome);
+            self.registry.sweeps().after_stop(name, outcome);
         }
 
-        pub fn docker_ok(&self) -> Result<(), String> {
+        pub fn docker_status(&self) -> DockerStatus {
             lock(&self.docker_status).clone()
         }
     }
@@ -9050,9 +9182,9 @@ mod ops {
     use crate::auth::identify;
     use crate::auth::{self, Verifier};
     use crate::config::{Config, KeyMode};
-    use crate::docker::{first_line, Docker};
+    use crate::docker::{first_line, Docker, Role};
     use crate::error::ProxyError;
-    use crate::registry::{due_for_removal, ContainerSnapshot, State};
+    use crate::registry::{due_for_removal, ContainerSnapshot};
     use crate::util::{base64_encode, constant_time_eq, format_rfc3339};
     use crate::wire::{self, Incoming};
     use crate::wire::{reject, LogContext, RouteResult};
@@ -9078,14 +9210,14 @@ mod ops {
         log_ctx: &mut LogContext,
     ) -> RouteResult {
         let (tracked, running) = proxy.containers.registry.counts();
-        let docker = proxy.containers.docker_ok();
+        let docker = proxy.containers.docker_status();
         let mut body = json!({
-            "status": if docker.is_ok() { "healthy" } else { "unhealthy" },
+            "status": if docker.is_answering() { "healthy" } else { "unhealthy" },
             "containers_tracked": tracked,
             "containers_running": running,
-            "docker": if docker.is_ok() { "ok" } else { "unreachable" },
+            "docker": if docker.is_answering() { "ok" } else { "unreachable" },
         });
-        if let Err(reason) = &docker {
+        if let Some(reason) = docker.reason() {
             body["reason"] = json!(reason);
         }
         if auth::presents_credential(incoming) {
@@ -9097,7 +9229,7 @@ mod ops {
             body["user"] = json!({"id": user.id, "name": user.name, "email": user.email});
             body["container"] = json!({"name": name, "state": state.as_str()});
         }
-        let status = if docker.is_ok() { 200 } else { 503 };
+        let status = if docker.is_answering() { 200 } else { 503 };
         wire::send_json(request, incoming, status, &body);
         Ok(status)
     }
@@ -9164,7 +9296,7 @@ mod ops {
             oauth_grants: proxy.oauth.as_ref().map_or(0, |door| door.grants.grant_count()),
             oauth_clients: proxy.oauth.as_ref().map_or(0, |door| door.grants.client_count()),
             uptime: proxy.life.started.elapsed().as_secs(),
-            docker_ok: proxy.containers.docker_ok().is_ok(),
+            docker_ok: proxy.containers.docker_status().is_answering(),
             calls_by_method: proxy.calls.methods(),
             calls_by_tool: proxy.calls.tools(),
         }
@@ -9187,7 +9319,7 @@ mod ops {
                     "requests_total": c.requests_total,
                     "address": c.address.map(|a| a.to_string()),
                     "sessions": c.sessions,
-                    "spare": c.spare,
+                    "spare": c.role == Role::Spare,
                     "staged_documents": c.staged_documents,
                     "staged_seconds": c.staged_seconds,
                 })
@@ -9195,8 +9327,8 @@ mod ops {
             .collect();
         json!({
             "total_containers": s.containers.len(),
-            "running_count": s.containers.iter().filter(|c| c.state == State::Running).count(),
-            "spares_ready": s.containers.iter().filter(|c| c.spare && c.state == State::Running).count(),
+            "running_count": s.containers.iter().filter(|c| c.state.is_running()).count(),
+            "spares_ready": s.containers.iter().filter(|c| c.role == Role::Spare && c.state.is_running()).count(),
             "holding_staged_edits": s.containers.iter().filter(|c| c.staged_documents > 0).count(),
             "containers": containers,
             "auth": {"hits": s.auth_hits, "misses": s.auth_misses, "failures": s.auth_failures, "outline_calls": s.outline_calls},
@@ -9208,8 +9340,8 @@ mod ops {
     }
 
     pub fn render_metrics(s: &Snapshot) -> String {
-        let running = s.containers.iter().filter(|c| c.state == State::Running).count();
-        let spares = s.containers.iter().filter(|c| c.spare && c.state == State::Running).count();
+        let running = s.containers.iter().filter(|c| c.state.is_running()).count();
+        let spares = s.containers.iter().filter(|c| c.role == Role::Spare && c.state.is_running()).count();
         let holding = s.containers.iter().filter(|c| c.staged_documents > 0).count();
         let totals: [(&str, &str, &str, String); 14] = [
             ("mcp_proxy_spares_ready", "gauge", "Warm spares booted and unassigned.", spares.to_string()),
@@ -9270,7 +9402,7 @@ mod ops {
         type PerContainer = fn(&ContainerSnapshot) -> String;
         let per_container: [(&str, &str, &str, PerContainer); 8] = [
             ("mcp_proxy_container_up", "gauge", "1 when the container is running.", |c| {
-                u8::from(c.state == State::Running).to_string()
+                u8::from(c.state.is_running()).to_string()
             }),
             ("mcp_proxy_container_active_requests", "gauge", "Requests and streams in flight.", |c| {
                 c.active.to_string()
@@ -9609,7 +9741,7 @@ mod background {
     //! watcher, the event follower (the registry kept exact), the spare keeper, and the
     //! containers' network. Calls `containers`, `registry`, `staged`, `docker`, `auth`.
     use crate::containers::{Containers, Want};
-    use crate::docker::DockerError;
+    use crate::docker::{DockerError, DockerStatus};
     use crate::error::ProxyError;
     use crate::registry::TransitionResult;
     use crate::util::lock;
@@ -9686,14 +9818,16 @@ mod background {
         if let Some(stdout) = child.stdout.take() {
             for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
                 let Ok(line) = line else { break };
-                if let Some(started) = crate::docker::parse_event(&line).and_then(|e| containers.registry.observe(&e)) {
+                if let Some(started) =
+                    crate::docker::parse_event(&line).and_then(|e| containers.registry.sightings().observe(&e))
+                {
                     observe_start(containers, &started);
                 }
             }
         }
         let _ = child.kill();
         let _ = child.wait();
-        containers.registry.distrust_all();
+        containers.registry.sightings().distrust_all();
         log::warn!("Docker's event stream ended; the registry is rebuilt when Docker answers");
     }
 
@@ -9706,29 +9840,29 @@ mod background {
         if containers.cfg.spares == 0 {
             return;
         }
-        for (name, flight) in containers.registry.claim_outdated_spares(&image_id) {
+        for (name, flight) in containers.registry.spares().claim_outdated(&image_id) {
             log::info!("replacing spare {name}: {} is now another image", containers.cfg.image);
             match containers.docker.remove_force(&name) {
                 Ok(()) | Err(DockerError::NoSuchContainer) => {
-                    containers.registry.release_spare(&name, true);
+                    containers.registry.spares().release(&name, true);
                     flight.finish(Ok(()));
                 }
                 Err(e) => {
                     // kept in the registry as a spare of an old image: tried again next round
                     log::warn!("could not remove outdated spare {name}: {}", e.message());
-                    containers.registry.release_spare(&name, false);
+                    containers.registry.spares().release(&name, false);
                     flight.finish(Err(e.into_proxy_error(&format!("remove outdated spare {name}"))));
                 }
             }
         }
-        while containers.registry.wants_spare(containers.cfg.spares) {
+        while containers.registry.spares().wanted(containers.cfg.spares) {
             let name = format!("{}{}{}", containers.cfg.prefix, crate::docker::SPARE_MARK, random_hex(16));
-            let flight = containers.registry.begin_spare(&name);
+            let flight = containers.registry.spares().begin(&name);
             let result = boot_spare(containers, &name, &image_id);
             if let Err(e) = &result {
                 log::warn!("could not boot spare {name}: {}", e.message());
                 let _ = containers.docker.remove_force(&name);
-                containers.registry.release_spare(&name, true);
+                containers.registry.spares().release(&name, true);
             }
             flight.finish(result.clone());
             if result.is_err() {
@@ -9741,12 +9875,12 @@ mod background {
         let begun = Instant::now();
         let spare = Want { name: name.to_string(), user_label: String::new(), env_key: None };
         let mut spec = containers.spec(&spare);
-        spec.owner = "";
+        spec.role = crate::docker::Role::Spare;
         containers.docker.create(&spec).map_err(|e| e.into_proxy_error(&format!("create spare {name}")))?;
         let (address, info) = containers.running_address(name)?;
         containers.wait_until_ready(name, address)?;
         containers.settle_cpus(name);
-        containers.registry.spare_ready(name, address, info.incarnation, image_id);
+        containers.registry.spares().ready(name, address, info.incarnation, image_id);
         log::info!("spare {name} ready in {}ms", begun.elapsed().as_millis());
         Ok(())
     }
@@ -9778,12 +9912,12 @@ mod background {
             Ok(Some(info)) => {
                 let address =
                     info.address.filter(|_| info.running).map(|ip| SocketAddr::new(ip, containers.cfg.container_port));
-                containers.registry.observe_started(name, address, info.incarnation);
+                containers.registry.sightings().started(name, address, info.incarnation);
                 containers.sessions.notify_change();
             }
             Ok(None) => {
                 // removed again meanwhile: the same as its destroy event
-                containers.registry.observe(&crate::docker::Event::Destroy(name.to_string()));
+                containers.registry.sightings().observe(&crate::docker::Event::Destroy(name.to_string()));
             }
             Err(e) => log::warn!("could not inspect {name} after it started: {}", e.message()),
         }
@@ -9822,7 +9956,7 @@ mod background {
     /// container does not delay the others), remove long-stopped ones.
     pub fn sweep(containers: &Containers) {
         let cfg = &containers.cfg;
-        let sweep = containers.registry.select_sweep(cfg.idle_timeout, cfg.remove_after);
+        let sweep = containers.registry.sweeps().select(cfg.idle_timeout, cfg.remove_after);
         thread::scope(|scope| {
             let mut stops = Vec::new();
             for (name, flight) in &sweep.stop {
@@ -9855,7 +9989,7 @@ mod background {
                     false
                 }
             };
-            containers.registry.after_remove(&name, removed);
+            containers.registry.sweeps().after_remove(&name, removed);
             flight.finish(Ok(()));
         }
     }
@@ -9869,7 +10003,7 @@ mod background {
             .docker
             .list_managed(&cfg.network, &cfg.prefix)
             .map_err(|e| e.into_proxy_error("list containers"))?;
-        containers.registry.reconcile(&listed, cfg.container_port);
+        containers.registry.sightings().reconcile(&listed, cfg.container_port);
         containers.registry.staged.keep_running(&listed);
         Ok(listed.len())
     }
@@ -9882,25 +10016,22 @@ mod background {
             Ok(n) => log::info!("found {n} existing container(s) of this proxy"),
             Err(e) => {
                 log::error!("Docker is not available at start-up: {}", e.message());
-                *lock(&containers.docker_status) = Err("Docker did not answer at start-up".into());
+                *lock(&containers.docker_status) = DockerStatus::AwayAtStartUp;
             }
         }
     }
 
     /// Asks Docker whether it answers; on its return, rebuilds the registry.
     fn watch_docker(containers: &Containers) {
-        let result =
-            containers.docker.server_version().map(|_| ()).map_err(|e| crate::docker::first_line(&e.message()));
-        let was_ok = {
-            let mut status = lock(&containers.docker_status);
-            let was_ok = status.is_ok();
-            *status = result.clone();
-            was_ok
+        let now = match containers.docker.server_version() {
+            Ok(_) => DockerStatus::Answering,
+            Err(e) => DockerStatus::Away(e),
         };
-        match (was_ok, &result) {
-            (true, Err(reason)) => log::error!("Docker stopped answering: {reason}"),
+        let was = std::mem::replace(&mut *lock(&containers.docker_status), now.clone());
+        match (was.is_answering(), now.reason()) {
+            (true, Some(reason)) => log::error!("Docker stopped answering: {reason}"),
             // the event follower rebuilds the registry when Docker is back
-            (false, Ok(())) => log::info!("Docker answers again"),
+            (false, None) => log::info!("Docker answers again"),
             _ => {}
         }
     }
@@ -10202,7 +10333,7 @@ mod tests {
     use crate::docker::{parse_inspect, ContainerSpec, DockerError};
     use crate::error::ProxyError;
     use crate::ops::{render_metrics, render_stats, snapshot};
-    use crate::registry::{due_for_removal, Entry, Plan, State};
+    use crate::registry::{due_for_removal, Entry, Place, Plan, State};
     use crate::relay::{downstream_response_headers, relay_frames, upstream_request_headers};
     use crate::util::{base64_encode, constant_time_eq, format_rfc3339, lock, parse_rfc3339};
     use crate::wire::{check_request_form, framing, header_value, Framing, Incoming};
@@ -10233,8 +10364,7 @@ mod tests {
     }
 
     fn running_entry(address: SocketAddr, idle_secs: u64, active: usize) -> Entry {
-        let mut e = Entry::new(State::Running);
-        e.address = Some(address);
+        let mut e = Entry::new(State::Running(Place { address, incarnation: None }));
         e.idle_since = Instant::now() - Duration::from_secs(idle_secs);
         e.active = active;
         e
@@ -10512,8 +10642,8 @@ mod tests {
             crate::background::sweep(&proxy.containers);
             let entries = lock(&proxy.containers.registry.entries);
             assert_eq!(entries["mcp-idle"].state, slept);
-            assert_eq!(entries["mcp-busy"].state, State::Running);
-            assert_eq!(entries["mcp-recent"].state, State::Running);
+            assert!(entries["mcp-busy"].state.is_running());
+            assert!(entries["mcp-recent"].state.is_running());
         }
     }
 
@@ -10575,7 +10705,7 @@ mod tests {
             panic!("expected a start")
         };
         assert_eq!(evict.as_deref(), Some("mcp-plain"));
-        registry.after_stop("mcp-plain", crate::registry::StopOutcome::Retired);
+        registry.sweeps().after_stop("mcp-plain", crate::registry::StopOutcome::Retired);
         registry.finish_transition("mcp-new", &flight, Ok(()));
         lock(&registry.entries).insert("mcp-new".into(), running_entry(addr, 0, 1));
         // and when only it could, the request gets 503 with Retry-After
@@ -10583,7 +10713,7 @@ mod tests {
         assert_eq!((err.status(), err.retry_after()), (503, Some(30)));
         // the sweep leaves it running; a save lets it go
         crate::background::sweep(&proxy.containers);
-        assert_eq!(lock(&registry.entries)["mcp-staged"].state, State::Running);
+        assert!(lock(&registry.entries)["mcp-staged"].state.is_running());
         let (call, answer) = edit_exchange(2, true, "Applied 0 edit(s) to 'N'. Saved to Outline.");
         registry.staged.note_answer("mcp-staged", None, &crate::staged::edit_call(&call).unwrap(), &answer);
         crate::background::sweep(&proxy.containers);
@@ -10662,6 +10792,7 @@ mod tests {
         ContainerSpec {
             name,
             prefix: "mcp-",
+            role: crate::docker::Role::User,
             owner: name.strip_prefix("mcp-").unwrap_or(name),
             user_label: user,
             env_key,
@@ -10752,7 +10883,8 @@ mod tests {
     #[test]
     fn metrics_render_every_container() {
         let proxy = test_proxy(&[]);
-        lock(&proxy.containers.registry.entries).insert("mcp-a".into(), Entry::new(State::Running));
+        let place = Place { address: "172.17.0.9:3000".parse().unwrap(), incarnation: None };
+        lock(&proxy.containers.registry.entries).insert("mcp-a".into(), Entry::new(State::Running(place)));
         let text = render_metrics(&snapshot(&proxy));
         assert!(text.contains("mcp_proxy_containers_running 1"));
         assert!(text.contains("mcp_proxy_container_up{container=\"mcp-a\"} 1"));
@@ -10909,20 +11041,20 @@ mod tests {
         lock(&registry.entries).insert("mcp-a".into(), running_entry(addr, 0, 0));
         lock(&registry.entries).insert("mcp-b".into(), running_entry("172.17.0.10:3000".parse().unwrap(), 0, 0));
         // removed behind the proxy's back: its address is forgotten at once
-        assert_eq!(registry.observe(&Event::Destroy("mcp-a".into())), None);
+        assert_eq!(registry.sightings().observe(&Event::Destroy("mcp-a".into())), None);
         assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Missing);
-        assert_eq!(lock(&registry.entries)["mcp-a"].address, None);
+        assert_eq!(lock(&registry.entries)["mcp-a"].last_address, None);
         // started by someone else: to be inspected
-        assert_eq!(registry.observe(&Event::Start("mcp-b".into())), Some("mcp-b".into()));
+        assert_eq!(registry.sightings().observe(&Event::Start("mcp-b".into())), Some("mcp-b".into()));
         // a new container found at an address another entry still holds: that one is stale
-        registry.observe_started("mcp-a", Some("172.17.0.10:3000".parse().unwrap()), Some("i2".into()));
+        registry.sightings().started("mcp-a", Some("172.17.0.10:3000".parse().unwrap()), Some("i2".into()));
         let entries = lock(&registry.entries);
-        assert_eq!(entries["mcp-a"].state, State::Running);
+        assert!(entries["mcp-a"].state.is_running());
         assert_eq!(entries["mcp-b"].state, State::Unknown);
-        assert_eq!(entries["mcp-b"].address, None);
+        assert_eq!(entries["mcp-b"].last_address, None);
         drop(entries);
         // the event stream broke off: nothing running is trusted until inspected
-        registry.distrust_all();
+        registry.sightings().distrust_all();
         assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Unknown);
     }
 
