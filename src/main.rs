@@ -7478,15 +7478,197 @@ mod containers {
         pub cfg: Config,
         pub registry: Arc<Registry>,
         pub docker: Docker,
-        ready_agent: ureq::Agent,
         /// Told when a container starts, so held notification streams attach again.
         pub sessions: Arc<Sessions>,
         /// Whether Docker answered at the watcher's last look (for /health).
         pub docker_status: Mutex<DockerStatus>,
+        /// Asks Docker and the container itself how it is.
+        pub inspector: Inspector,
         /// The current image's id, as last seen.
-        image_id: Mutex<Option<String>>,
+        images: Images,
         /// Raised when a spare was taken or a container retired: the keeper looks.
-        spare_signal: (Mutex<bool>, Condvar),
+        spare_signal: Signal,
+        /// The CPU limits: the boot burst, then the steady one.
+        pub cpus: BootBurst,
+    }
+
+    /// What Docker and the container itself say of a container: Docker's inspect, its
+    /// address on the network, whether its READY_PATH answers.
+    pub struct Inspector {
+        docker: Docker,
+        network: String,
+        port: u16,
+        ready_path: String,
+        start_timeout: Duration,
+        agent: ureq::Agent,
+    }
+
+    impl Inspector {
+        fn new(cfg: &Config) -> Inspector {
+            Inspector {
+                docker: Docker::new(&cfg.docker),
+                network: cfg.network.clone(),
+                port: cfg.container_port,
+                ready_path: cfg.ready_path.clone(),
+                start_timeout: cfg.start_timeout,
+                // the readiness probe: short, never pooled
+                agent: agent_base()
+                    .timeout_global(Some(Duration::from_secs(2)))
+                    .max_idle_connections(0)
+                    .build()
+                    .new_agent(),
+            }
+        }
+
+        pub fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, ProxyError> {
+            self.docker
+                .inspect(name, &self.network)
+                .map_err(|e| e.into_proxy_error(&format!("inspect container {name}")))
+        }
+
+        /// Where the container listens now that it runs, and what Docker says of it.
+        pub fn running_address(&self, name: &str) -> Result<(SocketAddr, ContainerInfo), ProxyError> {
+            let info = self
+                .inspect(name)?
+                .ok_or_else(|| ProxyError::ContainerFailed(format!("Container {name} vanished while starting.")))?;
+            match (info.address, info.restarting || !info.running) {
+                (Some(ip), false) => Ok((SocketAddr::new(ip, self.port), info)),
+                (_, true) => Err(ProxyError::ContainerFailed(format!(
+                    "Container {name} exited (code {}) as it started; see `docker logs {name}`.",
+                    info.exit_code
+                ))),
+                (None, false) => Err(ProxyError::ContainerFailed(format!(
+                    "Container {name} has no address on network {}.",
+                    self.network
+                ))),
+            }
+        }
+
+        /// Polls READY_PATH every 25 ms until it answers, the container exits, or
+        /// START_TIMEOUT passes.
+        pub fn wait_until_ready(&self, name: &str, address: SocketAddr) -> TransitionResult {
+            let url = format!("http://{address}{}", self.ready_path);
+            let deadline = Instant::now() + self.start_timeout;
+            let mut last_exit_check = Instant::now();
+            loop {
+                if let Ok(response) = self.agent.get(&url).call() {
+                    if response.status().as_u16() < 500 {
+                        return Ok(());
+                    }
+                }
+                if Instant::now() >= deadline {
+                    return Err(ProxyError::StartTimeout(format!(
+                        "Container {name} did not become ready within {}s.",
+                        self.start_timeout.as_secs()
+                    )));
+                }
+                if last_exit_check.elapsed() > Duration::from_secs(1) {
+                    last_exit_check = Instant::now();
+                    if let Some(info) = self.inspect(name)? {
+                        if !info.running && !info.restarting {
+                            return Err(ProxyError::ContainerFailed(format!(
+                                "Container {name} exited (code {}) before it was ready; see `docker logs {name}`.",
+                                info.exit_code
+                            )));
+                        }
+                    }
+                }
+                thread::sleep(Duration::from_millis(25));
+            }
+        }
+    }
+
+    /// The id of the image MCP_PROXY_IMAGE names, as last seen.
+    struct Images {
+        docker: Docker,
+        image: String,
+        current: Mutex<Option<String>>,
+    }
+
+    impl Images {
+        fn new(cfg: &Config) -> Images {
+            Images { docker: Docker::new(&cfg.docker), image: cfg.image.clone(), current: Mutex::new(None) }
+        }
+
+        /// The id of the image MCP_PROXY_IMAGE names now (after a `docker pull`, the new
+        /// one); remembered for when Docker does not answer.
+        fn current(&self) -> Option<String> {
+            match self.docker.image_id(&self.image) {
+                Ok(id) => {
+                    *lock(&self.current) = Some(id.clone());
+                    Some(id)
+                }
+                Err(_) => lock(&self.current).clone(),
+            }
+        }
+
+        fn is_older(&self, image_id: &str) -> bool {
+            let cached = lock(&self.current).clone();
+            let current = cached.or_else(|| self.current());
+            current.is_some_and(|now| !image_id.is_empty() && image_id != now)
+        }
+    }
+
+    /// A flag one thread raises and another waits for.
+    struct Signal(Mutex<bool>, Condvar);
+
+    impl Signal {
+        fn raise(&self) {
+            *lock(&self.0) = true;
+            self.1.notify_all();
+        }
+
+        /// Waits until raised, or `limit` passed; lowers it.
+        fn wait(&self, limit: Duration) {
+            let guard = lock(&self.0);
+            let (mut guard, _) =
+                self.1.wait_timeout_while(guard, limit, |raised| !*raised).unwrap_or_else(|e| e.into_inner());
+            *guard = false;
+        }
+    }
+
+    /// The boot burst: MCP_PROXY_BOOT_CPUS while a container boots, MCP_PROXY_CPUS once
+    /// it is ready.
+    pub struct BootBurst {
+        docker: Docker,
+        on: bool,
+        boot: f64,
+        steady: f64,
+    }
+
+    impl BootBurst {
+        fn new(cfg: &Config) -> BootBurst {
+            let docker = Docker::new(&cfg.docker);
+            BootBurst { docker, on: cfg.has_boot_burst(), boot: cfg.boot_cpus(), steady: cfg.cpus }
+        }
+
+        /// After a boot with the burst, the steady CPU limit: off the request path when
+        /// a thread can be had, else at once.
+        pub fn settle(&self, name: &str) {
+            if !self.on {
+                return;
+            }
+            let (docker, name, cpus) = (self.docker.clone(), name.to_string(), self.steady);
+            let lower = move || {
+                if let Err(e) = docker.set_cpus(&name, cpus) {
+                    log::warn!("could not lower the CPU limit of {name}: {}", e.message());
+                }
+            };
+            let spare = lower.clone();
+            if let Err(e) = thread::Builder::new().name("cpu-settle".into()).spawn(lower) {
+                log::warn!("no thread to lower a CPU limit ({e}); lowering it now");
+                spare();
+            }
+        }
+
+        /// Before a stopped container's next wake, give it the boot burst back.
+        fn arm(&self, name: &str) {
+            if self.on {
+                if let Err(e) = self.docker.set_cpus(name, self.boot) {
+                    log::warn!("could not raise the boot CPU limit of {name}: {}", e.message());
+                }
+            }
+        }
     }
 
     impl Containers {
@@ -7501,15 +7683,11 @@ mod containers {
                     Arc::new(crate::staged::Staged::open(cfg.state_dir.clone(), cfg.staged_edits_timeout)),
                 )),
                 docker: Docker::new(&cfg.docker),
-                // the readiness probe: short, never pooled
-                ready_agent: agent_base()
-                    .timeout_global(Some(Duration::from_secs(2)))
-                    .max_idle_connections(0)
-                    .build()
-                    .new_agent(),
+                inspector: Inspector::new(cfg),
                 docker_status: Mutex::new(DockerStatus::Answering),
-                image_id: Mutex::new(None),
-                spare_signal: (Mutex::new(false), Condvar::new()),
+                images: Images::new(cfg),
+                spare_signal: Signal(Mutex::new(false), Condvar::new()),
+                cpus: BootBurst::new(cfg),
             }
         }
 
@@ -7551,13 +7729,13 @@ mod containers {
             let begun = Instant::now();
             let name = &want.name;
             let how = self.wake(want, known)?;
-            let (address, info) = self.running_address(name)?;
+            let (address, info) = self.inspector.running_address(name)?;
             self.registry.note_address(name, address, info.created_at);
             self.registry.note_image(name, &info.image_id);
-            self.wait_until_ready(name, address)?;
+            self.inspector.wait_until_ready(name, address)?;
             if how != Wake::Running {
                 log::info!("container {name} {} and ready in {}ms", how.as_str(), begun.elapsed().as_millis());
-                self.settle_cpus(name);
+                self.cpus.settle(name);
             }
             self.registry.mark_running(name, address, info.incarnation);
             // held notification streams may attach again
@@ -7581,7 +7759,7 @@ mod containers {
                     self.registry.spares().adopt(spare, &want.name);
                     log::info!("container {} took spare {spare} in {}ms", want.name, begun.elapsed().as_millis());
                     self.sessions.notify_change();
-                    self.spare_wanted();
+                    self.spare_signal.raise();
                     Ok(())
                 }
                 Err(e) => {
@@ -7592,44 +7770,20 @@ mod containers {
             }
         }
 
-        /// Wakes the spare keeper (a spare was taken).
-        fn spare_wanted(&self) {
-            *lock(&self.spare_signal.0) = true;
-            self.spare_signal.1.notify_all();
-        }
-
         /// Waits until a spare is wanted, or `limit` passed.
         pub fn wait_spare_wanted(&self, limit: Duration) {
-            let guard = lock(&self.spare_signal.0);
-            let (mut guard, _) = self
-                .spare_signal
-                .1
-                .wait_timeout_while(guard, limit, |wanted| !*wanted)
-                .unwrap_or_else(|e| e.into_inner());
-            *guard = false;
+            self.spare_signal.wait(limit);
         }
 
         /// The id of the image MCP_PROXY_IMAGE names now (after a `docker pull`, the new
         /// one); remembered for when Docker does not answer.
         pub fn current_image(&self) -> Option<String> {
-            match self.docker.image_id(&self.cfg.image) {
-                Ok(id) => {
-                    *lock(&self.image_id) = Some(id.clone());
-                    Some(id)
-                }
-                Err(_) => lock(&self.image_id).clone(),
-            }
+            self.images.current()
         }
 
         /// Whether a container was made from an image other than the current one.
         fn outdated(&self, name: &str) -> bool {
-            self.registry.image_of(name).is_some_and(|had| self.is_older_image(&had))
-        }
-
-        fn is_older_image(&self, image_id: &str) -> bool {
-            let cached = lock(&self.image_id).clone();
-            let current = cached.or_else(|| self.current_image());
-            current.is_some_and(|now| !image_id.is_empty() && image_id != now)
+            self.registry.image_of(name).is_some_and(|had| self.images.is_older(&had))
         }
 
         /// A stopped container of an older image is never woken: it is replaced by
@@ -7661,7 +7815,7 @@ mod containers {
                 State::Running(_) | State::Unknown => match self.docker.inspect(&want.name, &self.cfg.network) {
                     Ok(None) => self.docker.create(&spec),
                     Ok(Some(info)) if info.running => Ok(Wake::Running),
-                    Ok(Some(info)) if self.is_older_image(&info.image_id) => return self.replace(want, &spec),
+                    Ok(Some(info)) if self.images.is_older(&info.image_id) => return self.replace(want, &spec),
                     Ok(Some(_)) => self.docker.wake_or_create(&spec),
                     Err(e) => Err(e),
                 },
@@ -7688,91 +7842,6 @@ mod containers {
             }
         }
 
-        pub fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, ProxyError> {
-            self.docker
-                .inspect(name, &self.cfg.network)
-                .map_err(|e| e.into_proxy_error(&format!("inspect container {name}")))
-        }
-
-        /// Where the container listens now that it runs, and what Docker says of it.
-        pub fn running_address(&self, name: &str) -> Result<(SocketAddr, ContainerInfo), ProxyError> {
-            let info = self
-                .inspect(name)?
-                .ok_or_else(|| ProxyError::ContainerFailed(format!("Container {name} vanished while starting.")))?;
-            match (info.address, info.restarting || !info.running) {
-                (Some(ip), false) => Ok((SocketAddr::new(ip, self.cfg.container_port), info)),
-                (_, true) => Err(ProxyError::ContainerFailed(format!(
-                    "Container {name} exited (code {}) as it started; see `docker logs {name}`.",
-                    info.exit_code
-                ))),
-                (None, false) => Err(ProxyError::ContainerFailed(format!(
-                    "Container {name} has no address on network {}.",
-                    self.cfg.network
-                ))),
-            }
-        }
-
-        /// Polls READY_PATH every 25 ms until it answers, the container exits, or
-        /// START_TIMEOUT passes.
-        pub fn wait_until_ready(&self, name: &str, address: SocketAddr) -> TransitionResult {
-            let url = format!("http://{address}{}", self.cfg.ready_path);
-            let deadline = Instant::now() + self.cfg.start_timeout;
-            let mut last_exit_check = Instant::now();
-            loop {
-                if let Ok(response) = self.ready_agent.get(&url).call() {
-                    if response.status().as_u16() < 500 {
-                        return Ok(());
-                    }
-                }
-                if Instant::now() >= deadline {
-                    return Err(ProxyError::StartTimeout(format!(
-                        "Container {name} did not become ready within {}s.",
-                        self.cfg.start_timeout.as_secs()
-                    )));
-                }
-                if last_exit_check.elapsed() > Duration::from_secs(1) {
-                    last_exit_check = Instant::now();
-                    if let Some(info) = self.inspect(name)? {
-                        if !info.running && !info.restarting {
-                            return Err(ProxyError::ContainerFailed(format!(
-                                "Container {name} exited (code {}) before it was ready; see `docker logs {name}`.",
-                                info.exit_code
-                            )));
-                        }
-                    }
-                }
-                thread::sleep(Duration::from_millis(25));
-            }
-        }
-
-        /// After a boot with the burst, the steady CPU limit: off the request path when
-        /// a thread can be had, else at once.
-        pub fn settle_cpus(&self, name: &str) {
-            if !self.cfg.has_boot_burst() {
-                return;
-            }
-            let (docker, name, cpus) = (self.docker.clone(), name.to_string(), self.cfg.cpus);
-            let lower = move || {
-                if let Err(e) = docker.set_cpus(&name, cpus) {
-                    log::warn!("could not lower the CPU limit of {name}: {}", e.message());
-                }
-            };
-            let spare = lower.clone();
-            if let Err(e) = thread::Builder::new().name("cpu-settle".into()).spawn(lower) {
-                log::warn!("no thread to lower a CPU limit ({e}); lowering it now");
-                spare();
-            }
-        }
-
-        /// Before a stopped container's next wake, give it the boot burst back.
-        fn arm_boot_burst(&self, name: &str) {
-            if self.cfg.has_boot_burst() {
-                if let Err(e) = self.docker.set_cpus(name, self.cfg.boot_cpus()) {
-                    log::warn!("could not raise the boot CPU limit of {name}: {}", e.message());
-                }
-            }
-        }
-
         /// Stops a container whose transition the caller holds, arms its boot burst for
         /// the next wake, and records the outcome (the caller finishes the flight). Used
         /// by the sleeper and by the cap's eviction alike.
@@ -7791,13 +7860,13 @@ mod containers {
                     }
                 };
                 self.registry.sweeps().after_stop(name, outcome);
-                self.spare_wanted();
+                self.spare_signal.raise();
                 return;
             }
             let outcome = match self.docker.stop(name) {
                 Ok(()) => {
                     log::info!("stopped idle container {name}");
-                    self.arm_boot_burst(name);
+                    self.cpus.arm(name);
                     StopOutcome::Stopped
                 }
                 Err(DockerError::NoSuchContainer) => StopOutcome::Gone,
@@ -9877,9 +9946,9 @@ mod background {
         let mut spec = containers.spec(&spare);
         spec.role = crate::docker::Role::Spare;
         containers.docker.create(&spec).map_err(|e| e.into_proxy_error(&format!("create spare {name}")))?;
-        let (address, info) = containers.running_address(name)?;
-        containers.wait_until_ready(name, address)?;
-        containers.settle_cpus(name);
+        let (address, info) = containers.inspector.running_address(name)?;
+        containers.inspector.wait_until_ready(name, address)?;
+        containers.cpus.settle(name);
         containers.registry.spares().ready(name, address, info.incarnation, image_id);
         log::info!("spare {name} ready in {}ms", begun.elapsed().as_millis());
         Ok(())
@@ -9908,7 +9977,7 @@ mod background {
     /// A container someone else started (Docker's restart policy, an operator):
     /// inspected at once, so its new address and incarnation are the ones used.
     pub fn observe_start(containers: &Containers, name: &str) {
-        match containers.inspect(name) {
+        match containers.inspector.inspect(name) {
             Ok(Some(info)) => {
                 let address =
                     info.address.filter(|_| info.running).map(|ip| SocketAddr::new(ip, containers.cfg.container_port));
