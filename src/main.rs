@@ -6531,8 +6531,8 @@ mod registry {
         /// Refused when a user's requests in flight and held streams together have
         /// reached MCP_PROXY_USER_MAX_INFLIGHT (0 = no limit).
         fn admit(&self, active: usize, name: &str) -> Result<(), ProxyError> {
-            let held = lock(&self.held).get(name).copied().unwrap_or(0);
-            match self.user_max_inflight > 0 && active + held >= self.user_max_inflight {
+            let held = || lock(&self.held).get(name).copied().unwrap_or(0);
+            match self.user_max_inflight > 0 && active + held() >= self.user_max_inflight {
                 true => Err(ProxyError::UserBusy(self.user_max_inflight)),
                 false => Ok(()),
             }
