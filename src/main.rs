@@ -7444,7 +7444,8 @@ mod docker {
 mod containers {
     //! Owns bringing a user's container to running and ready (one start per user, the
     //! boot burst, the readiness poll) and putting one to sleep. Calls `registry` for
-    //! every decision and `docker` for every act.
+    //! every decision and `docker` for every act; `sessions` is told of each start, and
+    //! `config`, `auth` (the user), `error` and `util` are read.
     use crate::auth::{Credential, User};
     use crate::config::{Config, KeyMode};
     use crate::docker::{ContainerInfo, ContainerSpec, Docker, DockerError, DockerStatus, Role, Wake};
