@@ -6179,11 +6179,12 @@ mod staged {
 }
 
 mod registry {
-    //! Owns what the proxy knows of each container (state, address, leases, counters)
-    //! and every decision made on it: plans, sweep selection, the removal policy. Pure:
-    //! no Docker, no HTTP; its one lock is held only for field updates. Calls `util`,
-    //! `staged` (whether a container may sleep), and reads `docker`'s plain data types.
-    use crate::docker::{ContainerInfo, Event};
+    //! Owns what the proxy knows of each container (state and address, role, leases,
+    //! counters) and every decision made on it: plans, sweep selection, the removal
+    //! policy. Pure: no Docker, no HTTP; its one lock is held only for field updates.
+    //! Calls `util`, `error`, `staged` (whether a container may sleep), and `docker` for
+    //! its plain data types only (`ContainerInfo`, `Event`, `Role`), never a verb.
+    use crate::docker::{ContainerInfo, Event, Role};
     use crate::error::ProxyError;
     use crate::staged::Staged;
     use crate::util::{lock, Flight};
@@ -6192,24 +6193,36 @@ mod registry {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant, SystemTime};
 
-    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    /// Where a running container answers, and which process of it (see `ContainerInfo`).
+    #[derive(Clone, PartialEq, Eq, Debug)]
+    pub struct Place {
+        pub address: SocketAddr,
+        pub incarnation: Option<String>,
+    }
+
+    #[derive(Clone, PartialEq, Eq, Debug)]
     pub enum State {
         /// Not known to exist (a fresh entry, or removed).
         Missing,
         Stopped,
-        Running,
+        /// Running, and answering at its place: a running entry always has one.
+        Running(Place),
         /// Believed to exist, state unknown (a start timed out, a connection failed).
         Unknown,
     }
 
     impl State {
-        pub fn as_str(self) -> &'static str {
+        pub fn as_str(&self) -> &'static str {
             match self {
                 State::Missing => "missing",
                 State::Stopped => "stopped",
-                State::Running => "running",
+                State::Running(_) => "running",
                 State::Unknown => "unknown",
             }
+        }
+
+        pub fn is_running(&self) -> bool {
+            matches!(self, State::Running(_))
         }
     }
 
@@ -6218,11 +6231,11 @@ mod registry {
 
     pub struct Entry {
         pub state: State,
-        pub address: Option<SocketAddr>,
-        /// Which process of the container answers there (see `ContainerInfo`).
-        pub incarnation: Option<String>,
-        /// Booted ahead of time, assigned to nobody yet.
-        pub spare: bool,
+        /// Where it was last seen: set as it starts, kept after it stops (for /stats,
+        /// and so that its address, given by Docker to another container, is spotted).
+        pub last_address: Option<SocketAddr>,
+        /// A user's container, or a spare: booted ahead of time, assigned to nobody yet.
+        pub role: Role,
         /// The image it was made from, when known.
         pub image_id: Option<String>,
         pub user: String,
@@ -6240,10 +6253,12 @@ mod registry {
     impl Entry {
         pub fn new(state: State) -> Entry {
             Entry {
+                last_address: match &state {
+                    State::Running(place) => Some(place.address),
+                    _ => None,
+                },
                 state,
-                address: None,
-                incarnation: None,
-                spare: false,
+                role: Role::User,
                 image_id: None,
                 user: String::new(),
                 created_at: None,
@@ -6261,10 +6276,26 @@ mod registry {
             self.active == 0 && self.transition.is_none()
         }
 
+        fn is_ready_spare(&self) -> bool {
+            self.role == Role::Spare && self.state.is_running() && self.is_idle_and_settled()
+        }
+
         fn begin(&mut self) -> Transition {
             let flight = Flight::new();
             self.transition = Some(flight.clone());
             flight
+        }
+
+        /// Running at `place`: the one way an entry comes to run.
+        fn run_at(&mut self, place: Place) {
+            self.last_address = Some(place.address);
+            self.state = State::Running(place);
+        }
+
+        /// Gone or dead: where it was is worth nothing now.
+        fn forget_place(&mut self, state: State) {
+            self.state = state;
+            self.last_address = None;
         }
     }
 
@@ -6341,7 +6372,7 @@ mod registry {
         pub address: Option<SocketAddr>,
         /// Client sessions bound to it (filled in by `ops`).
         pub sessions: usize,
-        pub spare: bool,
+        pub role: Role,
         /// Documents it holds staged (unsaved), and for how long (filled in by `ops`).
         pub staged_documents: usize,
         pub staged_seconds: u64,
@@ -6361,9 +6392,10 @@ mod registry {
     /// and is inspected again before anything is routed to it.
     fn forget_address_elsewhere(entries: &mut HashMap<String, Entry>, name: &str, address: SocketAddr) {
         for (other, entry) in entries.iter_mut() {
-            if other != name && entry.address == Some(address) {
-                entry.address = None;
-                if entry.transition.is_none() {
+            if other != name && entry.last_address == Some(address) {
+                entry.last_address = None;
+                // (a running entry, even one in a transition, is never left at it)
+                if entry.transition.is_none() || entry.state.is_running() {
                     entry.state = State::Unknown;
                 }
             }
@@ -6374,31 +6406,10 @@ mod registry {
     pub struct Registry {
         pub entries: Mutex<HashMap<String, Entry>>,
         max_running: usize,
-        user_max_inflight: usize,
-        user_max_streams: usize,
-        /// Notification streams the proxy holds, per container name: apart from the
-        /// entries, whose life is the container's. Locked after `entries`, never before.
-        streams: Mutex<HashMap<String, usize>>,
+        /// The notification streams the proxy holds (locked after `entries`).
+        streams: Arc<Streams>,
         /// Which containers hold staged edits (taken after `entries`, never before).
         pub staged: Arc<Staged>,
-    }
-
-    /// One held notification stream of a user, counted while alive.
-    pub struct StreamSlot {
-        registry: Arc<Registry>,
-        name: String,
-    }
-
-    impl Drop for StreamSlot {
-        fn drop(&mut self) {
-            let mut streams = lock(&self.registry.streams);
-            if let Some(held) = streams.get_mut(&self.name) {
-                *held = held.saturating_sub(1);
-                if *held == 0 {
-                    streams.remove(&self.name);
-                }
-            }
-        }
     }
 
     impl Registry {
@@ -6411,35 +6422,17 @@ mod registry {
             Registry {
                 entries: Mutex::new(HashMap::new()),
                 max_running,
-                user_max_inflight,
-                user_max_streams,
-                streams: Mutex::new(HashMap::new()),
+                streams: Arc::new(Streams { held: Mutex::new(HashMap::new()), user_max_inflight, user_max_streams }),
                 staged,
             }
         }
 
-        /// A user's requests in flight and held streams together have reached
-        /// MCP_PROXY_USER_MAX_INFLIGHT (0 = no limit).
-        fn user_busy(&self, active: usize, name: &str) -> bool {
-            self.user_max_inflight > 0
-                && active + lock(&self.streams).get(name).copied().unwrap_or(0) >= self.user_max_inflight
-        }
-
         /// Claims a slot for one more held notification stream of `name`'s user: at most
         /// MCP_PROXY_USER_MAX_STREAMS, and counted with their requests in flight.
-        pub fn hold_stream(self: &Arc<Self>, name: &str) -> Result<StreamSlot, ProxyError> {
+        pub fn hold_stream(&self, name: &str) -> Result<StreamSlot, ProxyError> {
             let entries = lock(&self.entries);
             let active = entries.get(name).map_or(0, |e| e.active);
-            if self.user_busy(active, name) {
-                return Err(ProxyError::UserBusy(self.user_max_inflight));
-            }
-            let mut streams = lock(&self.streams);
-            let held = streams.entry(name.to_string()).or_insert(0);
-            if self.user_max_streams > 0 && *held >= self.user_max_streams {
-                return Err(ProxyError::TooManyStreams(self.user_max_streams));
-            }
-            *held += 1;
-            Ok(StreamSlot { registry: self.clone(), name: name.to_string() })
+            self.streams.hold(active, name)
         }
 
         /// Routes to a running container, waits for a transition under way, or claims
@@ -6448,7 +6441,7 @@ mod registry {
             let mut entries = lock(&self.entries);
             // counted only under a cap: no walk over every container on each request
             let at_cap = self.max_running > 0
-                && entries.values().filter(|e| e.state == State::Running || e.transition.is_some()).count()
+                && entries.values().filter(|e| e.state.is_running() || e.transition.is_some()).count()
                     >= self.max_running;
             let entry = entries.entry(name.to_string()).or_insert_with(|| Entry::new(State::Missing));
             if entry.user != user_label {
@@ -6457,26 +6450,24 @@ mod registry {
             if let Some(flight) = &entry.transition {
                 return Ok(Plan::Wait(flight.clone()));
             }
-            if let (State::Running, Some(address)) = (entry.state, entry.address) {
-                if self.user_busy(entry.active, name) {
-                    return Err(ProxyError::UserBusy(self.user_max_inflight));
-                }
+            if let State::Running(place) = &entry.state {
+                self.streams.admit(entry.active, name)?;
                 entry.active += 1;
                 entry.requests_total += 1;
                 if websocket {
                     entry.websockets += 1;
                 }
-                let incarnation = entry.incarnation.clone();
+                let (address, incarnation) = (place.address, place.incarnation.clone());
                 let lease = Lease { registry: self.clone(), name: name.to_string(), address, incarnation, websocket };
                 return Ok(Plan::Route(lease));
             }
-            let known = entry.state;
+            let known = entry.state.clone();
             let flight = entry.begin();
             // a ready spare serves at once, and takes no new slot under the cap (but never
             // in place of a container that may still run with staged edits)
             let spare = entries
                 .iter()
-                .find(|(n, e)| *n != name && e.spare && e.state == State::Running && e.is_idle_and_settled())
+                .find(|(n, e)| *n != name && e.is_ready_spare())
                 .map(|(n, _)| n.clone())
                 .filter(|_| self.staged.may_sleep(name));
             if let Some(spare) = spare {
@@ -6491,7 +6482,7 @@ mod registry {
             // a container holding staged edits is never the one to make room: 503 instead
             let victim = entries
                 .iter()
-                .filter(|(n, e)| *n != name && e.state == State::Running && e.is_idle_and_settled())
+                .filter(|(n, e)| *n != name && e.state.is_running() && e.is_idle_and_settled())
                 .filter(|(n, _)| self.staged.may_sleep(n))
                 .min_by_key(|(_, e)| e.idle_since)
                 .map(|(n, _)| n.clone());
@@ -6509,73 +6500,6 @@ mod registry {
                     Err(full)
                 }
             }
-        }
-
-        /// A spare becomes `name`'s container: the entry takes its address, incarnation
-        /// and image, and the spare's entry goes (its transition ends with the user's).
-        pub fn adopt_spare(&self, spare: &str, name: &str) {
-            let mut entries = lock(&self.entries);
-            let Some(taken) = entries.remove(spare) else { return };
-            if let Some(entry) = entries.get_mut(name) {
-                entry.state = State::Running;
-                entry.address = taken.address;
-                entry.incarnation = taken.incarnation;
-                entry.image_id = taken.image_id;
-                entry.created_at = taken.created_at;
-                entry.stopped_at = None;
-            }
-        }
-
-        /// A claimed spare that could not be taken goes back to the pool (or is
-        /// forgotten when it is gone).
-        pub fn release_spare(&self, spare: &str, gone: bool) {
-            let mut entries = lock(&self.entries);
-            if gone {
-                entries.remove(spare);
-            } else if let Some(entry) = entries.get_mut(spare) {
-                entry.transition = None;
-            }
-        }
-
-        /// A new spare, booting: counted at once, so only one boot at a time is started.
-        pub fn begin_spare(&self, name: &str) -> Transition {
-            let mut entry = Entry::new(State::Missing);
-            entry.spare = true;
-            let flight = entry.begin();
-            lock(&self.entries).insert(name.to_string(), entry);
-            flight
-        }
-
-        pub fn spare_ready(&self, name: &str, address: SocketAddr, incarnation: Option<String>, image_id: &str) {
-            self.mark_running(name, address, incarnation);
-            if let Some(entry) = lock(&self.entries).get_mut(name) {
-                entry.image_id = Some(image_id.to_string());
-                entry.transition = None;
-            }
-        }
-
-        /// Whether another spare may boot now: fewer than `wanted`, no user's container
-        /// starting (user traffic first), and room under the cap.
-        pub fn wants_spare(&self, wanted: usize) -> bool {
-            let mut entries = lock(&self.entries);
-            // a spare removed or killed behind the proxy's back is forgotten
-            entries.retain(|_, e| !(e.spare && e.transition.is_none() && e.state != State::Running));
-            let spares = entries.values().filter(|e| e.spare).count();
-            let user_starting = entries.values().any(|e| !e.spare && e.transition.is_some());
-            let running = entries.values().filter(|e| e.state == State::Running || e.transition.is_some()).count();
-            spares < wanted && !user_starting && (self.max_running == 0 || running < self.max_running)
-        }
-
-        /// Claims the settled spares not of `image_id`, to be replaced.
-        pub fn claim_outdated_spares(&self, image_id: &str) -> Vec<(String, Transition)> {
-            let mut claimed = Vec::new();
-            for (name, entry) in lock(&self.entries).iter_mut() {
-                let outdated = entry.image_id.as_deref().is_some_and(|id| id != image_id);
-                if entry.spare && outdated && entry.is_idle_and_settled() {
-                    claimed.push((name.clone(), entry.begin()));
-                }
-            }
-            claimed
         }
 
         pub fn note_image(&self, name: &str, image_id: &str) {
@@ -6610,7 +6534,7 @@ mod registry {
             let mut entries = lock(&self.entries);
             forget_address_elsewhere(&mut entries, name, address);
             if let Some(entry) = entries.get_mut(name) {
-                entry.address = Some(address);
+                entry.last_address = Some(address);
                 entry.created_at = created_at.or(entry.created_at);
             }
         }
@@ -6619,73 +6543,8 @@ mod registry {
             let mut entries = lock(&self.entries);
             forget_address_elsewhere(&mut entries, name, address);
             if let Some(entry) = entries.get_mut(name) {
-                entry.state = State::Running;
-                entry.address = Some(address);
-                entry.incarnation = incarnation;
+                entry.run_at(Place { address, incarnation });
                 entry.stopped_at = None;
-            }
-        }
-
-        /// What a line of Docker's event stream means for the registry: a start the
-        /// proxy did not make must be inspected (its address and incarnation are new);
-        /// a death or removal makes a cached address worthless at once.
-        pub fn observe(&self, event: &Event) -> Option<String> {
-            if let Event::Die(name) | Event::Destroy(name) = event {
-                // (its own stops are the sleeper's to report; this is a crash or a kill)
-                let user = lock(&self.entries).get(name).filter(|e| e.transition.is_none()).map(|e| e.user.clone());
-                if let Some(user) = user {
-                    self.staged.lost(name, &user, "the container died or was removed");
-                }
-            }
-            let mut entries = lock(&self.entries);
-            let settled = |entries: &HashMap<String, Entry>, name: &str| {
-                entries.get(name).is_some_and(|e| e.transition.is_none())
-            };
-            match event {
-                Event::Start(name) if settled(&entries, name) => return Some(name.clone()),
-                Event::Die(name) | Event::Destroy(name) if settled(&entries, name) => {
-                    if let Some(entry) = entries.get_mut(name) {
-                        entry.state = if matches!(event, Event::Destroy(_)) { State::Missing } else { State::Unknown };
-                        entry.address = None;
-                        entry.incarnation = None;
-                    }
-                }
-                Event::Rename { from, to } => {
-                    if let Some(entry) = entries.get_mut(from).filter(|e| e.transition.is_none()) {
-                        entry.state = State::Missing;
-                        entry.address = None;
-                    }
-                    if settled(&entries, to) {
-                        return Some(to.clone());
-                    }
-                }
-                _ => {}
-            }
-            None
-        }
-
-        /// A container someone else started, as Docker now describes it.
-        pub fn observe_started(&self, name: &str, address: Option<SocketAddr>, incarnation: Option<String>) {
-            let mut entries = lock(&self.entries);
-            if let Some(address) = address {
-                forget_address_elsewhere(&mut entries, name, address);
-            }
-            if let Some(entry) = entries.get_mut(name).filter(|e| e.transition.is_none()) {
-                entry.state = if address.is_some() { State::Running } else { State::Unknown };
-                entry.address = address;
-                entry.incarnation = incarnation;
-                entry.stopped_at = None;
-            }
-        }
-
-        /// Docker's event stream broke off (a daemon restart): nothing cached is
-        /// trusted until the registry is rebuilt; every container is inspected again
-        /// before traffic is routed to it.
-        pub fn distrust_all(&self) {
-            for entry in lock(&self.entries).values_mut() {
-                if entry.transition.is_none() && entry.state == State::Running {
-                    entry.state = State::Unknown;
-                }
             }
         }
 
@@ -6693,8 +6552,10 @@ mod registry {
         /// it awake (a held notification stream).
         pub fn peek_running(&self, name: &str) -> Option<(SocketAddr, Option<String>)> {
             let entries = lock(&self.entries);
-            let entry = entries.get(name).filter(|e| e.state == State::Running && e.transition.is_none())?;
-            Some((entry.address?, entry.incarnation.clone()))
+            match entries.get(name).filter(|e| e.transition.is_none()).map(|e| &e.state) {
+                Some(State::Running(place)) => Some((place.address, place.incarnation.clone())),
+                _ => None,
+            }
         }
 
         /// A connection to the container failed: forget what we believed about it, so
@@ -6707,20 +6568,311 @@ mod registry {
             }
         }
 
+        pub fn state_of(&self, name: &str) -> State {
+            lock(&self.entries).get(name).map(|e| e.state.clone()).unwrap_or(State::Missing)
+        }
+
+        /// (containers tracked, running)
+        pub fn counts(&self) -> (usize, usize) {
+            let entries = lock(&self.entries);
+            (entries.len(), entries.values().filter(|e| e.state.is_running()).count())
+        }
+
+        pub fn snapshot(&self) -> Vec<ContainerSnapshot> {
+            let mut containers: Vec<ContainerSnapshot> = lock(&self.entries)
+                .iter()
+                .map(|(name, e)| ContainerSnapshot {
+                    name: name.clone(),
+                    state: e.state.clone(),
+                    user: e.user.clone(),
+                    created_at: e.created_at,
+                    last_used: e.last_used,
+                    idle_seconds: if e.active > 0 { 0 } else { e.idle_since.elapsed().as_secs() },
+                    active: e.active,
+                    websockets: e.websockets,
+                    requests_total: e.requests_total,
+                    address: e.last_address,
+                    sessions: 0,
+                    role: e.role,
+                    staged_documents: 0,
+                    staged_seconds: 0,
+                })
+                .collect();
+            containers.sort_by(|a, b| a.name.cmp(&b.name));
+            containers
+        }
+
+        /// The spare keeper's view of the entries.
+        pub fn spares(&self) -> Spares<'_> {
+            Spares { registry: self }
+        }
+
+        /// What Docker reports (its listing, its events), applied to the entries.
+        pub fn sightings(&self) -> Sightings<'_> {
+            Sightings { registry: self }
+        }
+
+        /// The sleeper's view of the entries: what to stop and remove, and how it went.
+        pub fn sweeps(&self) -> Sweeps<'_> {
+            Sweeps { registry: self }
+        }
+    }
+
+    /// The notification streams the proxy holds, per container name, and the per-user
+    /// limits they count against: apart from the entries, whose life is the container's.
+    /// Locked after `entries`, never before.
+    pub struct Streams {
+        held: Mutex<HashMap<String, usize>>,
+        user_max_inflight: usize,
+        user_max_streams: usize,
+    }
+
+    impl Streams {
+        /// Refused when a user's requests in flight and held streams together have
+        /// reached MCP_PROXY_USER_MAX_INFLIGHT (0 = no limit).
+        fn admit(&self, active: usize, name: &str) -> Result<(), ProxyError> {
+            let held = || lock(&self.held).get(name).copied().unwrap_or(0);
+            match self.user_max_inflight > 0 && active + held() >= self.user_max_inflight {
+                true => Err(ProxyError::UserBusy(self.user_max_inflight)),
+                false => Ok(()),
+            }
+        }
+
+        fn hold(self: &Arc<Self>, active: usize, name: &str) -> Result<StreamSlot, ProxyError> {
+            self.admit(active, name)?;
+            let mut held = lock(&self.held);
+            let count = held.entry(name.to_string()).or_insert(0);
+            if self.user_max_streams > 0 && *count >= self.user_max_streams {
+                return Err(ProxyError::TooManyStreams(self.user_max_streams));
+            }
+            *count += 1;
+            Ok(StreamSlot { streams: self.clone(), name: name.to_string() })
+        }
+    }
+
+    /// One held notification stream of a user, counted while alive.
+    pub struct StreamSlot {
+        streams: Arc<Streams>,
+        name: String,
+    }
+
+    impl Drop for StreamSlot {
+        fn drop(&mut self) {
+            let mut held = lock(&self.streams.held);
+            if let Some(count) = held.get_mut(&self.name) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    held.remove(&self.name);
+                }
+            }
+        }
+    }
+
+    /// The spares: containers booted ahead of time for whoever needs one next. They
+    /// are entries like any other (the cap counts them), with `Role::Spare`.
+    pub struct Spares<'a> {
+        registry: &'a Registry,
+    }
+
+    impl Spares<'_> {
+        /// A spare becomes `name`'s container: the entry takes its place (address and
+        /// incarnation) and image, and the spare's entry goes (its transition ends with
+        /// the user's).
+        pub fn adopt(&self, spare: &str, name: &str) {
+            let mut entries = lock(&self.registry.entries);
+            let Some(taken) = entries.remove(spare) else { return };
+            if let Some(entry) = entries.get_mut(name) {
+                entry.state = taken.state;
+                entry.last_address = taken.last_address;
+                entry.image_id = taken.image_id;
+                entry.created_at = taken.created_at;
+                entry.stopped_at = None;
+            }
+        }
+
+        /// A claimed spare that could not be taken goes back to the pool (or is
+        /// forgotten when it is gone).
+        pub fn release(&self, spare: &str, gone: bool) {
+            let mut entries = lock(&self.registry.entries);
+            if gone {
+                entries.remove(spare);
+            } else if let Some(entry) = entries.get_mut(spare) {
+                entry.transition = None;
+            }
+        }
+
+        /// A new spare, booting: counted at once, so only one boot at a time is started.
+        pub fn begin(&self, name: &str) -> Transition {
+            let mut entry = Entry::new(State::Missing);
+            entry.role = Role::Spare;
+            let flight = entry.begin();
+            lock(&self.registry.entries).insert(name.to_string(), entry);
+            flight
+        }
+
+        pub fn ready(&self, name: &str, address: SocketAddr, incarnation: Option<String>, image_id: &str) {
+            self.registry.mark_running(name, address, incarnation);
+            if let Some(entry) = lock(&self.registry.entries).get_mut(name) {
+                entry.image_id = Some(image_id.to_string());
+                entry.transition = None;
+            }
+        }
+
+        /// Whether another spare may boot now: fewer than `wanted`, no user's container
+        /// starting (user traffic first), and room under the cap.
+        pub fn wanted(&self, wanted: usize) -> bool {
+            let mut entries = lock(&self.registry.entries);
+            let is_spare = |e: &Entry| e.role == Role::Spare;
+            // a spare removed or killed behind the proxy's back is forgotten
+            entries.retain(|_, e| !(is_spare(e) && e.transition.is_none() && !e.state.is_running()));
+            let spares = entries.values().filter(|e| is_spare(e)).count();
+            let user_starting = entries.values().any(|e| !is_spare(e) && e.transition.is_some());
+            let running = entries.values().filter(|e| e.state.is_running() || e.transition.is_some()).count();
+            let max_running = self.registry.max_running;
+            spares < wanted && !user_starting && (max_running == 0 || running < max_running)
+        }
+
+        /// Claims the settled spares not of `image_id`, to be replaced.
+        pub fn claim_outdated(&self, image_id: &str) -> Vec<(String, Transition)> {
+            let mut claimed = Vec::new();
+            for (name, entry) in lock(&self.registry.entries).iter_mut() {
+                let outdated = entry.image_id.as_deref().is_some_and(|id| id != image_id);
+                if entry.role == Role::Spare && outdated && entry.is_idle_and_settled() {
+                    claimed.push((name.clone(), entry.begin()));
+                }
+            }
+            claimed
+        }
+    }
+
+    /// What Docker reports, applied to the entries: its listing (at start-up, and when
+    /// it comes back) and its event stream. Entries in a transition are left to it.
+    pub struct Sightings<'a> {
+        registry: &'a Registry,
+    }
+
+    impl Sightings<'_> {
+        /// What a line of Docker's event stream means for the registry: a start the
+        /// proxy did not make must be inspected (its address and incarnation are new);
+        /// a death or removal makes a cached address worthless at once.
+        pub fn observe(&self, event: &Event) -> Option<String> {
+            if let Event::Die(name) | Event::Destroy(name) = event {
+                // (its own stops are the sleeper's to report; this is a crash or a kill)
+                let user =
+                    lock(&self.registry.entries).get(name).filter(|e| e.transition.is_none()).map(|e| e.user.clone());
+                if let Some(user) = user {
+                    self.registry.staged.lost(name, &user, "the container died or was removed");
+                }
+            }
+            let mut entries = lock(&self.registry.entries);
+            let settled = |entries: &HashMap<String, Entry>, name: &str| {
+                entries.get(name).is_some_and(|e| e.transition.is_none())
+            };
+            match event {
+                Event::Start(name) if settled(&entries, name) => return Some(name.clone()),
+                Event::Die(name) | Event::Destroy(name) if settled(&entries, name) => {
+                    if let Some(entry) = entries.get_mut(name) {
+                        let destroyed = matches!(event, Event::Destroy(_));
+                        entry.forget_place(if destroyed { State::Missing } else { State::Unknown });
+                    }
+                }
+                Event::Rename { from, to } => {
+                    if let Some(entry) = entries.get_mut(from).filter(|e| e.transition.is_none()) {
+                        entry.forget_place(State::Missing);
+                    }
+                    if settled(&entries, to) {
+                        return Some(to.clone());
+                    }
+                }
+                _ => {}
+            }
+            None
+        }
+
+        /// A container someone else started, as Docker now describes it.
+        pub fn started(&self, name: &str, address: Option<SocketAddr>, incarnation: Option<String>) {
+            let mut entries = lock(&self.registry.entries);
+            if let Some(address) = address {
+                forget_address_elsewhere(&mut entries, name, address);
+            }
+            if let Some(entry) = entries.get_mut(name).filter(|e| e.transition.is_none()) {
+                match address {
+                    Some(address) => entry.run_at(Place { address, incarnation }),
+                    None => entry.forget_place(State::Unknown),
+                }
+                entry.stopped_at = None;
+            }
+        }
+
+        /// Docker's event stream broke off (a daemon restart): nothing cached is
+        /// trusted until the registry is rebuilt; every container is inspected again
+        /// before traffic is routed to it.
+        pub fn distrust_all(&self) {
+            for entry in lock(&self.registry.entries).values_mut() {
+                if entry.transition.is_none() && entry.state.is_running() {
+                    entry.state = State::Unknown;
+                }
+            }
+        }
+
+        /// Brings the registry in line with Docker's listing of this proxy's containers
+        /// (at start-up, and when Docker comes back). Entries in a transition are left
+        /// to it; ones Docker no longer has, and nobody uses, become missing. (A running
+        /// one without an address on the network is in doubt: inspected before use.)
+        pub fn reconcile(&self, containers: &[ContainerInfo], port: u16) {
+            let mut entries = lock(&self.registry.entries);
+            for info in containers {
+                let entry = entries.entry(info.name.clone()).or_insert_with(|| Entry::new(State::Missing));
+                if entry.transition.is_some() {
+                    continue;
+                }
+                let address = info.address.map(|ip| SocketAddr::new(ip, port));
+                match (info.running, address) {
+                    (true, Some(address)) => entry.run_at(Place { address, incarnation: info.incarnation.clone() }),
+                    (true, None) => entry.forget_place(State::Unknown),
+                    (false, _) => {
+                        entry.state = State::Stopped;
+                        entry.last_address = address;
+                    }
+                }
+                let spare = info.role == Role::Spare && info.name.contains(crate::docker::SPARE_MARK);
+                entry.role = if spare { Role::Spare } else { Role::User };
+                entry.image_id = Some(info.image_id.clone()).filter(|id| !id.is_empty());
+                entry.created_at = info.created_at;
+                entry.stopped_at = if info.running { None } else { info.finished_at };
+                if entry.user.is_empty() {
+                    entry.user = info.user.clone();
+                }
+            }
+            for (name, entry) in entries.iter_mut() {
+                let listed = containers.iter().any(|c| &c.name == name);
+                if !listed && entry.transition.is_none() && entry.active == 0 {
+                    entry.forget_place(State::Missing);
+                }
+            }
+        }
+    }
+
+    /// The sleeper's view of the entries: which to stop and remove, and how that went.
+    pub struct Sweeps<'a> {
+        registry: &'a Registry,
+    }
+
+    impl Sweeps<'_> {
         /// Picks the idle containers to stop and the long-stopped ones to remove, and
         /// holds a transition on each so requests wait rather than race.
-        pub fn select_sweep(&self, idle_timeout: Duration, remove_after: Option<Duration>) -> Sweep {
+        pub fn select(&self, idle_timeout: Duration, remove_after: Option<Duration>) -> Sweep {
             let now = Instant::now();
             let mut sweep = Sweep::default();
-            for (name, entry) in lock(&self.entries).iter_mut() {
+            for (name, entry) in lock(&self.registry.entries).iter_mut() {
                 // a spare is idle by design: the keeper looks after it
-                if entry.spare || !entry.is_idle_and_settled() {
+                if entry.role == Role::Spare || !entry.is_idle_and_settled() {
                     continue;
                 }
                 let idle_for = now.saturating_duration_since(entry.idle_since);
-                if matches!(entry.state, State::Running | State::Unknown)
+                if matches!(entry.state, State::Running(_) | State::Unknown)
                     && idle_for >= idle_timeout
-                    && self.staged.may_sleep(name)
+                    && self.registry.staged.may_sleep(name)
                 {
                     sweep.stop.push((name.clone(), entry.begin()));
                 } else if entry.state == State::Stopped && due_for_removal(entry.stopped_at, remove_after) {
@@ -6734,22 +6886,18 @@ mod registry {
         /// held (past MCP_PROXY_STAGED_EDITS_TIMEOUT) are gone with it.
         pub fn after_stop(&self, name: &str, outcome: StopOutcome) {
             let slept = !matches!(outcome, StopOutcome::Failed);
-            let user = lock(&self.entries).get(name).map(|e| e.user.clone()).unwrap_or_default();
+            let user = lock(&self.registry.entries).get(name).map(|e| e.user.clone()).unwrap_or_default();
             if slept {
-                self.staged.lost(name, &user, "put to sleep: held longer than MCP_PROXY_STAGED_EDITS_TIMEOUT");
+                self.registry.staged.lost(name, &user, "put to sleep: held longer than MCP_PROXY_STAGED_EDITS_TIMEOUT");
             }
-            if let Some(entry) = lock(&self.entries).get_mut(name) {
+            if let Some(entry) = lock(&self.registry.entries).get_mut(name) {
                 entry.transition = None;
                 match outcome {
                     StopOutcome::Stopped => {
                         entry.state = State::Stopped;
                         entry.stopped_at = Some(SystemTime::now());
                     }
-                    StopOutcome::Gone | StopOutcome::Retired => {
-                        entry.state = State::Missing;
-                        entry.address = None;
-                        entry.incarnation = None;
-                    }
+                    StopOutcome::Gone | StopOutcome::Retired => entry.forget_place(State::Missing),
                     StopOutcome::Failed => {}
                 }
             }
@@ -6757,83 +6905,20 @@ mod registry {
 
         /// Forgets a removed container, or releases the transition of one that was not.
         pub fn after_remove(&self, name: &str, removed: bool) {
-            let mut entries = lock(&self.entries);
+            let mut entries = lock(&self.registry.entries);
             if removed {
                 entries.remove(name);
             } else if let Some(entry) = entries.get_mut(name) {
                 entry.transition = None;
             }
         }
-
-        /// Brings the registry in line with Docker's listing of this proxy's containers
-        /// (at start-up, and when Docker comes back). Entries in a transition are left
-        /// to it; ones Docker no longer has, and nobody uses, become missing.
-        pub fn reconcile(&self, containers: &[ContainerInfo], port: u16) {
-            let mut entries = lock(&self.entries);
-            for info in containers {
-                let entry = entries.entry(info.name.clone()).or_insert_with(|| Entry::new(State::Missing));
-                if entry.transition.is_some() {
-                    continue;
-                }
-                entry.state = if info.running { State::Running } else { State::Stopped };
-                entry.address = info.address.map(|ip| SocketAddr::new(ip, port));
-                entry.incarnation = info.incarnation.clone();
-                entry.spare = info.spare && info.name.contains(crate::docker::SPARE_MARK);
-                entry.image_id = Some(info.image_id.clone()).filter(|id| !id.is_empty());
-                entry.created_at = info.created_at;
-                entry.stopped_at = if info.running { None } else { info.finished_at };
-                if entry.user.is_empty() {
-                    entry.user = info.user.clone();
-                }
-            }
-            for (name, entry) in entries.iter_mut() {
-                let listed = containers.iter().any(|c| &c.name == name);
-                if !listed && entry.transition.is_none() && entry.active == 0 {
-                    entry.state = State::Missing;
-                    entry.address = None;
-                }
-            }
-        }
-
-        pub fn state_of(&self, name: &str) -> State {
-            lock(&self.entries).get(name).map(|e| e.state).unwrap_or(State::Missing)
-        }
-
-        /// (containers tracked, running)
-        pub fn counts(&self) -> (usize, usize) {
-            let entries = lock(&self.entries);
-            (entries.len(), entries.values().filter(|e| e.state == State::Running).count())
-        }
-
-        pub fn snapshot(&self) -> Vec<ContainerSnapshot> {
-            let mut containers: Vec<ContainerSnapshot> = lock(&self.entries)
-                .iter()
-                .map(|(name, e)| ContainerSnapshot {
-                    name: name.clone(),
-                    state: e.state,
-                    user: e.user.clone(),
-                    created_at: e.created_at,
-                    last_used: e.last_used,
-                    idle_seconds: if e.active > 0 { 0 } else { e.idle_since.elapsed().as_secs() },
-                    active: e.active,
-                    websockets: e.websockets,
-                    requests_total: e.requests_total,
-                    address: e.address,
-                    sessions: 0,
-                    spare: e.spare,
-                    staged_documents: 0,
-                    staged_seconds: 0,
-                })
-                .collect();
-            containers.sort_by(|a, b| a.name.cmp(&b.name));
-            containers
-        }
     }
 }
 
 mod docker {
     //! Owns every docker CLI call (the root-equivalent surface), as named verbs with typed
-    //! results; stderr is read by `classify`, and by three verbs for their own messages. Calls std::process only.
+    //! results; stderr is read once, by `DockerError::classify`, and verbs match on the
+    //! typed error. Calls `error` (the proxy's errors) and `util` (time), and std::process.
     use crate::error::ProxyError;
     use crate::util::parse_rfc3339;
     use serde_json::Value;
@@ -6858,13 +6943,19 @@ mod docker {
     const SHORT: Duration = Duration::from_secs(15);
     const LONG: Duration = Duration::from_secs(60);
 
-    /// What Docker said, classified once.
-    #[derive(Debug, PartialEq)]
+    /// What Docker said, classified once (by `classify`); the verbs match on it.
+    #[derive(Clone, Debug, PartialEq)]
     pub enum DockerError {
         NoSuchContainer,
         NameInUse,
         /// The CLI is missing or the daemon does not answer.
         Unavailable(String),
+        /// The image has no such program to run (a probe's `--entrypoint`).
+        NoExecutable(String),
+        /// The network named does not exist.
+        NoSuchNetwork(String),
+        /// What was to be made (a network) exists already.
+        AlreadyExists(String),
         /// The daemon answered with another error.
         Failed(String),
     }
@@ -6883,6 +6974,12 @@ mod docker {
                 DockerError::NoSuchContainer
             } else if s.contains("is already in use") {
                 DockerError::NameInUse
+            } else if s.contains("executable file not found") || s.contains("no such file") {
+                DockerError::NoExecutable(stderr.trim().to_string())
+            } else if s.contains("no such network") || (s.contains("network") && s.contains("not found")) {
+                DockerError::NoSuchNetwork(stderr.trim().to_string())
+            } else if s.contains("already exists") {
+                DockerError::AlreadyExists(stderr.trim().to_string())
             } else {
                 DockerError::Failed(stderr.trim().to_string())
             }
@@ -6892,7 +6989,11 @@ mod docker {
             match self {
                 DockerError::NoSuchContainer => "no such container".into(),
                 DockerError::NameInUse => "the container name is already in use".into(),
-                DockerError::Unavailable(m) | DockerError::Failed(m) => m.clone(),
+                DockerError::Unavailable(m)
+                | DockerError::NoExecutable(m)
+                | DockerError::NoSuchNetwork(m)
+                | DockerError::AlreadyExists(m)
+                | DockerError::Failed(m) => m.clone(),
             }
         }
 
@@ -6912,13 +7013,50 @@ mod docker {
         }
     }
 
-    fn is_missing_network(stderr: &str) -> bool {
-        let s = stderr.to_ascii_lowercase();
-        s.contains("no such network") || (s.contains("network") && s.contains("not found"))
-    }
-
     pub fn first_line(s: &str) -> String {
         s.lines().next().unwrap_or("").chars().take(300).collect()
+    }
+
+    /// Whose a container is: a user's, or a spare booted ahead of time for whoever
+    /// needs one next (labelled so, and without an owner).
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum Role {
+        User,
+        Spare,
+    }
+
+    impl Role {
+        fn label(self) -> &'static str {
+            match self {
+                Role::User => "user",
+                Role::Spare => "spare",
+            }
+        }
+    }
+
+    /// Whether Docker answered at the watcher's last look (for /health).
+    #[derive(Clone, Debug, PartialEq)]
+    pub enum DockerStatus {
+        Answering,
+        /// It did not answer when the proxy started.
+        AwayAtStartUp,
+        /// It stopped answering: what the last call met.
+        Away(DockerError),
+    }
+
+    impl DockerStatus {
+        pub fn is_answering(&self) -> bool {
+            *self == DockerStatus::Answering
+        }
+
+        /// Why it is away, in one line (None while it answers).
+        pub fn reason(&self) -> Option<String> {
+            match self {
+                DockerStatus::Answering => None,
+                DockerStatus::AwayAtStartUp => Some("Docker did not answer at start-up".into()),
+                DockerStatus::Away(e) => Some(first_line(&e.message())),
+            }
+        }
     }
 
     /// How a container came to be running.
@@ -6944,6 +7082,8 @@ mod docker {
     pub struct ContainerSpec<'a> {
         pub name: &'a str,
         pub prefix: &'a str,
+        pub role: Role,
+        /// Labelled only on a user's container (a spare has no owner yet).
         pub owner: &'a str,
         pub user_label: &'a str,
         pub env_key: Option<&'a str>,
@@ -6964,8 +7104,8 @@ mod docker {
                 ("--name", self.name.to_string()),
                 ("--label", format!("{LABEL_MANAGED}=true")),
                 ("--label", format!("{LABEL_PREFIX}={}", self.prefix)),
-                ("--label", format!("{LABEL_OWNER}={}", self.owner)),
-                ("--label", format!("{LABEL_ROLE}={}", if self.owner.is_empty() { "spare" } else { "user" })),
+                ("--label", format!("{LABEL_OWNER}={}", if self.role == Role::Spare { "" } else { self.owner })),
+                ("--label", format!("{LABEL_ROLE}={}", self.role.label())),
                 ("--label", format!("{LABEL_USER}={}", sanitize_label(self.user_label))),
                 ("--restart", "unless-stopped".into()),
                 ("--memory", memory.clone()),
@@ -7016,7 +7156,7 @@ mod docker {
         let Some(rest) = c.name.strip_prefix(prefix) else { return false };
         let owned_name = rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit());
         c.prefix_label == prefix
-            && if c.spare {
+            && if c.role == Role::Spare {
                 rest.starts_with(SPARE_MARK) || owned_name
             } else {
                 !c.owner_label.is_empty() && rest == c.owner_label
@@ -7083,7 +7223,7 @@ mod docker {
         pub user: String,
         pub prefix_label: String,
         pub owner_label: String,
-        pub spare: bool,
+        pub role: Role,
         /// The image it was made from (an id), to replace those of an older image.
         pub image_id: String,
     }
@@ -7114,7 +7254,10 @@ mod docker {
                     user: c["Config"]["Labels"][LABEL_USER].as_str().unwrap_or("").to_string(),
                     prefix_label: c["Config"]["Labels"][LABEL_PREFIX].as_str().unwrap_or("").to_string(),
                     owner_label: c["Config"]["Labels"][LABEL_OWNER].as_str().unwrap_or("").to_string(),
-                    spare: c["Config"]["Labels"][LABEL_ROLE].as_str() == Some("spare"),
+                    role: match c["Config"]["Labels"][LABEL_ROLE].as_str() {
+                        Some("spare") => Role::Spare,
+                        _ => Role::User,
+                    },
                     image_id: c["Image"].as_str().unwrap_or("").to_string(),
                 }
             })
@@ -7202,12 +7345,10 @@ mod docker {
             ];
             match self.run(&args, None, LONG) {
                 Ok(_) => Ok(true),
-                Err(DockerError::Failed(m))
-                    if m.contains("executable file not found") || m.contains("no such file") =>
-                {
-                    Err(DockerError::Failed(m))
+                // (a missing python3 is `NoExecutable`: the probe cannot run)
+                Err(DockerError::Failed(_) | DockerError::NoSuchNetwork(_) | DockerError::AlreadyExists(_)) => {
+                    Ok(false)
                 }
-                Err(DockerError::Failed(_)) => Ok(false),
                 Err(e) => Err(e),
             }
         }
@@ -7288,7 +7429,7 @@ mod docker {
             let format = "{{index .Options \"com.docker.network.bridge.enable_icc\"}}";
             match self.run(&["network", "inspect", "--format", format, network], None, SHORT) {
                 Ok(out) => Ok(Some(out.trim() != "false")),
-                Err(DockerError::Failed(m)) if is_missing_network(&m) => Ok(None),
+                Err(DockerError::NoSuchNetwork(_)) => Ok(None),
                 Err(e) => Err(e),
             }
         }
@@ -7308,7 +7449,7 @@ mod docker {
                 network,
             ];
             match self.run(&args, None, SHORT) {
-                Err(DockerError::Failed(m)) if m.contains("already exists") => Ok(()),
+                Err(DockerError::AlreadyExists(_)) => Ok(()),
                 other => other.map(|_| ()),
             }
         }
@@ -7403,10 +7544,11 @@ mod docker {
 mod containers {
     //! Owns bringing a user's container to running and ready (one start per user, the
     //! boot burst, the readiness poll) and putting one to sleep. Calls `registry` for
-    //! every decision and `docker` for every act.
+    //! every decision and `docker` for every act; `sessions` is told of each start, and
+    //! `config`, `auth` (the user), `error` and `util` are read.
     use crate::auth::{Credential, User};
     use crate::config::{Config, KeyMode};
-    use crate::docker::{ContainerInfo, ContainerSpec, Docker, DockerError, Wake};
+    use crate::docker::{ContainerInfo, ContainerSpec, Docker, DockerError, DockerStatus, Role, Wake};
     use crate::error::ProxyError;
     use crate::registry::{Lease, Plan, Registry, State, StopOutcome, TransitionResult};
     use crate::sessions::Sessions;
@@ -7437,15 +7579,197 @@ mod containers {
         pub cfg: Config,
         pub registry: Arc<Registry>,
         pub docker: Docker,
-        ready_agent: ureq::Agent,
         /// Told when a container starts, so held notification streams attach again.
         pub sessions: Arc<Sessions>,
         /// Whether Docker answered at the watcher's last look (for /health).
-        pub docker_status: Mutex<Result<(), String>>,
+        pub docker_status: Mutex<DockerStatus>,
+        /// Asks Docker and the container itself how it is.
+        pub inspector: Inspector,
         /// The current image's id, as last seen.
-        image_id: Mutex<Option<String>>,
+        images: Images,
         /// Raised when a spare was taken or a container retired: the keeper looks.
-        spare_signal: (Mutex<bool>, Condvar),
+        spare_signal: Signal,
+        /// The CPU limits: the boot burst, then the steady one.
+        pub cpus: BootBurst,
+    }
+
+    /// What Docker and the container itself say of a container: Docker's inspect, its
+    /// address on the network, whether its READY_PATH answers.
+    pub struct Inspector {
+        docker: Docker,
+        network: String,
+        port: u16,
+        ready_path: String,
+        start_timeout: Duration,
+        agent: ureq::Agent,
+    }
+
+    impl Inspector {
+        fn new(cfg: &Config) -> Inspector {
+            Inspector {
+                docker: Docker::new(&cfg.docker),
+                network: cfg.network.clone(),
+                port: cfg.container_port,
+                ready_path: cfg.ready_path.clone(),
+                start_timeout: cfg.start_timeout,
+                // the readiness probe: short, never pooled
+                agent: agent_base()
+                    .timeout_global(Some(Duration::from_secs(2)))
+                    .max_idle_connections(0)
+                    .build()
+                    .new_agent(),
+            }
+        }
+
+        pub fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, ProxyError> {
+            self.docker
+                .inspect(name, &self.network)
+                .map_err(|e| e.into_proxy_error(&format!("inspect container {name}")))
+        }
+
+        /// Where the container listens now that it runs, and what Docker says of it.
+        pub fn running_address(&self, name: &str) -> Result<(SocketAddr, ContainerInfo), ProxyError> {
+            let info = self
+                .inspect(name)?
+                .ok_or_else(|| ProxyError::ContainerFailed(format!("Container {name} vanished while starting.")))?;
+            match (info.address, info.restarting || !info.running) {
+                (Some(ip), false) => Ok((SocketAddr::new(ip, self.port), info)),
+                (_, true) => Err(ProxyError::ContainerFailed(format!(
+                    "Container {name} exited (code {}) as it started; see `docker logs {name}`.",
+                    info.exit_code
+                ))),
+                (None, false) => Err(ProxyError::ContainerFailed(format!(
+                    "Container {name} has no address on network {}.",
+                    self.network
+                ))),
+            }
+        }
+
+        /// Polls READY_PATH every 25 ms until it answers, the container exits, or
+        /// START_TIMEOUT passes.
+        pub fn wait_until_ready(&self, name: &str, address: SocketAddr) -> TransitionResult {
+            let url = format!("http://{address}{}", self.ready_path);
+            let deadline = Instant::now() + self.start_timeout;
+            let mut last_exit_check = Instant::now();
+            loop {
+                if let Ok(response) = self.agent.get(&url).call() {
+                    if response.status().as_u16() < 500 {
+                        return Ok(());
+                    }
+                }
+                if Instant::now() >= deadline {
+                    return Err(ProxyError::StartTimeout(format!(
+                        "Container {name} did not become ready within {}s.",
+                        self.start_timeout.as_secs()
+                    )));
+                }
+                if last_exit_check.elapsed() > Duration::from_secs(1) {
+                    last_exit_check = Instant::now();
+                    if let Some(info) = self.inspect(name)? {
+                        if !info.running && !info.restarting {
+                            return Err(ProxyError::ContainerFailed(format!(
+                                "Container {name} exited (code {}) before it was ready; see `docker logs {name}`.",
+                                info.exit_code
+                            )));
+                        }
+                    }
+                }
+                thread::sleep(Duration::from_millis(25));
+            }
+        }
+    }
+
+    /// The id of the image MCP_PROXY_IMAGE names, as last seen.
+    struct Images {
+        docker: Docker,
+        image: String,
+        current: Mutex<Option<String>>,
+    }
+
+    impl Images {
+        fn new(cfg: &Config) -> Images {
+            Images { docker: Docker::new(&cfg.docker), image: cfg.image.clone(), current: Mutex::new(None) }
+        }
+
+        /// The id of the image MCP_PROXY_IMAGE names now (after a `docker pull`, the new
+        /// one); remembered for when Docker does not answer.
+        fn current(&self) -> Option<String> {
+            match self.docker.image_id(&self.image) {
+                Ok(id) => {
+                    *lock(&self.current) = Some(id.clone());
+                    Some(id)
+                }
+                Err(_) => lock(&self.current).clone(),
+            }
+        }
+
+        fn is_older(&self, image_id: &str) -> bool {
+            let cached = lock(&self.current).clone();
+            let current = cached.or_else(|| self.current());
+            current.is_some_and(|now| !image_id.is_empty() && image_id != now)
+        }
+    }
+
+    /// A flag one thread raises and another waits for.
+    struct Signal(Mutex<bool>, Condvar);
+
+    impl Signal {
+        fn raise(&self) {
+            *lock(&self.0) = true;
+            self.1.notify_all();
+        }
+
+        /// Waits until raised, or `limit` passed; lowers it.
+        fn wait(&self, limit: Duration) {
+            let guard = lock(&self.0);
+            let (mut guard, _) =
+                self.1.wait_timeout_while(guard, limit, |raised| !*raised).unwrap_or_else(|e| e.into_inner());
+            *guard = false;
+        }
+    }
+
+    /// The boot burst: MCP_PROXY_BOOT_CPUS while a container boots, MCP_PROXY_CPUS once
+    /// it is ready.
+    pub struct BootBurst {
+        docker: Docker,
+        on: bool,
+        boot: f64,
+        steady: f64,
+    }
+
+    impl BootBurst {
+        fn new(cfg: &Config) -> BootBurst {
+            let docker = Docker::new(&cfg.docker);
+            BootBurst { docker, on: cfg.has_boot_burst(), boot: cfg.boot_cpus(), steady: cfg.cpus }
+        }
+
+        /// After a boot with the burst, the steady CPU limit: off the request path when
+        /// a thread can be had, else at once.
+        pub fn settle(&self, name: &str) {
+            if !self.on {
+                return;
+            }
+            let (docker, name, cpus) = (self.docker.clone(), name.to_string(), self.steady);
+            let lower = move || {
+                if let Err(e) = docker.set_cpus(&name, cpus) {
+                    log::warn!("could not lower the CPU limit of {name}: {}", e.message());
+                }
+            };
+            let spare = lower.clone();
+            if let Err(e) = thread::Builder::new().name("cpu-settle".into()).spawn(lower) {
+                log::warn!("no thread to lower a CPU limit ({e}); lowering it now");
+                spare();
+            }
+        }
+
+        /// Before a stopped container's next wake, give it the boot burst back.
+        fn arm(&self, name: &str) {
+            if self.on {
+                if let Err(e) = self.docker.set_cpus(name, self.boot) {
+                    log::warn!("could not raise the boot CPU limit of {name}: {}", e.message());
+                }
+            }
+        }
     }
 
     impl Containers {
@@ -7460,15 +7784,11 @@ mod containers {
                     Arc::new(crate::staged::Staged::open(cfg.state_dir.clone(), cfg.staged_edits_timeout)),
                 )),
                 docker: Docker::new(&cfg.docker),
-                // the readiness probe: short, never pooled
-                ready_agent: agent_base()
-                    .timeout_global(Some(Duration::from_secs(2)))
-                    .max_idle_connections(0)
-                    .build()
-                    .new_agent(),
-                docker_status: Mutex::new(Ok(())),
-                image_id: Mutex::new(None),
-                spare_signal: (Mutex::new(false), Condvar::new()),
+                inspector: Inspector::new(cfg),
+                docker_status: Mutex::new(DockerStatus::Answering),
+                images: Images::new(cfg),
+                spare_signal: Signal(Mutex::new(false), Condvar::new()),
+                cpus: BootBurst::new(cfg),
             }
         }
 
@@ -7510,13 +7830,13 @@ mod containers {
             let begun = Instant::now();
             let name = &want.name;
             let how = self.wake(want, known)?;
-            let (address, info) = self.running_address(name)?;
+            let (address, info) = self.inspector.running_address(name)?;
             self.registry.note_address(name, address, info.created_at);
             self.registry.note_image(name, &info.image_id);
-            self.wait_until_ready(name, address)?;
+            self.inspector.wait_until_ready(name, address)?;
             if how != Wake::Running {
                 log::info!("container {name} {} and ready in {}ms", how.as_str(), begun.elapsed().as_millis());
-                self.settle_cpus(name);
+                self.cpus.settle(name);
             }
             self.registry.mark_running(name, address, info.incarnation);
             // held notification streams may attach again
@@ -7537,58 +7857,34 @@ mod containers {
             };
             match renamed {
                 Ok(()) => {
-                    self.registry.adopt_spare(spare, &want.name);
+                    self.registry.spares().adopt(spare, &want.name);
                     log::info!("container {} took spare {spare} in {}ms", want.name, begun.elapsed().as_millis());
                     self.sessions.notify_change();
-                    self.spare_wanted();
+                    self.spare_signal.raise();
                     Ok(())
                 }
                 Err(e) => {
                     log::warn!("could not take spare {spare}: {}", e.message());
-                    self.registry.release_spare(spare, e == DockerError::NoSuchContainer);
+                    self.registry.spares().release(spare, e == DockerError::NoSuchContainer);
                     self.bring_up(want, None, State::Unknown)
                 }
             }
         }
 
-        /// Wakes the spare keeper (a spare was taken).
-        fn spare_wanted(&self) {
-            *lock(&self.spare_signal.0) = true;
-            self.spare_signal.1.notify_all();
-        }
-
         /// Waits until a spare is wanted, or `limit` passed.
         pub fn wait_spare_wanted(&self, limit: Duration) {
-            let guard = lock(&self.spare_signal.0);
-            let (mut guard, _) = self
-                .spare_signal
-                .1
-                .wait_timeout_while(guard, limit, |wanted| !*wanted)
-                .unwrap_or_else(|e| e.into_inner());
-            *guard = false;
+            self.spare_signal.wait(limit);
         }
 
         /// The id of the image MCP_PROXY_IMAGE names now (after a `docker pull`, the new
         /// one); remembered for when Docker does not answer.
         pub fn current_image(&self) -> Option<String> {
-            match self.docker.image_id(&self.cfg.image) {
-                Ok(id) => {
-                    *lock(&self.image_id) = Some(id.clone());
-                    Some(id)
-                }
-                Err(_) => lock(&self.image_id).clone(),
-            }
+            self.images.current()
         }
 
         /// Whether a container was made from an image other than the current one.
         fn outdated(&self, name: &str) -> bool {
-            self.registry.image_of(name).is_some_and(|had| self.is_older_image(&had))
-        }
-
-        fn is_older_image(&self, image_id: &str) -> bool {
-            let cached = lock(&self.image_id).clone();
-            let current = cached.or_else(|| self.current_image());
-            current.is_some_and(|now| !image_id.is_empty() && image_id != now)
+            self.registry.image_of(name).is_some_and(|had| self.images.is_older(&had))
         }
 
         /// A stopped container of an older image is never woken: it is replaced by
@@ -7617,10 +7913,10 @@ mod containers {
                 State::Missing => self.docker.create(&spec),
                 // (a death Docker reported since start-up leaves the state unknown:
                 // the image is checked here too)
-                State::Running | State::Unknown => match self.docker.inspect(&want.name, &self.cfg.network) {
+                State::Running(_) | State::Unknown => match self.docker.inspect(&want.name, &self.cfg.network) {
                     Ok(None) => self.docker.create(&spec),
                     Ok(Some(info)) if info.running => Ok(Wake::Running),
-                    Ok(Some(info)) if self.is_older_image(&info.image_id) => return self.replace(want, &spec),
+                    Ok(Some(info)) if self.images.is_older(&info.image_id) => return self.replace(want, &spec),
                     Ok(Some(_)) => self.docker.wake_or_create(&spec),
                     Err(e) => Err(e),
                 },
@@ -7633,6 +7929,7 @@ mod containers {
             ContainerSpec {
                 name: &want.name,
                 prefix: &c.prefix,
+                role: Role::User,
                 owner: want.name.strip_prefix(c.prefix.as_str()).unwrap_or(&want.name),
                 user_label: &want.user_label,
                 env_key: want.env_key.as_deref(),
@@ -7643,91 +7940,6 @@ mod containers {
                 pids_limit: c.pids_limit,
                 container_port: c.container_port,
                 outline_api_url: format!("{}/api", c.container_outline_url),
-            }
-        }
-
-        pub fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, ProxyError> {
-            self.docker
-                .inspect(name, &self.cfg.network)
-                .map_err(|e| e.into_proxy_error(&format!("inspect container {name}")))
-        }
-
-        /// Where the container listens now that it runs, and what Docker says of it.
-        pub fn running_address(&self, name: &str) -> Result<(SocketAddr, ContainerInfo), ProxyError> {
-            let info = self
-                .inspect(name)?
-                .ok_or_else(|| ProxyError::ContainerFailed(format!("Container {name} vanished while starting.")))?;
-            match (info.address, info.restarting || !info.running) {
-                (Some(ip), false) => Ok((SocketAddr::new(ip, self.cfg.container_port), info)),
-                (_, true) => Err(ProxyError::ContainerFailed(format!(
-                    "Container {name} exited (code {}) as it started; see `docker logs {name}`.",
-                    info.exit_code
-                ))),
-                (None, false) => Err(ProxyError::ContainerFailed(format!(
-                    "Container {name} has no address on network {}.",
-                    self.cfg.network
-                ))),
-            }
-        }
-
-        /// Polls READY_PATH every 25 ms until it answers, the container exits, or
-        /// START_TIMEOUT passes.
-        pub fn wait_until_ready(&self, name: &str, address: SocketAddr) -> TransitionResult {
-            let url = format!("http://{address}{}", self.cfg.ready_path);
-            let deadline = Instant::now() + self.cfg.start_timeout;
-            let mut last_exit_check = Instant::now();
-            loop {
-                if let Ok(response) = self.ready_agent.get(&url).call() {
-                    if response.status().as_u16() < 500 {
-                        return Ok(());
-                    }
-                }
-                if Instant::now() >= deadline {
-                    return Err(ProxyError::StartTimeout(format!(
-                        "Container {name} did not become ready within {}s.",
-                        self.cfg.start_timeout.as_secs()
-                    )));
-                }
-                if last_exit_check.elapsed() > Duration::from_secs(1) {
-                    last_exit_check = Instant::now();
-                    if let Some(info) = self.inspect(name)? {
-                        if !info.running && !info.restarting {
-                            return Err(ProxyError::ContainerFailed(format!(
-                                "Container {name} exited (code {}) before it was ready; see `docker logs {name}`.",
-                                info.exit_code
-                            )));
-                        }
-                    }
-                }
-                thread::sleep(Duration::from_millis(25));
-            }
-        }
-
-        /// After a boot with the burst, the steady CPU limit: off the request path when
-        /// a thread can be had, else at once.
-        pub fn settle_cpus(&self, name: &str) {
-            if !self.cfg.has_boot_burst() {
-                return;
-            }
-            let (docker, name, cpus) = (self.docker.clone(), name.to_string(), self.cfg.cpus);
-            let lower = move || {
-                if let Err(e) = docker.set_cpus(&name, cpus) {
-                    log::warn!("could not lower the CPU limit of {name}: {}", e.message());
-                }
-            };
-            let spare = lower.clone();
-            if let Err(e) = thread::Builder::new().name("cpu-settle".into()).spawn(lower) {
-                log::warn!("no thread to lower a CPU limit ({e}); lowering it now");
-                spare();
-            }
-        }
-
-        /// Before a stopped container's next wake, give it the boot burst back.
-        fn arm_boot_burst(&self, name: &str) {
-            if self.cfg.has_boot_burst() {
-                if let Err(e) = self.docker.set_cpus(name, self.cfg.boot_cpus()) {
-                    log::warn!("could not raise the boot CPU limit of {name}: {}", e.message());
-                }
             }
         }
 
@@ -7748,14 +7960,14 @@ mod containers {
                         StopOutcome::Failed
                     }
                 };
-                self.registry.after_stop(name, outcome);
-                self.spare_wanted();
+                self.registry.sweeps().after_stop(name, outcome);
+                self.spare_signal.raise();
                 return;
             }
             let outcome = match self.docker.stop(name) {
                 Ok(()) => {
                     log::info!("stopped idle container {name}");
-                    self.arm_boot_burst(name);
+                    self.cpus.arm(name);
                     StopOutcome::Stopped
                 }
                 Err(DockerError::NoSuchContainer) => StopOutcome::Gone,
@@ -7764,10 +7976,10 @@ mod containers {
                     StopOutcome::Failed
                 }
             };
-            self.registry.after_stop(name, outcome);
+            self.registry.sweeps().after_stop(name, outcome);
         }
 
-        pub fn docker_ok(&self) -> Result<(), String> {
+        pub fn docker_status(&self) -> DockerStatus {
             lock(&self.docker_status).clone()
         }
     }
@@ -9318,9 +9530,9 @@ mod ops {
     use crate::auth::identify;
     use crate::auth::{self, Verifier};
     use crate::config::{Config, KeyMode};
-    use crate::docker::{first_line, Docker};
+    use crate::docker::{first_line, Docker, Role};
     use crate::error::ProxyError;
-    use crate::registry::{due_for_removal, ContainerSnapshot, State};
+    use crate::registry::{due_for_removal, ContainerSnapshot};
     use crate::util::{base64_encode, constant_time_eq, format_rfc3339};
     use crate::wire::{self, Incoming};
     use crate::wire::{reject, LogContext, RouteResult};
@@ -9346,14 +9558,14 @@ mod ops {
         log_ctx: &mut LogContext,
     ) -> RouteResult {
         let (tracked, running) = proxy.containers.registry.counts();
-        let docker = proxy.containers.docker_ok();
+        let docker = proxy.containers.docker_status();
         let mut body = json!({
-            "status": if docker.is_ok() { "healthy" } else { "unhealthy" },
+            "status": if docker.is_answering() { "healthy" } else { "unhealthy" },
             "containers_tracked": tracked,
             "containers_running": running,
-            "docker": if docker.is_ok() { "ok" } else { "unreachable" },
+            "docker": if docker.is_answering() { "ok" } else { "unreachable" },
         });
-        if let Err(reason) = &docker {
+        if let Some(reason) = docker.reason() {
             body["reason"] = json!(reason);
         }
         if auth::presents_credential(incoming) {
@@ -9365,7 +9577,7 @@ mod ops {
             body["user"] = json!({"id": user.id, "name": user.name, "email": user.email});
             body["container"] = json!({"name": name, "state": state.as_str()});
         }
-        let status = if docker.is_ok() { 200 } else { 503 };
+        let status = if docker.is_answering() { 200 } else { 503 };
         wire::send_json(request, incoming, status, &body);
         Ok(status)
     }
@@ -9432,7 +9644,7 @@ mod ops {
             oauth_grants: proxy.oauth.as_ref().map_or(0, |door| door.grants.grant_count()),
             oauth_clients: proxy.oauth.as_ref().map_or(0, |door| door.grants.client_count()),
             uptime: proxy.life.started.elapsed().as_secs(),
-            docker_ok: proxy.containers.docker_ok().is_ok(),
+            docker_ok: proxy.containers.docker_status().is_answering(),
             calls_by_method: proxy.calls.methods(),
             calls_by_tool: proxy.calls.tools(),
         }
@@ -9455,7 +9667,7 @@ mod ops {
                     "requests_total": c.requests_total,
                     "address": c.address.map(|a| a.to_string()),
                     "sessions": c.sessions,
-                    "spare": c.spare,
+                    "spare": c.role == Role::Spare,
                     "staged_documents": c.staged_documents,
                     "staged_seconds": c.staged_seconds,
                 })
@@ -9463,8 +9675,8 @@ mod ops {
             .collect();
         json!({
             "total_containers": s.containers.len(),
-            "running_count": s.containers.iter().filter(|c| c.state == State::Running).count(),
-            "spares_ready": s.containers.iter().filter(|c| c.spare && c.state == State::Running).count(),
+            "running_count": s.containers.iter().filter(|c| c.state.is_running()).count(),
+            "spares_ready": s.containers.iter().filter(|c| c.role == Role::Spare && c.state.is_running()).count(),
             "holding_staged_edits": s.containers.iter().filter(|c| c.staged_documents > 0).count(),
             "containers": containers,
             "auth": {"hits": s.auth_hits, "misses": s.auth_misses, "failures": s.auth_failures, "outline_calls": s.outline_calls},
@@ -9476,8 +9688,8 @@ mod ops {
     }
 
     pub fn render_metrics(s: &Snapshot) -> String {
-        let running = s.containers.iter().filter(|c| c.state == State::Running).count();
-        let spares = s.containers.iter().filter(|c| c.spare && c.state == State::Running).count();
+        let running = s.containers.iter().filter(|c| c.state.is_running()).count();
+        let spares = s.containers.iter().filter(|c| c.role == Role::Spare && c.state.is_running()).count();
         let holding = s.containers.iter().filter(|c| c.staged_documents > 0).count();
         let totals: [(&str, &str, &str, String); 14] = [
             ("mcp_proxy_spares_ready", "gauge", "Warm spares booted and unassigned.", spares.to_string()),
@@ -9538,7 +9750,7 @@ mod ops {
         type PerContainer = fn(&ContainerSnapshot) -> String;
         let per_container: [(&str, &str, &str, PerContainer); 8] = [
             ("mcp_proxy_container_up", "gauge", "1 when the container is running.", |c| {
-                u8::from(c.state == State::Running).to_string()
+                u8::from(c.state.is_running()).to_string()
             }),
             ("mcp_proxy_container_active_requests", "gauge", "Requests and streams in flight.", |c| {
                 c.active.to_string()
@@ -9877,7 +10089,7 @@ mod background {
     //! watcher, the event follower (the registry kept exact), the spare keeper, and the
     //! containers' network. Calls `containers`, `registry`, `staged`, `docker`, `auth`.
     use crate::containers::{Containers, Want};
-    use crate::docker::DockerError;
+    use crate::docker::{DockerError, DockerStatus};
     use crate::error::ProxyError;
     use crate::registry::TransitionResult;
     use crate::util::lock;
@@ -9954,14 +10166,16 @@ mod background {
         if let Some(stdout) = child.stdout.take() {
             for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
                 let Ok(line) = line else { break };
-                if let Some(started) = crate::docker::parse_event(&line).and_then(|e| containers.registry.observe(&e)) {
+                if let Some(started) =
+                    crate::docker::parse_event(&line).and_then(|e| containers.registry.sightings().observe(&e))
+                {
                     observe_start(containers, &started);
                 }
             }
         }
         let _ = child.kill();
         let _ = child.wait();
-        containers.registry.distrust_all();
+        containers.registry.sightings().distrust_all();
         log::warn!("Docker's event stream ended; the registry is rebuilt when Docker answers");
     }
 
@@ -9974,29 +10188,29 @@ mod background {
         if containers.cfg.spares == 0 {
             return;
         }
-        for (name, flight) in containers.registry.claim_outdated_spares(&image_id) {
+        for (name, flight) in containers.registry.spares().claim_outdated(&image_id) {
             log::info!("replacing spare {name}: {} is now another image", containers.cfg.image);
             match containers.docker.remove_force(&name) {
                 Ok(()) | Err(DockerError::NoSuchContainer) => {
-                    containers.registry.release_spare(&name, true);
+                    containers.registry.spares().release(&name, true);
                     flight.finish(Ok(()));
                 }
                 Err(e) => {
                     // kept in the registry as a spare of an old image: tried again next round
                     log::warn!("could not remove outdated spare {name}: {}", e.message());
-                    containers.registry.release_spare(&name, false);
+                    containers.registry.spares().release(&name, false);
                     flight.finish(Err(e.into_proxy_error(&format!("remove outdated spare {name}"))));
                 }
             }
         }
-        while containers.registry.wants_spare(containers.cfg.spares) {
+        while containers.registry.spares().wanted(containers.cfg.spares) {
             let name = format!("{}{}{}", containers.cfg.prefix, crate::docker::SPARE_MARK, random_hex(16));
-            let flight = containers.registry.begin_spare(&name);
+            let flight = containers.registry.spares().begin(&name);
             let result = boot_spare(containers, &name, &image_id);
             if let Err(e) = &result {
                 log::warn!("could not boot spare {name}: {}", e.message());
                 let _ = containers.docker.remove_force(&name);
-                containers.registry.release_spare(&name, true);
+                containers.registry.spares().release(&name, true);
             }
             flight.finish(result.clone());
             if result.is_err() {
@@ -10009,12 +10223,12 @@ mod background {
         let begun = Instant::now();
         let spare = Want { name: name.to_string(), user_label: String::new(), env_key: None };
         let mut spec = containers.spec(&spare);
-        spec.owner = "";
+        spec.role = crate::docker::Role::Spare;
         containers.docker.create(&spec).map_err(|e| e.into_proxy_error(&format!("create spare {name}")))?;
-        let (address, info) = containers.running_address(name)?;
-        containers.wait_until_ready(name, address)?;
-        containers.settle_cpus(name);
-        containers.registry.spare_ready(name, address, info.incarnation, image_id);
+        let (address, info) = containers.inspector.running_address(name)?;
+        containers.inspector.wait_until_ready(name, address)?;
+        containers.cpus.settle(name);
+        containers.registry.spares().ready(name, address, info.incarnation, image_id);
         log::info!("spare {name} ready in {}ms", begun.elapsed().as_millis());
         Ok(())
     }
@@ -10042,16 +10256,16 @@ mod background {
     /// A container someone else started (Docker's restart policy, an operator):
     /// inspected at once, so its new address and incarnation are the ones used.
     pub fn observe_start(containers: &Containers, name: &str) {
-        match containers.inspect(name) {
+        match containers.inspector.inspect(name) {
             Ok(Some(info)) => {
                 let address =
                     info.address.filter(|_| info.running).map(|ip| SocketAddr::new(ip, containers.cfg.container_port));
-                containers.registry.observe_started(name, address, info.incarnation);
+                containers.registry.sightings().started(name, address, info.incarnation);
                 containers.sessions.notify_change();
             }
             Ok(None) => {
                 // removed again meanwhile: the same as its destroy event
-                containers.registry.observe(&crate::docker::Event::Destroy(name.to_string()));
+                containers.registry.sightings().observe(&crate::docker::Event::Destroy(name.to_string()));
             }
             Err(e) => log::warn!("could not inspect {name} after it started: {}", e.message()),
         }
@@ -10090,7 +10304,7 @@ mod background {
     /// container does not delay the others), remove long-stopped ones.
     pub fn sweep(containers: &Containers) {
         let cfg = &containers.cfg;
-        let sweep = containers.registry.select_sweep(cfg.idle_timeout, cfg.remove_after);
+        let sweep = containers.registry.sweeps().select(cfg.idle_timeout, cfg.remove_after);
         thread::scope(|scope| {
             let mut stops = Vec::new();
             for (name, flight) in &sweep.stop {
@@ -10123,7 +10337,7 @@ mod background {
                     false
                 }
             };
-            containers.registry.after_remove(&name, removed);
+            containers.registry.sweeps().after_remove(&name, removed);
             flight.finish(Ok(()));
         }
     }
@@ -10137,7 +10351,7 @@ mod background {
             .docker
             .list_managed(&cfg.network, &cfg.prefix)
             .map_err(|e| e.into_proxy_error("list containers"))?;
-        containers.registry.reconcile(&listed, cfg.container_port);
+        containers.registry.sightings().reconcile(&listed, cfg.container_port);
         containers.registry.staged.keep_running(&listed);
         Ok(listed.len())
     }
@@ -10150,25 +10364,22 @@ mod background {
             Ok(n) => log::info!("found {n} existing container(s) of this proxy"),
             Err(e) => {
                 log::error!("Docker is not available at start-up: {}", e.message());
-                *lock(&containers.docker_status) = Err("Docker did not answer at start-up".into());
+                *lock(&containers.docker_status) = DockerStatus::AwayAtStartUp;
             }
         }
     }
 
     /// Asks Docker whether it answers; on its return, rebuilds the registry.
     fn watch_docker(containers: &Containers) {
-        let result =
-            containers.docker.server_version().map(|_| ()).map_err(|e| crate::docker::first_line(&e.message()));
-        let was_ok = {
-            let mut status = lock(&containers.docker_status);
-            let was_ok = status.is_ok();
-            *status = result.clone();
-            was_ok
+        let now = match containers.docker.server_version() {
+            Ok(_) => DockerStatus::Answering,
+            Err(e) => DockerStatus::Away(e),
         };
-        match (was_ok, &result) {
-            (true, Err(reason)) => log::error!("Docker stopped answering: {reason}"),
+        let was = std::mem::replace(&mut *lock(&containers.docker_status), now.clone());
+        match (was.is_answering(), now.reason()) {
+            (true, Some(reason)) => log::error!("Docker stopped answering: {reason}"),
             // the event follower rebuilds the registry when Docker is back
-            (false, Ok(())) => log::info!("Docker answers again"),
+            (false, None) => log::info!("Docker answers again"),
             _ => {}
         }
     }
@@ -10470,7 +10681,7 @@ mod tests {
     use crate::docker::{parse_inspect, ContainerSpec, DockerError};
     use crate::error::ProxyError;
     use crate::ops::{render_metrics, render_stats, snapshot};
-    use crate::registry::{due_for_removal, Entry, Plan, State};
+    use crate::registry::{due_for_removal, Entry, Place, Plan, State};
     use crate::upstream::{request_headers, response_headers};
     use crate::util::{base64_encode, constant_time_eq, format_rfc3339, lock, parse_rfc3339};
     use crate::websocket::relay_frames;
@@ -10502,8 +10713,7 @@ mod tests {
     }
 
     fn running_entry(address: SocketAddr, idle_secs: u64, active: usize) -> Entry {
-        let mut e = Entry::new(State::Running);
-        e.address = Some(address);
+        let mut e = Entry::new(State::Running(Place { address, incarnation: None }));
         e.idle_since = Instant::now() - Duration::from_secs(idle_secs);
         e.active = active;
         e
@@ -10781,8 +10991,8 @@ mod tests {
             crate::background::sweep(&proxy.containers);
             let entries = lock(&proxy.containers.registry.entries);
             assert_eq!(entries["mcp-idle"].state, slept);
-            assert_eq!(entries["mcp-busy"].state, State::Running);
-            assert_eq!(entries["mcp-recent"].state, State::Running);
+            assert!(entries["mcp-busy"].state.is_running());
+            assert!(entries["mcp-recent"].state.is_running());
         }
     }
 
@@ -10844,7 +11054,7 @@ mod tests {
             panic!("expected a start")
         };
         assert_eq!(evict.as_deref(), Some("mcp-plain"));
-        registry.after_stop("mcp-plain", crate::registry::StopOutcome::Retired);
+        registry.sweeps().after_stop("mcp-plain", crate::registry::StopOutcome::Retired);
         registry.finish_transition("mcp-new", &flight, Ok(()));
         lock(&registry.entries).insert("mcp-new".into(), running_entry(addr, 0, 1));
         // and when only it could, the request gets 503 with Retry-After
@@ -10852,7 +11062,7 @@ mod tests {
         assert_eq!((err.status(), err.retry_after()), (503, Some(30)));
         // the sweep leaves it running; a save lets it go
         crate::background::sweep(&proxy.containers);
-        assert_eq!(lock(&registry.entries)["mcp-staged"].state, State::Running);
+        assert!(lock(&registry.entries)["mcp-staged"].state.is_running());
         let (call, answer) = edit_exchange(2, true, "Applied 0 edit(s) to 'N'. Saved to Outline.");
         registry.staged.note_answer("mcp-staged", None, &crate::staged::edit_call(&call).unwrap(), &answer);
         crate::background::sweep(&proxy.containers);
@@ -10894,6 +11104,14 @@ mod tests {
             DockerError::Unavailable(_)
         ));
         assert!(matches!(classify("invalid reference format"), DockerError::Failed(_)));
+        let no_python = "exec: \"python3\": executable file not found in $PATH";
+        assert!(matches!(classify(no_python), DockerError::NoExecutable(_)));
+        assert!(matches!(classify("Error: No such network: net-x"), DockerError::NoSuchNetwork(_)));
+        assert!(matches!(
+            classify("Error response from daemon: network net-x not found"),
+            DockerError::NoSuchNetwork(_)
+        ));
+        assert!(matches!(classify("network with name net-x already exists"), DockerError::AlreadyExists(_)));
         // the client's message is a sentence; Docker's own words stay in the log
         let err = DockerError::NoSuchContainer.into_proxy_error("start container mcp-x");
         assert_eq!((err.status(), err.code()), (503, "container_failed"));
@@ -10923,6 +11141,7 @@ mod tests {
         ContainerSpec {
             name,
             prefix: "mcp-",
+            role: crate::docker::Role::User,
             owner: name.strip_prefix("mcp-").unwrap_or(name),
             user_label: user,
             env_key,
@@ -11013,7 +11232,8 @@ mod tests {
     #[test]
     fn metrics_render_every_container() {
         let proxy = test_proxy(&[]);
-        lock(&proxy.containers.registry.entries).insert("mcp-a".into(), Entry::new(State::Running));
+        let place = Place { address: "172.17.0.9:3000".parse().unwrap(), incarnation: None };
+        lock(&proxy.containers.registry.entries).insert("mcp-a".into(), Entry::new(State::Running(place)));
         let text = render_metrics(&snapshot(&proxy));
         assert!(text.contains("mcp_proxy_containers_running 1"));
         assert!(text.contains("mcp_proxy_container_up{container=\"mcp-a\"} 1"));
@@ -11170,20 +11390,20 @@ mod tests {
         lock(&registry.entries).insert("mcp-a".into(), running_entry(addr, 0, 0));
         lock(&registry.entries).insert("mcp-b".into(), running_entry("172.17.0.10:3000".parse().unwrap(), 0, 0));
         // removed behind the proxy's back: its address is forgotten at once
-        assert_eq!(registry.observe(&Event::Destroy("mcp-a".into())), None);
+        assert_eq!(registry.sightings().observe(&Event::Destroy("mcp-a".into())), None);
         assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Missing);
-        assert_eq!(lock(&registry.entries)["mcp-a"].address, None);
+        assert_eq!(lock(&registry.entries)["mcp-a"].last_address, None);
         // started by someone else: to be inspected
-        assert_eq!(registry.observe(&Event::Start("mcp-b".into())), Some("mcp-b".into()));
+        assert_eq!(registry.sightings().observe(&Event::Start("mcp-b".into())), Some("mcp-b".into()));
         // a new container found at an address another entry still holds: that one is stale
-        registry.observe_started("mcp-a", Some("172.17.0.10:3000".parse().unwrap()), Some("i2".into()));
+        registry.sightings().started("mcp-a", Some("172.17.0.10:3000".parse().unwrap()), Some("i2".into()));
         let entries = lock(&registry.entries);
-        assert_eq!(entries["mcp-a"].state, State::Running);
+        assert!(entries["mcp-a"].state.is_running());
         assert_eq!(entries["mcp-b"].state, State::Unknown);
-        assert_eq!(entries["mcp-b"].address, None);
+        assert_eq!(entries["mcp-b"].last_address, None);
         drop(entries);
         // the event stream broke off: nothing running is trusted until inspected
-        registry.distrust_all();
+        registry.sightings().distrust_all();
         assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Unknown);
     }
 
