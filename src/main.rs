@@ -2045,7 +2045,7 @@ mod oauth {
         let signed_in = renewed_upstream(door, &token, opened).map_err(refused_by_outline)?;
         let credential = Credential { key: signed_in.credential.key().to_string() };
         let user = proxy.auth.verify(&credential.key).map_err(refused_by_outline)?;
-        let name = crate::auth::note_user(proxy, &user, &credential, log_ctx);
+        let name = crate::auth::container_of(proxy, &user, &credential, log_ctx);
         Ok((credential, user, name))
     }
 
@@ -5003,12 +5003,13 @@ mod auth {
     ) -> Result<(Credential, User, String), ProxyError> {
         let credential = extract(incoming)?;
         let user = proxy.auth.verify(&credential.key)?;
-        let name = note_user(proxy, &user, &credential, log_ctx);
+        let name = container_of(proxy, &user, &credential, log_ctx);
         Ok((credential, user, name))
     }
 
-    /// The name of the user's container, noted with the user for the request's log line.
-    pub fn note_user(proxy: &Proxy, user: &User, credential: &Credential, log_ctx: &mut LogContext) -> String {
+    /// The name of the user's container (the one place it is made from a verified user),
+    /// noted with the user for the request's log line.
+    pub fn container_of(proxy: &Proxy, user: &User, credential: &Credential, log_ctx: &mut LogContext) -> String {
         let owner = owner_id(proxy.cfg.key_mode, user, &credential.key);
         let name = container_name(&proxy.cfg.prefix, &owner);
         log_ctx.user = Some(log_value(&user.name));
