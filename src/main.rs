@@ -7655,7 +7655,7 @@ mod containers {
             loop {
                 if let Ok(response) = self.agent.get(&url).call() {
                     if response.status().as_u16() < 500 {
-                        return Ok(());
+                        return self.confirm_still_at(name, address);
                     }
                 }
                 if Instant::now() >= deadline {
@@ -7668,16 +7668,32 @@ mod containers {
                     last_exit_check = Instant::now();
                     if let Some(info) = self.inspect(name)? {
                         if !info.running && !info.restarting {
-                            return Err(ProxyError::ContainerFailed(format!(
-                                "Container {name} exited (code {}) before it was ready; see `docker logs {name}`.",
-                                info.exit_code
-                            )));
+                            return Err(exited_before_ready(name, info.exit_code));
                         }
                     }
                 }
                 thread::sleep(Duration::from_millis(25));
             }
         }
+
+        /// An answer at the address proves the container ready only while the container
+        /// still runs there: the address of one that exited at start may already be given
+        /// to another user's container, which would then answer (and get this user's key).
+        fn confirm_still_at(&self, name: &str, address: SocketAddr) -> TransitionResult {
+            match self.inspect(name)? {
+                Some(info) if info.running && info.address == Some(address.ip()) => Ok(()),
+                Some(info) if !info.running => Err(exited_before_ready(name, info.exit_code)),
+                _ => Err(ProxyError::ContainerFailed(format!(
+                    "Container {name} is no longer at {address}: what answered there was not it."
+                ))),
+            }
+        }
+    }
+
+    fn exited_before_ready(name: &str, exit_code: i64) -> ProxyError {
+        ProxyError::ContainerFailed(format!(
+            "Container {name} exited (code {exit_code}) before it was ready; see `docker logs {name}`."
+        ))
     }
 
     /// The id of the image MCP_PROXY_IMAGE names, as last seen.
