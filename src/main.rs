@@ -7391,9 +7391,12 @@ mod memory {
 
     /// MCP_PROXY_MEMORY_BUDGET, checked: `asked` None is the default (the host's memory
     /// less RESERVE), Some(0) is no budget. A budget must hold one container
-    /// (`per_container`, MCP_PROXY_MEMORY) and no more than the host has.
+    /// (`per_container`, MCP_PROXY_MEMORY) and no more than the host has. Rounded down to
+    /// whole pages (4 KiB), as the kernel keeps a limit.
     pub fn size_budget(asked: Option<u64>, per_container: u64, host: Option<u64>) -> Result<u64, String> {
         let mib = |b: u64| b >> 20;
+        let asked = asked.map(|bytes| bytes & !4095);
+        let host = host.map(|bytes| bytes & !4095);
         match (asked, host) {
             (Some(0), _) => Ok(0),
             (Some(bytes), Some(host)) if bytes > host => {
@@ -11149,6 +11152,7 @@ mod tests {
         assert!(size_budget(None, container, Some(800 << 20)).unwrap_err().contains("less than one container"));
         assert!(size_budget(None, container, None).is_err());
         assert_eq!(size_budget(Some(1 << 30), container, None), Ok(1 << 30));
+        assert_eq!(size_budget(Some((1 << 30) + 4095), container, None), Ok(1 << 30), "whole pages");
     }
 
     #[test]
@@ -11161,7 +11165,7 @@ mod tests {
         assert_eq!(load("1g").unwrap().memory_budget, 1 << 30);
         assert_eq!(load("off").unwrap().memory_budget, 0);
         assert_eq!(load("0").unwrap().memory_budget, 0);
-        let host = crate::memory::host_memory().unwrap();
+        let host = crate::memory::host_memory().unwrap() & !4095;
         assert_eq!(load("auto").unwrap().memory_budget, host - crate::memory::RESERVE);
         assert_eq!(Config::load(&|_| None).unwrap().memory_budget, host - crate::memory::RESERVE);
         for nonsense in ["lots", "-1", "100m", "1000000g"] {

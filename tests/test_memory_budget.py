@@ -108,6 +108,7 @@ def test_the_budget_holds_least_recently_used_first_staged_edits_kept_503_when_a
     # 2. a budget for about two and a half: the restarted proxy adopts both
     budget = int(each * 2.5)
     second = real_proxy(memory_budget=str(budget), **dict(settings, memory=str(min(192 * MIB, budget))))
+    budget = memory(second)["budget_bytes"]  # in whole pages
     assert limit_of(cgroup_parent) == budget, "the proxy, as root here, sets the kernel's limit itself"
     answered(second, alice)
     answered(second, bob)  # alice is now the least recently used
