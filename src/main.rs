@@ -7375,7 +7375,7 @@ mod memory {
     /// What the host keeps for itself beside the containers, measured on this project's
     /// hosts: the OS (kernel, systemd, journald, sshd: ~200 MiB), dockerd (~90 MiB),
     /// containerd (~40 MiB) and one containerd-shim per awake container (~7 MiB each,
-    /// outside the containers' cgroups), nginx (~15 MiB), the proxy (~15 MiB idle, 40 MiB
+    /// outside the containers' cgroups), nginx (~12 MiB), the proxy (~5 MiB idle, 40 MiB
     /// with 300 streams), and page cache for them to run from.
     pub const RESERVE: u64 = 640 << 20;
     /// How often the parent's usage is read again (by the request that finds it stale).
