@@ -106,7 +106,7 @@ def test_the_budget_holds_least_recently_used_first_staged_edits_kept_503_when_a
     first.stop()
 
     # 2. a budget for about two and a half: the restarted proxy adopts both
-    budget = int(each * 2.5)
+    budget = int(each * 2.5) // 4096 * 4096  # whole pages, as the kernel keeps it
     second = real_proxy(memory_budget=str(budget), **dict(settings, memory=str(min(192 * MIB, budget))))
     budget = memory(second)["budget_bytes"]  # in whole pages
     assert limit_of(cgroup_parent) == budget, "the proxy, as root here, sets the kernel's limit itself"
