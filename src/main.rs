@@ -7366,7 +7366,7 @@ mod memory {
     //! Owns the memory budget of all user containers: its default (the host's memory less
     //! a reserve), the parent cgroup the kernel holds to it (cgroup v1 or v2, Docker's
     //! cgroupfs or systemd driver), what that parent uses now, and how many containers fit.
-    //! Calls std only (and `systemctl` for a systemd slice's limit).
+    //! Calls std only (the kernel's sysinfo, and `systemctl` for a systemd slice's limit).
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::sync::OnceLock;
@@ -7381,12 +7381,41 @@ mod memory {
     /// How often the parent's usage is read again (by the request that finds it stale).
     const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
-    /// The host's memory (MemTotal), from /proc/meminfo.
+    /// The host's memory (MemTotal), from the kernel's sysinfo(2): the unit's
+    /// `ProcSubset=pid` hides /proc/meminfo from the service.
     pub fn host_memory() -> Option<u64> {
-        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        kib.checked_mul(1024)
+        use std::os::raw::{c_int, c_long, c_ulong, c_ushort};
+        /// struct sysinfo (linux/sysinfo.h), with room to spare for its padding.
+        #[repr(C)]
+        struct SysInfo {
+            uptime: c_long,
+            loads: [c_ulong; 3],
+            totalram: c_ulong,
+            freeram: c_ulong,
+            sharedram: c_ulong,
+            bufferram: c_ulong,
+            totalswap: c_ulong,
+            freeswap: c_ulong,
+            procs: c_ushort,
+            pad: c_ushort,
+            totalhigh: c_ulong,
+            freehigh: c_ulong,
+            mem_unit: u32,
+            spare: [u8; 64],
+        }
+        extern "C" {
+            fn sysinfo(info: *mut SysInfo) -> c_int;
+        }
+        let mut info = std::mem::MaybeUninit::<SysInfo>::zeroed();
+        // SAFETY: sysinfo writes at most sizeof(struct sysinfo) bytes into the buffer it
+        // is given, which is larger; a zeroed SysInfo is a valid value of plain integers.
+        let info = unsafe {
+            if sysinfo(info.as_mut_ptr()) != 0 {
+                return None;
+            }
+            info.assume_init()
+        };
+        (info.totalram as u64).checked_mul(u64::from(info.mem_unit.max(1)))
     }
 
     /// MCP_PROXY_MEMORY_BUDGET, checked: `asked` None is the default (the host's memory
@@ -11165,7 +11194,12 @@ mod tests {
         assert_eq!(load("1g").unwrap().memory_budget, 1 << 30);
         assert_eq!(load("off").unwrap().memory_budget, 0);
         assert_eq!(load("0").unwrap().memory_budget, 0);
-        let host = crate::memory::host_memory().unwrap() & !4095;
+        let host = crate::memory::host_memory().unwrap();
+        // sysinfo's total is /proc/meminfo's MemTotal
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let kib = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).unwrap().trim().trim_end_matches(" kB");
+        assert_eq!(host, kib.parse::<u64>().unwrap() * 1024);
+        let host = host & !4095;
         assert_eq!(load("auto").unwrap().memory_budget, host - crate::memory::RESERVE);
         assert_eq!(Config::load(&|_| None).unwrap().memory_budget, host - crate::memory::RESERVE);
         for nonsense in ["lots", "-1", "100m", "1000000g"] {
