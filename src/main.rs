@@ -7536,8 +7536,12 @@ mod memory {
         pub fn apply_limit(&self, bytes: u64) -> Result<(), String> {
             match self.driver {
                 Driver::Cgroupfs => {
+                    use std::os::unix::fs::PermissionsExt;
                     let file = self.dir.join(if self.v2 { "memory.max" } else { "memory.limit_in_bytes" });
+                    // readable by the service's user (the unit's UMask=0077 would make it 0700)
+                    let readable = std::fs::Permissions::from_mode(0o755);
                     std::fs::create_dir_all(&self.dir)
+                        .and_then(|_| std::fs::set_permissions(&self.dir, readable))
                         .and_then(|_| std::fs::write(&file, bytes.to_string()))
                         .map_err(|e| format!("cannot write {}: {e}", file.display()))
                 }
@@ -9837,17 +9841,20 @@ mod ops {
         };
         let mib = cfg.memory_budget >> 20;
         match parent.limit() {
-            Some(limit) if limit == cfg.memory_budget => {
-                report(true, format!("the kernel holds the containers ({}) to the memory budget, {mib} MiB", parent.arg))
-            }
+            Some(limit) if limit == cfg.memory_budget => report(
+                true,
+                format!("the kernel holds the containers ({}) to the memory budget, {mib} MiB", parent.arg),
+            ),
             _ if !parent.dir.exists() => println!(
-                "! the containers' parent cgroup {} is not made yet: `outline-mcp-proxy set-budget` as root makes                  it with its limit ({mib} MiB; the unit's ExecStartPre runs it)",
+                "! the containers' parent cgroup {} is not made yet: `outline-mcp-proxy set-budget` as root makes \
+                 it with its limit ({mib} MiB; the unit's ExecStartPre runs it)",
                 parent.arg
             ),
             limit => report(
                 false,
                 format!(
-                    "the kernel's limit on {} is {} MiB, not the budget's {mib} MiB: sudo outline-mcp-proxy set-budget                      (the unit's ExecStartPre runs it)",
+                    "the kernel's limit on {} is {} MiB, not the budget's {mib} MiB: sudo outline-mcp-proxy set-budget \
+                     (the unit's ExecStartPre runs it)",
                     parent.arg,
                     limit.map_or("no".into(), |l| (l >> 20).to_string())
                 ),
