@@ -248,6 +248,8 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
         for name in users_containers:
             assert docker("container", "inspect", name, check=False).returncode == 0
     finally:
+        # stopped first: a proxy left running boots another spare after the listing below
+        host.sh("systemctl stop mcp-proxy", check=False)
         names = [n for n in docker("ps", "-a", "--format", "{{.Names}}").stdout.split() if n.startswith(prefix)]
         if names:
             docker("rm", "--force", *names, check=False)
