@@ -23,6 +23,7 @@
 //!   staged      which containers hold mcp-outline's unsaved staged edits; may they sleep
 //!   registry    what the proxy knows of each container: plans, leases, sweeps (no I/O)
 //!   docker      every docker CLI call, as named verbs with typed results
+//!   memory      the containers' memory budget: its size, parent cgroup, usage, fit
 //!   containers  bringing a user's container to ready, and putting it to sleep
 //!   relay       HTTP streamed both ways: send, one retry, a session reopened, the answer
 //!   modern      2026-07-28 by the proxy itself: server/discover, listen, results stamped
@@ -64,7 +65,7 @@ use config::Config;
 mod config {
     //! Owns every setting: its default, its meaning (`--help`), and its check. Read from
     //! the environment once at start-up; a bad value stops start-up naming the variable.
-    //! Calls nothing but std.
+    //! Calls `memory` (the budget's default) and std.
     use std::net::{SocketAddr, ToSocketAddrs};
     use std::time::Duration;
 
@@ -118,6 +119,8 @@ mod config {
         ("MCP_PROXY_OAUTH_CLIENT_DOCUMENTS", "public", "client ID metadata documents (an https client_id) are fetched from public addresses only; any: also from this host and private networks; off: not at all (registration only)"),
         ("MCP_PROXY_DOCKER", "docker", "the docker CLI to run"),
         ("MCP_PROXY_LOG", "info", "log level: error, warn, info, debug, trace"),
+        ("MCP_PROXY_MEMORY_BUDGET", "auto", "memory all user containers may use together, held by the kernel on their parent cgroup; at it, a start or a spare first puts the least recently used idle container to sleep (503 with Retry-After when all are busy); auto = the host's memory less 640 MiB for the OS, Docker, nginx and the proxy; a size such as 1400m or 2g; 0 or off = no budget"),
+        ("MCP_PROXY_CGROUP_PARENT", "outline_mcp_proxy", "with a budget, the containers' parent cgroup: /NAME under Docker's cgroupfs driver, NAME.slice under its systemd driver; its limit is set by `outline-mcp-proxy set-budget` (as root: the unit's ExecStartPre)"),
     ];
 
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -165,6 +168,9 @@ mod config {
         pub oauth: OAuthConfig,
         pub state_dir: Option<std::path::PathBuf>,
         pub trusted_proxies: Vec<std::net::IpAddr>,
+        /// Bytes all user containers may use together (0 = no budget).
+        pub memory_budget: u64,
+        pub cgroup_parent: String,
     }
 
     /// The OAuth front door's settings (MCP_PROXY_OAUTH_*, MCP_PROXY_PUBLIC_URL,
@@ -360,6 +366,8 @@ mod config {
                 oauth,
                 state_dir: state_dir(&get)?,
                 trusted_proxies: trusted_proxies(&get)?,
+                memory_budget: memory_budget(&get, memory_bytes)?,
+                cgroup_parent: cgroup_parent(&get)?,
             })
         }
 
@@ -453,6 +461,32 @@ mod config {
             return Err(bad_setting("MCP_PROXY_READY_PATH", &path, "a path starting with /"));
         }
         Ok(path)
+    }
+
+    /// MCP_PROXY_MEMORY_BUDGET: auto (the host's memory less a reserve), a size, or 0/off.
+    fn memory_budget(get: &dyn Fn(&str) -> String, per_container: u64) -> Result<u64, String> {
+        let raw = get("MCP_PROXY_MEMORY_BUDGET");
+        let asked = match raw.trim() {
+            "auto" => None,
+            "off" => Some(0),
+            other => Some(parse_size(other).ok_or_else(|| {
+                bad_setting("MCP_PROXY_MEMORY_BUDGET", &raw, "auto, a size such as 1400m or 2g, or off")
+            })?),
+        };
+        crate::memory::size_budget(asked, per_container, crate::memory::host_memory())
+            .map_err(|expected| bad_setting("MCP_PROXY_MEMORY_BUDGET", &raw, &expected))
+    }
+
+    /// MCP_PROXY_CGROUP_PARENT: a name for a cgroup and a systemd slice (no dots or slashes).
+    fn cgroup_parent(get: &dyn Fn(&str) -> String) -> Result<String, String> {
+        let name = get("MCP_PROXY_CGROUP_PARENT").trim().to_string();
+        let mut chars = name.chars();
+        let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+            && chars.all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
+        match valid {
+            true => Ok(name),
+            false => Err(bad_setting("MCP_PROXY_CGROUP_PARENT", &name, "letters, digits, '-' or '_'")),
+        }
     }
 
     /// MCP_PROXY_TRUSTED_PROXY: the peers whose X-Real-IP is believed (empty = none).
@@ -597,10 +631,11 @@ mod config {
     pub fn print_help() {
         println!(
             "outline-mcp-proxy {} — per-user Outline MCP containers behind one proxy\n\n\
-             usage: outline-mcp-proxy [serve|check|cleanup|--help|--version]\n\n\
-             \x20 serve     run the proxy (default)\n\
-             \x20 check     verify Docker, the image, Outline and the settings; exit 0 or 1\n\
-             \x20 cleanup   remove this proxy's containers stopped longer than MCP_PROXY_REMOVE_AFTER\n\n\
+             usage: outline-mcp-proxy [serve|check|cleanup|set-budget|--help|--version]\n\n\
+             \x20 serve       run the proxy (default)\n\
+             \x20 check       verify Docker, the image, Outline and the settings; exit 0 or 1\n\
+             \x20 cleanup     remove this proxy's containers stopped longer than MCP_PROXY_REMOVE_AFTER\n\
+             \x20 set-budget  as root: hold the containers' parent cgroup to MCP_PROXY_MEMORY_BUDGET\n\n\
              settings (environment variables, default in brackets):",
             env!("CARGO_PKG_VERSION")
         );
@@ -622,7 +657,7 @@ fn main() -> ExitCode {
             println!("outline-mcp-proxy {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        "serve" | "check" | "cleanup" => {}
+        "serve" | "check" | "cleanup" | "set-budget" => {}
         other => {
             eprintln!("unknown command {other:?}; see outline-mcp-proxy --help");
             return ExitCode::from(2);
@@ -645,6 +680,7 @@ fn main() -> ExitCode {
     match command.as_str() {
         "check" => ops::run_check(&cfg),
         "cleanup" => ops::run_cleanup(&cfg),
+        "set-budget" => ops::run_set_budget(&cfg),
         _ => run_serve(cfg),
     }
 }
@@ -6437,13 +6473,20 @@ mod registry {
         }
 
         /// Routes to a running container, waits for a transition under way, or claims
-        /// the start (making room under MAX_RUNNING by naming an idle one to stop).
-        pub fn plan(self: &Arc<Self>, name: &str, user_label: &str, websocket: bool) -> Result<Plan, ProxyError> {
+        /// the start (making room under MAX_RUNNING, and under the memory budget's `fit`
+        /// containers (usize::MAX: none), by naming an idle one to stop).
+        pub fn plan(
+            self: &Arc<Self>,
+            name: &str,
+            user_label: &str,
+            websocket: bool,
+            fit: usize,
+        ) -> Result<Plan, ProxyError> {
             let mut entries = lock(&self.entries);
             // counted only under a cap: no walk over every container on each request
-            let at_cap = self.max_running > 0
-                && entries.values().filter(|e| e.state.is_running() || e.transition.is_some()).count()
-                    >= self.max_running;
+            let cap = self.cap(fit);
+            let at_cap = cap < usize::MAX
+                && entries.values().filter(|e| e.state.is_running() || e.transition.is_some()).count() >= cap;
             let entry = entries.entry(name.to_string()).or_insert_with(|| Entry::new(State::Missing));
             if entry.user != user_label {
                 entry.user = user_label.to_string();
@@ -6496,10 +6539,19 @@ mod registry {
                     if let Some(entry) = entries.get_mut(name) {
                         entry.transition = None;
                     }
-                    let full = ProxyError::AtCapacity(self.max_running);
+                    let full = ProxyError::AtCapacity(cap);
                     flight.finish(Err(full.clone()));
                     Err(full)
                 }
+            }
+        }
+
+        /// Containers that may run at once: MAX_RUNNING (0 = no cap) and the budget's `fit`.
+        fn cap(&self, fit: usize) -> usize {
+            if self.max_running == 0 {
+                fit
+            } else {
+                self.max_running.min(fit)
             }
         }
 
@@ -6720,8 +6772,8 @@ mod registry {
         }
 
         /// Whether another spare may boot now: fewer than `wanted`, no user's container
-        /// starting (user traffic first), and room under the cap.
-        pub fn wanted(&self, wanted: usize) -> bool {
+        /// starting (user traffic first), and room under the cap and the budget's `fit`.
+        pub fn wanted(&self, wanted: usize, fit: usize) -> bool {
             let mut entries = lock(&self.registry.entries);
             let is_spare = |e: &Entry| e.role == Role::Spare;
             // a spare removed or killed behind the proxy's back is forgotten
@@ -6729,8 +6781,7 @@ mod registry {
             let spares = entries.values().filter(|e| is_spare(e)).count();
             let user_starting = entries.values().any(|e| !is_spare(e) && e.transition.is_some());
             let running = entries.values().filter(|e| e.state.is_running() || e.transition.is_some()).count();
-            let max_running = self.registry.max_running;
-            spares < wanted && !user_starting && (max_running == 0 || running < max_running)
+            spares < wanted && !user_starting && running < self.registry.cap(fit)
         }
 
         /// Claims the settled spares not of `image_id`, to be replaced.
@@ -7095,6 +7146,8 @@ mod docker {
         pub pids_limit: u32,
         pub container_port: u16,
         pub outline_api_url: String,
+        /// The parent cgroup held to the memory budget (None: no budget).
+        pub cgroup_parent: Option<&'a str>,
     }
 
     impl ContainerSpec<'_> {
@@ -7134,6 +7187,7 @@ mod docker {
                 args.push(flag.into());
                 args.push(value);
             }
+            args.extend(self.cgroup_parent.map(|parent| format!("--cgroup-parent={parent}")));
             if self.env_key.is_some() {
                 // the value comes from the docker CLI's own environment, not argv
                 args.push("--env".into());
@@ -7420,6 +7474,13 @@ mod docker {
             self.run(&["version", "--format", "{{.Server.Version}}"], None, SHORT).map(|v| v.trim().to_string())
         }
 
+        /// Docker's cgroup driver and version (`cgroupfs 1`, `systemd 2`, ...).
+        pub fn cgroup_setup(&self) -> Result<(String, String), DockerError> {
+            let out = self.run(&["info", "--format", "{{.CgroupDriver}} {{.CgroupVersion}}"], None, SHORT)?;
+            let mut words = out.split_whitespace().map(str::to_string);
+            Ok((words.next().unwrap_or_default(), words.next().unwrap_or_default()))
+        }
+
         pub fn image_present(&self, image: &str) -> Result<(), DockerError> {
             self.run(&["image", "inspect", "--format", "{{.Id}}", image], None, SHORT).map(|_| ())
         }
@@ -7542,15 +7603,324 @@ mod docker {
     }
 }
 
+mod memory {
+    //! Owns the memory budget of all user containers: its default (the host's memory less
+    //! a reserve), the parent cgroup the kernel holds to it (cgroup v1 or v2, Docker's
+    //! cgroupfs or systemd driver), what that parent uses now, and how many containers fit.
+    //! Calls std only (the kernel's sysinfo, and `systemctl` for a systemd slice's limit).
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    /// What the host keeps for itself beside the containers, measured on this project's
+    /// hosts: the OS (kernel, systemd, journald, sshd: ~200 MiB), dockerd (~90 MiB),
+    /// containerd (~40 MiB) and one containerd-shim per awake container (~7 MiB each,
+    /// outside the containers' cgroups), nginx (~12 MiB), the proxy (~5 MiB idle, 40 MiB
+    /// with 300 streams), and page cache for them to run from.
+    pub const RESERVE: u64 = 640 << 20;
+    /// How often the parent's usage is read again (by the request that finds it stale).
+    const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+    /// The host's memory (MemTotal), from the kernel's sysinfo(2): the unit's
+    /// `ProcSubset=pid` hides /proc/meminfo from the service.
+    pub fn host_memory() -> Option<u64> {
+        use std::os::raw::{c_int, c_long, c_ulong, c_ushort};
+        /// struct sysinfo (linux/sysinfo.h), with room to spare for its padding.
+        #[repr(C)]
+        struct SysInfo {
+            uptime: c_long,
+            loads: [c_ulong; 3],
+            totalram: c_ulong,
+            freeram: c_ulong,
+            sharedram: c_ulong,
+            bufferram: c_ulong,
+            totalswap: c_ulong,
+            freeswap: c_ulong,
+            procs: c_ushort,
+            pad: c_ushort,
+            totalhigh: c_ulong,
+            freehigh: c_ulong,
+            mem_unit: u32,
+            spare: [u8; 64],
+        }
+        extern "C" {
+            fn sysinfo(info: *mut SysInfo) -> c_int;
+        }
+        let mut info = std::mem::MaybeUninit::<SysInfo>::zeroed();
+        // SAFETY: sysinfo writes at most sizeof(struct sysinfo) bytes into the buffer it
+        // is given, which is larger; a zeroed SysInfo is a valid value of plain integers.
+        let info = unsafe {
+            if sysinfo(info.as_mut_ptr()) != 0 {
+                return None;
+            }
+            info.assume_init()
+        };
+        (info.totalram as u64).checked_mul(u64::from(info.mem_unit.max(1)))
+    }
+
+    /// MCP_PROXY_MEMORY_BUDGET, checked: `asked` None is the default (the host's memory
+    /// less RESERVE), Some(0) is no budget. A budget must hold one container
+    /// (`per_container`, MCP_PROXY_MEMORY) and no more than the host has. Rounded down to
+    /// whole pages (4 KiB), as the kernel keeps a limit.
+    pub fn size_budget(asked: Option<u64>, per_container: u64, host: Option<u64>) -> Result<u64, String> {
+        let mib = |b: u64| b >> 20;
+        let asked = asked.map(|bytes| bytes & !4095);
+        let host = host.map(|bytes| bytes & !4095);
+        match (asked, host) {
+            (Some(0), _) => Ok(0),
+            (Some(bytes), Some(host)) if bytes > host => {
+                Err(format!("at most the host's memory ({} MiB), or off", mib(host)))
+            }
+            (Some(bytes), _) if bytes < per_container => {
+                Err(format!("at least one container's MCP_PROXY_MEMORY ({} MiB), or off", mib(per_container)))
+            }
+            (Some(bytes), _) => Ok(bytes),
+            (None, None) => Err("a size such as 1400m (this host's memory is unknown), or off".into()),
+            (None, Some(host)) => match host.saturating_sub(RESERVE) {
+                fits if fits >= per_container => Ok(fits),
+                _ => Err(format!(
+                    "a size or off: this host's {} MiB less the {} MiB reserve leaves less than one container",
+                    mib(host),
+                    mib(RESERVE)
+                )),
+            },
+        }
+    }
+
+    /// How many containers fit the budget: the budget over the cost of one, where the cost
+    /// is the mean usage of the containers in the parent now (never below a quarter of
+    /// MCP_PROXY_MEMORY, so containers still booting, which use little yet, do not open
+    /// the door to many), and MCP_PROXY_MEMORY itself while none is there to measure.
+    pub fn containers_fit(budget: u64, reading: Reading, per_container: u64) -> usize {
+        let cost = match reading.containers {
+            0 => per_container,
+            n => (reading.in_use / n as u64).max(per_container / 4),
+        };
+        (budget / cost.max(1)).max(1) as usize
+    }
+
+    /// Docker's cgroup driver.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum Driver {
+        Cgroupfs,
+        Systemd,
+    }
+
+    /// The parent cgroup of every user container: where Docker puts them, and where the
+    /// kernel holds them to the budget.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct Parent {
+        pub driver: Driver,
+        /// cgroup v2 (one unified hierarchy), else v1 (the memory controller's own).
+        pub v2: bool,
+        /// `--cgroup-parent`: `/NAME` with cgroupfs, `NAME.slice` with systemd.
+        pub arg: String,
+        /// Its directory in the cgroup filesystem (v1: the memory controller's).
+        pub dir: PathBuf,
+    }
+
+    /// What the parent holds now: its working set (usage less inactive file cache, as
+    /// `docker stats` counts) and how many containers are in it.
+    #[derive(Clone, Copy, Default, Debug, PartialEq)]
+    pub struct Reading {
+        pub in_use: u64,
+        pub containers: usize,
+    }
+
+    impl Parent {
+        /// From `docker info`'s CgroupDriver and CgroupVersion, and MCP_PROXY_CGROUP_PARENT.
+        pub fn new(driver: &str, version: &str, name: &str) -> Result<Parent, String> {
+            let driver = match driver.trim() {
+                "cgroupfs" => Driver::Cgroupfs,
+                "systemd" => Driver::Systemd,
+                other => return Err(format!("Docker's cgroup driver {other:?} is neither cgroupfs nor systemd")),
+            };
+            let v2 = version.trim() == "2";
+            let root = PathBuf::from(if v2 { "/sys/fs/cgroup" } else { "/sys/fs/cgroup/memory" });
+            let (arg, relative) = match driver {
+                Driver::Cgroupfs => (format!("/{name}"), name.to_string()),
+                Driver::Systemd => (format!("{name}.slice"), slice_path(name)),
+            };
+            Ok(Parent { driver, v2, arg, dir: root.join(relative) })
+        }
+
+        /// The kernel's limit on the parent now (None: none, or the parent is not there).
+        pub fn limit(&self) -> Option<u64> {
+            let file = if self.v2 { "memory.max" } else { "memory.limit_in_bytes" };
+            let text = std::fs::read_to_string(self.dir.join(file)).ok()?;
+            // v1 says "no limit" with a huge number, v2 with "max"
+            text.trim().parse::<u64>().ok().filter(|&b| b < 1 << 60)
+        }
+
+        pub fn read(&self) -> Option<Reading> {
+            let (usage, stat, inactive) = if self.v2 {
+                ("memory.current", "memory.stat", "inactive_file")
+            } else {
+                ("memory.usage_in_bytes", "memory.stat", "total_inactive_file")
+            };
+            let usage: u64 = std::fs::read_to_string(self.dir.join(usage)).ok()?.trim().parse().ok()?;
+            let stat = std::fs::read_to_string(self.dir.join(stat)).unwrap_or_default();
+            let inactive = stat
+                .lines()
+                .find_map(|l| l.strip_prefix(inactive)?.strip_prefix(' ')?.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            let containers = std::fs::read_dir(&self.dir)
+                .map(|dir| dir.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).count())
+                .unwrap_or(0);
+            Some(Reading { in_use: usage.saturating_sub(inactive), containers })
+        }
+
+        /// Sets the kernel's limit on the parent to `bytes` (root's work: the unit's
+        /// ExecStartPre, or a proxy run as root). cgroupfs: the directory made and its
+        /// limit written; systemd: the slice's MemoryMax set for this boot.
+        pub fn apply_limit(&self, bytes: u64) -> Result<(), String> {
+            match self.driver {
+                Driver::Cgroupfs => {
+                    use std::os::unix::fs::PermissionsExt;
+                    let file = self.dir.join(if self.v2 { "memory.max" } else { "memory.limit_in_bytes" });
+                    // readable by the service's user (the unit's UMask=0077 would make it 0700)
+                    let readable = std::fs::Permissions::from_mode(0o755);
+                    std::fs::create_dir_all(&self.dir)
+                        .and_then(|_| std::fs::set_permissions(&self.dir, readable))
+                        .and_then(|_| std::fs::write(&file, bytes.to_string()))
+                        .map_err(|e| format!("cannot write {}: {e}", file.display()))
+                }
+                Driver::Systemd => {
+                    let out = std::process::Command::new("systemctl")
+                        .args(["set-property", "--runtime", &self.arg, &format!("MemoryMax={bytes}")])
+                        .output()
+                        .map_err(|e| format!("cannot run systemctl: {e}"))?;
+                    match out.status.success() {
+                        true => Ok(()),
+                        false => Err(format!(
+                            "systemctl set-property {} failed: {}",
+                            self.arg,
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        )),
+                    }
+                }
+            }
+        }
+    }
+
+    /// A slice's place in the v2 hierarchy: each `-` in its name is a level
+    /// (`a-b.slice` is `/a.slice/a-b.slice`), as systemd and runc expand it.
+    pub fn slice_path(name: &str) -> String {
+        let mut path = String::new();
+        let mut prefix = String::new();
+        for part in name.split('-') {
+            prefix = if prefix.is_empty() { part.to_string() } else { format!("{prefix}-{part}") };
+            path.push_str(&format!("/{prefix}.slice"));
+        }
+        path.trim_start_matches('/').to_string()
+    }
+
+    /// The budget as the proxy lives it: the parent (known once Docker has said its
+    /// driver), the latest reading (taken again by the first caller a second on), and
+    /// the count of containers put to sleep for it.
+    pub struct Budget {
+        /// Bytes all containers may use together; 0 = no budget.
+        pub bytes: u64,
+        per_container: u64,
+        name: String,
+        parent: OnceLock<Parent>,
+        born: Instant,
+        sampled_ms: AtomicU64,
+        in_use: AtomicU64,
+        fit: AtomicUsize,
+        pub sleeps: AtomicU64,
+    }
+
+    impl Budget {
+        pub fn new(bytes: u64, per_container: u64, name: &str) -> Budget {
+            Budget {
+                bytes,
+                per_container,
+                name: name.to_string(),
+                parent: OnceLock::new(),
+                born: Instant::now(),
+                sampled_ms: AtomicU64::new(0),
+                in_use: AtomicU64::new(0),
+                fit: AtomicUsize::new(containers_fit(bytes.max(1), Reading::default(), per_container)),
+                sleeps: AtomicU64::new(0),
+            }
+        }
+
+        pub fn is_on(&self) -> bool {
+            self.bytes > 0
+        }
+
+        /// The parent, once Docker's driver is known; its limit set when this process
+        /// may (a proxy run as root), else checked (the unit's ExecStartPre set it).
+        pub fn learn_parent(&self, driver: &str, version: &str) -> Result<(), String> {
+            if !self.is_on() || self.parent.get().is_some() {
+                return Ok(());
+            }
+            let parent = Parent::new(driver, version, &self.name)?;
+            if parent.limit() != Some(self.bytes) && parent.driver == Driver::Cgroupfs {
+                if let Err(e) = parent.apply_limit(self.bytes) {
+                    log::debug!("the proxy cannot set the budget itself: {e}");
+                }
+            }
+            match parent.limit() {
+                Some(limit) if limit == self.bytes => {
+                    log::info!("memory budget {} MiB, held by the kernel on {}", self.bytes >> 20, parent.arg)
+                }
+                limit => log::warn!(
+                    "the kernel's limit on {} is {} where MCP_PROXY_MEMORY_BUDGET is {} bytes: run \
+                     `outline-mcp-proxy set-budget` as root (the unit's ExecStartPre does)",
+                    parent.arg,
+                    limit.map_or("none".into(), |l| l.to_string()),
+                    self.bytes
+                ),
+            }
+            let _ = self.parent.set(parent);
+            Ok(())
+        }
+
+        /// `--cgroup-parent` for a new container (None: no budget, or not known yet).
+        pub fn parent_arg(&self) -> Option<&str> {
+            self.parent.get().map(|p| p.arg.as_str())
+        }
+
+        /// How many containers fit now (usize::MAX without a budget): the value the
+        /// registry's plan takes. Reads the parent again when the last reading is stale.
+        pub fn containers_fit(&self) -> usize {
+            if !self.is_on() {
+                return usize::MAX;
+            }
+            let now = self.born.elapsed().as_millis() as u64 + SAMPLE_EVERY.as_millis() as u64;
+            let last = self.sampled_ms.load(Ordering::Relaxed);
+            let stale = now.saturating_sub(last) >= SAMPLE_EVERY.as_millis() as u64;
+            if stale && self.sampled_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                if let Some(reading) = self.parent.get().and_then(Parent::read) {
+                    self.in_use.store(reading.in_use, Ordering::Relaxed);
+                    self.fit.store(containers_fit(self.bytes, reading, self.per_container), Ordering::Relaxed);
+                }
+            }
+            self.fit.load(Ordering::Relaxed)
+        }
+
+        /// Bytes the containers use now, as last read.
+        pub fn in_use(&self) -> u64 {
+            self.containers_fit();
+            self.in_use.load(Ordering::Relaxed)
+        }
+    }
+}
+
 mod containers {
     //! Owns bringing a user's container to running and ready (one start per user, the
     //! boot burst, the readiness poll) and putting one to sleep. Calls `registry` for
-    //! every decision and `docker` for every act; `sessions` is told of each start, and
-    //! `config`, `auth` (the user), `error` and `util` are read.
+    //! every decision, `docker` for every act, `memory` for how many containers fit;
+    //! `sessions` is told of each start, and `config`, `auth` (the user), `error` and
+    //! `util` are read.
     use crate::auth::{Credential, User};
     use crate::config::{Config, KeyMode};
     use crate::docker::{ContainerInfo, ContainerSpec, Docker, DockerError, DockerStatus, Role, Wake};
     use crate::error::ProxyError;
+    use crate::memory::Budget;
     use crate::registry::{Lease, Plan, Registry, State, StopOutcome, TransitionResult};
     use crate::sessions::Sessions;
     use crate::util::{agent_base, lock};
@@ -7592,6 +7962,8 @@ mod containers {
         spare_signal: Signal,
         /// The CPU limits: the boot burst, then the steady one.
         pub cpus: BootBurst,
+        /// MCP_PROXY_MEMORY_BUDGET: how many containers fit, and the parent cgroup.
+        pub budget: Budget,
     }
 
     /// What Docker and the container itself say of a container: Docker's inspect, its
@@ -7806,6 +8178,7 @@ mod containers {
                 images: Images::new(cfg),
                 spare_signal: Signal(Mutex::new(false), Condvar::new()),
                 cpus: BootBurst::new(cfg),
+                budget: Budget::new(cfg.memory_budget, cfg.memory_bytes, &cfg.cgroup_parent),
             }
         }
 
@@ -7817,7 +8190,7 @@ mod containers {
                 if stopping.load(Ordering::SeqCst) {
                     return Err(ProxyError::ShuttingDown);
                 }
-                match self.registry.plan(&want.name, &want.user_label, websocket)? {
+                match self.registry.plan(&want.name, &want.user_label, websocket, self.budget.containers_fit())? {
                     Plan::Route(lease) => return Ok(lease),
                     Plan::Wait(flight) => flight.wait()?,
                     Plan::Start { flight, evict, known } => {
@@ -7841,7 +8214,16 @@ mod containers {
         /// cap asks for room. Runs without the registry lock.
         fn bring_up(&self, want: &Want, evict: Option<String>, known: State) -> TransitionResult {
             if let Some(victim) = evict {
-                log::info!("at MCP_PROXY_MAX_RUNNING={}: stopping least recently used {victim}", self.cfg.max_running);
+                let fit = self.budget.containers_fit();
+                if self.cfg.max_running == 0 || fit < self.cfg.max_running {
+                    log::info!("at the memory budget ({fit} containers fit): stopping least recently used {victim}");
+                    self.budget.sleeps.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    log::info!(
+                        "at MCP_PROXY_MAX_RUNNING={}: stopping least recently used {victim}",
+                        self.cfg.max_running
+                    );
+                }
                 self.put_to_sleep(&victim);
             }
             let begun = Instant::now();
@@ -7957,6 +8339,7 @@ mod containers {
                 pids_limit: c.pids_limit,
                 container_port: c.container_port,
                 outline_api_url: format!("{}/api", c.container_outline_url),
+                cgroup_parent: self.budget.parent_arg(),
             }
         }
 
@@ -9543,12 +9926,13 @@ mod ops {
     //! Owns what the operator sees: /health (from memory), /stats and /metrics (the
     //! same figures as JSON and Prometheus text), and the `check` and `cleanup`
     //! commands. Calls `registry` (figures), `staged` (holds), `docker` (verbs), `auth`
-    //! (Outline).
+    //! (Outline), `memory` (the budget and its cgroup).
     use crate::auth::identify;
     use crate::auth::{self, Verifier};
     use crate::config::{Config, KeyMode};
     use crate::docker::{first_line, Docker, Role};
     use crate::error::ProxyError;
+    use crate::memory::Parent;
     use crate::registry::{due_for_removal, ContainerSnapshot};
     use crate::util::{base64_encode, constant_time_eq, format_rfc3339};
     use crate::wire::{self, Incoming};
@@ -9637,10 +10021,21 @@ mod ops {
         /// MCP calls per method, and `tools/call` per tool.
         calls_by_method: Vec<(String, u64)>,
         calls_by_tool: Vec<(String, u64)>,
+        memory: MemoryFigures,
+    }
+
+    /// The memory budget (0 = none), what the containers use, how many fit, and how many
+    /// were put to sleep to make room under it.
+    pub struct MemoryFigures {
+        budget: u64,
+        in_use: u64,
+        fit: usize,
+        sleeps: u64,
     }
 
     pub fn snapshot(proxy: &Proxy) -> Snapshot {
         let counters = &proxy.auth.counters;
+        let budget = &proxy.containers.budget;
         let mut containers = proxy.containers.registry.snapshot();
         let sessions = proxy.sessions.per_owner();
         for c in containers.iter_mut() {
@@ -9664,6 +10059,12 @@ mod ops {
             docker_ok: proxy.containers.docker_status().is_answering(),
             calls_by_method: proxy.calls.methods(),
             calls_by_tool: proxy.calls.tools(),
+            memory: MemoryFigures {
+                budget: budget.bytes,
+                in_use: budget.in_use(),
+                fit: budget.containers_fit(),
+                sleeps: budget.sleeps.load(Ordering::Relaxed),
+            },
         }
     }
 
@@ -9701,6 +10102,12 @@ mod ops {
             "oauth": {"grants": s.oauth_grants, "registered_clients": s.oauth_clients},
             "docker": if s.docker_ok { "ok" } else { "unreachable" },
             "uptime_seconds": s.uptime,
+            "memory": {
+                "budget_bytes": s.memory.budget,
+                "in_use_bytes": s.memory.in_use,
+                "containers_fit": if s.memory.budget > 0 { json!(s.memory.fit) } else { Value::Null },
+                "budget_sleeps": s.memory.sleeps,
+            },
         })
     }
 
@@ -9708,7 +10115,7 @@ mod ops {
         let running = s.containers.iter().filter(|c| c.state.is_running()).count();
         let spares = s.containers.iter().filter(|c| c.role == Role::Spare && c.state.is_running()).count();
         let holding = s.containers.iter().filter(|c| c.staged_documents > 0).count();
-        let totals: [(&str, &str, &str, String); 14] = [
+        let totals: [(&str, &str, &str, String); 17] = [
             ("mcp_proxy_spares_ready", "gauge", "Warm spares booted and unassigned.", spares.to_string()),
             (
                 "mcp_proxy_containers_holding_staged_edits",
@@ -9763,6 +10170,24 @@ mod ops {
                 s.oauth_clients.to_string(),
             ),
             ("mcp_proxy_uptime_seconds", "gauge", "Seconds since the proxy started.", s.uptime.to_string()),
+            (
+                "mcp_proxy_memory_budget_bytes",
+                "gauge",
+                "Memory all user containers may use together (0 = no budget).",
+                s.memory.budget.to_string(),
+            ),
+            (
+                "mcp_proxy_memory_in_use_bytes",
+                "gauge",
+                "Memory the containers' parent cgroup uses (less inactive file cache).",
+                s.memory.in_use.to_string(),
+            ),
+            (
+                "mcp_proxy_budget_sleeps_total",
+                "counter",
+                "Idle containers put to sleep to make room under the memory budget.",
+                s.memory.sleeps.to_string(),
+            ),
         ];
         type PerContainer = fn(&ContainerSnapshot) -> String;
         let per_container: [(&str, &str, &str, PerContainer); 8] = [
@@ -9879,6 +10304,7 @@ mod ops {
                 ),
                 Err(e) => report(false, format!("cannot list containers: {}", e.message())),
             }
+            check_budget(cfg, &docker, &mut report);
         }
         if version.is_ok() && matches!(docker.network_icc(&cfg.network), Ok(Some(_))) {
             check_outline_from_a_container(cfg, &docker, &mut report);
@@ -9907,6 +10333,66 @@ mod ops {
         } else {
             println!("Some checks failed.");
             ExitCode::FAILURE
+        }
+    }
+
+    /// The containers' parent cgroup: does the kernel hold it to MCP_PROXY_MEMORY_BUDGET?
+    fn check_budget(cfg: &Config, docker: &Docker, report: &mut dyn FnMut(bool, String)) {
+        if cfg.memory_budget == 0 {
+            println!("- no memory budget (MCP_PROXY_MEMORY_BUDGET=off): nothing limits the containers' sum");
+            return;
+        }
+        let parent = match budget_parent(cfg, docker) {
+            Ok(parent) => parent,
+            Err(e) => return report(false, format!("cannot tell the containers' parent cgroup: {e}")),
+        };
+        let mib = cfg.memory_budget >> 20;
+        match parent.limit() {
+            Some(limit) if limit == cfg.memory_budget => report(
+                true,
+                format!("the kernel holds the containers ({}) to the memory budget, {mib} MiB", parent.arg),
+            ),
+            _ if !parent.dir.exists() => println!(
+                "! the containers' parent cgroup {} is not made yet: `outline-mcp-proxy set-budget` as root makes \
+                 it with its limit ({mib} MiB; the unit's ExecStartPre runs it)",
+                parent.arg
+            ),
+            limit => report(
+                false,
+                format!(
+                    "the kernel's limit on {} is {} MiB, not the budget's {mib} MiB: sudo outline-mcp-proxy set-budget \
+                     (the unit's ExecStartPre runs it)",
+                    parent.arg,
+                    limit.map_or("no".into(), |l| (l >> 20).to_string())
+                ),
+            ),
+        }
+    }
+
+    /// The parent cgroup for this host's Docker (its driver and cgroup version).
+    fn budget_parent(cfg: &Config, docker: &Docker) -> Result<Parent, String> {
+        let (driver, version) = docker.cgroup_setup().map_err(|e| first_line(&e.message()))?;
+        Parent::new(&driver, &version, &cfg.cgroup_parent)
+    }
+
+    /// `set-budget` (as root, the unit's ExecStartPre): the kernel's limit on the
+    /// containers' parent cgroup set to MCP_PROXY_MEMORY_BUDGET.
+    pub fn run_set_budget(cfg: &Config) -> ExitCode {
+        if cfg.memory_budget == 0 {
+            println!("no memory budget (MCP_PROXY_MEMORY_BUDGET=off): nothing to set");
+            return ExitCode::SUCCESS;
+        }
+        let applied = budget_parent(cfg, &Docker::new(&cfg.docker))
+            .and_then(|parent| parent.apply_limit(cfg.memory_budget).map(|_| parent));
+        match applied {
+            Ok(parent) => {
+                println!("memory budget {} MiB set on {}", cfg.memory_budget >> 20, parent.arg);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cannot set the memory budget: {e}");
+                ExitCode::FAILURE
+            }
         }
     }
 
@@ -10104,7 +10590,8 @@ mod ops {
 mod background {
     //! Owns what runs beside requests, each thread supervised: the sleeper, the Docker
     //! watcher, the event follower (the registry kept exact), the spare keeper, and the
-    //! containers' network. Calls `containers`, `registry`, `staged`, `docker`, `auth`.
+    //! containers' network. Calls `containers`, `registry`, `staged`, `docker`, `auth`,
+    //! `memory` (the budget's parent cgroup).
     use crate::containers::{Containers, Want};
     use crate::docker::{DockerError, DockerStatus};
     use crate::error::ProxyError;
@@ -10220,7 +10707,7 @@ mod background {
                 }
             }
         }
-        while containers.registry.spares().wanted(containers.cfg.spares) {
+        while containers.registry.spares().wanted(containers.cfg.spares, containers.budget.containers_fit()) {
             let name = format!("{}{}{}", containers.cfg.prefix, crate::docker::SPARE_MARK, random_hex(16));
             let flight = containers.registry.spares().begin(&name);
             let result = boot_spare(containers, &name, &image_id);
@@ -10364,6 +10851,7 @@ mod background {
     fn rediscover(containers: &Containers) -> Result<usize, ProxyError> {
         let cfg = &containers.cfg;
         ensure_network(containers)?;
+        learn_cgroup_parent(containers)?;
         let listed = containers
             .docker
             .list_managed(&cfg.network, &cfg.prefix)
@@ -10371,6 +10859,20 @@ mod background {
         containers.registry.sightings().reconcile(&listed, cfg.container_port);
         containers.registry.staged.keep_running(&listed);
         Ok(listed.len())
+    }
+
+    /// With a memory budget, the containers' parent cgroup, from Docker's driver (before
+    /// any container is made).
+    fn learn_cgroup_parent(containers: &Containers) -> Result<(), ProxyError> {
+        if !containers.budget.is_on() || containers.budget.parent_arg().is_some() {
+            return Ok(());
+        }
+        let (driver, version) =
+            containers.docker.cgroup_setup().map_err(|e| e.into_proxy_error("tell its cgroup driver"))?;
+        if let Err(e) = containers.budget.learn_parent(&driver, &version) {
+            log::error!("MCP_PROXY_MEMORY_BUDGET is not held by the kernel: {e}");
+        }
+        Ok(())
     }
 
     /// At start-up: adopt this proxy's containers (and learn the current image's id, so
@@ -10960,7 +11462,7 @@ mod tests {
         let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
         lock(&registry.entries).insert("mcp-old".into(), running_entry(addr, 300, 0));
         lock(&registry.entries).insert("mcp-busy".into(), running_entry(addr, 900, 1));
-        match registry.plan("mcp-new", "U", false).unwrap() {
+        match registry.plan("mcp-new", "U", false, usize::MAX).unwrap() {
             Plan::Start { evict, .. } => assert_eq!(evict.as_deref(), Some("mcp-old")),
             _ => panic!("expected a start"),
         }
@@ -10968,7 +11470,7 @@ mod tests {
         let proxy = test_proxy(&[("MCP_PROXY_MAX_RUNNING", "1")]);
         let registry = &proxy.containers.registry;
         lock(&registry.entries).insert("mcp-busy".into(), running_entry(addr, 0, 1));
-        let err = registry.plan("mcp-new", "U", false).err().unwrap();
+        let err = registry.plan("mcp-new", "U", false, usize::MAX).err().unwrap();
         assert_eq!(err.status(), 503);
         assert_eq!(err.retry_after(), Some(30));
         assert!(lock(&registry.entries)["mcp-new"].transition.is_none());
@@ -10980,7 +11482,9 @@ mod tests {
         let registry = &proxy.containers.registry;
         let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
         lock(&registry.entries).insert("mcp-a".into(), running_entry(addr, 0, 0));
-        let Plan::Route(lease) = registry.plan("mcp-a", "U", true).unwrap() else { panic!("expected a route") };
+        let Plan::Route(lease) = registry.plan("mcp-a", "U", true, usize::MAX).unwrap() else {
+            panic!("expected a route")
+        };
         assert_eq!(lease.address, addr);
         {
             let entries = lock(&registry.entries);
@@ -11067,7 +11571,7 @@ mod tests {
         registry.staged.note_answer("mcp-staged", None, &crate::staged::edit_call(&call).unwrap(), &answer);
         assert!(!registry.staged.may_sleep("mcp-staged") && registry.staged.may_sleep("mcp-plain"));
         // at the cap, the one without staged edits makes room
-        let Plan::Start { evict, flight, .. } = registry.plan("mcp-new", "U", false).unwrap() else {
+        let Plan::Start { evict, flight, .. } = registry.plan("mcp-new", "U", false, usize::MAX).unwrap() else {
             panic!("expected a start")
         };
         assert_eq!(evict.as_deref(), Some("mcp-plain"));
@@ -11075,7 +11579,7 @@ mod tests {
         registry.finish_transition("mcp-new", &flight, Ok(()));
         lock(&registry.entries).insert("mcp-new".into(), running_entry(addr, 0, 1));
         // and when only it could, the request gets 503 with Retry-After
-        let err = registry.plan("mcp-other", "U", false).err().unwrap();
+        let err = registry.plan("mcp-other", "U", false, usize::MAX).err().unwrap();
         assert_eq!((err.status(), err.retry_after()), (503, Some(30)));
         // the sweep leaves it running; a save lets it go
         crate::background::sweep(&proxy.containers);
@@ -11169,7 +11673,123 @@ mod tests {
             pids_limit: 128,
             container_port: 3000,
             outline_api_url: "http://outline/api".into(),
+            cgroup_parent: None,
         }
+    }
+
+    #[test]
+    fn containers_run_under_the_budgets_parent_cgroup_when_there_is_one() {
+        assert!(!spec_for("mcp-x", "Ann", None).args().iter().any(|a| a.starts_with("--cgroup-parent")));
+        let mut spec = spec_for("mcp-x", "Ann", None);
+        spec.cgroup_parent = Some("/outline_mcp_proxy");
+        let args = spec.args();
+        assert!(args.contains(&"--cgroup-parent=/outline_mcp_proxy".to_string()));
+        assert_eq!(args.last().map(String::as_str), Some("img"), "a flag, before the image");
+    }
+
+    #[test]
+    fn the_budget_is_sized_from_the_host_and_refuses_nonsense() {
+        use crate::memory::{size_budget, RESERVE};
+        let container = 256 << 20;
+        // a 2 GB t3.small's MemTotal: 1,940 MiB less the 640 MiB reserve
+        let t3_small: u64 = 1_940 << 20;
+        assert_eq!(size_budget(None, container, Some(t3_small)), Ok(1_300 << 20));
+        assert_eq!(size_budget(None, container, Some(t3_small)), Ok(t3_small - RESERVE));
+        assert_eq!(size_budget(Some(1_400 << 20), container, Some(t3_small)), Ok(1_400 << 20));
+        assert_eq!(size_budget(Some(0), container, Some(t3_small)), Ok(0));
+        // below one container, above the host, a host too small, a host unknown
+        assert!(size_budget(Some(100 << 20), container, Some(t3_small)).unwrap_err().contains("one container"));
+        assert!(size_budget(Some(4 << 30), container, Some(t3_small)).unwrap_err().contains("host's memory"));
+        assert!(size_budget(None, container, Some(800 << 20)).unwrap_err().contains("less than one container"));
+        assert!(size_budget(None, container, None).is_err());
+        assert_eq!(size_budget(Some(1 << 30), container, None), Ok(1 << 30));
+        assert_eq!(size_budget(Some((1 << 30) + 4095), container, None), Ok(1 << 30), "whole pages");
+    }
+
+    #[test]
+    fn the_budget_setting_takes_sizes_auto_and_off() {
+        let load = |value: &str| {
+            let value = value.to_string();
+            Config::load(&move |name| (name == "MCP_PROXY_MEMORY_BUDGET").then(|| value.clone()))
+        };
+        assert_eq!(load("400m").unwrap().memory_budget, 400 << 20);
+        assert_eq!(load("1g").unwrap().memory_budget, 1 << 30);
+        assert_eq!(load("off").unwrap().memory_budget, 0);
+        assert_eq!(load("0").unwrap().memory_budget, 0);
+        let host = crate::memory::host_memory().unwrap();
+        // sysinfo's total is /proc/meminfo's MemTotal
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let kib = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).unwrap().trim().trim_end_matches(" kB");
+        assert_eq!(host, kib.parse::<u64>().unwrap() * 1024);
+        let host = host & !4095;
+        assert_eq!(load("auto").unwrap().memory_budget, host - crate::memory::RESERVE);
+        assert_eq!(Config::load(&|_| None).unwrap().memory_budget, host - crate::memory::RESERVE);
+        for nonsense in ["lots", "-1", "100m", "1000000g"] {
+            let err = load(nonsense).unwrap_err();
+            assert!(err.starts_with("MCP_PROXY_MEMORY_BUDGET="), "{nonsense}: {err}");
+        }
+        let parent = |v: &'static str| Config::load(&move |n| (n == "MCP_PROXY_CGROUP_PARENT").then(|| v.into()));
+        assert_eq!(parent("omp-test_1").unwrap().cgroup_parent, "omp-test_1");
+        assert!(parent("../etc").is_err() && parent("a.slice").is_err() && parent("").is_err());
+    }
+
+    #[test]
+    fn containers_fit_by_the_measured_mean_with_a_floor() {
+        use crate::memory::{containers_fit, Reading};
+        let mib = |n: u64| n << 20;
+        // nothing to measure yet: one container's limit each
+        assert_eq!(containers_fit(mib(1000), Reading { in_use: 0, containers: 0 }, mib(256)), 3);
+        // two settled at 100 MiB each
+        assert_eq!(containers_fit(mib(1000), Reading { in_use: mib(200), containers: 2 }, mib(256)), 10);
+        // two still booting (10 MiB each): a quarter of the limit each
+        assert_eq!(containers_fit(mib(1000), Reading { in_use: mib(20), containers: 2 }, mib(256)), 15);
+        assert_eq!(containers_fit(mib(100), Reading { in_use: mib(900), containers: 2 }, mib(256)), 1);
+    }
+
+    #[test]
+    fn the_parent_cgroup_for_each_driver_and_version() {
+        use crate::memory::{slice_path, Driver, Parent};
+        let v1 = Parent::new("cgroupfs", "1", "outline_mcp_proxy").unwrap();
+        assert_eq!((v1.driver, v1.v2, v1.arg.as_str()), (Driver::Cgroupfs, false, "/outline_mcp_proxy"));
+        assert_eq!(v1.dir, std::path::Path::new("/sys/fs/cgroup/memory/outline_mcp_proxy"));
+        let v2 = Parent::new("cgroupfs", "2", "omp").unwrap();
+        assert_eq!(v2.dir, std::path::Path::new("/sys/fs/cgroup/omp"));
+        let slice = Parent::new("systemd", "2", "outline_mcp_proxy").unwrap();
+        assert_eq!(slice.arg, "outline_mcp_proxy.slice");
+        assert_eq!(slice.dir, std::path::Path::new("/sys/fs/cgroup/outline_mcp_proxy.slice"));
+        let nested = Parent::new("systemd", "2", "mcp-users").unwrap();
+        assert_eq!(nested.dir, std::path::Path::new("/sys/fs/cgroup/mcp.slice/mcp-users.slice"));
+        assert_eq!(slice_path("a-b-c"), "a.slice/a-b.slice/a-b-c.slice");
+        let v1_slice = Parent::new("systemd", "1", "omp").unwrap();
+        assert_eq!(v1_slice.dir, std::path::Path::new("/sys/fs/cgroup/memory/omp.slice"));
+        assert!(Parent::new("none", "1", "omp").is_err());
+    }
+
+    #[test]
+    fn the_budget_is_a_second_reason_to_be_at_cap() {
+        let proxy = test_proxy(&[]);
+        let registry = &proxy.containers.registry;
+        let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
+        lock(&registry.entries).insert("mcp-old".into(), running_entry(addr, 300, 0));
+        lock(&registry.entries).insert("mcp-recent".into(), running_entry(addr, 10, 0));
+        assert!(matches!(registry.plan("mcp-new", "U", false, 3).unwrap(), Plan::Start { evict: None, .. }));
+        let proxy = test_proxy(&[]);
+        let registry = &proxy.containers.registry;
+        lock(&registry.entries).insert("mcp-old".into(), running_entry(addr, 300, 0));
+        lock(&registry.entries).insert("mcp-recent".into(), running_entry(addr, 10, 0));
+        match registry.plan("mcp-new", "U", false, 2).unwrap() {
+            Plan::Start { evict, .. } => assert_eq!(evict.as_deref(), Some("mcp-old")),
+            _ => panic!("expected a start"),
+        }
+        // every one busy: 503, naming the containers that fit
+        let proxy = test_proxy(&[]);
+        let registry = &proxy.containers.registry;
+        lock(&registry.entries).insert("mcp-busy".into(), running_entry(addr, 0, 1));
+        let err = registry.plan("mcp-new", "U", false, 1).err().unwrap();
+        assert!(matches!(err, ProxyError::AtCapacity(1)));
+        assert_eq!(err.retry_after(), Some(30));
+        // no spare boots over the budget
+        assert!(!registry.spares().wanted(1, 1) && registry.spares().wanted(1, 2));
     }
 
     #[test]
@@ -11380,7 +12000,7 @@ mod tests {
         let _held = (r.hold_stream("mcp-a").unwrap(), r.hold_stream("mcp-a").unwrap());
         assert!(matches!(r.hold_stream("mcp-a"), Err(ProxyError::UserBusy(2))));
         lock(&r.entries).insert("mcp-a".into(), running_entry("10.0.0.2:3000".parse().unwrap(), 0, 0));
-        assert!(matches!(r.plan("mcp-a", "a", false), Err(ProxyError::UserBusy(2))));
+        assert!(matches!(r.plan("mcp-a", "a", false, usize::MAX), Err(ProxyError::UserBusy(2))));
     }
 
     #[test]
