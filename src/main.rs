@@ -7833,6 +7833,18 @@ mod memory {
     }
 
     impl Budget {
+        /// `victim` sleeps to make room: said, and counted as a budget sleep when the
+        /// budget, not MCP_PROXY_MAX_RUNNING (`max_running`, 0 = none), was the cap.
+        pub fn note_room_made(&self, victim: &str, max_running: usize) {
+            let fit = self.containers_fit();
+            if max_running == 0 || fit < max_running {
+                log::info!("at the memory budget ({fit} containers fit): stopping least recently used {victim}");
+                self.sleeps.fetch_add(1, Ordering::Relaxed);
+            } else {
+                log::info!("at MCP_PROXY_MAX_RUNNING={max_running}: stopping least recently used {victim}");
+            }
+        }
+
         pub fn new(bytes: u64, per_container: u64, name: &str) -> Budget {
             Budget {
                 bytes,
@@ -8214,16 +8226,7 @@ mod containers {
         /// cap asks for room. Runs without the registry lock.
         fn bring_up(&self, want: &Want, evict: Option<String>, known: State) -> TransitionResult {
             if let Some(victim) = evict {
-                let fit = self.budget.containers_fit();
-                if self.cfg.max_running == 0 || fit < self.cfg.max_running {
-                    log::info!("at the memory budget ({fit} containers fit): stopping least recently used {victim}");
-                    self.budget.sleeps.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    log::info!(
-                        "at MCP_PROXY_MAX_RUNNING={}: stopping least recently used {victim}",
-                        self.cfg.max_running
-                    );
-                }
+                self.budget.note_room_made(&victim, self.cfg.max_running);
                 self.put_to_sleep(&victim);
             }
             let begun = Instant::now();
