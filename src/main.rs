@@ -31,7 +31,7 @@
 //!   held        notification streams held open: never waking a container, nor dying with it
 //!   websocket   the WebSocket handshake, then frames relayed unchanged
 //!   upstream    the pooled client to the containers, and the headers each way
-//!   ops         /health, /stats, /metrics, and the `check` and `cleanup` commands
+//!   ops         /health, /stats, /metrics; the `check`, `cleanup`, `set-budget` commands
 //!   background  the sleeper, the Docker watcher and event follower, the spare keeper
 //!   signals     SIGTERM and SIGINT, taken with sigwait
 //!   util        lock recovery, single flights, constant-time compare, base64, time
