@@ -1203,15 +1203,23 @@ mod wire {
         framing: Framing,
         close: bool,
     ) -> io::Result<()> {
-        let mut head = format!("HTTP/1.1 {} {}\r\n", status, reason_phrase(status));
+        use std::fmt::Write as _;
+        // one buffer, written once: no string made per header
+        let size: usize = headers.iter().map(|(name, value)| name.len() + value.len() + 4).sum();
+        let mut head = String::with_capacity(size + 96);
+        let _ = write!(head, "HTTP/1.1 {} {}\r\n", status, reason_phrase(status));
         for (name, value) in headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
+            for part in [name.as_str(), ": ", value.as_str(), "\r\n"] {
+                head.push_str(part);
+            }
         }
         if close {
             head.push_str("Connection: close\r\n");
         }
         match framing {
-            Framing::Length(len) => head.push_str(&format!("Content-Length: {len}\r\n")),
+            Framing::Length(len) => {
+                let _ = write!(head, "Content-Length: {len}\r\n");
+            }
             Framing::Chunked => head.push_str("Transfer-Encoding: chunked\r\n"),
             Framing::NoBody | Framing::UntilClose => {}
         }
