@@ -24,7 +24,12 @@
 //!   registry    what the proxy knows of each container: plans, leases, sweeps (no I/O)
 //!   docker      every docker CLI call, as named verbs with typed results
 //!   containers  bringing a user's container to ready, and putting it to sleep
-//!   relay       HTTP streamed both ways, and WebSocket frames
+//!   relay       HTTP streamed both ways: send, one retry, a session reopened, the answer
+//!   modern      2026-07-28 by the proxy itself: server/discover, listen, results stamped
+//!   reopen      the upstream MCP sessions the proxy opens (again) and closes for clients
+//!   held        notification streams held open: never waking a container, nor dying with it
+//!   websocket   the WebSocket handshake, then frames relayed unchanged
+//!   upstream    the pooled client to the containers, and the headers each way
 //!   ops         /health, /stats, /metrics, and the `check` and `cleanup` commands
 //!   background  the sleeper, the Docker watcher and event follower, the spare keeper
 //!   signals     SIGTERM and SIGINT, taken with sigwait
@@ -42,10 +47,10 @@
 //!     (then bring_up and wake)
 //!   docker::ContainerSpec::args       every flag a user's container runs with, in one place
 //!   docker::Docker::run               the one place a docker process is spawned
-//!   relay::upstream_request_headers   what reaches the container: only the checked key
+//!   upstream::request_headers         what reaches the container: only the checked key
 //!   relay::proxy_http                 the request streamed in, the answer streamed out
 //!
-//! For the OAuth door, then: oauth::serve, oauth::identify, grants::Store::open_with.
+//! For the OAuth door, then: oauth::serve, oauth::identify_by_token, grants::Store::open_with.
 //! The README's Security section names, for each claim, the function that keeps it.
 
 use std::process::ExitCode;
@@ -157,18 +162,25 @@ mod config {
         pub allowed_origins: Vec<String>,
         pub docker: String,
         pub log_level: log::LevelFilter,
-        /// Empty when the OAuth front door is off.
-        pub oauth_path: String,
-        pub public_url: Option<String>,
+        pub oauth: OAuthConfig,
         pub state_dir: Option<std::path::PathBuf>,
-        pub outline_oauth: Option<OutlineOAuthApp>,
-        pub oauth_access_ttl: Duration,
-        pub oauth_refresh_ttl: Duration,
-        pub oauth_register_limit: u32,
-        pub oauth_register_limit_total: u32,
-        pub oauth_signins_per_address: u32,
         pub trusted_proxies: Vec<std::net::IpAddr>,
-        pub oauth_max_clients: u32,
+    }
+
+    /// The OAuth front door's settings (MCP_PROXY_OAUTH_*, MCP_PROXY_PUBLIC_URL,
+    /// OUTLINE_OAUTH_*), parsed and checked together by `load_oauth`.
+    #[derive(Clone, Debug)]
+    pub struct OAuthConfig {
+        /// Empty when the OAuth front door is off.
+        pub path: String,
+        pub public_url: Option<String>,
+        pub outline_app: Option<OutlineOAuthApp>,
+        pub access_ttl: Duration,
+        pub refresh_ttl: Duration,
+        pub register_limit: u32,
+        pub register_limit_total: u32,
+        pub signins_per_address: u32,
+        pub max_clients: u32,
         pub client_documents: ClientDocuments,
     }
 
@@ -231,32 +243,12 @@ mod config {
                 parse_size(&v).ok_or_else(|| bad_setting(name, &v, "a size such as 256m, 1g or a number of bytes"))
             };
 
-            let listen_raw = get("MCP_PROXY_LISTEN");
-            let listen = listen_raw
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| bad_setting("MCP_PROXY_LISTEN", &listen_raw, "host:port"))?;
+            let listen = listen_address(&get)?;
             let outline_url = normalize_outline_url("OUTLINE_URL", &get("OUTLINE_URL"))?;
-            let container_outline_raw = get("MCP_PROXY_CONTAINER_OUTLINE_URL");
-            let container_outline_url = if container_outline_raw.trim().is_empty() {
-                outline_url.clone()
-            } else {
-                normalize_outline_url("MCP_PROXY_CONTAINER_OUTLINE_URL", &container_outline_raw)?
-            };
-            let image = get("MCP_PROXY_IMAGE");
-            if image.trim().is_empty() || image.starts_with('-') {
-                return Err(bad_setting("MCP_PROXY_IMAGE", &image, "an image reference"));
-            }
-            let port_raw = get("MCP_PROXY_CONTAINER_PORT");
-            let container_port = match port_raw.trim().parse::<u16>() {
-                Ok(p) if p > 0 => p,
-                _ => return Err(bad_setting("MCP_PROXY_CONTAINER_PORT", &port_raw, "a port from 1 to 65535")),
-            };
-            let ready_path = get("MCP_PROXY_READY_PATH");
-            if !ready_path.starts_with('/') || ready_path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(bad_setting("MCP_PROXY_READY_PATH", &ready_path, "a path starting with /"));
-            }
+            let container_outline_url = container_outline_url(&get, &outline_url)?;
+            let image = image(&get)?;
+            let container_port = container_port(&get)?;
+            let ready_path = ready_path(&get)?;
             let prefix = get("MCP_PROXY_CONTAINER_PREFIX");
             if !is_docker_name_safe(&prefix) {
                 return Err(bad_setting(
@@ -365,18 +357,9 @@ mod config {
                 allowed_origins,
                 docker,
                 log_level,
-                oauth_path: oauth.path,
-                public_url: oauth.public_url,
-                state_dir: oauth.state_dir,
-                outline_oauth: oauth.app,
-                oauth_access_ttl: oauth.access_ttl,
-                oauth_refresh_ttl: oauth.refresh_ttl,
-                oauth_register_limit: oauth.register_limit,
-                oauth_register_limit_total: oauth.register_limit_total,
-                oauth_signins_per_address: oauth.signins_per_address,
+                oauth,
+                state_dir: state_dir(&get)?,
                 trusted_proxies: trusted_proxies(&get)?,
-                oauth_max_clients: oauth.max_clients,
-                client_documents: oauth.client_documents,
             })
         }
 
@@ -391,26 +374,12 @@ mod config {
         }
     }
 
-    struct OAuthSettings {
-        path: String,
-        public_url: Option<String>,
-        state_dir: Option<std::path::PathBuf>,
-        app: Option<OutlineOAuthApp>,
-        access_ttl: Duration,
-        refresh_ttl: Duration,
-        register_limit: u32,
-        register_limit_total: u32,
-        signins_per_address: u32,
-        max_clients: u32,
-        client_documents: ClientDocuments,
-    }
-
     /// The OAuth front door's settings, checked together.
     fn load_oauth(
         get: &dyn Fn(&str) -> String,
         duration: &dyn Fn(&str) -> Result<Duration, String>,
         key_mode: KeyMode,
-    ) -> Result<OAuthSettings, String> {
+    ) -> Result<OAuthConfig, String> {
         let access_ttl = duration("MCP_PROXY_OAUTH_ACCESS_TTL")?;
         let refresh_ttl = duration("MCP_PROXY_OAUTH_REFRESH_TTL")?;
         if access_ttl.is_zero() || refresh_ttl < access_ttl {
@@ -426,11 +395,10 @@ mod config {
             "off" => ClientDocuments::Off,
             other => return Err(bad_setting("MCP_PROXY_OAUTH_CLIENT_DOCUMENTS", other, "public, any or off")),
         };
-        Ok(OAuthSettings {
+        Ok(OAuthConfig {
             path: oauth_path(get)?,
             public_url: public_url(get)?,
-            state_dir: state_dir(get)?,
-            app: outline_app(get, key_mode)?,
+            outline_app: outline_app(get, key_mode)?,
             access_ttl,
             refresh_ttl,
             register_limit: positive_whole(get, "MCP_PROXY_OAUTH_REGISTER_LIMIT")?,
@@ -439,6 +407,52 @@ mod config {
             max_clients: positive_whole(get, "MCP_PROXY_OAUTH_MAX_CLIENTS")?,
             client_documents,
         })
+    }
+
+    /// MCP_PROXY_LISTEN: host:port, resolved.
+    fn listen_address(get: &dyn Fn(&str) -> String) -> Result<SocketAddr, String> {
+        let raw = get("MCP_PROXY_LISTEN");
+        raw.to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| bad_setting("MCP_PROXY_LISTEN", &raw, "host:port"))
+    }
+
+    /// MCP_PROXY_CONTAINER_OUTLINE_URL, else OUTLINE_URL.
+    fn container_outline_url(get: &dyn Fn(&str) -> String, outline_url: &str) -> Result<String, String> {
+        let raw = get("MCP_PROXY_CONTAINER_OUTLINE_URL");
+        if raw.trim().is_empty() {
+            Ok(outline_url.to_string())
+        } else {
+            normalize_outline_url("MCP_PROXY_CONTAINER_OUTLINE_URL", &raw)
+        }
+    }
+
+    /// MCP_PROXY_IMAGE: an image reference (never one docker would read as a flag).
+    fn image(get: &dyn Fn(&str) -> String) -> Result<String, String> {
+        let image = get("MCP_PROXY_IMAGE");
+        if image.trim().is_empty() || image.starts_with('-') {
+            return Err(bad_setting("MCP_PROXY_IMAGE", &image, "an image reference"));
+        }
+        Ok(image)
+    }
+
+    /// MCP_PROXY_CONTAINER_PORT: 1 to 65535.
+    fn container_port(get: &dyn Fn(&str) -> String) -> Result<u16, String> {
+        let raw = get("MCP_PROXY_CONTAINER_PORT");
+        match raw.trim().parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(bad_setting("MCP_PROXY_CONTAINER_PORT", &raw, "a port from 1 to 65535")),
+        }
+    }
+
+    /// MCP_PROXY_READY_PATH: a path starting with `/`, without spaces or controls.
+    fn ready_path(get: &dyn Fn(&str) -> String) -> Result<String, String> {
+        let path = get("MCP_PROXY_READY_PATH");
+        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad_setting("MCP_PROXY_READY_PATH", &path, "a path starting with /"));
+        }
+        Ok(path)
     }
 
     /// MCP_PROXY_TRUSTED_PROXY: the peers whose X-Real-IP is believed (empty = none).
@@ -693,7 +707,7 @@ pub struct Proxy {
     pub auth: auth::Verifier,
     pub sessions: Arc<sessions::Sessions>,
     pub containers: containers::Containers,
-    pub upstream: relay::Upstream,
+    pub upstream: upstream::Upstream,
     /// The OAuth front door, unless MCP_PROXY_OAUTH_PATH is empty.
     pub oauth: Option<oauth::FrontDoor>,
     pub life: Life,
@@ -710,8 +724,8 @@ impl Proxy {
             auth: auth::Verifier::new(&cfg),
             containers: containers::Containers::new(&cfg, sessions.clone()),
             sessions,
-            upstream: relay::Upstream::new(&cfg),
-            oauth: (!cfg.oauth_path.is_empty()).then(|| oauth::FrontDoor::new(&cfg)),
+            upstream: upstream::Upstream::new(&cfg),
+            oauth: (!cfg.oauth.path.is_empty()).then(|| oauth::FrontDoor::new(&cfg)),
             life: Life::default(),
             calls: protocol::CallCounts::default(),
             stats_credentials: ops::stats_credentials(&cfg),
@@ -1395,11 +1409,12 @@ mod front {
     use crate::config::Config;
     use crate::containers::Want;
     use crate::error::ProxyError;
+    use crate::modern::{self, Method};
     use crate::protocol::{self, Generation, McpPost, NotTaken, Plan, Refusal};
     use crate::registry::Lease;
     use crate::sessions::{Route, SESSION_HEADER};
     use crate::wire::{self, log_safe, reject, Incoming, LogContext, McpCall, RouteResult};
-    use crate::{oauth, ops, relay, InFlight, Proxy};
+    use crate::{held, oauth, ops, relay, websocket, InFlight, Proxy};
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
     use std::time::Instant;
@@ -1535,7 +1550,7 @@ mod front {
         let (incoming, who) = match proxy.oauth.as_ref().filter(|door| door.is_resource(&incoming.path)) {
             Some(door) => {
                 resource_request = oauth::as_container_request(incoming);
-                (&resource_request, oauth::identify(proxy, door, incoming, log_ctx))
+                (&resource_request, oauth::identify_by_token(proxy, door, incoming, log_ctx))
             }
             None => (incoming, identify(proxy, incoming, log_ctx)),
         };
@@ -1559,14 +1574,14 @@ mod front {
         if let Err(e) = proxy.sessions.check(incoming.header(SESSION_HEADER), &want.name) {
             return reject(request, e);
         }
-        if relay::is_notification_stream(incoming) {
+        if held::is_notification_stream(incoming) {
             let client_id = incoming.header(SESSION_HEADER).unwrap_or("").trim();
             if let Route::Own { .. } = proxy.sessions.route(Some(client_id), &want.name, None) {
                 let slot = match proxy.containers.registry.hold_stream(&want.name) {
                     Ok(slot) => slot,
                     Err(e) => return reject(request, e),
                 };
-                return relay::hold_stream(proxy, request, incoming, &credential, &want.name, client_id, slot);
+                return held::hold_stream(proxy, request, incoming, &credential, &want.name, client_id, slot);
             }
         }
         let websocket = incoming.is_websocket_upgrade();
@@ -1575,7 +1590,7 @@ mod front {
             Err(e) => return reject(request, e),
         };
         if websocket {
-            relay::relay_websocket(proxy, request, incoming, &credential, &lease)
+            websocket::relay_websocket(proxy, request, incoming, &credential, &lease)
         } else {
             relay::proxy_http(proxy, request, incoming, &credential, &want, lease, relay::Forward::default())
         }
@@ -1627,8 +1642,8 @@ mod front {
             },
         };
         match plan {
-            Plan::Discover => relay::discover(proxy, request, incoming, credential, lease, &post),
-            Plan::Listen => relay::listen(proxy, request, incoming, credential, lease, &post),
+            Plan::Discover => modern::answer(proxy, request, incoming, credential, lease, &post, Method::Discover),
+            Plan::Listen => modern::answer(proxy, request, incoming, credential, lease, &post, Method::Listen),
             plan => {
                 let on_default = plan == Plan::OnDefault;
                 let forward = relay::Forward { post: Some(post), on_default, stateless };
@@ -1683,10 +1698,10 @@ mod oauth {
     //! authorize, callback, token and revoke endpoints, and the bearer token of a request
     //! turned into that user's Outline credential. Calls `signin` (the person's step),
     //! `grants` (the store), `auth` (Outline's verdict, who), `wire`, `util`.
-    use crate::auth::{Credential, KeySource, User};
+    use crate::auth::{Credential, User};
     use crate::config::ClientDocuments;
     use crate::error::ProxyError;
-    use crate::grants::{self, Client, Opened, Pending, Sealed, Store, TokenRefused, Upstream};
+    use crate::grants::{self, Client, Opened, OutlineCredential, Pending, SignedIn, Store, TokenRefused};
     use crate::signin::{self, OutlineApp, UpstreamRefusal};
     use crate::util::{base64url, constant_time_eq, lock, now_unix, parse_form, Flight};
     use crate::wire::LogContext;
@@ -1720,7 +1735,7 @@ mod oauth {
     /// Outline's access token is renewed when it has less than this to live.
     const OUTLINE_RENEW_BEFORE: u64 = 300;
 
-    type Renewal = Result<Sealed, UpstreamRefusal>;
+    type Renewal = Result<SignedIn, UpstreamRefusal>;
     /// A client document's client, or why it could not be used.
     type Document = Result<Client, String>;
 
@@ -1890,35 +1905,36 @@ mod oauth {
                 .max_response_header_size(16 * 1024)
                 .tls_config(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::PlatformVerifier).build())
                 .build();
-            let resolver = AddressRule { public_only: cfg.client_documents != ClientDocuments::Any };
+            let resolver = AddressRule { public_only: cfg.oauth.client_documents != ClientDocuments::Any };
             let connector = ureq::unversioned::transport::DefaultConnector::new();
             let fetcher = ureq::Agent::with_parts(fetcher_config, connector, resolver);
             let outline_app = cfg
-                .outline_oauth
+                .oauth
+                .outline_app
                 .as_ref()
                 .map(|app| OutlineApp::new(&cfg.outline_url, &app.client_id, &app.client_secret, &app.scope))
                 .map(|app| app.keeping_key_in(cfg.state_dir.clone()));
             FrontDoor {
                 grants: Store::open(
                     cfg.state_dir.clone(),
-                    cfg.oauth_access_ttl,
-                    cfg.oauth_refresh_ttl,
-                    cfg.oauth_max_clients as usize,
+                    cfg.oauth.access_ttl,
+                    cfg.oauth.refresh_ttl,
+                    cfg.oauth.max_clients as usize,
                 ),
                 outline_app,
-                resource_path: cfg.oauth_path.clone(),
-                public_url: cfg.public_url.clone(),
-                register_per_hour: cfg.oauth_register_limit,
-                register_total_per_hour: cfg.oauth_register_limit_total,
-                signins_per_address: cfg.oauth_signins_per_address as usize,
+                resource_path: cfg.oauth.path.clone(),
+                public_url: cfg.oauth.public_url.clone(),
+                register_per_hour: cfg.oauth.register_limit,
+                register_total_per_hour: cfg.oauth.register_limit_total,
+                signins_per_address: cfg.oauth.signins_per_address as usize,
                 trusted_proxies: cfg.trusted_proxies.clone(),
-                documents_on: cfg.client_documents != ClientDocuments::Off,
+                documents_on: cfg.oauth.client_documents != ClientDocuments::Off,
                 fetcher,
                 fetching: Mutex::new(Fetching::default()),
                 documents: Mutex::new(HashMap::new()),
                 registrations: Mutex::new(Registrations {
                     per_source: HashMap::new(),
-                    total: (f64::from(cfg.oauth_register_limit_total), Instant::now()),
+                    total: (f64::from(cfg.oauth.register_limit_total), Instant::now()),
                 }),
                 signins: Mutex::new(SignIns::default()),
                 renewing: Mutex::new(HashMap::new()),
@@ -2006,7 +2022,7 @@ mod oauth {
     /// Whose request to the resource this is: the bearer token opens its grant, whose
     /// Outline credential is checked with Outline like any key (and renewed first when
     /// it is Outline's own token near its end).
-    pub fn identify(
+    pub fn identify_by_token(
         proxy: &Proxy,
         door: &FrontDoor,
         incoming: &Incoming,
@@ -2034,8 +2050,8 @@ mod oauth {
             ProxyError::Unauthorized(_) => invalid("Outline no longer accepts this sign-in; sign in again."),
             other => other,
         };
-        let sealed = renewed_upstream(door, &token, opened).map_err(refused_by_outline)?;
-        let credential = Credential { key: sealed.upstream.credential().to_string(), source: KeySource::KeyHeader };
+        let signed_in = renewed_upstream(door, &token, opened).map_err(refused_by_outline)?;
+        let credential = Credential { key: signed_in.credential.key().to_string() };
         let user = proxy.auth.verify(&credential.key).map_err(refused_by_outline)?;
         let name = crate::auth::note_user(proxy, &user, &credential, log_ctx);
         Ok((credential, user, name))
@@ -2043,17 +2059,17 @@ mod oauth {
 
     /// The grant's upstream credential, with Outline's own access token renewed first
     /// when it is near its end.
-    fn renewed_upstream(door: &FrontDoor, token: &str, opened: Opened) -> Result<Sealed, ProxyError> {
-        let Upstream::Outline { expires_at, .. } = &opened.sealed.upstream else {
-            return Ok(opened.sealed);
+    fn renewed_upstream(door: &FrontDoor, token: &str, opened: Opened) -> Result<SignedIn, ProxyError> {
+        let OutlineCredential::Outline { expires_at, .. } = &opened.signed_in.credential else {
+            return Ok(opened.signed_in);
         };
         if *expires_at > now_unix() + OUTLINE_RENEW_BEFORE {
-            return Ok(opened.sealed);
+            return Ok(opened.signed_in);
         }
         let still_good = *expires_at > now_unix();
         match renew_once(door, &opened.grant_id, RenewalFor::Request { access_token: token }) {
-            Ok(sealed) => Ok(sealed),
-            Err(UpstreamRefusal::Unreachable) if still_good => Ok(opened.sealed),
+            Ok(renewed) => Ok(renewed),
+            Err(UpstreamRefusal::Unreachable) if still_good => Ok(opened.signed_in),
             Err(UpstreamRefusal::Unreachable) => {
                 Err(ProxyError::OutlineUnreachable("Outline could not be reached to renew the sign-in.".into()))
             }
@@ -2109,11 +2125,11 @@ mod oauth {
             TokenRefused::Storage => UpstreamRefusal::Unreachable,
             _ => UpstreamRefusal::Refused,
         })?;
-        let Upstream::Outline { refresh_token, expires_at, .. } = &opened.sealed.upstream else {
-            return Ok(opened.sealed);
+        let OutlineCredential::Outline { refresh_token, expires_at, .. } = &opened.signed_in.credential else {
+            return Ok(opened.signed_in);
         };
         if matches!(asker, RenewalFor::Request { .. }) && *expires_at > now_unix() + OUTLINE_RENEW_BEFORE {
-            return Ok(opened.sealed);
+            return Ok(opened.signed_in);
         }
         renew_at_outline(door, app, &opened, refresh_token).map_err(|failed| match failed {
             RenewalFailed::Outline(refusal) => refusal,
@@ -2137,13 +2153,13 @@ mod oauth {
         app: &OutlineApp,
         opened: &Opened,
         outline_refresh: &str,
-    ) -> Result<Sealed, RenewalFailed> {
+    ) -> Result<SignedIn, RenewalFailed> {
         match app.refresh(outline_refresh) {
             Ok(upstream) => {
-                let mut sealed = opened.sealed.clone();
-                sealed.upstream = upstream;
-                door.grants.reseal(opened, &sealed).map_err(RenewalFailed::Store)?;
-                Ok(sealed)
+                let mut renewed = opened.signed_in.clone();
+                renewed.credential = upstream;
+                door.grants.reseal(opened, &renewed).map_err(RenewalFailed::Store)?;
+                Ok(renewed)
             }
             Err(UpstreamRefusal::Refused) => {
                 log::info!("Outline refused to renew a sign-in: its grant is revoked");
@@ -2754,7 +2770,7 @@ mod oauth {
                 "Too many sign-ins are in progress from this address; finish one, or try again in a few minutes.",
             );
         }
-        if door.grants.add_pending(&request_id, pending.clone()).is_err() {
+        if door.grants.sign_ins.add_pending(&request_id, pending.clone()).is_err() {
             lock(&door.signins).end(&request_id);
             return problem(503, "Too many sign-ins are in progress; try again in a few minutes.");
         }
@@ -2814,16 +2830,18 @@ mod oauth {
         }
         let key = field("api_key").trim();
         if !crate::auth::is_plausible_key(key) || key.starts_with(crate::auth::TOKEN_PREFIX) {
-            if door.grants.count_attempt(request_id) >= 5 {
+            if door.grants.sign_ins.count_attempt(request_id) >= 5 {
                 lock(&door.signins).end(request_id);
             }
             let why = "That does not look like an Outline API key: paste the whole key.";
             return consent(door, &pending, request_id, field("csrf"), Some(why), None);
         }
         match proxy.auth.ask_outline(key) {
-            Ok(user) => finish_sign_in(door, request_id, Upstream::ApiKey { key: key.to_string() }, &user, base),
+            Ok(user) => {
+                finish_sign_in(door, request_id, OutlineCredential::ApiKey { key: key.to_string() }, &user, base)
+            }
             Err(ProxyError::Unauthorized(_)) => {
-                if door.grants.count_attempt(request_id) >= 5 {
+                if door.grants.sign_ins.count_attempt(request_id) >= 5 {
                     lock(&door.signins).end(request_id);
                     return problem(400, "Outline refused five keys; start again from your app.");
                 }
@@ -2864,7 +2882,7 @@ mod oauth {
             Err(UpstreamRefusal::Refused) => return problem(400, "Outline did not accept the sign-in; start again."),
             Err(UpstreamRefusal::Unreachable) => return problem(502, "Outline could not be reached; try again."),
         };
-        match proxy.auth.ask_outline(upstream.credential()) {
+        match proxy.auth.ask_outline(upstream.key()) {
             Ok(user) => finish_sign_in(door, request_id, upstream, &user, base),
             Err(_) => problem(502, "Outline did not say who signed in; try again."),
         }
@@ -2872,7 +2890,7 @@ mod oauth {
 
     /// The sign-in ends without access: the client hears `access_denied`.
     fn declined(door: &FrontDoor, request_id: &str, pending: &Pending, base: &str, why: &str) -> Reply {
-        door.grants.take_pending(request_id);
+        door.grants.sign_ins.take_pending(request_id);
         lock(&door.signins).end(request_id);
         let params = [("error", "access_denied"), ("error_description", why)];
         let location = client_redirect(&pending.redirect_uri, &params, pending.state.as_deref(), base);
@@ -2880,12 +2898,18 @@ mod oauth {
     }
 
     /// The person is known: a one-time code goes back to the client's redirect URI.
-    fn finish_sign_in(door: &FrontDoor, request_id: &str, upstream: Upstream, user: &User, base: &str) -> Reply {
+    fn finish_sign_in(
+        door: &FrontDoor,
+        request_id: &str,
+        upstream: OutlineCredential,
+        user: &User,
+        base: &str,
+    ) -> Reply {
         lock(&door.signins).end(request_id);
-        let Some(pending) = door.grants.take_pending(request_id) else {
+        let Some(pending) = door.grants.sign_ins.take_pending(request_id) else {
             return problem(400, "This sign-in has expired; start again from your app.");
         };
-        let Ok(code) = door.grants.issue_code(&pending, Sealed::new(upstream, user)) else {
+        let Ok(code) = door.grants.sign_ins.issue_code(&pending, SignedIn::new(upstream, user)) else {
             return problem(503, "The proxy could not finish the sign-in; try again.");
         };
         log::info!(
@@ -2910,7 +2934,7 @@ mod oauth {
         request_id: &str,
         form_csrf: Option<&str>,
     ) -> Result<Pending, Reply> {
-        let Some(pending) = door.grants.pending(request_id) else {
+        let Some(pending) = door.grants.sign_ins.pending(request_id) else {
             return Err(problem(400, "This sign-in has expired or was already used; start again from your app."));
         };
         let cookie =
@@ -3120,8 +3144,8 @@ mod oauth {
             // not revoked on disk: the client may try again, and is not told the grant is gone
             Err(e) => refused(e),
         };
-        match (&opened.sealed.upstream, &door.outline_app) {
-            (Upstream::Outline { .. }, Some(_)) => {
+        match (&opened.signed_in.credential, &door.outline_app) {
+            (OutlineCredential::Outline { .. }, Some(_)) => {
                 match renew_once(door, &opened.grant_id, RenewalFor::Refresh { refresh_token }) {
                     Ok(_) => {}
                     Err(UpstreamRefusal::Refused) => {
@@ -3135,10 +3159,10 @@ mod oauth {
                     Err(UpstreamRefusal::Unreachable) => return Err(unavailable()),
                 }
             }
-            (Upstream::Outline { .. }, None) => {
+            (OutlineCredential::Outline { .. }, None) => {
                 return Err(gone(door, &opened, "Sign-in with Outline is no longer set up here; sign in again."))
             }
-            (Upstream::ApiKey { key }, _) => match proxy.auth.ask_outline(key) {
+            (OutlineCredential::ApiKey { key }, _) => match proxy.auth.ask_outline(key) {
                 Ok(_) => {}
                 Err(ProxyError::Unauthorized(_)) => {
                     proxy.auth.forget(key);
@@ -3166,7 +3190,7 @@ mod oauth {
             if caller.is_none_or(|c| Some(c) == owner) {
                 let opened = door.grants.open_with_access(token).or_else(|_| door.grants.open_with_refresh(token));
                 if let (Ok(opened), Some(app)) = (opened, &door.outline_app) {
-                    if let Upstream::Outline { refresh_token, .. } = &opened.sealed.upstream {
+                    if let OutlineCredential::Outline { refresh_token, .. } = &opened.signed_in.credential {
                         app.revoke(refresh_token);
                     }
                 }
@@ -3185,10 +3209,10 @@ mod signin {
     //! field when no Outline OAuth app is set), its cookie and anti-framing headers, and
     //! the proxy's own OAuth client of Outline (authorize, token, refresh, revoke) with
     //! its PKCE verifiers keyed by a secret in the state directory.
-    //! Calls `grants` (the Upstream type), `auth` (Outline's HTTP client, ureq error
+    //! Calls `grants` (the OutlineCredential type), `auth` (Outline's HTTP client, ureq error
     //! words), `util`, ureq.
     use crate::auth::describe_ureq_error;
-    use crate::grants::Upstream;
+    use crate::grants::OutlineCredential;
     use crate::util::{base64url, lock, now_unix, percent_encode};
     use hkdf::hmac::{Hmac, Mac};
     use serde_json::Value;
@@ -3278,7 +3302,12 @@ mod signin {
         }
 
         /// Outline's code → Outline's tokens (`POST /oauth/token`, the secret in the body).
-        pub fn exchange(&self, code: &str, callback: &str, verifier: &str) -> Result<Upstream, UpstreamRefusal> {
+        pub fn exchange(
+            &self,
+            code: &str,
+            callback: &str,
+            verifier: &str,
+        ) -> Result<OutlineCredential, UpstreamRefusal> {
             self.token_request(&[
                 ("grant_type", "authorization_code"),
                 ("code", code),
@@ -3288,7 +3317,7 @@ mod signin {
         }
 
         /// New tokens for old: Outline rotates its refresh token on every use.
-        pub fn refresh(&self, refresh_token: &str) -> Result<Upstream, UpstreamRefusal> {
+        pub fn refresh(&self, refresh_token: &str) -> Result<OutlineCredential, UpstreamRefusal> {
             self.token_request(&[("grant_type", "refresh_token"), ("refresh_token", refresh_token)])
         }
 
@@ -3320,7 +3349,7 @@ mod signin {
             }
         }
 
-        fn token_request(&self, params: &[(&str, &str)]) -> Result<Upstream, UpstreamRefusal> {
+        fn token_request(&self, params: &[(&str, &str)]) -> Result<OutlineCredential, UpstreamRefusal> {
             let url = format!("{}/oauth/token", self.outline_url);
             let mut form: Vec<(&str, &str)> = params.to_vec();
             form.push(("client_id", &self.client_id));
@@ -3352,11 +3381,11 @@ mod signin {
     }
 
     /// `{"access_token","refresh_token","expires_in",...}` → the upstream credential.
-    pub fn parse_outline_tokens(body: &str) -> Option<Upstream> {
+    pub fn parse_outline_tokens(body: &str) -> Option<OutlineCredential> {
         let value: Value = serde_json::from_str(body).ok()?;
         let text = |k: &str| value.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
         let expires_in = value.get("expires_in").and_then(Value::as_u64).unwrap_or(3600);
-        Some(Upstream::Outline {
+        Some(OutlineCredential::Outline {
             access_token: text("access_token")?,
             refresh_token: text("refresh_token")?,
             expires_at: now_unix() + expires_in,
@@ -3525,35 +3554,37 @@ mod grants {
     /// What the container is given: a pasted API key, or Outline's own OAuth tokens.
     #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
     #[serde(tag = "kind", rename_all = "snake_case")]
-    pub enum Upstream {
+    pub enum OutlineCredential {
         ApiKey { key: String },
         Outline { access_token: String, refresh_token: String, expires_at: u64 },
     }
 
-    impl Upstream {
-        /// The credential sent to Outline and to the container as `x-outline-api-key`.
-        pub fn credential(&self) -> &str {
+    impl OutlineCredential {
+        /// The key sent to Outline and to the container as `x-outline-api-key`.
+        pub fn key(&self) -> &str {
             match self {
-                Upstream::ApiKey { key } => key,
-                Upstream::Outline { access_token, .. } => access_token,
+                OutlineCredential::ApiKey { key } => key,
+                OutlineCredential::Outline { access_token, .. } => access_token,
             }
         }
     }
 
-    /// What a grant's sealed box holds: the credential and whose it is.
+    /// Who signed in, and their Outline credential: what a grant's sealed box holds,
+    /// opened (sealed at rest as JSON, the field names as they always were).
     #[derive(Serialize, Deserialize, Clone, Debug)]
-    pub struct Sealed {
-        pub upstream: Upstream,
+    pub struct SignedIn {
+        #[serde(rename = "upstream")]
+        pub credential: OutlineCredential,
         pub user_id: String,
         pub team_id: String,
         pub name: String,
         pub email: String,
     }
 
-    impl Sealed {
-        pub fn new(upstream: Upstream, user: &User) -> Sealed {
-            Sealed {
-                upstream,
+    impl SignedIn {
+        pub fn new(credential: OutlineCredential, user: &User) -> SignedIn {
+            SignedIn {
+                credential,
                 user_id: user.id.clone(),
                 team_id: user.team_id.clone(),
                 name: user.name.clone(),
@@ -3599,10 +3630,10 @@ mod grants {
         pub redirect_uri: String,
         pub code_challenge: String,
         pub resource: String,
-        pub sealed: Sealed,
+        pub signed_in: SignedIn,
     }
 
-    /// An authorization code as kept: its `Sealed` sealed under a key derived from the
+    /// An authorization code as kept: its `SignedIn` sealed under a key derived from the
     /// code, so it too can be written when the proxy stops without a secret in the clear.
     #[derive(Clone, Debug, Serialize, Deserialize)]
     struct CodeRecord {
@@ -3627,7 +3658,7 @@ mod grants {
         id: String,
         client_id: String,
         resource: String,
-        /// `Sealed`, as JSON, sealed under the grant's key.
+        /// `SignedIn`, as JSON, sealed under the grant's key.
         sealed: String,
         refresh: TokenRecord,
         access: Vec<TokenRecord>,
@@ -3662,7 +3693,7 @@ mod grants {
         pub grant_id: String,
         pub client_id: String,
         pub resource: String,
-        pub sealed: Sealed,
+        pub signed_in: SignedIn,
         key: [u8; 32],
     }
 
@@ -3678,8 +3709,10 @@ mod grants {
         Full,
     }
 
+    /// Registered clients and live grants, with the indexes that find a grant by token,
+    /// user and client. Every change to it is also handed to the journal (`Keeping`).
     #[derive(Default)]
-    struct State {
+    struct Ledger {
         clients: HashMap<String, Client>,
         grants: HashMap<String, GrantRecord>,
         /// token hash → grant id (access and refresh tokens alike)
@@ -3690,13 +3723,9 @@ mod grants {
         by_user: HashMap<String, Vec<String>>,
         /// client id → its live grants (a client without any is unused)
         per_client: HashMap<String, usize>,
-        pending: HashMap<String, Pending>,
-        codes: HashMap<String, CodeRecord>,
-        /// used code hash → (grant issued from it, when the memory may go)
-        used_codes: HashMap<String, (String, Instant)>,
     }
 
-    impl State {
+    impl Ledger {
         fn index_tokens(&mut self, grant: &GrantRecord) {
             self.tokens.insert(grant.refresh.hash.clone(), grant.id.clone());
             for access in &grant.access {
@@ -3745,6 +3774,59 @@ mod grants {
             Some(grant)
         }
 
+        /// A new grant kept, and the user's oldest grants for this client, then over all,
+        /// ended where they are beyond the limits: the changes for the journal.
+        fn add_grant_within_limits(&mut self, grant: GrantRecord) -> Vec<Entry> {
+            let (user, client_id) = (grant.user.clone(), grant.client_id.clone());
+            self.add_grant(grant);
+            let over = self.over_limits(&user, &client_id);
+            if !over.is_empty() {
+                log::info!("a new OAuth grant ended {} older one(s) of its user (the limits per user)", over.len());
+            }
+            over.into_iter()
+                .map(|id| {
+                    self.remove_grant(&id);
+                    Entry::GrantGone { id }
+                })
+                .collect()
+        }
+
+        /// Forgets grants whose refresh token is dead, clients unused for a day, and
+        /// expired access tokens (those in memory only): the changes for the journal.
+        fn expire(&mut self, now: u64) -> Vec<Entry> {
+            let dead: Vec<String> =
+                self.grants.values().filter(|g| g.refresh.expires_at <= now).map(|g| g.id.clone()).collect();
+            let mut entries = Vec::new();
+            for id in dead {
+                self.remove_grant(&id);
+                entries.push(Entry::GrantGone { id });
+            }
+            let unused: Vec<String> = self
+                .clients
+                .values()
+                .filter(|c| !self.per_client.contains_key(&c.id) && c.created_at + 86400 <= now)
+                .map(|c| c.id.clone())
+                .collect();
+            for id in unused {
+                self.clients.remove(&id);
+                entries.push(Entry::ClientGone { id });
+            }
+            let mut expired_access = Vec::new();
+            for grant in self.grants.values_mut() {
+                grant.access.retain(|a| {
+                    let alive = a.expires_at > now;
+                    if !alive {
+                        expired_access.push(a.hash.clone());
+                    }
+                    alive
+                });
+            }
+            for hash in &expired_access {
+                self.tokens.remove(hash);
+            }
+            entries
+        }
+
         /// A user's grants beyond the limits, oldest first: those over GRANTS_PER_CLIENT
         /// for this client, then those over GRANTS_PER_USER in all.
         fn over_limits(&self, user: &str, client_id: &str) -> Vec<String> {
@@ -3788,6 +3870,133 @@ mod grants {
         }
     }
 
+    /// Kept in memory only, and written when the proxy stops: sign-ins in progress,
+    /// codes not yet redeemed, and redeemed codes (remembered to catch a second use).
+    #[derive(Default)]
+    struct InProgress {
+        pending: HashMap<String, Pending>,
+        codes: HashMap<String, CodeRecord>,
+        /// used code hash → (the grant issued from it, once issued; when the memory may go)
+        used_codes: HashMap<String, (Option<String>, Instant)>,
+    }
+
+    /// Sign-ins (by id hash) and codes (by code hash) as the state file keeps them.
+    type InProgressAtRest = (Vec<(String, Pending)>, Vec<(String, CodeRecord)>);
+
+    /// Sign-ins between the authorize request and the person's answer, and the
+    /// one-time codes they end in.
+    pub struct SignIns(Mutex<InProgress>);
+
+    impl SignIns {
+        /// Remembers a sign-in in progress; at most MAX_PENDING at once (each lives ten
+        /// minutes), so a flood of authorize requests cannot grow memory without end.
+        pub fn add_pending(&self, id: &str, pending: Pending) -> Result<(), TokenRefused> {
+            let mut state = lock(&self.0);
+            if state.pending.len() >= MAX_PENDING {
+                let now = now_unix();
+                state.pending.retain(|_, p| p.expires_at > now);
+            }
+            if state.pending.len() >= MAX_PENDING {
+                return Err(TokenRefused::Storage);
+            }
+            state.pending.insert(token_hash(id), pending);
+            Ok(())
+        }
+
+        pub fn pending(&self, id: &str) -> Option<Pending> {
+            let state = lock(&self.0);
+            state.pending.get(&token_hash(id)).filter(|p| p.expires_at > now_unix()).cloned()
+        }
+
+        /// Counts a failed attempt (a wrong key); after five the sign-in is over.
+        pub fn count_attempt(&self, id: &str) -> u32 {
+            let mut state = lock(&self.0);
+            let hash = token_hash(id);
+            let attempts = state.pending.get_mut(&hash).map(|p| {
+                p.attempts += 1;
+                p.attempts
+            });
+            match attempts {
+                Some(n) if n < 5 => n,
+                _ => {
+                    state.pending.remove(&hash);
+                    5
+                }
+            }
+        }
+
+        pub fn take_pending(&self, id: &str) -> Option<Pending> {
+            lock(&self.0).pending.remove(&token_hash(id)).filter(|p| p.expires_at > now_unix())
+        }
+
+        /// A one-time code for a finished sign-in, valid for a minute.
+        pub fn issue_code(&self, pending: &Pending, signed_in: SignedIn) -> Result<String, TokenRefused> {
+            let code = new_secret("ac")?;
+            let plaintext = serde_json::to_vec(&signed_in).map_err(|_| TokenRefused::Storage)?;
+            let entry = CodeRecord {
+                client_id: pending.client_id.clone(),
+                redirect_uri: pending.redirect_uri.clone(),
+                code_challenge: pending.code_challenge.clone(),
+                resource: pending.resource.clone(),
+                sealed: seal(&token_key(&code, "code"), "code", &plaintext)?,
+                expires_at: now_unix() + 60,
+            };
+            lock(&self.0).codes.insert(token_hash(&code), entry);
+            Ok(code)
+        }
+
+        /// Takes a waiting code for good (it is remembered as used); `None` when no such
+        /// code waits (unknown, or used before).
+        fn take_code(&self, code: &str) -> Option<Result<Code, TokenRefused>> {
+            let hash = token_hash(code);
+            let mut state = lock(&self.0);
+            let entry = state.codes.remove(&hash)?;
+            state.used_codes.insert(hash, (None, Instant::now() + Duration::from_secs(660)));
+            if entry.expires_at <= now_unix() {
+                return Some(Err(TokenRefused::InvalidGrant("The authorization code has expired.")));
+            }
+            let opened = open(&token_key(code, "code"), "code", &entry.sealed)
+                .and_then(|plaintext| serde_json::from_slice::<SignedIn>(&plaintext).ok())
+                .ok_or(TokenRefused::InvalidGrant("The authorization code does not open."));
+            Some(opened.map(|signed_in| Code {
+                client_id: entry.client_id,
+                redirect_uri: entry.redirect_uri,
+                code_challenge: entry.code_challenge,
+                resource: entry.resource,
+                signed_in,
+            }))
+        }
+
+        /// The grant a used code was redeemed for, if it has been issued.
+        fn grant_of_used_code(&self, code: &str) -> Option<String> {
+            lock(&self.0).used_codes.get(&token_hash(code)).and_then(|(grant, _)| grant.clone())
+        }
+
+        /// Remembers which grant a used code gave (so a second use revokes it).
+        fn note_grant_of_code(&self, code: &str, grant_id: &str) {
+            if let Some(used) = lock(&self.0).used_codes.get_mut(&token_hash(code)) {
+                used.0 = Some(grant_id.to_string());
+            }
+        }
+
+        fn prune(&self, now: u64) {
+            let mut state = lock(&self.0);
+            let instant = Instant::now();
+            state.pending.retain(|_, p| p.expires_at > now);
+            state.codes.retain(|_, c| c.expires_at > now);
+            state.used_codes.retain(|_, (_, until)| *until > instant);
+        }
+
+        /// The sign-ins and codes in progress, as written at a stop.
+        fn in_progress(&self) -> InProgressAtRest {
+            let state = lock(&self.0);
+            (
+                state.pending.iter().map(|(h, p)| (h.clone(), p.clone())).collect(),
+                state.codes.iter().map(|(h, c)| (h.clone(), c.clone())).collect(),
+            )
+        }
+    }
+
     /// One change to what is kept at rest: one line of the journal.
     #[derive(Serialize, Deserialize, Clone, Debug)]
     #[serde(tag = "op", rename_all = "snake_case")]
@@ -3825,8 +4034,71 @@ mod grants {
         Failed,
     }
 
+    impl Keeping {
+        /// Hands changes to the writer. Called with the ledger locked (`_made` is it), so
+        /// the journal has them in the order they were made; nothing is written here.
+        fn record(&self, _made: &Ledger, entries: Vec<Entry>) -> Durable {
+            match self {
+                _ if entries.is_empty() => Durable::Nothing,
+                Keeping::InMemory => Durable::Nothing,
+                Keeping::Unwritable => Durable::Failed,
+                Keeping::OnDisk { mailbox, .. } => {
+                    let (done, on_disk) = mpsc::channel();
+                    match mailbox.send(ToWriter::Changes(entries, done)) {
+                        Ok(()) => Durable::Waiting(on_disk),
+                        Err(_) => Durable::Failed,
+                    }
+                }
+            }
+        }
+
+        /// Waits, without the ledger's lock, until recorded changes are on disk.
+        fn settled(&self, durable: Durable) -> Result<(), TokenRefused> {
+            let written = match durable {
+                Durable::Nothing => return Ok(()),
+                Durable::Waiting(on_disk) => on_disk.recv().ok(),
+                Durable::Failed => None,
+            };
+            match written {
+                Some(true) => Ok(()),
+                Some(false) => Err(TokenRefused::Storage),
+                None => {
+                    self.writer_gone();
+                    Err(TokenRefused::Storage)
+                }
+            }
+        }
+
+        /// The writer thread ended (it only does by a panic): said once, in the log.
+        fn writer_gone(&self) {
+            if let Keeping::OnDisk { thread, .. } = self {
+                if let Some(handle) = lock(thread).take() {
+                    let how = if handle.join().is_err() { "panicked" } else { "ended" };
+                    log::error!("the OAuth journal writer {how}: changes to grants are refused until a restart");
+                }
+            }
+        }
+
+        /// The state file written whole, with the sign-ins and codes in progress, and
+        /// the journal emptied.
+        fn save_at_stop(&self, sign_ins: Vec<(String, Pending)>, codes: Vec<(String, CodeRecord)>) {
+            let Keeping::OnDisk { mailbox, .. } = self else { return };
+            let in_progress = sign_ins.len();
+            let (done, saved) = mpsc::channel();
+            let sent = mailbox.send(ToWriter::Stop { sign_ins, codes, done }).is_ok();
+            match sent.then(|| saved.recv().ok()).flatten() {
+                Some(true) => log::info!("OAuth state saved ({in_progress} sign-in(s) in progress)"),
+                Some(false) => log::error!("the OAuth state could not be saved at the stop"),
+                None => self.writer_gone(),
+            }
+        }
+    }
+
+    /// Clients, sign-ins, codes and grants; every change to clients and grants reaches
+    /// disk through `keeping` before it is answered.
     pub struct Store {
-        state: Mutex<State>,
+        ledger: Mutex<Ledger>,
+        pub sign_ins: SignIns,
         keeping: Keeping,
         access_ttl: Duration,
         refresh_ttl: Duration,
@@ -3899,8 +4171,8 @@ mod grants {
     }
 
     /// sha256 of whose grant it is: the Outline team and user, never the name or email.
-    fn user_key(sealed: &Sealed) -> String {
-        token_hash(&format!("{}\n{}", sealed.team_id, sealed.user_id))
+    fn user_key(signed_in: &SignedIn) -> String {
+        token_hash(&format!("{}\n{}", signed_in.team_id, signed_in.user_id))
     }
 
     impl Store {
@@ -3908,92 +4180,24 @@ mod grants {
         /// journal's changes after it (a missing file is an empty store; an unreadable
         /// one is set aside and logged, never silently reused).
         pub fn open(dir: Option<PathBuf>, access_ttl: Duration, refresh_ttl: Duration, max_clients: usize) -> Store {
-            let mut state = State::default();
-            let mut keeping = Keeping::InMemory;
-            if let Some(dir) = &dir {
-                let loaded = load(dir);
-                let now = now_unix();
-                let sign_ins: Vec<(String, Pending)> =
-                    loaded.sign_ins.into_iter().filter(|(_, p)| p.expires_at > now).collect();
-                let codes: Vec<(String, CodeRecord)> =
-                    loaded.codes.into_iter().filter(|(_, c)| c.expires_at > now).collect();
-                keeping =
-                    match start_writer(dir, &loaded.clients, &loaded.grants, loaded.journal_bytes, &sign_ins, &codes) {
-                        Ok(writer) => writer,
-                        Err(e) => {
-                            log::error!(
-                                "cannot open the OAuth journal in {}: {e}; sign-ins are refused",
-                                dir.display()
-                            );
-                            Keeping::Unwritable
-                        }
-                    };
-                state.clients = loaded.clients;
-                let mut grants: Vec<GrantRecord> = loaded.grants.into_values().collect();
-                grants.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-                for grant in grants {
-                    state.add_grant(grant);
-                }
-                state.pending = sign_ins.into_iter().collect();
-                state.codes = codes.into_iter().collect();
-            }
-            Store { state: Mutex::new(state), keeping, access_ttl, refresh_ttl, max_clients }
-        }
-
-        /// Hands changes to the writer. Called with the state locked (`_made` is it), so
-        /// the journal has them in the order they were made; nothing is written here.
-        fn record(&self, _made: &State, entries: Vec<Entry>) -> Durable {
-            match &self.keeping {
-                _ if entries.is_empty() => Durable::Nothing,
-                Keeping::InMemory => Durable::Nothing,
-                Keeping::Unwritable => Durable::Failed,
-                Keeping::OnDisk { mailbox, .. } => {
-                    let (done, on_disk) = mpsc::channel();
-                    match mailbox.send(ToWriter::Changes(entries, done)) {
-                        Ok(()) => Durable::Waiting(on_disk),
-                        Err(_) => Durable::Failed,
-                    }
-                }
-            }
-        }
-
-        /// Waits, without the state's lock, until recorded changes are on disk.
-        fn settled(&self, durable: Durable) -> Result<(), TokenRefused> {
-            let written = match durable {
-                Durable::Nothing => return Ok(()),
-                Durable::Waiting(on_disk) => on_disk.recv().ok(),
-                Durable::Failed => None,
+            let (ledger, in_progress, keeping) = match &dir {
+                Some(dir) => restore(dir),
+                None => (Ledger::default(), InProgress::default(), Keeping::InMemory),
             };
-            match written {
-                Some(true) => Ok(()),
-                Some(false) => Err(TokenRefused::Storage),
-                None => {
-                    self.writer_gone();
-                    Err(TokenRefused::Storage)
-                }
-            }
-        }
-
-        /// The writer thread ended (it only does by a panic): said once, in the log.
-        fn writer_gone(&self) {
-            if let Keeping::OnDisk { thread, .. } = &self.keeping {
-                if let Some(handle) = lock(thread).take() {
-                    let how = if handle.join().is_err() { "panicked" } else { "ended" };
-                    log::error!("the OAuth journal writer {how}: changes to grants are refused until a restart");
-                }
-            }
+            let (ledger, sign_ins) = (Mutex::new(ledger), SignIns(Mutex::new(in_progress)));
+            Store { ledger, sign_ins, keeping, access_ttl, refresh_ttl, max_clients }
         }
 
         pub fn grant_count(&self) -> usize {
-            lock(&self.state).grants.len()
+            lock(&self.ledger).grants.len()
         }
 
         pub fn client_count(&self) -> usize {
-            lock(&self.state).clients.len()
+            lock(&self.ledger).clients.len()
         }
 
         pub fn client(&self, id: &str) -> Option<Client> {
-            lock(&self.state).clients.get(id).cloned()
+            lock(&self.ledger).clients.get(id).cloned()
         }
 
         /// A registered client kept; at MCP_PROXY_OAUTH_MAX_CLIENTS the oldest unused
@@ -4001,7 +4205,7 @@ mod grants {
         pub fn add_client(&self, client: Client) -> Result<(), TokenRefused> {
             let mut entries = Vec::new();
             let durable = {
-                let mut state = lock(&self.state);
+                let mut state = lock(&self.ledger);
                 let dropped = state.make_room_for_client(self.max_clients)?;
                 if !dropped.is_empty() {
                     log::info!("{} unused OAuth client(s) forgotten to make room for a new one", dropped.len());
@@ -4009,96 +4213,20 @@ mod grants {
                 entries.extend(dropped.into_iter().map(|id| Entry::ClientGone { id }));
                 entries.push(Entry::Client { client: client.clone() });
                 state.clients.insert(client.id.clone(), client);
-                self.record(&state, entries)
+                self.keeping.record(&state, entries)
             };
-            self.settled(durable)
-        }
-
-        /// Remembers a sign-in in progress; at most MAX_PENDING at once (each lives ten
-        /// minutes), so a flood of authorize requests cannot grow memory without end.
-        pub fn add_pending(&self, id: &str, pending: Pending) -> Result<(), TokenRefused> {
-            let mut state = lock(&self.state);
-            if state.pending.len() >= MAX_PENDING {
-                let now = now_unix();
-                state.pending.retain(|_, p| p.expires_at > now);
-            }
-            if state.pending.len() >= MAX_PENDING {
-                return Err(TokenRefused::Storage);
-            }
-            state.pending.insert(token_hash(id), pending);
-            Ok(())
-        }
-
-        pub fn pending(&self, id: &str) -> Option<Pending> {
-            let state = lock(&self.state);
-            state.pending.get(&token_hash(id)).filter(|p| p.expires_at > now_unix()).cloned()
-        }
-
-        /// Counts a failed attempt (a wrong key); after five the sign-in is over.
-        pub fn count_attempt(&self, id: &str) -> u32 {
-            let mut state = lock(&self.state);
-            let hash = token_hash(id);
-            let attempts = state.pending.get_mut(&hash).map(|p| {
-                p.attempts += 1;
-                p.attempts
-            });
-            match attempts {
-                Some(n) if n < 5 => n,
-                _ => {
-                    state.pending.remove(&hash);
-                    5
-                }
-            }
-        }
-
-        pub fn take_pending(&self, id: &str) -> Option<Pending> {
-            lock(&self.state).pending.remove(&token_hash(id)).filter(|p| p.expires_at > now_unix())
-        }
-
-        /// A one-time code for a finished sign-in, valid for a minute.
-        pub fn issue_code(&self, pending: &Pending, sealed: Sealed) -> Result<String, TokenRefused> {
-            let code = new_secret("ac")?;
-            let plaintext = serde_json::to_vec(&sealed).map_err(|_| TokenRefused::Storage)?;
-            let entry = CodeRecord {
-                client_id: pending.client_id.clone(),
-                redirect_uri: pending.redirect_uri.clone(),
-                code_challenge: pending.code_challenge.clone(),
-                resource: pending.resource.clone(),
-                sealed: seal(&token_key(&code, "code"), "code", &plaintext)?,
-                expires_at: now_unix() + 60,
-            };
-            lock(&self.state).codes.insert(token_hash(&code), entry);
-            Ok(code)
+            self.keeping.settled(durable)
         }
 
         /// Takes a code for good (a second use finds nothing, and revokes what the
         /// first use was given, as RFC 6749 §4.1.2 asks).
         pub fn take_code(&self, code: &str) -> Result<Code, TokenRefused> {
-            let hash = token_hash(code);
-            let mut state = lock(&self.state);
-            if let Some(entry) = state.codes.remove(&hash) {
-                state.used_codes.insert(hash, (String::new(), Instant::now() + Duration::from_secs(660)));
-                if entry.expires_at <= now_unix() {
-                    return Err(TokenRefused::InvalidGrant("The authorization code has expired."));
-                }
-                let opened = open(&token_key(code, "code"), "code", &entry.sealed)
-                    .and_then(|plaintext| serde_json::from_slice::<Sealed>(&plaintext).ok())
-                    .ok_or(TokenRefused::InvalidGrant("The authorization code does not open."))?;
-                return Ok(Code {
-                    client_id: entry.client_id,
-                    redirect_uri: entry.redirect_uri,
-                    code_challenge: entry.code_challenge,
-                    resource: entry.resource,
-                    sealed: opened,
-                });
+            if let Some(taken) = self.sign_ins.take_code(code) {
+                return taken;
             }
-            let replayed = state.used_codes.get(&hash).map(|(grant, _)| grant.clone());
-            drop(state);
-            if let Some(grant_id) = replayed {
-                if !grant_id.is_empty() {
-                    log::warn!("an authorization code was used twice: its grant is revoked");
-                    self.revoke_grant(&grant_id)?;
-                }
+            if let Some(grant_id) = self.sign_ins.grant_of_used_code(code) {
+                log::warn!("an authorization code was used twice: its grant is revoked");
+                self.revoke_grant(&grant_id)?;
             }
             Err(TokenRefused::InvalidGrant("The authorization code is unknown or was already used."))
         }
@@ -4107,7 +4235,7 @@ mod grants {
         pub fn create_grant(&self, code_text: &str, code: &Code) -> Result<Issued, TokenRefused> {
             let grant_id = base64url(&random_32().map_err(|_| TokenRefused::Storage)?);
             let grant_key = random_32().map_err(|_| TokenRefused::Storage)?;
-            let plaintext = serde_json::to_vec(&code.sealed).map_err(|_| TokenRefused::Storage)?;
+            let plaintext = serde_json::to_vec(&code.signed_in).map_err(|_| TokenRefused::Storage)?;
             let sealed = seal(&grant_key, &format!("grant:{grant_id}"), &plaintext)?;
             let access_token = new_secret("at")?;
             let refresh_token = new_secret("rt")?;
@@ -4120,28 +4248,16 @@ mod grants {
                 access: vec![token_record(&access_token, &grant_id, &grant_key, self.access_ttl)?],
                 retired_refresh: Vec::new(),
                 created_at: now_unix(),
-                user: user_key(&code.sealed),
+                user: user_key(&code.signed_in),
             };
             let mut entries = vec![Entry::Grant { grant: grant.clone() }];
             let durable = {
-                let mut state = lock(&self.state);
-                let (user, client_id) = (grant.user.clone(), grant.client_id.clone());
-                state.add_grant(grant);
-                // the limits: the user's oldest grants for this client, then over all, end
-                let over = state.over_limits(&user, &client_id);
-                if !over.is_empty() {
-                    log::info!("a new OAuth grant ended {} older one(s) of its user (the limits per user)", over.len());
-                }
-                for id in over {
-                    state.remove_grant(&id);
-                    entries.push(Entry::GrantGone { id });
-                }
-                if let Some(used) = state.used_codes.get_mut(&token_hash(code_text)) {
-                    used.0 = grant_id;
-                }
-                self.record(&state, entries)
+                let mut state = lock(&self.ledger);
+                entries.extend(state.add_grant_within_limits(grant));
+                self.keeping.record(&state, entries)
             };
-            self.settled(durable)?;
+            self.sign_ins.note_grant_of_code(code_text, &grant_id);
+            self.keeping.settled(durable)?;
             Ok(Issued { access_token, refresh_token, expires_in: self.access_ttl.as_secs() })
         }
 
@@ -4157,7 +4273,7 @@ mod grants {
         fn open_with(&self, token: &str, refresh: bool) -> Result<Opened, TokenRefused> {
             let hash = token_hash(token);
             let (record, grant_id, client_id, resource, boxed) = {
-                let state = lock(&self.state);
+                let state = lock(&self.ledger);
                 if refresh {
                     if let Some(grant_id) = state.retired.get(&hash).cloned() {
                         drop(state);
@@ -4178,32 +4294,24 @@ mod grants {
                 // request's path at the OAuth resource)
                 (record, grant.id.clone(), grant.client_id.clone(), grant.resource.clone(), grant.sealed.clone())
             };
-            if record.expires_at <= now_unix() {
-                return Err(TokenRefused::InvalidGrant("The token has expired."));
-            }
-            let grant_key = open(&token_key(token, &grant_id), &format!("wrap:{grant_id}"), &record.wrapped_key)
-                .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
-                .ok_or(TokenRefused::InvalidGrant("The token does not open its grant."))?;
-            let plaintext = open(&grant_key, &format!("grant:{grant_id}"), &boxed)
-                .ok_or(TokenRefused::InvalidGrant("The grant could not be opened."))?;
-            let sealed: Sealed = serde_json::from_slice(&plaintext).map_err(|_| TokenRefused::Storage)?;
-            Ok(Opened { grant_id, client_id, resource, sealed, key: grant_key })
+            let (key, signed_in) = unwrap_grant(token, &grant_id, &record, &boxed)?;
+            Ok(Opened { grant_id, client_id, resource, signed_in, key })
         }
 
         /// Seals a grant's credential again (Outline's tokens were refreshed).
-        pub fn reseal(&self, opened: &Opened, sealed: &Sealed) -> Result<(), TokenRefused> {
-            let plaintext = serde_json::to_vec(sealed).map_err(|_| TokenRefused::Storage)?;
+        pub fn reseal(&self, opened: &Opened, signed_in: &SignedIn) -> Result<(), TokenRefused> {
+            let plaintext = serde_json::to_vec(signed_in).map_err(|_| TokenRefused::Storage)?;
             let boxed = seal(&opened.key, &format!("grant:{}", opened.grant_id), &plaintext)?;
             let durable = {
-                let mut state = lock(&self.state);
+                let mut state = lock(&self.ledger);
                 let Some(grant) = state.grants.get_mut(&opened.grant_id) else {
                     return Err(TokenRefused::InvalidGrant("The grant was revoked."));
                 };
                 grant.sealed = boxed;
                 let entry = Entry::Grant { grant: grant.clone() };
-                self.record(&state, vec![entry])
+                self.keeping.record(&state, vec![entry])
             };
-            self.settled(durable)
+            self.keeping.settled(durable)
         }
 
         /// New access and refresh tokens for an opened grant; the old refresh token is
@@ -4215,7 +4323,7 @@ mod grants {
             let access = token_record(&access_token, &opened.grant_id, &opened.key, self.access_ttl)?;
             let refresh = token_record(&refresh_token, &opened.grant_id, &opened.key, self.refresh_ttl)?;
             let durable = {
-                let mut state = lock(&self.state);
+                let mut state = lock(&self.ledger);
                 let old_hash = token_hash(old_refresh);
                 let Some(mut grant) = state.grants.remove(&opened.grant_id) else {
                     return Err(TokenRefused::InvalidGrant("The grant was revoked."));
@@ -4238,32 +4346,32 @@ mod grants {
                 state.index_tokens(&grant);
                 let entry = Entry::Grant { grant: grant.clone() };
                 state.grants.insert(grant.id.clone(), grant);
-                self.record(&state, vec![entry])
+                self.keeping.record(&state, vec![entry])
             };
-            self.settled(durable)?;
+            self.keeping.settled(durable)?;
             Ok(Issued { access_token, refresh_token, expires_in: self.access_ttl.as_secs() })
         }
 
         /// Which grant a token (access or refresh, current or retired) belongs to.
         pub fn grant_of(&self, token: &str) -> Option<String> {
             let hash = token_hash(token);
-            let state = lock(&self.state);
+            let state = lock(&self.ledger);
             state.tokens.get(&hash).or_else(|| state.retired.get(&hash)).cloned()
         }
 
         pub fn client_of(&self, grant_id: &str) -> Option<String> {
-            lock(&self.state).grants.get(grant_id).map(|g| g.client_id.clone())
+            lock(&self.ledger).grants.get(grant_id).map(|g| g.client_id.clone())
         }
 
         pub fn revoke_grant(&self, grant_id: &str) -> Result<(), TokenRefused> {
             let durable = {
-                let mut state = lock(&self.state);
+                let mut state = lock(&self.ledger);
                 match state.remove_grant(grant_id) {
-                    Some(_) => self.record(&state, vec![Entry::GrantGone { id: grant_id.to_string() }]),
+                    Some(_) => self.keeping.record(&state, vec![Entry::GrantGone { id: grant_id.to_string() }]),
                     None => Durable::Nothing,
                 }
             };
-            self.settled(durable)
+            self.keeping.settled(durable)
         }
 
         /// Forgets what has expired: sign-ins, codes, access tokens, grants whose
@@ -4271,68 +4379,73 @@ mod grants {
         /// access tokens are forgotten in memory only: on disk they open nothing.
         pub fn prune(&self) {
             let now = now_unix();
+            self.sign_ins.prune(now);
             let durable = {
-                let mut state = lock(&self.state);
-                let instant = Instant::now();
-                state.pending.retain(|_, p| p.expires_at > now);
-                state.codes.retain(|_, c| c.expires_at > now);
-                state.used_codes.retain(|_, (_, until)| *until > instant);
-                let dead: Vec<String> =
-                    state.grants.values().filter(|g| g.refresh.expires_at <= now).map(|g| g.id.clone()).collect();
-                let mut entries = Vec::new();
-                for id in dead {
-                    state.remove_grant(&id);
-                    entries.push(Entry::GrantGone { id });
-                }
-                let unused: Vec<String> = state
-                    .clients
-                    .values()
-                    .filter(|c| !state.per_client.contains_key(&c.id) && c.created_at + 86400 <= now)
-                    .map(|c| c.id.clone())
-                    .collect();
-                for id in unused {
-                    state.clients.remove(&id);
-                    entries.push(Entry::ClientGone { id });
-                }
-                let mut expired_access = Vec::new();
-                for grant in state.grants.values_mut() {
-                    grant.access.retain(|a| {
-                        let alive = a.expires_at > now;
-                        if !alive {
-                            expired_access.push(a.hash.clone());
-                        }
-                        alive
-                    });
-                }
-                for hash in &expired_access {
-                    state.tokens.remove(hash);
-                }
-                self.record(&state, entries)
+                let mut state = lock(&self.ledger);
+                let entries = state.expire(now);
+                self.keeping.record(&state, entries)
             };
-            let _ = self.settled(durable);
+            let _ = self.keeping.settled(durable);
         }
 
         /// At a stop: the state file written whole, with the sign-ins and codes in
         /// progress (they are otherwise not written, so a flood of authorize requests
         /// costs no disk writes), and the journal emptied.
         pub fn save_at_stop(&self) {
-            let Keeping::OnDisk { mailbox, .. } = &self.keeping else { return };
-            let (sign_ins, codes) = {
-                let state = lock(&self.state);
-                (
-                    state.pending.iter().map(|(h, p)| (h.clone(), p.clone())).collect::<Vec<_>>(),
-                    state.codes.iter().map(|(h, c)| (h.clone(), c.clone())).collect::<Vec<_>>(),
-                )
-            };
-            let in_progress = sign_ins.len();
-            let (done, saved) = mpsc::channel();
-            let sent = mailbox.send(ToWriter::Stop { sign_ins, codes, done }).is_ok();
-            match sent.then(|| saved.recv().ok()).flatten() {
-                Some(true) => log::info!("OAuth state saved ({in_progress} sign-in(s) in progress)"),
-                Some(false) => log::error!("the OAuth state could not be saved at the stop"),
-                None => self.writer_gone(),
+            if let Keeping::OnDisk { .. } = self.keeping {
+                let (sign_ins, codes) = self.sign_ins.in_progress();
+                self.keeping.save_at_stop(sign_ins, codes);
             }
         }
+    }
+
+    /// What `dir` keeps, loaded, and the journal's writer started over it (a journal
+    /// that cannot be opened leaves the store `Unwritable`: sign-ins are refused).
+    fn restore(dir: &std::path::Path) -> (Ledger, InProgress, Keeping) {
+        let loaded = load(dir);
+        let now = now_unix();
+        let sign_ins: Vec<(String, Pending)> =
+            loaded.sign_ins.into_iter().filter(|(_, p)| p.expires_at > now).collect();
+        let codes: Vec<(String, CodeRecord)> = loaded.codes.into_iter().filter(|(_, c)| c.expires_at > now).collect();
+        let keeping = match start_writer(dir, &loaded.clients, &loaded.grants, loaded.journal_bytes, &sign_ins, &codes)
+        {
+            Ok(writer) => writer,
+            Err(e) => {
+                log::error!("cannot open the OAuth journal in {}: {e}; sign-ins are refused", dir.display());
+                Keeping::Unwritable
+            }
+        };
+        let mut ledger = Ledger { clients: loaded.clients, ..Ledger::default() };
+        let mut grants: Vec<GrantRecord> = loaded.grants.into_values().collect();
+        grants.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        for grant in grants {
+            ledger.add_grant(grant);
+        }
+        let in_progress = InProgress {
+            pending: sign_ins.into_iter().collect(),
+            codes: codes.into_iter().collect(),
+            used_codes: HashMap::new(),
+        };
+        (ledger, in_progress, keeping)
+    }
+
+    /// A grant's key unwrapped with one of its live tokens, and its box opened with it.
+    fn unwrap_grant(
+        token: &str,
+        grant_id: &str,
+        record: &TokenRecord,
+        boxed: &str,
+    ) -> Result<([u8; 32], SignedIn), TokenRefused> {
+        if record.expires_at <= now_unix() {
+            return Err(TokenRefused::InvalidGrant("The token has expired."));
+        }
+        let grant_key = open(&token_key(token, grant_id), &format!("wrap:{grant_id}"), &record.wrapped_key)
+            .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
+            .ok_or(TokenRefused::InvalidGrant("The token does not open its grant."))?;
+        let plaintext = open(&grant_key, &format!("grant:{grant_id}"), boxed)
+            .ok_or(TokenRefused::InvalidGrant("The grant could not be opened."))?;
+        let signed_in: SignedIn = serde_json::from_slice(&plaintext).map_err(|_| TokenRefused::Storage)?;
+        Ok((grant_key, signed_in))
     }
 
     /// The writer thread's own picture of what is on disk: each client and grant as
@@ -4631,17 +4744,10 @@ mod auth {
     /// The header that carries the key; `Authorization: Bearer` is the other way.
     pub const KEY_HEADER: &str = "x-outline-api-key";
 
-    /// Which header the key came in.
-    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-    pub enum KeySource {
-        KeyHeader,
-        Bearer,
-    }
-
-    /// The key as the client sent it, and where.
+    /// The key as the client sent it (in either header: which one is not kept, as
+    /// nothing decides by it).
     pub struct Credential {
         pub key: String,
-        pub source: KeySource,
     }
 
     /// Whether the request carries a credential at all (it may still be a bad one).
@@ -4660,9 +4766,9 @@ mod auth {
     /// (without asking Outline) one that is empty, too long or not printable ASCII.
     pub fn extract(incoming: &Incoming) -> Result<Credential, ProxyError> {
         let credential = match (incoming.header(KEY_HEADER), incoming.header("authorization")) {
-            (Some(k), _) => Credential { key: k.trim().to_string(), source: KeySource::KeyHeader },
+            (Some(k), _) => Credential { key: k.trim().to_string() },
             (None, Some(auth)) => match bearer(auth) {
-                Some(key) => Credential { key: key.to_string(), source: KeySource::Bearer },
+                Some(key) => Credential { key: key.to_string() },
                 None => {
                     return Err(ProxyError::Unauthorized("Authorization must be 'Bearer <Outline API key>'.".into()))
                 }
@@ -5536,6 +5642,27 @@ mod sessions {
         initialized: Option<Value>,
     }
 
+    impl ClientSession {
+        /// A session of `owner`'s with no upstream session known yet.
+        fn new(owner: &str) -> ClientSession {
+            ClientSession {
+                owner: owner.to_string(),
+                upstream_id: None,
+                incarnation: None,
+                init_params: None,
+                last_used: Instant::now(),
+                opening: None,
+                ended: false,
+                initialized: None,
+            }
+        }
+
+        /// Its upstream session was issued by another container incarnation than `now`.
+        fn issued_by_other_incarnation(&self, now: Option<&str>) -> bool {
+            matches!((&self.incarnation, now), (Some(had), Some(now)) if had != now)
+        }
+    }
+
     /// The table key of an owner's default session: a NUL cannot be in a header, so no
     /// client can present it.
     pub fn default_key(owner: &str) -> String {
@@ -5600,9 +5727,7 @@ mod sessions {
                 counters: Counters::default(),
             }
         }
-    }
 
-    impl Sessions {
         /// A request's session id must be one the proxy minted for this owner: any other
         /// (made up, another user's, from a key the proxy no longer has) is answered 404
         /// at once, so the client initializes again, before a container is woken.
@@ -5622,21 +5747,12 @@ mod sessions {
                 return Route::Foreign;
             }
             let mut table = lock(&self.table);
-            let session = table.entry(client_id.to_string()).or_insert_with(|| ClientSession {
-                owner: owner.to_string(),
-                upstream_id: None,
-                incarnation: None,
-                init_params: None,
-                last_used: Instant::now(),
-                opening: None,
-                ended: false,
-                initialized: None,
-            });
+            let session = table.entry(client_id.to_string()).or_insert_with(|| ClientSession::new(owner));
             if session.owner != owner || session.ended {
                 return Route::Foreign;
             }
             session.last_used = Instant::now();
-            let replaced = matches!((&session.incarnation, incarnation), (Some(had), Some(now)) if had != now);
+            let replaced = session.issued_by_other_incarnation(incarnation);
             let (upstream_id, stale) = match &session.upstream_id {
                 Some(id) => (id.clone(), replaced),
                 None => (client_id.to_string(), true),
@@ -5651,19 +5767,9 @@ mod sessions {
         pub fn default_route(&self, owner: &str, incarnation: Option<&str>) -> Route {
             let client_id = default_key(owner);
             let mut table = lock(&self.table);
-            let session = table.entry(client_id.clone()).or_insert_with(|| ClientSession {
-                owner: owner.to_string(),
-                upstream_id: None,
-                incarnation: None,
-                init_params: None,
-                last_used: Instant::now(),
-                opening: None,
-                ended: false,
-                initialized: None,
-            });
+            let session = table.entry(client_id.clone()).or_insert_with(|| ClientSession::new(owner));
             session.last_used = Instant::now();
-            let stale = session.upstream_id.is_none()
-                || matches!((&session.incarnation, incarnation), (Some(had), Some(now)) if had != now);
+            let stale = session.upstream_id.is_none() || session.issued_by_other_incarnation(incarnation);
             Route::Own { client_id, upstream_id: session.upstream_id.clone().unwrap_or_default(), stale }
         }
 
@@ -5723,19 +5829,13 @@ mod sessions {
             let client_id = self.key.mint(owner)?;
             let mut table = lock(&self.table);
             let latest = init_params.clone();
-            table.insert(
-                client_id.clone(),
-                ClientSession {
-                    owner: owner.to_string(),
-                    upstream_id: Some(upstream_id.to_string()),
-                    incarnation: incarnation.map(str::to_string),
-                    init_params,
-                    last_used: Instant::now(),
-                    opening: None,
-                    ended: false,
-                    initialized: None,
-                },
-            );
+            let session = ClientSession {
+                upstream_id: Some(upstream_id.to_string()),
+                incarnation: incarnation.map(str::to_string),
+                init_params,
+                ..ClientSession::new(owner)
+            };
+            table.insert(client_id.clone(), session);
             self.bound_owner(&mut table, owner);
             drop(table);
             if let Some(params) = latest {
@@ -5809,9 +5909,9 @@ mod sessions {
         pub fn attachable(&self, client_id: &str, owner: &str, incarnation: Option<&str>) -> Option<String> {
             let table = lock(&self.table);
             let session = table.get(client_id).filter(|s| s.owner == owner && !s.ended)?;
-            match (&session.incarnation, incarnation) {
-                (Some(had), Some(now)) if had != now => None,
-                _ => session.upstream_id.clone(),
+            match session.issued_by_other_incarnation(incarnation) {
+                true => None,
+                false => session.upstream_id.clone(),
             }
         }
 
@@ -7682,135 +7782,29 @@ mod containers {
 }
 
 mod relay {
-    //! Owns carrying a request to its container and the answer back: HTTP streamed both
-    //! ways (one retry, on a fresh lease, when the container never answered) and
-    //! WebSocket frames relayed unchanged; an MCP message on the user's default session,
-    //! 2026-07-28 results stamped, its discover and listen stream. Calls `wire`, `auth`
-    //! (key headers), `containers`, `protocol`, `sessions`, `staged` (an edit and its answer).
-    use crate::auth::{self, describe_ureq_error, Credential};
-    use crate::config::{Config, KeyMode};
+    //! Owns carrying an HTTP request to its container and the answer back, streamed both
+    //! ways: send → classify the failure → one retry, on a fresh lease, when the container
+    //! never answered → the session opened again when the container does not know it → the
+    //! answer streamed (2026-07-28 results stamped; an edit's answer told to `staged`).
+    //! Calls `wire`, `error`, `auth` (the credential), `containers` (a fresh lease),
+    //! `registry`, `protocol`, `sessions`, `staged`, `reopen`, `modern` (stamps),
+    //! `upstream`.
+    use crate::auth::{describe_ureq_error, Credential};
     use crate::containers::Want;
     use crate::error::ProxyError;
+    use crate::modern::{copy_stamped_events, send_stamped_json, server_info};
     use crate::protocol::{self, McpPost};
-    use crate::registry::{Lease, StreamSlot};
-    use crate::sessions::{self, Reopen, Route, SESSION_HEADER};
-    use crate::util::agent_base;
-    use crate::wire::{self, header_tokens, header_value, is_hop_by_hop, Framing, Incoming};
-    use crate::wire::{reject, RouteResult};
+    use crate::registry::Lease;
+    use crate::reopen::{close_evicted, note_session, reopen_session};
+    use crate::sessions::{self, Route, SESSION_HEADER};
+    use crate::upstream::{client_gone, is_event_stream, request_headers, response_headers, Upstream, CAPTURE_LIMIT};
+    use crate::wire::{self, reject, Framing, Incoming, RouteResult};
     use crate::{InFlight, Proxy};
-    use serde_json::{json, Value};
-    use std::io::{self, BufReader, Read, Write};
+    use serde_json::Value;
+    use std::io::{self, Read, Write};
     use std::net::{Shutdown, SocketAddr, TcpStream};
     use std::sync::Arc;
-    use std::thread;
-    use std::time::{Duration, Instant};
-
-    /// The pooled HTTP client to the containers, and what it must know of the settings.
-    pub struct Upstream {
-        agent: ureq::Agent,
-        key_mode: KeyMode,
-        max_body: u64,
-        response_timeout: Duration,
-    }
-
-    impl Upstream {
-        /// The client's headers as sent (no User-Agent, Accept or Accept-Encoding
-        /// added), any method, no limit on a streamed body.
-        pub fn new(cfg: &Config) -> Upstream {
-            let agent = agent_base()
-                .allow_non_standard_methods(true)
-                .user_agent(ureq::config::AutoHeaderValue::None)
-                .accept(ureq::config::AutoHeaderValue::None)
-                .accept_encoding(ureq::config::AutoHeaderValue::None)
-                .timeout_connect(Some(Duration::from_secs(5)))
-                .timeout_send_request(Some(Duration::from_secs(30)))
-                .timeout_per_write(Some(Duration::from_secs(60)))
-                .timeout_recv_response(Some(cfg.response_timeout))
-                // ureq's 128 KiB buffers each way, per connection, made 300 open streams
-                // cost 100 MiB; MCP's headers are small and bodies stream through anyway
-                .input_buffer_size(32 * 1024)
-                .max_response_header_size(32 * 1024)
-                .output_buffer_size(16 * 1024)
-                .max_idle_connections_per_host(8)
-                // below uvicorn's 5 s keep-alive, so a pooled connection is not one the
-                // container is closing
-                .max_idle_age(Duration::from_secs(4))
-                .build()
-                .new_agent();
-            Upstream { agent, key_mode: cfg.key_mode, max_body: cfg.max_body, response_timeout: cfg.response_timeout }
-        }
-
-        /// The key the container gets with each request: in `header` mode only.
-        fn forward_key<'a>(&self, credential: &'a Credential) -> Option<&'a str> {
-            (self.key_mode == KeyMode::Header).then_some(credential.key.as_str())
-        }
-    }
-
-    /// The headers the container gets: the client's, less hop-by-hop ones, the
-    /// credential headers, Host and Expect; plus X-Forwarded-*, and the key when given.
-    pub fn upstream_request_headers(
-        incoming: &Incoming,
-        forward_key: Option<&str>,
-        address: SocketAddr,
-        session: Option<&str>,
-    ) -> Vec<(String, String)> {
-        let connection = header_tokens(&incoming.headers, "connection");
-        let mut out: Vec<(String, String)> = Vec::with_capacity(incoming.headers.len() + 5);
-        if let (Some(upstream), None) = (session, incoming.header(SESSION_HEADER)) {
-            // the default session, for a client that sent no id
-            out.push(("Mcp-Session-Id".into(), upstream.to_string()));
-        }
-        for (name, value) in &incoming.headers {
-            let lower = name.to_ascii_lowercase();
-            let dropped = is_hop_by_hop(&lower, &connection)
-                || matches!(lower.as_str(), "host" | "expect" | "x-forwarded-for" | "content-length")
-                || auth::is_credential_header(&lower);
-            if dropped {
-                continue;
-            }
-            match (lower.as_str(), session) {
-                // the upstream session that stands for the client's
-                (SESSION_HEADER, Some(upstream)) => out.push((name.clone(), upstream.to_string())),
-                _ => out.push((name.clone(), value.clone())),
-            }
-        }
-        out.push(("Host".into(), address.to_string()));
-        if let Some(host) = incoming.header("host") {
-            if incoming.header("x-forwarded-host").is_none() {
-                out.push(("X-Forwarded-Host".into(), host.to_string()));
-            }
-        }
-        let client_ip = incoming.remote.map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
-        let forwarded_for = match incoming.header("x-forwarded-for") {
-            Some(prior) => format!("{prior}, {client_ip}"),
-            None => client_ip,
-        };
-        out.push(("X-Forwarded-For".into(), forwarded_for));
-        if incoming.header("x-forwarded-proto").is_none() {
-            out.push(("X-Forwarded-Proto".into(), "http".into()));
-        }
-        if let Some(key) = forward_key {
-            out.push((auth::KEY_HEADER.into(), key.to_string()));
-        }
-        out
-    }
-
-    /// The headers the client gets back: the container's, less hop-by-hop ones and the
-    /// framing (which the proxy writes itself).
-    pub fn downstream_response_headers(headers: &ureq::http::HeaderMap) -> Vec<(String, String)> {
-        let connection: Vec<String> = headers
-            .get_all("connection")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|t| t.trim().to_ascii_lowercase())
-            .collect();
-        headers
-            .iter()
-            .filter(|(name, _)| !is_hop_by_hop(name.as_str(), &connection) && name.as_str() != "content-length")
-            .filter_map(|(name, value)| value.to_str().ok().map(|v| (name.as_str().to_string(), v.to_string())))
-            .collect()
-    }
+    use std::time::Duration;
 
     /// Reads the client's body for the container, counting it against MAX_BODY and
     /// remembering why it failed (so a client fault is not blamed on the container).
@@ -7949,7 +7943,7 @@ mod relay {
         address: SocketAddr,
         session: Option<&str>,
     ) -> Result<ureq::http::Response<ureq::Body>, Failure> {
-        let headers = upstream_request_headers(incoming, upstream.forward_key(credential), address, session);
+        let headers = request_headers(incoming, upstream.forward_key(credential), address, session);
         let url = format!("http://{address}{}", incoming.target);
         let mut builder = ureq::http::Request::builder().method(incoming.method.as_str()).uri(&url);
         for (name, value) in &headers {
@@ -8014,7 +8008,11 @@ mod relay {
             Route::Own { upstream_id, .. } => Some(upstream_id.clone()),
             Route::Foreign | Route::Plain => None,
         };
-        let (mut retried, mut reopened) = (false, false);
+        let own_session = match &route {
+            Route::Own { client_id, .. } => Some(client_id.as_str()),
+            Route::Foreign | Route::Plain => None,
+        };
+        let mut attempt = Attempt::default();
         let response = loop {
             let sent = send_upstream(
                 &proxy.upstream,
@@ -8025,35 +8023,30 @@ mod relay {
                 lease.address,
                 session.as_deref(),
             );
-            match sent {
-                Ok(response) => {
-                    let unknown_session = response.status().as_u16() == 404 && incoming.method != "DELETE";
-                    let Route::Own { client_id, .. } = &route else { break response };
-                    if !unknown_session || reopened || !body.resendable() {
-                        break response;
-                    }
-                    // the container does not know this session (it slept, was replaced,
-                    // or this is another host): open one for the client, send again
-                    reopened = true;
+            match attempt.next(sent, own_session, &incoming.method, body.resendable()) {
+                Next::Answer(response) => break response,
+                // the container does not know this session (it slept, was replaced,
+                // or this is another host): open one for the client, send again
+                Next::Reopen(response, client_id) => {
                     match reopen_session(proxy, incoming, credential, &lease, client_id) {
                         Ok(id) => session = Some(id),
                         Err(_) => break response,
                     }
                 }
-                Err(Failure::Client(e) | Failure::Failed(e)) => return reject(request, e),
-                Err(Failure::NeverAnswered { resendable, error }) => {
-                    // the container moved or died since we last looked: look again (and
-                    // start it if need be), then try once more
+                // the container moved or died since we last looked: look again (and
+                // start it if need be), then try once more
+                Next::Resend => {
                     proxy.containers.registry.mark_unknown(&lease.name);
-                    if !(resendable || body.resendable()) || retried {
-                        return reject(request, error);
-                    }
-                    retried = true;
                     match proxy.containers.acquire(want, false, &proxy.life.stopping) {
                         Ok(fresh) => lease = fresh,
                         Err(e) => return reject(request, e),
                     }
                 }
+                Next::Unreachable(e) => {
+                    proxy.containers.registry.mark_unknown(&lease.name);
+                    return reject(request, e);
+                }
+                Next::Refuse(e) => return reject(request, e),
             }
         };
         let status = response.status().as_u16();
@@ -8086,6 +8079,64 @@ mod relay {
         answered.map_err(|e| (None, e))?;
         drop(lease);
         Ok(status)
+    }
+
+    /// Where one request stands in its sends: each way of sending it again is taken once.
+    #[derive(Default)]
+    struct Attempt {
+        /// Sent again on a fresh lease, after the container never answered.
+        resent: bool,
+        /// Sent again on a session opened again, after the container did not know it.
+        reopened: bool,
+    }
+
+    /// What a send came to: the step `proxy_http` takes next.
+    enum Next<'r> {
+        /// The answer, passed on to the client.
+        Answer(ureq::http::Response<ureq::Body>),
+        /// The container does not know the client's session (`client_id`): open it again
+        /// and send again; this answer (a 404) is passed on if it cannot be opened.
+        Reopen(ureq::http::Response<ureq::Body>, &'r str),
+        /// The container never answered: look for it again (a fresh lease), send again.
+        Resend,
+        /// The container never answered, and the request is not sent again.
+        Unreachable(ProxyError),
+        /// The client's side failed, or the container took the request and failed it.
+        Refuse(ProxyError),
+    }
+
+    impl Attempt {
+        /// The step after a send: `own_session` is the client's session when it has its
+        /// own, `resendable` whether the body can be sent again whole.
+        fn next<'r>(
+            &mut self,
+            sent: Result<ureq::http::Response<ureq::Body>, Failure>,
+            own_session: Option<&'r str>,
+            method: &str,
+            resendable: bool,
+        ) -> Next<'r> {
+            match sent {
+                Ok(response) => {
+                    let unknown_session = response.status().as_u16() == 404 && method != "DELETE";
+                    match own_session {
+                        Some(client_id) if unknown_session && resendable && !self.reopened => {
+                            self.reopened = true;
+                            Next::Reopen(response, client_id)
+                        }
+                        _ => Next::Answer(response),
+                    }
+                }
+                Err(Failure::Client(e) | Failure::Failed(e)) => Next::Refuse(e),
+                Err(Failure::NeverAnswered { resendable: unread, error }) => {
+                    if (unread || resendable) && !self.resent {
+                        self.resent = true;
+                        Next::Resend
+                    } else {
+                        Next::Unreachable(error)
+                    }
+                }
+            }
+        }
     }
 
     /// The JSON-RPC messages of the container's answer (a JSON body, a batch, or SSE
@@ -8142,37 +8193,347 @@ mod relay {
         NoSession,
     }
 
-    /// The container's identity from its `initialize` result, for 2026-07-28 results.
-    fn server_info(proxy: &Proxy, client_id: &str) -> Value {
-        proxy.sessions.initialized(client_id).and_then(|r| r.get("serverInfo").cloned()).unwrap_or(Value::Null)
+    /// Writes the container's answer: its own length when it gave one, else chunked
+    /// (close-delimited for HTTP/1.0); flushed after every read, so events are not held.
+    fn stream_response(
+        proxy: &Proxy,
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        response: ureq::http::Response<ureq::Body>,
+        socket: Option<&TcpStream>,
+        delivery: Delivery,
+    ) -> Result<(), ProxyError> {
+        let Delivery { shown, stamp, capture } = delivery;
+        let status = response.status().as_u16();
+        let mut headers = response_headers(response.headers());
+        match shown {
+            // the client sees its own session id, never the upstream one behind it
+            Shown::Client(id) => {
+                for (name, value) in headers.iter_mut() {
+                    if name.eq_ignore_ascii_case(SESSION_HEADER) {
+                        *value = id.to_string();
+                    }
+                }
+            }
+            Shown::NoSession => headers.retain(|(name, _)| !name.eq_ignore_ascii_case(SESSION_HEADER)),
+        }
+        let event_stream = is_event_stream(response.headers());
+        if let (Some(stamp), false) = (stamp, event_stream) {
+            return send_stamped_json(request, incoming, status, headers, response, stamp, capture);
+        }
+        let _long_lived = event_stream.then(|| InFlight::long_lived(&proxy.life));
+        if event_stream {
+            headers.retain(|(n, _)| !n.eq_ignore_ascii_case("x-accel-buffering"));
+            headers.push(("X-Accel-Buffering".into(), "no".into()));
+            if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("cache-control")) {
+                headers.push(("Cache-Control".into(), "no-cache".into()));
+            }
+        }
+        let length = response
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let framing = wire::framing(&incoming.method, status, length, incoming.http10);
+        if let (Framing::NoBody, Some(len)) = (framing, length) {
+            // a HEAD (or 304) answer still tells the length of what it describes
+            headers.push(("Content-Length".into(), len.to_string()));
+        }
+        let answer = wire::begin_answer(request, incoming, status, &headers, framing, false).map_err(client_gone)?;
+        let (mut writer, close) = (answer.writer, answer.closes);
+        match (framing, stamp) {
+            (Framing::NoBody, _) => {}
+            (framing, Some(stamp)) => copy_stamped_events(
+                response.into_body().into_reader(),
+                &mut writer,
+                framing == Framing::Chunked,
+                stamp,
+                capture,
+            )?,
+            (framing, None) => copy_body(
+                response.into_body().into_reader(),
+                &mut writer,
+                framing == Framing::Chunked,
+                socket,
+                capture,
+            )?,
+        }
+        // the head and any last bytes may still sit in the buffer (an empty body above)
+        writer.flush().map_err(client_gone)?;
+        if close {
+            if let Some(s) = socket {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+        }
+        Ok(())
     }
 
-    /// Closes with DELETE the owner's upstream sessions forgotten beyond the bound, so a
-    /// client that opens a session per call leaves nothing open in its container.
-    fn close_evicted(proxy: &Proxy, credential: &Credential, lease: &Lease) {
-        for upstream_id in proxy.sessions.take_evicted(&lease.name) {
-            let url = format!("http://{}{}", lease.address, protocol::MCP_PATH);
-            let mut builder = ureq::http::Request::delete(&url)
-                .header("Host", lease.address.to_string())
-                .header(SESSION_HEADER, upstream_id.as_str());
-            if let Some(key) = proxy.upstream.forward_key(credential) {
-                builder = builder.header(auth::KEY_HEADER, key);
-            }
-            let closed = builder.body(()).map_err(|_| "unsendable".to_string()).and_then(|request| {
-                proxy.upstream.agent.run(request).map(|r| r.status().as_u16()).map_err(|e| describe_ureq_error(&e))
-            });
-            match closed {
-                Ok(status) => {
-                    log::info!("closed an upstream session over the bound container={} status={status}", lease.name)
+    /// Copies the container's body to the client, a flush after every read, in chunks
+    /// when `chunked`, and into `capture` (up to CAPTURE_LIMIT) when given. A container
+    /// that breaks off ends the client's answer unfinished, so the client knows, rather
+    /// than as if it were complete.
+    fn copy_body(
+        mut body: impl Read,
+        writer: &mut dyn Write,
+        chunked: bool,
+        socket: Option<&TcpStream>,
+        mut capture: Option<&mut Vec<u8>>,
+    ) -> Result<(), ProxyError> {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match body.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    log::warn!("container stream broke off: {}", e.kind());
+                    if let Some(s) = socket {
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                    return Err(ProxyError::ContainerUnreachable("The container's answer broke off.".into()));
                 }
-                Err(e) => log::warn!("could not close an upstream session in {}: {e}", lease.name),
+            };
+            if let Some(kept) = capture.as_deref_mut() {
+                kept.extend_from_slice(&buf[..n.min(CAPTURE_LIMIT.saturating_sub(kept.len()))]);
             }
+            let written = if chunked {
+                write!(writer, "{n:x}\r\n")
+                    .and_then(|_| writer.write_all(&buf[..n]))
+                    .and_then(|_| writer.write_all(b"\r\n"))
+            } else {
+                writer.write_all(&buf[..n])
+            };
+            written.and_then(|_| writer.flush()).map_err(client_gone)?;
+        }
+        if chunked {
+            writer.write_all(b"0\r\n\r\n").map_err(client_gone)?;
+        }
+        Ok(())
+    }
+}
+
+mod modern {
+    //! Owns what the 2026-07-28 revision gets from the proxy itself: `server/discover`
+    //! answered from the user's default session, `subscriptions/listen` held open, and
+    //! results stamped with the server's identity (`_meta` serverInfo); the one parse of a
+    //! POST and its checks stay in `protocol`. Calls `wire`, `error`, `auth` (the
+    //! credential), `registry` (a lease), `protocol`, `sessions`, `reopen` (the default
+    //! session), `held`, `upstream`.
+    use crate::auth::Credential;
+    use crate::error::ProxyError;
+    use crate::held::{keep_open, EventFilter, HeldStream, Released};
+    use crate::protocol::{self, McpPost};
+    use crate::registry::Lease;
+    use crate::reopen::open_default;
+    use crate::sessions;
+    use crate::upstream::{client_gone, write_chunk, CAPTURE_LIMIT};
+    use crate::wire::{self, reject, Framing, Incoming, RouteResult};
+    use crate::{InFlight, Proxy};
+    use serde_json::{json, Value};
+    use std::io::{self, Read, Write};
+    use std::sync::Arc;
+
+    /// The methods the proxy answers itself, from the user's default session.
+    #[derive(Clone, Copy)]
+    pub enum Method {
+        Discover,
+        Listen,
+    }
+
+    /// A 2026-07-28 request the proxy answers itself, from the `initialize` of the user's
+    /// default session (opened first unless it is open in this container).
+    pub fn answer(
+        proxy: &Arc<Proxy>,
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        credential: &Credential,
+        lease: Lease,
+        post: &McpPost,
+        method: Method,
+    ) -> RouteResult {
+        let initialized = match open_default(proxy, incoming, credential, &lease) {
+            Ok(initialized) => initialized,
+            Err(e) => return reject(request, e),
+        };
+        let owner = lease.name.clone();
+        drop(lease);
+        match method {
+            Method::Discover => discover(request, incoming, post, &initialized),
+            Method::Listen => listen(proxy, request, incoming, credential, &owner, post, &initialized),
         }
     }
 
+    /// `server/discover`: the container's capabilities and identity, from the
+    /// `initialize` of the user's default session, with every version the proxy speaks.
+    fn discover(request: tiny_http::Request, incoming: &Incoming, post: &McpPost, initialized: &Value) -> RouteResult {
+        let id = post.id.clone().unwrap_or(Value::Null);
+        wire::send_json(request, incoming, 200, &protocol::discover_result(&id, initialized));
+        Ok(200)
+    }
+
+    /// `subscriptions/listen`: a held SSE stream. Acknowledged with the filter the
+    /// container can honour; then the change notifications the container sends on the
+    /// user's default session, while it runs, and comment keep-alives. Like a held
+    /// notification stream, it neither wakes nor keeps awake the container.
+    fn listen(
+        proxy: &Proxy,
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        credential: &Credential,
+        owner: &str,
+        post: &McpPost,
+        initialized: &Value,
+    ) -> RouteResult {
+        let capabilities = initialized.get("capabilities").cloned().unwrap_or(Value::Null);
+        let filter = protocol::listen_filter(post, &capabilities);
+        let subscription = post.id.clone().unwrap_or(Value::Null);
+        let headers = vec![
+            ("Content-Type".to_string(), "text/event-stream".to_string()),
+            ("Cache-Control".to_string(), "no-cache".to_string()),
+            ("X-Accel-Buffering".to_string(), "no".to_string()),
+        ];
+        let acknowledged = json!({
+            "jsonrpc": "2.0",
+            "method": "notifications/subscriptions/acknowledged",
+            "params": {"_meta": {protocol::SUBSCRIPTION_META: subscription}, "notifications": filter},
+        });
+        let mut writer = match wire::begin_answer(request, incoming, 200, &headers, Framing::Chunked, false) {
+            Ok(answer) => answer.writer,
+            Err(_) => return Ok(200),
+        };
+        if write_chunk(&mut writer, format!("data: {acknowledged}\n\n").as_bytes()).is_err() {
+            return Ok(200);
+        }
+        let _long_lived = InFlight::long_lived(&proxy.life);
+        let _held = HeldStream::count(proxy);
+        let default_id = sessions::default_key(owner);
+        let listening = Listening { filter: &filter, subscription: &subscription };
+        // nothing agreed (mcp-outline announces no change notifications): keep-alives only
+        let agreed = filter.as_object().is_some_and(|f| !f.is_empty());
+        let session = agreed.then_some(default_id.as_str());
+        if let Released::ClientGone =
+            keep_open(proxy, incoming, credential, owner, session, &mut writer, Some(&listening))
+        {
+            return Ok(200);
+        }
+        // the proxy is stopping: the subscription ends gracefully
+        let ended = json!({"jsonrpc": "2.0", "id": subscription,
+            "result": {"resultType": "complete", "_meta": {protocol::SUBSCRIPTION_META: subscription}}});
+        let _ = write_chunk(&mut writer, format!("data: {ended}\n\n").as_bytes())
+            .and_then(|_| writer.write_all(b"0\r\n\r\n"))
+            .and_then(|_| writer.flush());
+        Ok(200)
+    }
+
+    /// A listen stream's filter and subscription id, applied to the container's events.
+    struct Listening<'a> {
+        filter: &'a Value,
+        subscription: &'a Value,
+    }
+
+    impl EventFilter for Listening<'_> {
+        /// The event to pass on for one of the container's `data:` lines, if wanted.
+        fn pass(&self, data: &str) -> Option<String> {
+            let mut message: Value = serde_json::from_str(data.trim()).ok()?;
+            if !protocol::wanted(self.filter, &message) {
+                return None;
+            }
+            let params = message.as_object_mut()?.entry("params").or_insert_with(|| json!({}));
+            let meta = params.as_object_mut()?.entry("_meta").or_insert_with(|| json!({}));
+            meta.as_object_mut()?.insert(protocol::SUBSCRIPTION_META.into(), self.subscription.clone());
+            Some(format!("data: {message}\n\n"))
+        }
+    }
+
+    /// The container's identity from its `initialize` result, for 2026-07-28 results.
+    pub fn server_info(proxy: &Proxy, client_id: &str) -> Value {
+        proxy.sessions.initialized(client_id).and_then(|r| r.get("serverInfo").cloned()).unwrap_or(Value::Null)
+    }
+
+    /// Largest JSON answer stamped for a 2026-07-28 client (read whole to be stamped).
+    const STAMP_LIMIT: u64 = 64 << 20;
+
+    /// A JSON answer to a 2026-07-28 request, its result stamped with the server's identity.
+    pub fn send_stamped_json(
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        status: u16,
+        headers: Vec<(String, String)>,
+        response: ureq::http::Response<ureq::Body>,
+        stamp: &protocol::Stamp,
+        capture: Option<&mut Vec<u8>>,
+    ) -> Result<(), ProxyError> {
+        let broke = || ProxyError::ContainerUnreachable("The container's answer broke off.".into());
+        let bytes = response.into_body().with_config().limit(STAMP_LIMIT).read_to_vec().map_err(|_| broke())?;
+        if let Some(captured) = capture {
+            captured.extend_from_slice(&bytes[..bytes.len().min(CAPTURE_LIMIT)]);
+        }
+        let body = protocol::stamp_result(&bytes, stamp).map(String::into_bytes).unwrap_or(bytes);
+        wire::send_body(request, incoming, status, &headers, &body, incoming.wants_close).map_err(client_gone)
+    }
+
+    /// An SSE answer to a 2026-07-28 request, passed on event line by event line, the
+    /// result's line stamped with the server's identity.
+    pub fn copy_stamped_events(
+        body: impl Read,
+        writer: &mut dyn Write,
+        chunked: bool,
+        stamp: &protocol::Stamp,
+        mut capture: Option<&mut Vec<u8>>,
+    ) -> Result<(), ProxyError> {
+        let mut lines = io::BufReader::new(body);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match io::BufRead::read_line(&mut lines, &mut line) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => return Err(ProxyError::ContainerUnreachable("The container's answer broke off.".into())),
+            }
+            if let Some(kept) = capture.as_deref_mut() {
+                let room = CAPTURE_LIMIT.saturating_sub(kept.len());
+                kept.extend_from_slice(&line.as_bytes()[..line.len().min(room)]);
+            }
+            let stamped = line.strip_prefix("data:").and_then(|d| protocol::stamp_result(d.trim().as_bytes(), stamp));
+            let out = match stamped {
+                Some(message) => format!("data: {message}\n"),
+                None => line.clone(),
+            };
+            let written = if chunked {
+                write_chunk(writer, out.as_bytes())
+            } else {
+                writer.write_all(out.as_bytes()).and_then(|_| writer.flush())
+            };
+            written.map_err(client_gone)?;
+        }
+        if chunked {
+            writer.write_all(b"0\r\n\r\n").map_err(client_gone)?;
+        }
+        Ok(())
+    }
+}
+
+mod reopen {
+    //! Owns the upstream MCP sessions the proxy itself opens and closes for its clients:
+    //! what an answer says of a client's session, a session opened again (`initialize` with
+    //! the client's own params) when its container slept or was replaced, the user's
+    //! default session, and the sessions closed beyond the bound. Calls `wire`, `error`,
+    //! `auth` (the key header), `registry` (a lease), `protocol` (versions, the MCP path),
+    //! `sessions`, `upstream`.
+    use crate::auth::{self, describe_ureq_error, Credential};
+    use crate::error::ProxyError;
+    use crate::protocol;
+    use crate::registry::Lease;
+    use crate::sessions::{Reopen, Route, SESSION_HEADER};
+    use crate::upstream::is_event_stream;
+    use crate::wire::Incoming;
+    use crate::Proxy;
+    use serde_json::{json, Value};
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
     /// Records what an answer says of the client's session; returns the session id the
     /// client is to see in the answer's Mcp-Session-Id (its own, never the upstream's).
-    fn note_session(
+    pub fn note_session(
         proxy: &Proxy,
         incoming: &Incoming,
         route: &Route,
@@ -8209,7 +8570,7 @@ mod relay {
     /// Opens a new upstream session for a client session, or waits for the one another
     /// request is opening: `initialize` with the client's own recorded params (else its
     /// protocol version), then `notifications/initialized`.
-    fn reopen_session(
+    pub fn reopen_session(
         proxy: &Proxy,
         incoming: &Incoming,
         credential: &Credential,
@@ -8332,199 +8693,66 @@ mod relay {
             .unwrap_or(Value::Null)
     }
 
-    fn is_event_stream(headers: &ureq::http::HeaderMap) -> bool {
-        headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.to_ascii_lowercase().starts_with("text/event-stream"))
-    }
-
-    /// Writes the container's answer: its own length when it gave one, else chunked
-    /// (close-delimited for HTTP/1.0); flushed after every read, so events are not held.
-    fn stream_response(
+    /// Opens the user's default upstream session unless it is open in this container,
+    /// and gives the container's `initialize` result.
+    pub fn open_default(
         proxy: &Proxy,
-        request: tiny_http::Request,
         incoming: &Incoming,
-        response: ureq::http::Response<ureq::Body>,
-        socket: Option<&TcpStream>,
-        delivery: Delivery,
-    ) -> Result<(), ProxyError> {
-        let Delivery { shown, stamp, capture } = delivery;
-        let status = response.status().as_u16();
-        let mut headers = downstream_response_headers(response.headers());
-        match shown {
-            // the client sees its own session id, never the upstream one behind it
-            Shown::Client(id) => {
-                for (name, value) in headers.iter_mut() {
-                    if name.eq_ignore_ascii_case(SESSION_HEADER) {
-                        *value = id.to_string();
-                    }
+        credential: &Credential,
+        lease: &Lease,
+    ) -> Result<Value, ProxyError> {
+        let not_open = || ProxyError::ContainerUnreachable("The container's session could not be opened.".into());
+        let Route::Own { client_id, stale, .. } =
+            proxy.sessions.default_route(&lease.name, lease.incarnation.as_deref())
+        else {
+            return Err(not_open());
+        };
+        if stale || proxy.sessions.initialized(&client_id).is_none() {
+            reopen_session(proxy, incoming, credential, lease, &client_id)?;
+        }
+        proxy.sessions.initialized(&client_id).ok_or_else(not_open)
+    }
+
+    /// Closes with DELETE the owner's upstream sessions forgotten beyond the bound, so a
+    /// client that opens a session per call leaves nothing open in its container.
+    pub fn close_evicted(proxy: &Proxy, credential: &Credential, lease: &Lease) {
+        for upstream_id in proxy.sessions.take_evicted(&lease.name) {
+            let url = format!("http://{}{}", lease.address, protocol::MCP_PATH);
+            let mut builder = ureq::http::Request::delete(&url)
+                .header("Host", lease.address.to_string())
+                .header(SESSION_HEADER, upstream_id.as_str());
+            if let Some(key) = proxy.upstream.forward_key(credential) {
+                builder = builder.header(auth::KEY_HEADER, key);
+            }
+            let closed = builder.body(()).map_err(|_| "unsendable".to_string()).and_then(|request| {
+                proxy.upstream.agent.run(request).map(|r| r.status().as_u16()).map_err(|e| describe_ureq_error(&e))
+            });
+            match closed {
+                Ok(status) => {
+                    log::info!("closed an upstream session over the bound container={} status={status}", lease.name)
                 }
-            }
-            Shown::NoSession => headers.retain(|(name, _)| !name.eq_ignore_ascii_case(SESSION_HEADER)),
-        }
-        let event_stream = is_event_stream(response.headers());
-        if let (Some(stamp), false) = (stamp, event_stream) {
-            return send_stamped_json(request, incoming, status, headers, response, stamp, capture);
-        }
-        let _long_lived = event_stream.then(|| InFlight::long_lived(&proxy.life));
-        if event_stream {
-            headers.retain(|(n, _)| !n.eq_ignore_ascii_case("x-accel-buffering"));
-            headers.push(("X-Accel-Buffering".into(), "no".into()));
-            if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("cache-control")) {
-                headers.push(("Cache-Control".into(), "no-cache".into()));
+                Err(e) => log::warn!("could not close an upstream session in {}: {e}", lease.name),
             }
         }
-        let length = response
-            .headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let framing = wire::framing(&incoming.method, status, length, incoming.http10);
-        if let (Framing::NoBody, Some(len)) = (framing, length) {
-            // a HEAD (or 304) answer still tells the length of what it describes
-            headers.push(("Content-Length".into(), len.to_string()));
-        }
-        let answer = wire::begin_answer(request, incoming, status, &headers, framing, false).map_err(client_gone)?;
-        let (mut writer, close) = (answer.writer, answer.closes);
-        match (framing, stamp) {
-            (Framing::NoBody, _) => {}
-            (framing, Some(stamp)) => copy_stamped_events(
-                response.into_body().into_reader(),
-                &mut writer,
-                framing == Framing::Chunked,
-                stamp,
-                capture,
-            )?,
-            (framing, None) => copy_body(
-                response.into_body().into_reader(),
-                &mut writer,
-                framing == Framing::Chunked,
-                socket,
-                capture,
-            )?,
-        }
-        // the head and any last bytes may still sit in the buffer (an empty body above)
-        writer.flush().map_err(client_gone)?;
-        if close {
-            if let Some(s) = socket {
-                let _ = s.shutdown(Shutdown::Write);
-            }
-        }
-        Ok(())
     }
+}
 
-    /// Largest JSON answer stamped for a 2026-07-28 client (read whole to be stamped).
-    const STAMP_LIMIT: u64 = 64 << 20;
-
-    /// A JSON answer to a 2026-07-28 request, its result stamped with the server's identity.
-    fn send_stamped_json(
-        request: tiny_http::Request,
-        incoming: &Incoming,
-        status: u16,
-        headers: Vec<(String, String)>,
-        response: ureq::http::Response<ureq::Body>,
-        stamp: &protocol::Stamp,
-        capture: Option<&mut Vec<u8>>,
-    ) -> Result<(), ProxyError> {
-        let broke = || ProxyError::ContainerUnreachable("The container's answer broke off.".into());
-        let bytes = response.into_body().with_config().limit(STAMP_LIMIT).read_to_vec().map_err(|_| broke())?;
-        if let Some(captured) = capture {
-            captured.extend_from_slice(&bytes[..bytes.len().min(CAPTURE_LIMIT)]);
-        }
-        let body = protocol::stamp_result(&bytes, stamp).map(String::into_bytes).unwrap_or(bytes);
-        wire::send_body(request, incoming, status, &headers, &body, incoming.wants_close).map_err(client_gone)
-    }
-
-    /// An SSE answer to a 2026-07-28 request, passed on event line by event line, the
-    /// result's line stamped with the server's identity.
-    fn copy_stamped_events(
-        body: impl Read,
-        writer: &mut dyn Write,
-        chunked: bool,
-        stamp: &protocol::Stamp,
-        mut capture: Option<&mut Vec<u8>>,
-    ) -> Result<(), ProxyError> {
-        let mut lines = io::BufReader::new(body);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match io::BufRead::read_line(&mut lines, &mut line) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(_) => return Err(ProxyError::ContainerUnreachable("The container's answer broke off.".into())),
-            }
-            if let Some(kept) = capture.as_deref_mut() {
-                let room = CAPTURE_LIMIT.saturating_sub(kept.len());
-                kept.extend_from_slice(&line.as_bytes()[..line.len().min(room)]);
-            }
-            let stamped = line.strip_prefix("data:").and_then(|d| protocol::stamp_result(d.trim().as_bytes(), stamp));
-            let out = match stamped {
-                Some(message) => format!("data: {message}\n"),
-                None => line.clone(),
-            };
-            let written = if chunked {
-                write_chunk(writer, out.as_bytes())
-            } else {
-                writer.write_all(out.as_bytes()).and_then(|_| writer.flush())
-            };
-            written.map_err(client_gone)?;
-        }
-        if chunked {
-            writer.write_all(b"0\r\n\r\n").map_err(client_gone)?;
-        }
-        Ok(())
-    }
-
-    fn client_gone(_: io::Error) -> ProxyError {
-        ProxyError::BadRequest("The client went away.".into())
-    }
-
-    /// Largest answer kept aside for the staged-edit marks (mcp-outline's answer to an
-    /// edit is a sentence).
-    const CAPTURE_LIMIT: usize = 1 << 20;
-
-    /// Copies the container's body to the client, a flush after every read, in chunks
-    /// when `chunked`, and into `capture` (up to CAPTURE_LIMIT) when given. A container
-    /// that breaks off ends the client's answer unfinished, so the client knows, rather
-    /// than as if it were complete.
-    fn copy_body(
-        mut body: impl Read,
-        writer: &mut dyn Write,
-        chunked: bool,
-        socket: Option<&TcpStream>,
-        mut capture: Option<&mut Vec<u8>>,
-    ) -> Result<(), ProxyError> {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = match body.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) => {
-                    log::warn!("container stream broke off: {}", e.kind());
-                    if let Some(s) = socket {
-                        let _ = s.shutdown(Shutdown::Both);
-                    }
-                    return Err(ProxyError::ContainerUnreachable("The container's answer broke off.".into()));
-                }
-            };
-            if let Some(kept) = capture.as_deref_mut() {
-                kept.extend_from_slice(&buf[..n.min(CAPTURE_LIMIT.saturating_sub(kept.len()))]);
-            }
-            let written = if chunked {
-                write!(writer, "{n:x}\r\n")
-                    .and_then(|_| writer.write_all(&buf[..n]))
-                    .and_then(|_| writer.write_all(b"\r\n"))
-            } else {
-                writer.write_all(&buf[..n])
-            };
-            written.and_then(|_| writer.flush()).map_err(client_gone)?;
-        }
-        if chunked {
-            writer.write_all(b"0\r\n\r\n").map_err(client_gone)?;
-        }
-        Ok(())
-    }
+mod held {
+    //! Owns the streams the proxy holds open for clients, so that they neither keep a
+    //! container awake nor die with one: a client's GET notification stream, and the stream
+    //! `modern` holds for a listen; attached to the container's own stream while it runs.
+    //! Calls `wire`, `auth` (the credential), `registry` (a stream slot), `sessions`,
+    //! `upstream`.
+    use crate::auth::Credential;
+    use crate::registry::StreamSlot;
+    use crate::sessions::SESSION_HEADER;
+    use crate::upstream::{is_event_stream, request_headers, write_chunk};
+    use crate::wire::{self, header_tokens, Framing, Incoming, RouteResult};
+    use crate::{InFlight, Proxy};
+    use std::io::{self, Read, Write};
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Instant;
 
     /// A client's standalone notification stream (GET, `Accept: text/event-stream`): the
     /// proxy holds it, so it neither keeps a container awake nor dies with one.
@@ -8543,10 +8771,8 @@ mod relay {
         ClientGone,
     }
 
-    /// Holds a client's notification stream: attached to the container's own stream
-    /// while the container runs and knows the session, else kept open with SSE comment
-    /// keep-alives; it never wakes the container (a POST does), and attaches again when
-    /// the container starts or the session is opened again.
+    /// Holds a client's notification stream (`keep_open`), ended properly when the proxy
+    /// stops.
     pub fn hold_stream(
         proxy: &Arc<Proxy>,
         request: tiny_http::Request,
@@ -8569,174 +8795,71 @@ mod relay {
         };
         let _long_lived = InFlight::long_lived(&proxy.life);
         let _held = HeldStream::count(proxy);
+        if let Released::Stopping = keep_open(proxy, incoming, credential, owner, Some(client_id), &mut writer, None) {
+            let _ = writer.write_all(b"0\r\n\r\n").and_then(|_| writer.flush());
+        }
+        Ok(200)
+    }
+
+    /// How a held stream was let go.
+    pub enum Released {
+        /// The proxy is stopping: the stream may be ended properly.
+        Stopping,
+        ClientGone,
+    }
+
+    /// Keeps a held stream open until the proxy stops or the client goes: attached to the
+    /// container's own stream for the client's `session` while the container runs and
+    /// knows it, else kept open with SSE comment keep-alives; it never wakes the
+    /// container (a POST does), and attaches again when the container starts or the
+    /// session is opened again. No `session`: keep-alives only. With a `filter`, the
+    /// container's events are passed line by line as it picks them; else unchanged.
+    pub fn keep_open(
+        proxy: &Proxy,
+        incoming: &Incoming,
+        credential: &Credential,
+        owner: &str,
+        session: Option<&str>,
+        writer: &mut dyn Write,
+        filter: Option<&dyn EventFilter>,
+    ) -> Released {
         let keepalive = proxy.cfg.sse_keepalive;
         let mut seen = proxy.sessions.generation();
         let mut last_write = Instant::now();
         while !proxy.life.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            let attachable = proxy.containers.registry.peek_running(owner).and_then(|(address, incarnation)| {
+            let attachable = session.and_then(|client_id| {
+                let (address, incarnation) = proxy.containers.registry.peek_running(owner)?;
                 let upstream_id = proxy.sessions.attachable(client_id, owner, incarnation.as_deref())?;
                 Some((address, upstream_id))
             });
             if let Some(upstream) = attachable {
-                let attached = attach(proxy, incoming, credential, &upstream, &mut writer, &mut last_write, None);
+                let attached = attach(proxy, incoming, credential, &upstream, writer, &mut last_write, filter);
                 if let Attached::ClientGone = attached {
-                    return Ok(200);
+                    return Released::ClientGone;
                 }
             }
             seen = proxy.sessions.wait_change(seen, keepalive.saturating_sub(last_write.elapsed()));
             if last_write.elapsed() >= keepalive {
-                if write_chunk(&mut writer, b": keepalive\n\n").is_err() {
-                    return Ok(200);
+                if write_chunk(writer, b": keepalive\n\n").is_err() {
+                    return Released::ClientGone;
                 }
                 last_write = Instant::now();
             }
         }
-        let _ = writer.write_all(b"0\r\n\r\n").and_then(|_| writer.flush());
-        Ok(200)
+        Released::Stopping
     }
 
-    /// Opens the user's default upstream session unless it is open in this container,
-    /// and gives the container's `initialize` result.
-    fn open_default(
-        proxy: &Proxy,
-        incoming: &Incoming,
-        credential: &Credential,
-        lease: &Lease,
-    ) -> Result<Value, ProxyError> {
-        let not_open = || ProxyError::ContainerUnreachable("The container's session could not be opened.".into());
-        let Route::Own { client_id, stale, .. } =
-            proxy.sessions.default_route(&lease.name, lease.incarnation.as_deref())
-        else {
-            return Err(not_open());
-        };
-        if stale || proxy.sessions.initialized(&client_id).is_none() {
-            reopen_session(proxy, incoming, credential, lease, &client_id)?;
-        }
-        proxy.sessions.initialized(&client_id).ok_or_else(not_open)
-    }
-
-    /// `server/discover`: the container's capabilities and identity, from the
-    /// `initialize` of the user's default session, with every version the proxy speaks.
-    pub fn discover(
-        proxy: &Arc<Proxy>,
-        request: tiny_http::Request,
-        incoming: &Incoming,
-        credential: &Credential,
-        lease: Lease,
-        post: &McpPost,
-    ) -> RouteResult {
-        let initialized = match open_default(proxy, incoming, credential, &lease) {
-            Ok(initialized) => initialized,
-            Err(e) => return reject(request, e),
-        };
-        drop(lease);
-        let id = post.id.clone().unwrap_or(Value::Null);
-        wire::send_json(request, incoming, 200, &protocol::discover_result(&id, &initialized));
-        Ok(200)
-    }
-
-    /// `subscriptions/listen`: a held SSE stream. Acknowledged with the filter the
-    /// container can honour; then the change notifications the container sends on the
-    /// user's default session, while it runs, and comment keep-alives. Like a held
-    /// notification stream, it neither wakes nor keeps awake the container.
-    pub fn listen(
-        proxy: &Arc<Proxy>,
-        request: tiny_http::Request,
-        incoming: &Incoming,
-        credential: &Credential,
-        lease: Lease,
-        post: &McpPost,
-    ) -> RouteResult {
-        let initialized = match open_default(proxy, incoming, credential, &lease) {
-            Ok(initialized) => initialized,
-            Err(e) => return reject(request, e),
-        };
-        let owner = lease.name.clone();
-        drop(lease);
-        let capabilities = initialized.get("capabilities").cloned().unwrap_or(Value::Null);
-        let filter = protocol::listen_filter(post, &capabilities);
-        let subscription = post.id.clone().unwrap_or(Value::Null);
-        let headers = vec![
-            ("Content-Type".to_string(), "text/event-stream".to_string()),
-            ("Cache-Control".to_string(), "no-cache".to_string()),
-            ("X-Accel-Buffering".to_string(), "no".to_string()),
-        ];
-        let acknowledged = json!({
-            "jsonrpc": "2.0",
-            "method": "notifications/subscriptions/acknowledged",
-            "params": {"_meta": {protocol::SUBSCRIPTION_META: subscription}, "notifications": filter},
-        });
-        let mut writer = match wire::begin_answer(request, incoming, 200, &headers, Framing::Chunked, false) {
-            Ok(answer) => answer.writer,
-            Err(_) => return Ok(200),
-        };
-        if write_chunk(&mut writer, format!("data: {acknowledged}\n\n").as_bytes()).is_err() {
-            return Ok(200);
-        }
-        let _long_lived = InFlight::long_lived(&proxy.life);
-        let _held = HeldStream::count(proxy);
-        let keepalive = proxy.cfg.sse_keepalive;
-        let default_id = sessions::default_key(&owner);
-        let mut seen = proxy.sessions.generation();
-        let mut last_write = Instant::now();
-        let listening = Listening { filter: &filter, subscription: &subscription };
-        // nothing agreed (mcp-outline announces no change notifications): keep-alives only
-        let agreed = filter.as_object().is_some_and(|f| !f.is_empty());
-        while !proxy.life.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            let running = proxy.containers.registry.peek_running(&owner).filter(|_| agreed);
-            let attachable = running.and_then(|(address, incarnation)| {
-                let upstream_id = proxy.sessions.attachable(&default_id, &owner, incarnation.as_deref())?;
-                Some((address, upstream_id))
-            });
-            if let Some(upstream) = attachable {
-                let attached =
-                    attach(proxy, incoming, credential, &upstream, &mut writer, &mut last_write, Some(&listening));
-                if let Attached::ClientGone = attached {
-                    return Ok(200);
-                }
-            }
-            seen = proxy.sessions.wait_change(seen, keepalive.saturating_sub(last_write.elapsed()));
-            if last_write.elapsed() >= keepalive {
-                if write_chunk(&mut writer, b": keepalive\n\n").is_err() {
-                    return Ok(200);
-                }
-                last_write = Instant::now();
-            }
-        }
-        // the proxy is stopping: the subscription ends gracefully
-        let ended = json!({"jsonrpc": "2.0", "id": subscription,
-            "result": {"resultType": "complete", "_meta": {protocol::SUBSCRIPTION_META: subscription}}});
-        let _ = write_chunk(&mut writer, format!("data: {ended}\n\n").as_bytes())
-            .and_then(|_| writer.write_all(b"0\r\n\r\n"))
-            .and_then(|_| writer.flush());
-        Ok(200)
-    }
-
-    /// A listen stream's filter and subscription id, applied to the container's events.
-    struct Listening<'a> {
-        filter: &'a Value,
-        subscription: &'a Value,
-    }
-
-    impl Listening<'_> {
-        /// The event to pass on for one of the container's `data:` lines, if wanted.
-        fn pass(&self, data: &str) -> Option<String> {
-            let mut message: Value = serde_json::from_str(data.trim()).ok()?;
-            if !protocol::wanted(self.filter, &message) {
-                return None;
-            }
-            let params = message.as_object_mut()?.entry("params").or_insert_with(|| json!({}));
-            let meta = params.as_object_mut()?.entry("_meta").or_insert_with(|| json!({}));
-            meta.as_object_mut()?.insert(protocol::SUBSCRIPTION_META.into(), self.subscription.clone());
-            Some(format!("data: {message}\n\n"))
-        }
+    /// Picks and rewrites the container's events for a held stream, from each `data:`
+    /// line: the event to pass on, or None.
+    pub trait EventFilter {
+        fn pass(&self, data: &str) -> Option<String>;
     }
 
     /// Counts a held stream for /stats while alive.
-    struct HeldStream<'a>(&'a std::sync::atomic::AtomicUsize);
+    pub struct HeldStream<'a>(&'a std::sync::atomic::AtomicUsize);
 
     impl<'a> HeldStream<'a> {
-        fn count(proxy: &'a Proxy) -> HeldStream<'a> {
+        pub fn count(proxy: &'a Proxy) -> HeldStream<'a> {
             let held = &proxy.sessions.counters.held_streams;
             held.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             HeldStream(held)
@@ -8749,13 +8872,6 @@ mod relay {
         }
     }
 
-    fn write_chunk(writer: &mut dyn Write, bytes: &[u8]) -> io::Result<()> {
-        write!(writer, "{:x}\r\n", bytes.len())
-            .and_then(|_| writer.write_all(bytes))
-            .and_then(|_| writer.write_all(b"\r\n"))
-            .and_then(|_| writer.flush())
-    }
-
     /// Opens the container's notification stream for the session and passes its events
     /// on, until either side ends.
     fn attach(
@@ -8765,11 +8881,10 @@ mod relay {
         (address, upstream_id): &(SocketAddr, String),
         writer: &mut dyn Write,
         last_write: &mut Instant,
-        listening: Option<&Listening>,
+        filter: Option<&dyn EventFilter>,
     ) -> Attached {
         let (address, upstream_id) = (*address, upstream_id.as_str());
-        let headers =
-            upstream_request_headers(incoming, proxy.upstream.forward_key(credential), address, Some(upstream_id));
+        let headers = request_headers(incoming, proxy.upstream.forward_key(credential), address, Some(upstream_id));
         let url = format!("http://{address}{}", incoming.target);
         let mut builder = ureq::http::Request::get(&url);
         for (name, value) in headers.iter().filter(|(n, _)| !n.eq_ignore_ascii_case("last-event-id")) {
@@ -8781,8 +8896,8 @@ mod relay {
             _ => return Attached::Refused,
         };
         let mut body = response.into_body().into_reader();
-        if let Some(listening) = listening {
-            return pass_listened(io::BufReader::new(body), writer, last_write, listening);
+        if let Some(filter) = filter {
+            return pass_filtered(io::BufReader::new(body), writer, last_write, filter);
         }
         let mut buf = vec![0u8; 16 * 1024];
         loop {
@@ -8798,12 +8913,12 @@ mod relay {
         }
     }
 
-    /// Passes on the container's events a listen stream asked for, line by line.
-    fn pass_listened(
+    /// Passes on the container's events the filter picks, line by line.
+    fn pass_filtered(
         mut body: impl io::BufRead,
         writer: &mut dyn Write,
         last_write: &mut Instant,
-        listening: &Listening,
+        filter: &dyn EventFilter,
     ) -> Attached {
         let mut line = String::new();
         loop {
@@ -8812,13 +8927,31 @@ mod relay {
                 Ok(0) | Err(_) => return Attached::Ended,
                 Ok(_) => {}
             }
-            let Some(event) = line.strip_prefix("data:").and_then(|data| listening.pass(data)) else { continue };
+            let Some(event) = line.strip_prefix("data:").and_then(|data| filter.pass(data)) else { continue };
             if write_chunk(writer, event.as_bytes()).is_err() {
                 return Attached::ClientGone;
             }
             *last_write = Instant::now();
         }
     }
+}
+
+mod websocket {
+    //! Owns WebSocket sessions: the handshake passed to the container (the client's path,
+    //! subprotocols and key header), the container's answer deciding the client's, then
+    //! frames relayed unchanged, one thread a direction. Calls `wire`, `error`, `auth` (the
+    //! credential), `registry` (a lease), `upstream` (the request headers).
+    use crate::auth::Credential;
+    use crate::error::ProxyError;
+    use crate::registry::Lease;
+    use crate::upstream::request_headers;
+    use crate::wire::{self, header_value, is_hop_by_hop, reject, Incoming, RouteResult};
+    use crate::{InFlight, Proxy};
+    use std::io::{self, BufReader, Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpStream};
+    use std::sync::Arc;
+    use std::thread;
+    use std::time::Duration;
 
     /// The container's side of a WebSocket handshake: the socket, a reader on it, and
     /// the status and headers it answered.
@@ -8974,7 +9107,7 @@ mod relay {
     /// on, so the container's Sec-WebSocket-Accept is valid for the client too.
     fn websocket_handshake(incoming: &Incoming, forward_key: Option<&str>, address: SocketAddr) -> String {
         let mut out = format!("GET {} HTTP/1.1\r\n", incoming.target);
-        let mut headers = upstream_request_headers(incoming, forward_key, address, None);
+        let mut headers = request_headers(incoming, forward_key, address, None);
         headers.push(("Connection".into(), "Upgrade".into()));
         headers.push(("Upgrade".into(), "websocket".into()));
         for (name, value) in headers {
@@ -9038,6 +9171,151 @@ mod relay {
             }
         }
     }
+}
+
+mod upstream {
+    //! Owns what passes between the proxy and a container over HTTP: the pooled client, the
+    //! headers a container gets (only the checked key), the headers a client gets back, and
+    //! the pieces of a body the relays share (event streams, chunks). Calls `wire`,
+    //! `error`, `auth` (key headers), `config`, `sessions` (the session header), `util`.
+    use crate::auth::{self, Credential};
+    use crate::config::{Config, KeyMode};
+    use crate::error::ProxyError;
+    use crate::sessions::SESSION_HEADER;
+    use crate::util::agent_base;
+    use crate::wire::{header_tokens, is_hop_by_hop, Incoming};
+    use std::io::{self, Write};
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    /// The pooled HTTP client to the containers, and what it must know of the settings.
+    pub struct Upstream {
+        pub agent: ureq::Agent,
+        key_mode: KeyMode,
+        pub max_body: u64,
+        pub response_timeout: Duration,
+    }
+
+    impl Upstream {
+        /// The client's headers as sent (no User-Agent, Accept or Accept-Encoding
+        /// added), any method, no limit on a streamed body.
+        pub fn new(cfg: &Config) -> Upstream {
+            let agent = agent_base()
+                .allow_non_standard_methods(true)
+                .user_agent(ureq::config::AutoHeaderValue::None)
+                .accept(ureq::config::AutoHeaderValue::None)
+                .accept_encoding(ureq::config::AutoHeaderValue::None)
+                .timeout_connect(Some(Duration::from_secs(5)))
+                .timeout_send_request(Some(Duration::from_secs(30)))
+                .timeout_per_write(Some(Duration::from_secs(60)))
+                .timeout_recv_response(Some(cfg.response_timeout))
+                // ureq's 128 KiB buffers each way, per connection, made 300 open streams
+                // cost 100 MiB; MCP's headers are small and bodies stream through anyway
+                .input_buffer_size(32 * 1024)
+                .max_response_header_size(32 * 1024)
+                .output_buffer_size(16 * 1024)
+                .max_idle_connections_per_host(8)
+                // below uvicorn's 5 s keep-alive, so a pooled connection is not one the
+                // container is closing
+                .max_idle_age(Duration::from_secs(4))
+                .build()
+                .new_agent();
+            Upstream { agent, key_mode: cfg.key_mode, max_body: cfg.max_body, response_timeout: cfg.response_timeout }
+        }
+
+        /// The key the container gets with each request: in `header` mode only.
+        pub fn forward_key<'a>(&self, credential: &'a Credential) -> Option<&'a str> {
+            (self.key_mode == KeyMode::Header).then_some(credential.key.as_str())
+        }
+    }
+
+    /// The headers the container gets: the client's, less hop-by-hop ones, the
+    /// credential headers, Host and Expect; plus X-Forwarded-*, and the key when given.
+    pub fn request_headers(
+        incoming: &Incoming,
+        forward_key: Option<&str>,
+        address: SocketAddr,
+        session: Option<&str>,
+    ) -> Vec<(String, String)> {
+        let connection = header_tokens(&incoming.headers, "connection");
+        let mut out: Vec<(String, String)> = Vec::with_capacity(incoming.headers.len() + 5);
+        if let (Some(upstream), None) = (session, incoming.header(SESSION_HEADER)) {
+            // the default session, for a client that sent no id
+            out.push(("Mcp-Session-Id".into(), upstream.to_string()));
+        }
+        for (name, value) in &incoming.headers {
+            let lower = name.to_ascii_lowercase();
+            let dropped = is_hop_by_hop(&lower, &connection)
+                || matches!(lower.as_str(), "host" | "expect" | "x-forwarded-for" | "content-length")
+                || auth::is_credential_header(&lower);
+            if dropped {
+                continue;
+            }
+            match (lower.as_str(), session) {
+                // the upstream session that stands for the client's
+                (SESSION_HEADER, Some(upstream)) => out.push((name.clone(), upstream.to_string())),
+                _ => out.push((name.clone(), value.clone())),
+            }
+        }
+        out.push(("Host".into(), address.to_string()));
+        if let Some(host) = incoming.header("host") {
+            if incoming.header("x-forwarded-host").is_none() {
+                out.push(("X-Forwarded-Host".into(), host.to_string()));
+            }
+        }
+        let client_ip = incoming.remote.map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
+        let forwarded_for = match incoming.header("x-forwarded-for") {
+            Some(prior) => format!("{prior}, {client_ip}"),
+            None => client_ip,
+        };
+        out.push(("X-Forwarded-For".into(), forwarded_for));
+        if incoming.header("x-forwarded-proto").is_none() {
+            out.push(("X-Forwarded-Proto".into(), "http".into()));
+        }
+        if let Some(key) = forward_key {
+            out.push((auth::KEY_HEADER.into(), key.to_string()));
+        }
+        out
+    }
+
+    /// The headers the client gets back: the container's, less hop-by-hop ones and the
+    /// framing (which the proxy writes itself).
+    pub fn response_headers(headers: &ureq::http::HeaderMap) -> Vec<(String, String)> {
+        let connection: Vec<String> = headers
+            .get_all("connection")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .collect();
+        headers
+            .iter()
+            .filter(|(name, _)| !is_hop_by_hop(name.as_str(), &connection) && name.as_str() != "content-length")
+            .filter_map(|(name, value)| value.to_str().ok().map(|v| (name.as_str().to_string(), v.to_string())))
+            .collect()
+    }
+
+    pub fn is_event_stream(headers: &ureq::http::HeaderMap) -> bool {
+        headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().starts_with("text/event-stream"))
+    }
+
+    pub fn write_chunk(writer: &mut dyn Write, bytes: &[u8]) -> io::Result<()> {
+        write!(writer, "{:x}\r\n", bytes.len())
+            .and_then(|_| writer.write_all(bytes))
+            .and_then(|_| writer.write_all(b"\r\n"))
+            .and_then(|_| writer.flush())
+    }
+
+    pub fn client_gone(_: io::Error) -> ProxyError {
+        ProxyError::BadRequest("The client went away.".into())
+    }
+
+    /// Largest answer kept aside for the staged-edit marks (mcp-outline's answer to an
+    /// edit is a sentence).
+    pub const CAPTURE_LIMIT: usize = 1 << 20;
 }
 
 mod ops {
@@ -9414,15 +9692,15 @@ mod ops {
     /// The OAuth front door: where grants are kept (writable by this user), where
     /// people sign in, and whether Outline accepts the OAuth app's credentials.
     fn check_oauth(cfg: &Config, report: &mut dyn FnMut(bool, String)) {
-        if cfg.oauth_path.is_empty() {
+        if cfg.oauth.path.is_empty() {
             println!("- OAuth front door off (MCP_PROXY_OAUTH_PATH is empty)");
             return;
         }
-        match &cfg.public_url {
-            Some(url) => report(true, format!("OAuth front door at {url}{}", cfg.oauth_path)),
+        match &cfg.oauth.public_url {
+            Some(url) => report(true, format!("OAuth front door at {url}{}", cfg.oauth.path)),
             None => println!(
                 "! OAuth front door at {}: its URLs come from each request's Host (set MCP_PROXY_PUBLIC_URL)",
-                cfg.oauth_path
+                cfg.oauth.path
             ),
         }
         match &cfg.state_dir {
@@ -9438,7 +9716,7 @@ mod ops {
                 }
             }
         }
-        match &cfg.outline_oauth {
+        match &cfg.oauth.outline_app {
             None => println!("- people sign in by pasting an Outline API key (no Outline OAuth app is set)"),
             Some(app) => {
                 let outline =
@@ -10194,15 +10472,16 @@ mod util {
 
 #[cfg(test)]
 mod tests {
-    use crate::auth::{self, parse_auth_info, Credential, KeySource, User};
+    use crate::auth::{self, parse_auth_info, Credential, User};
     use crate::config::{parse_duration, parse_size, Config, KeyMode};
     use crate::containers::Want;
     use crate::docker::{parse_inspect, ContainerSpec, DockerError};
     use crate::error::ProxyError;
     use crate::ops::{render_metrics, render_stats, snapshot};
     use crate::registry::{due_for_removal, Entry, Plan, State};
-    use crate::relay::{downstream_response_headers, relay_frames, upstream_request_headers};
+    use crate::upstream::{request_headers, response_headers};
     use crate::util::{base64_encode, constant_time_eq, format_rfc3339, lock, parse_rfc3339};
+    use crate::websocket::relay_frames;
     use crate::wire::{check_request_form, framing, header_value, Framing, Incoming};
     use crate::Proxy;
     use std::collections::HashMap;
@@ -10331,7 +10610,7 @@ mod tests {
         assert_eq!(key_of(&[("Authorization", "Basic abc")]).unwrap_err().status(), 401);
         assert!(auth::is_plausible_key(&"k".repeat(512)));
         let bearer = auth::extract(&incoming(&[("Authorization", "Bearer k")])).unwrap();
-        assert_eq!(bearer.source, KeySource::Bearer);
+        assert_eq!(bearer.key, "k");
     }
 
     #[test]
@@ -10406,7 +10685,7 @@ mod tests {
             ("X-Forwarded-For", "1.2.3.4"),
         ]);
         let addr: SocketAddr = "172.17.0.5:3000".parse().unwrap();
-        let out = upstream_request_headers(&inc, Some("client-key"), addr, None);
+        let out = request_headers(&inc, Some("client-key"), addr, None);
         let names: Vec<String> = out.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
         for gone in ["connection", "x-private", "keep-alive", "te", "proxy-authorization"] {
             assert!(!names.contains(&gone.to_string()), "{gone} forwarded");
@@ -10419,14 +10698,14 @@ mod tests {
         assert_eq!(header_value(&out, "x-forwarded-host"), Some("proxy.example.com"));
         assert_eq!(out.iter().filter(|(n, _)| n.eq_ignore_ascii_case("x-outline-api-key")).count(), 1);
         // env mode: the container holds the key, requests do not carry it
-        let env_mode = upstream_request_headers(&inc, None, addr, None);
+        let env_mode = request_headers(&inc, None, addr, None);
         assert!(header_value(&env_mode, "x-outline-api-key").is_none());
         // a key sent as Bearer is not passed on as Authorization; nor is a second key
         // beside X-Outline-API-Key: only the checked key reaches the container
         let bearer = incoming(&[("Authorization", "Bearer k")]);
-        assert!(header_value(&upstream_request_headers(&bearer, None, addr, None), "authorization").is_none());
+        assert!(header_value(&request_headers(&bearer, None, addr, None), "authorization").is_none());
         let both = incoming(&[("X-Outline-API-Key", "checked"), ("Authorization", "Bearer another")]);
-        let out = upstream_request_headers(&both, Some("checked"), addr, None);
+        let out = request_headers(&both, Some("checked"), addr, None);
         assert!(header_value(&out, "authorization").is_none());
         assert_eq!(header_value(&out, "x-outline-api-key"), Some("checked"));
     }
@@ -10439,7 +10718,7 @@ mod tests {
         map.insert("transfer-encoding", "chunked".parse().unwrap());
         map.insert("content-length", "5".parse().unwrap());
         map.insert("mcp-session-id", "s1".parse().unwrap());
-        let out = downstream_response_headers(&map);
+        let out = response_headers(&map);
         assert_eq!(out, vec![("mcp-session-id".to_string(), "s1".to_string())]);
     }
 
@@ -10691,7 +10970,7 @@ mod tests {
     #[test]
     fn only_env_mode_lets_the_key_into_container_code() {
         let user = User { id: "u".into(), team_id: "t".into(), name: "Ann".into(), email: String::new() };
-        let credential = Credential { key: "k-123".into(), source: KeySource::KeyHeader };
+        let credential = Credential { key: "k-123".into() };
         for (mode, holds) in [("header", false), ("env", true)] {
             let cfg = Config::load(&env(&[("MCP_PROXY_KEY_MODE", mode)])).unwrap();
             let want = Want::new(&cfg, "mcp-x".into(), &user, &credential);
@@ -11121,7 +11400,10 @@ mod tests {
             redirect_uri: "http://127.0.0.1/cb".into(),
             code_challenge: "c".into(),
             resource: "https://h/oauth/mcp".into(),
-            sealed: crate::grants::Sealed::new(crate::grants::Upstream::ApiKey { key: key.into() }, &user),
+            signed_in: crate::grants::SignedIn::new(
+                crate::grants::OutlineCredential::ApiKey { key: key.into() },
+                &user,
+            ),
         }
     }
 
@@ -11137,8 +11419,8 @@ mod tests {
         // a new process (the store read back) opens it with the token, and only so
         let again = reopen(&dir);
         let opened = again.open_with_access(&issued.access_token).unwrap();
-        assert_eq!(opened.sealed.upstream.credential(), "ol_api_secret_key");
-        assert_eq!(opened.sealed.name, "Carol");
+        assert_eq!(opened.signed_in.credential.key(), "ol_api_secret_key");
+        assert_eq!(opened.signed_in.name, "Carol");
         assert!(again.open_with_access(&issued.refresh_token).is_err(), "a refresh token is not an access token");
         assert!(again.open_with_access("omp_at_forged").is_err());
         // rotation: the new refresh token works, the old one presented again revokes it all
@@ -11166,18 +11448,18 @@ mod tests {
             attempts: 0,
             expires_at: crate::util::now_unix() + 600,
         };
-        store.add_pending("omp_rq_one", pending.clone()).unwrap();
-        let code = store.issue_code(&pending, test_code("ol_api_in_flight").sealed).unwrap();
+        store.sign_ins.add_pending("omp_rq_one", pending.clone()).unwrap();
+        let code = store.sign_ins.issue_code(&pending, test_code("ol_api_in_flight").signed_in).unwrap();
         store.save_at_stop();
         let on_disk = std::fs::read_to_string(dir.join("oauth-grants.json")).unwrap();
         for secret in ["ol_api_in_flight", "omp_rq_one", code.as_str(), "Carol"] {
             assert!(!on_disk.contains(secret), "{secret} is on disk in the clear");
         }
         let again = reopen(&dir);
-        assert_eq!(again.pending("omp_rq_one").map(|p| p.client_name), Some("Desk".into()));
+        assert_eq!(again.sign_ins.pending("omp_rq_one").map(|p| p.client_name), Some("Desk".into()));
         assert!(again.take_code("omp_ac_forged").is_err());
         let taken = again.take_code(&code).unwrap();
-        assert_eq!(taken.sealed.upstream.credential(), "ol_api_in_flight");
+        assert_eq!(taken.signed_in.credential.key(), "ol_api_in_flight");
         assert!(again.take_code(&code).is_err(), "a code is used once");
         std::fs::remove_dir_all(&dir).unwrap();
     }
