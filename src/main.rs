@@ -9214,7 +9214,11 @@ mod upstream {
                 .input_buffer_size(32 * 1024)
                 .max_response_header_size(32 * 1024)
                 .output_buffer_size(16 * 1024)
-                .max_idle_connections_per_host(8)
+                // room for every client of a busy container at once (20 clients on
+                // one container with 8 kept, and ureq's 10 in all, opened one new TCP
+                // connection per 10 requests); each idle one holds its 48 KiB of buffers
+                .max_idle_connections(64)
+                .max_idle_connections_per_host(32)
                 // below uvicorn's 5 s keep-alive, so a pooled connection is not one the
                 // container is closing
                 .max_idle_age(Duration::from_secs(4))
