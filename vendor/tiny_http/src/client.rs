@@ -127,21 +127,19 @@ impl ClientConnection {
     /// Reads until `CRLF` is reached. The next read will start
     ///  at the first byte of the new line.
     fn read_next_line(&mut self) -> IoResult<AsciiString> {
+        // PATCH: read from the buffer a piece at a time (upstream read one byte per
+        // call); a bare LF stays part of the line, as upstream's did
+        use std::io::BufRead;
         let mut buf = Vec::new();
-        let mut prev_byte_was_cr = false;
 
         loop {
-            let byte = self.next_header_source.by_ref().bytes().next();
-
-            let byte = match byte {
-                Some(b) => b?,
-                None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
+            let piece = match self.next_header_source.fill_buf() {
+                Ok(piece) => piece,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             };
-
-            if byte == b'\n' && prev_byte_was_cr {
-                buf.pop(); // removing the '\r'
-                return AsciiString::from_ascii(buf)
-                    .map_err(|_| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
+            if piece.is_empty() {
+                return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF"));
             }
 
             if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
@@ -149,12 +147,19 @@ impl ClientConnection {
                 return Err(IoError::new(ErrorKind::ConnectionAborted, "connection closed by handler"));
             }
 
-            prev_byte_was_cr = byte == b'\r';
+            let line_end = line_end(&buf, piece);
+            let taken = line_end.map_or(piece.len(), |lf| lf + 1);
+            buf.extend_from_slice(&piece[..line_end.unwrap_or(piece.len())]);
+            self.next_header_source.consume(taken);
 
-            buf.push(byte);
             if buf.len() > MAX_LINE {
                 // PATCH: upstream grew the line without bound
                 return Err(IoError::new(ErrorKind::InvalidData, "header line too long"));
+            }
+            if line_end.is_some() {
+                buf.pop(); // removing the '\r'
+                return AsciiString::from_ascii(buf)
+                    .map_err(|_| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
             }
         }
     }
@@ -385,6 +390,21 @@ impl Iterator for ClientConnection {
     }
 }
 
+/// PATCH (outline-mcp-proxy): where in `piece` the line read so far (`line`) ends: the
+/// first LF right after a CR (which may be the last byte of `line`).
+fn line_end(line: &[u8], piece: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(at) = piece[from..].iter().position(|&b| b == b'\n') {
+        let lf = from + at;
+        let before = if lf == 0 { line.last() } else { piece.get(lf - 1) };
+        if before == Some(&b'\r') {
+            return Some(lf);
+        }
+        from = lf + 1;
+    }
+    None
+}
+
 /// PATCH (outline-mcp-proxy): errors found while reading a request are answered with
 /// their status and a reason, in the embedder's words when it gave an error page (else
 /// as plain text), and the connection is closed.
@@ -434,6 +454,17 @@ fn parse_request_line(line: &str) -> Result<(Method, String, HTTPVersion), ReadE
 
 #[cfg(test)]
 mod test {
+    // PATCH: a line ends at the first CRLF, also when the CR ended the previous piece;
+    // a bare LF is part of the line
+    #[test]
+    fn test_line_end() {
+        assert_eq!(super::line_end(b"", b"GET / HTTP/1.1\r\nHost"), Some(15));
+        assert_eq!(super::line_end(b"GET / HTTP/1.1\r", b"\nHost"), Some(0));
+        assert_eq!(super::line_end(b"", b"a\nb\r\n"), Some(4));
+        assert_eq!(super::line_end(b"a", b"\nb"), None);
+        assert_eq!(super::line_end(b"", b"abc\r"), None);
+    }
+
     #[test]
     fn test_parse_request_line() {
         let (method, path, ver) = super::parse_request_line("GET /hello HTTP/1.1").unwrap();
