@@ -644,6 +644,115 @@ mod config {
         }
         println!("\ndurations: 90, 90s, 15m, 2h, 7d; sizes: 256m, 1g, bytes");
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::tests::env;
+        use std::time::Duration;
+
+        #[test]
+        fn defaults_match_the_design_card() {
+            let cfg = Config::load(&env(&[])).unwrap();
+            assert_eq!(cfg.listen, "127.0.0.1:8000".parse().unwrap());
+            assert_eq!(cfg.outline_url, "https://app.getoutline.com");
+            assert_eq!(cfg.container_outline_url, cfg.outline_url);
+            assert_eq!(cfg.image, "ghcr.io/vortiago/mcp-outline:latest");
+            assert_eq!(cfg.container_port, 3000);
+            assert_eq!(cfg.ready_path, "/health");
+            assert_eq!(cfg.prefix, "mcp-");
+            assert_eq!(cfg.network, "outline-mcp-proxy");
+            assert_eq!(cfg.memory_bytes, 256 << 20);
+            assert_eq!(cfg.cpus, 0.3);
+            assert_eq!(cfg.pids_limit, 128);
+            assert_eq!(cfg.key_mode, KeyMode::Header);
+            assert_eq!(cfg.idle_timeout, Duration::from_secs(900));
+            assert_eq!(cfg.sweep_interval, Duration::from_secs(60));
+            assert_eq!(cfg.remove_after, Some(Duration::from_secs(7 * 86400)));
+            assert_eq!(cfg.auth_ttl, Duration::from_secs(60));
+            assert_eq!(cfg.auth_fail_ttl, Duration::from_secs(10));
+            assert_eq!(cfg.start_timeout, Duration::from_secs(60));
+            assert_eq!(cfg.max_running, 0);
+            assert_eq!(cfg.max_connections, 1500);
+            assert_eq!(cfg.max_body, 10 << 20);
+            assert_eq!(cfg.stats_user, "admin");
+            assert_eq!(cfg.stats_password, None);
+            assert!(cfg.allowed_origins.is_empty());
+            assert_eq!(cfg.docker, "docker");
+        }
+
+        #[test]
+        fn bad_values_name_their_variable() {
+            for (name, value) in [
+                ("MCP_PROXY_IDLE_TIMEOUT", "15 minutes"),
+                ("MCP_PROXY_MEMORY", "lots"),
+                ("MCP_PROXY_CPUS", "-1"),
+                ("MCP_PROXY_KEY_MODE", "file"),
+                ("OUTLINE_URL", "ftp://x"),
+                ("MCP_PROXY_LISTEN", "nowhere"),
+                ("MCP_PROXY_CONTAINER_PORT", "70000"),
+                ("MCP_PROXY_MAX_RUNNING", "many"),
+                ("MCP_PROXY_CONTAINER_PREFIX", "-x"),
+                ("MCP_PROXY_LOG", "loud"),
+            ] {
+                let err = Config::load(&env(&[(name, value)])).unwrap_err();
+                assert!(err.contains(name), "{err}");
+            }
+        }
+
+        #[test]
+        fn outline_url_accepts_a_trailing_api() {
+            let cfg = Config::load(&env(&[("OUTLINE_URL", "https://wiki.example.com/api/")])).unwrap();
+            assert_eq!(cfg.outline_url, "https://wiki.example.com");
+        }
+
+        #[test]
+        fn durations_and_sizes() {
+            assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
+            assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+            assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
+            assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+            assert_eq!(parse_duration("7d"), Some(Duration::from_secs(604800)));
+            assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+            assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+            assert_eq!(parse_duration("m"), None);
+            assert_eq!(parse_duration("5w"), None);
+            assert_eq!(parse_duration("-5s"), None);
+            assert_eq!(parse_size("256m"), Some(256 << 20));
+            assert_eq!(parse_size("1g"), Some(1 << 30));
+            assert_eq!(parse_size("1024"), Some(1024));
+            assert_eq!(parse_size("10MB"), Some(10 << 20));
+            assert_eq!(parse_size("x"), None);
+            assert_eq!(parse_size("99999999999999999999g"), None);
+        }
+
+        #[test]
+        fn the_budget_setting_takes_sizes_auto_and_off() {
+            let load = |value: &str| {
+                let value = value.to_string();
+                Config::load(&move |name| (name == "MCP_PROXY_MEMORY_BUDGET").then(|| value.clone()))
+            };
+            assert_eq!(load("400m").unwrap().memory_budget, 400 << 20);
+            assert_eq!(load("1g").unwrap().memory_budget, 1 << 30);
+            assert_eq!(load("off").unwrap().memory_budget, 0);
+            assert_eq!(load("0").unwrap().memory_budget, 0);
+            let host = crate::memory::host_memory().unwrap();
+            // sysinfo's total is /proc/meminfo's MemTotal
+            let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+            let kib = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).unwrap().trim().trim_end_matches(" kB");
+            assert_eq!(host, kib.parse::<u64>().unwrap() * 1024);
+            let host = host & !4095;
+            assert_eq!(load("auto").unwrap().memory_budget, host - crate::memory::RESERVE);
+            assert_eq!(Config::load(&|_| None).unwrap().memory_budget, host - crate::memory::RESERVE);
+            for nonsense in ["lots", "-1", "100m", "1000000g"] {
+                let err = load(nonsense).unwrap_err();
+                assert!(err.starts_with("MCP_PROXY_MEMORY_BUDGET="), "{nonsense}: {err}");
+            }
+            let parent = |v: &'static str| Config::load(&move |n| (n == "MCP_PROXY_CGROUP_PARENT").then(|| v.into()));
+            assert_eq!(parent("omp-test_1").unwrap().cgroup_parent, "omp-test_1");
+            assert!(parent("../etc").is_err() && parent("a.slice").is_err() && parent("").is_err());
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -998,6 +1107,28 @@ mod error {
                 headers.push(("WWW-Authenticate".to_string(), challenge));
             }
             headers
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// A header's value by name (the wire's `header_value`, which `error` may not call).
+        fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+            headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        }
+
+        #[test]
+        fn one_error_body_and_the_right_challenge() {
+            let err = ProxyError::Unauthorized("no key".into());
+            let body: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+            assert_eq!(body, serde_json::json!({"error": "unauthorized", "message": "no key"}));
+            let challenge = |e: &ProxyError| header(&e.headers(), "www-authenticate").map(str::to_string);
+            assert!(challenge(&err).unwrap().starts_with("Bearer"));
+            assert!(challenge(&ProxyError::OperatorOnly).unwrap().starts_with("Basic"));
+            assert_eq!(challenge(&ProxyError::AtCapacity(2)), None);
+            assert_eq!(header(&ProxyError::AtCapacity(2).headers(), "retry-after"), Some("30"));
         }
     }
 }
@@ -1435,6 +1566,74 @@ mod wire {
     pub fn log_value(value: &str) -> String {
         let short: String = value.chars().take(100).collect();
         format!("{short:?}")
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::tests::incoming;
+
+        #[test]
+        fn requests_not_fit_to_forward_are_refused() {
+            let ok = incoming(&[("Content-Length", "10"), ("X-Tab", "a\tb")]);
+            assert!(check_request_form(&ok).is_ok());
+            for headers in
+                [vec![("X-Bad", "a\u{0}b")], vec![("X-Bad", "a\u{b}b")], vec![("Bad Name", "x")], vec![("", "x")]]
+            {
+                let err = check_request_form(&incoming(&headers)).unwrap_err();
+                assert_eq!(err.status(), 400, "{headers:?}");
+                assert!(err.closes_connection());
+            }
+            let mut star = incoming(&[]);
+            star.target = "*".into();
+            assert!(check_request_form(&star).is_err());
+            let mut absolute = incoming(&[]);
+            absolute.target = "http://evil/".into();
+            assert!(check_request_form(&absolute).is_err());
+        }
+
+        #[test]
+        fn framing_follows_method_status_length_and_version() {
+            assert_eq!(framing("HEAD", 200, Some(5), false), Framing::NoBody);
+            for status in [101, 204, 304] {
+                assert_eq!(framing("GET", status, None, false), Framing::NoBody, "{status}");
+            }
+            assert_eq!(framing("GET", 200, Some(5), false), Framing::Length(5));
+            assert_eq!(framing("GET", 200, Some(5), true), Framing::Length(5));
+            assert_eq!(framing("POST", 200, None, false), Framing::Chunked);
+            assert_eq!(framing("POST", 200, None, true), Framing::UntilClose);
+        }
+
+        #[test]
+        fn the_client_address_is_x_real_ip_only_from_a_trusted_proxy_and_ipv6_counts_by_its_64() {
+            let from = |peer: &str, real: Option<&str>| {
+                let mut request = incoming(&real.map(|r| vec![("X-Real-IP", r)]).unwrap_or_default());
+                request.remote = Some(peer.parse().unwrap());
+                request
+            };
+            let loopback: Vec<std::net::IpAddr> = vec!["127.0.0.1".parse().unwrap()];
+            let trusted = |peer: &str, real: Option<&str>| client_source(&from(peer, real), &loopback);
+            // nginx on this host names the client; anyone else is who they are
+            assert_eq!(trusted("127.0.0.1:1", Some("203.0.113.7")), trusted("203.0.113.7:3", None));
+            assert_ne!(trusted("127.0.0.1:1", Some("203.0.113.7")), trusted("127.0.0.1:1", Some("203.0.113.8")));
+            assert_eq!(trusted("10.0.0.9:2", Some("203.0.113.7")), trusted("10.0.0.9:2", Some("203.0.113.8")));
+            assert_eq!(trusted("10.0.0.9:2", Some("203.0.113.7")), trusted("10.0.0.9:5", None));
+            assert_eq!(trusted("[::ffff:127.0.0.1]:1", Some("198.51.100.1")), trusted("198.51.100.1:9", None));
+            // a header that is not an address counts as the proxy itself
+            assert_eq!(trusted("127.0.0.1:1", Some("nonsense")), trusted("127.0.0.1:2", None));
+            // one /64, one bucket; the next /64, another
+            assert_eq!(
+                trusted("127.0.0.1:1", Some("2001:db8:1:2::1")),
+                trusted("127.0.0.1:1", Some("2001:db8:1:2:ffff::9"))
+            );
+            assert_eq!(trusted("[2001:db8:1:2::1]:1", None), trusted("[2001:db8:1:2:abcd::1]:7", None));
+            assert_ne!(
+                trusted("127.0.0.1:1", Some("2001:db8:1:2::1")),
+                trusted("127.0.0.1:1", Some("2001:db8:1:3::1"))
+            );
+            // with no trusted proxy, loopback is a client like any other
+            assert_eq!(client_source(&from("127.0.0.1:1", Some("203.0.113.7")), &[]), trusted("127.0.0.1:4", None));
+        }
     }
 }
 
@@ -3238,6 +3437,113 @@ mod oauth {
         }
         Reply::Json(200, json!({}))
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn redirect_uris_https_loopback_or_an_apps_own_scheme() {
+            for ok in [
+                "https://claude.ai/api/mcp/auth_callback",
+                "http://127.0.0.1:33418/callback",
+                "http://localhost/cb",
+                "http://[::1]:8080/",
+                "cursor://anysphere.cursor-retrieval/oauth/callback",
+            ] {
+                assert!(check_redirect_uri(ok).is_ok(), "{ok}");
+            }
+            for bad in [
+                "http://evil.example/cb",
+                "http://127.0.0.1.evil.example/cb",
+                "javascript:alert(1)",
+                "data:text/html,x",
+                "https://x.example/cb#frag",
+                "https:///nohost",
+                "https://user@x.example/cb",
+                "",
+                "no scheme",
+            ] {
+                assert!(check_redirect_uri(bad).is_err(), "{bad}");
+            }
+        }
+
+        #[test]
+        fn redirect_uris_a_browser_reads_with_another_host_are_refused() {
+            for ok in [
+                "https://App.Example.com:8443/cb",
+                "https://127.0.0.1/cb",
+                "https://[2001:db8::1]:443/cb",
+                "myapp://x_y.z/cb",
+            ] {
+                assert!(check_redirect_uri(ok).is_ok(), "{ok}");
+            }
+            for (bad, why) in [
+                ("https://attacker.example\\.claude.ai/cb", "backslash"),
+                ("https://claude.ai\\@attacker.example/cb", "backslash"),
+                ("https://claude.ai/cb\\x", "backslash"),
+                ("https://claude.ai@attacker.example/cb", "user info"),
+                ("https://claude.ai:x@attacker.example/cb", "user info"),
+                ("myapp://claude.ai@attacker.example/cb", "user info"),
+                ("https://cl\u{430}ude.ai/cb", "ASCII"),
+                ("https://attacker.example%2f.claude.ai/cb", "letters, digits"),
+                ("https://0x7f.1/cb", "a.b.c.d"),
+                ("https://2130706433/cb", "a.b.c.d"),
+                ("https://example.010/cb", "a.b.c.d"),
+                ("https://[::1/cb", "]"),
+                ("https://claude.ai:44x/cb", "port"),
+            ] {
+                let refused = check_redirect_uri(bad).expect_err(bad);
+                assert!(refused.contains(why), "{bad}: {refused}");
+            }
+        }
+
+        #[test]
+        fn client_documents_come_from_public_addresses_only() {
+            for public in ["93.184.216.34", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+                assert!(is_public_address(public.parse().unwrap()), "{public}");
+            }
+            for private in [
+                "127.0.0.1",
+                "10.1.2.3",
+                "172.16.0.1",
+                "192.168.1.1",
+                "169.254.169.254",
+                "100.64.0.1",
+                "0.0.0.0",
+                "224.0.0.1",
+                "255.255.255.255",
+                "::1",
+                "::",
+                "fd00::1",
+                "fe80::1",
+                "::ffff:127.0.0.1",
+                "::ffff:169.254.169.254",
+            ] {
+                assert!(!is_public_address(private.parse().unwrap()), "{private}");
+            }
+        }
+
+        #[test]
+        fn loopback_redirects_match_on_any_port_and_nothing_else_does() {
+            let registered = vec!["http://127.0.0.1/callback".to_string(), "https://app.example/cb".to_string()];
+            assert!(redirect_matches(&registered, "http://127.0.0.1:5555/callback"));
+            assert!(redirect_matches(&registered, "https://app.example/cb"));
+            assert!(!redirect_matches(&registered, "http://127.0.0.1:5555/other"));
+            assert!(!redirect_matches(&registered, "http://localhost:5555/callback"));
+            assert!(!redirect_matches(&registered, "https://app.example:444/cb"));
+            assert!(!redirect_matches(&registered, "https://app.example/cb?x=1"));
+        }
+
+        #[test]
+        fn pkce_s256_as_another_implementation_computes_it() {
+            // the challenge from Python's hashlib and base64.urlsafe_b64encode
+            assert_eq!(
+                pkce_challenge("dBjftJeZ4CVP-mJ92IVTZjAv5-MsqGMPULsfA_HeU9Lkg"),
+                "weT7jpLfnmcUBrkBS5hC2R_WPDK5VF-6iXWS3fG4MlU"
+            );
+        }
+    }
 }
 
 mod signin {
@@ -4754,6 +5060,134 @@ mod grants {
             }
         }
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::auth::User;
+        use std::time::Duration;
+
+        /// A store in a fresh directory of its own, read back with `reopen`.
+        fn test_store(name: &str) -> (std::path::PathBuf, Store) {
+            let dir = std::env::temp_dir().join(format!("omp-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let store = reopen(&dir);
+            (dir, store)
+        }
+
+        fn reopen(dir: &std::path::Path) -> Store {
+            Store::open(Some(dir.to_path_buf()), Duration::from_secs(3600), Duration::from_secs(30 * 86400), 1000)
+        }
+
+        fn test_code(key: &str) -> Code {
+            let user = User { id: "u1".into(), team_id: "t1".into(), name: "Carol".into(), email: "c@x".into() };
+            Code {
+                client_id: "client".into(),
+                redirect_uri: "http://127.0.0.1/cb".into(),
+                code_challenge: "c".into(),
+                resource: "https://h/oauth/mcp".into(),
+                signed_in: SignedIn::new(OutlineCredential::ApiKey { key: key.into() }, &user),
+            }
+        }
+
+        #[test]
+        fn a_grant_is_sealed_at_rest_and_opens_only_with_its_tokens() {
+            let (dir, store) = test_store("grants");
+            let issued = store.create_grant("omp_ac_x", &test_code("ol_api_secret_key")).unwrap();
+            let on_disk = std::fs::read_to_string(dir.join("oauth-grants.json")).unwrap();
+            for secret in ["ol_api_secret_key", "Carol", &issued.access_token, &issued.refresh_token] {
+                assert!(!on_disk.contains(secret), "{secret} is on disk in the clear");
+            }
+            // a new process (the store read back) opens it with the token, and only so
+            let again = reopen(&dir);
+            let opened = again.open_with_access(&issued.access_token).unwrap();
+            assert_eq!(opened.signed_in.credential.key(), "ol_api_secret_key");
+            assert_eq!(opened.signed_in.name, "Carol");
+            assert!(again.open_with_access(&issued.refresh_token).is_err(), "a refresh token is not an access token");
+            assert!(again.open_with_access("omp_at_forged").is_err());
+            // rotation: the new refresh token works, the old one presented again revokes it all
+            let rotated = again.rotate(&again.open_with_refresh(&issued.refresh_token).unwrap(), &issued.refresh_token);
+            let rotated = rotated.unwrap();
+            assert!(again.open_with_refresh(&rotated.refresh_token).is_ok());
+            assert_eq!(again.open_with_refresh(&issued.refresh_token).err(), Some(TokenRefused::Replayed));
+            assert!(again.open_with_access(&rotated.access_token).is_err());
+            assert_eq!(again.grant_count(), 0);
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+
+        #[test]
+        fn sign_ins_and_codes_in_progress_outlive_a_stop_sealed() {
+            let (dir, store) = test_store("progress");
+            let pending = Pending {
+                client_id: "client".into(),
+                client_name: "Desk".into(),
+                redirect_uri: "http://127.0.0.1/cb".into(),
+                state: Some("s".into()),
+                code_challenge: "c".into(),
+                resource: "https://h/oauth/mcp".into(),
+                csrf_hash: "h".into(),
+                attempts: 0,
+                expires_at: crate::util::now_unix() + 600,
+            };
+            store.sign_ins.add_pending("omp_rq_one", pending.clone()).unwrap();
+            let code = store.sign_ins.issue_code(&pending, test_code("ol_api_in_flight").signed_in).unwrap();
+            store.save_at_stop();
+            let on_disk = std::fs::read_to_string(dir.join("oauth-grants.json")).unwrap();
+            for secret in ["ol_api_in_flight", "omp_rq_one", code.as_str(), "Carol"] {
+                assert!(!on_disk.contains(secret), "{secret} is on disk in the clear");
+            }
+            let again = reopen(&dir);
+            assert_eq!(again.sign_ins.pending("omp_rq_one").map(|p| p.client_name), Some("Desk".into()));
+            assert!(again.take_code("omp_ac_forged").is_err());
+            let taken = again.take_code(&code).unwrap();
+            assert_eq!(taken.signed_in.credential.key(), "ol_api_in_flight");
+            assert!(again.take_code(&code).is_err(), "a code is used once");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+
+        #[test]
+        fn grants_are_bounded_per_user_and_client_and_come_back_from_the_journal() {
+            let (dir, store) = test_store("limits");
+            let issued: Vec<_> =
+                (0..12).map(|i| store.create_grant(&format!("omp_ac_{i}"), &test_code("k")).unwrap()).collect();
+            assert_eq!(store.grant_count(), GRANTS_PER_CLIENT);
+            assert!(store.open_with_access(&issued[1].access_token).is_err(), "the oldest went");
+            assert!(store.open_with_access(&issued[2].access_token).is_ok());
+            store.revoke_grant(&store.grant_of(&issued[5].access_token).unwrap()).unwrap();
+            let journal = std::fs::read_to_string(dir.join("oauth-grants.journal")).unwrap();
+            assert!(!journal.contains(&issued[11].access_token) && !journal.contains("Carol"));
+            drop(store); // no stop: what comes back is the state file and the journal
+            let again = reopen(&dir);
+            assert_eq!(again.grant_count(), 9);
+            assert!(again.open_with_access(&issued[5].access_token).is_err(), "a revoked grant stays revoked");
+            assert!(again.open_with_access(&issued[11].access_token).is_ok());
+            let mut code = test_code("k");
+            for client in 0..11 {
+                code.client_id = format!("client-{client}");
+                for i in 0..10 {
+                    again.create_grant(&format!("omp_ac_{client}_{i}"), &code).unwrap();
+                }
+            }
+            assert_eq!(again.grant_count(), GRANTS_PER_USER);
+            assert!(again.open_with_access(&issued[11].access_token).is_err(), "the user's oldest went first");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+
+        #[test]
+        fn a_tampered_state_file_opens_nothing() {
+            let (dir, store) = test_store("tamper");
+            let issued = store.create_grant("omp_ac_y", &test_code("k")).unwrap();
+            let path = dir.join("oauth-grants.json");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let sealed = value["grants"][0]["sealed"].as_str().unwrap().to_string();
+            let flipped = format!("{}{}", &sealed[..sealed.len() - 1], if sealed.ends_with('0') { '1' } else { '0' });
+            value["grants"][0]["sealed"] = serde_json::Value::String(flipped);
+            std::fs::write(&path, value.to_string()).unwrap();
+            assert!(reopen(&dir).open_with_access(&issued.access_token).is_err());
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
 }
 
 mod auth {
@@ -5059,6 +5493,61 @@ mod auth {
         log_ctx.user = Some(log_value(&user.name));
         log_ctx.container = Some(name.clone());
         name
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::config::KeyMode;
+        use crate::error::ProxyError;
+        use crate::tests::incoming;
+
+        fn key_of(headers: &[(&str, &str)]) -> Result<String, ProxyError> {
+            extract(&incoming(headers)).map(|c| c.key)
+        }
+
+        #[test]
+        fn keys_come_from_either_header_and_bad_ones_are_refused() {
+            assert_eq!(key_of(&[("X-Outline-API-Key", "ol_api_abc")]).unwrap(), "ol_api_abc");
+            assert_eq!(key_of(&[("Authorization", "Bearer ol_api_xyz")]).unwrap(), "ol_api_xyz");
+            // the dedicated header wins over Authorization
+            assert_eq!(key_of(&[("Authorization", "Bearer other"), ("x-outline-api-key", "mine")]).unwrap(), "mine");
+            for bad in ["", "has space", "caf\u{e9}", &"k".repeat(513)] {
+                let err = key_of(&[("X-Outline-API-Key", bad)]).unwrap_err();
+                assert_eq!(err.status(), 401, "{bad:?}");
+            }
+            assert_eq!(key_of(&[]).unwrap_err().status(), 401);
+            assert_eq!(key_of(&[("Authorization", "Basic abc")]).unwrap_err().status(), 401);
+            assert!(is_plausible_key(&"k".repeat(512)));
+            let bearer = extract(&incoming(&[("Authorization", "Bearer k")])).unwrap();
+            assert_eq!(bearer.key, "k");
+        }
+
+        #[test]
+        fn names_come_from_the_user_in_header_mode_and_the_key_in_env_mode() {
+            let h = key_hash("secret");
+            assert_eq!(h, "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b");
+            let ann = User { id: "u1".into(), team_id: "t1".into(), name: "Ann".into(), email: String::new() };
+            // every key of a user: one owner; 128 bits of the hash
+            let by_user = owner_id(KeyMode::Header, &ann, "key-1");
+            assert_eq!(by_user, owner_id(KeyMode::Header, &ann, "key-2"));
+            assert_eq!(by_user, key_hash("t1:u1")[..32]);
+            let other_team = User { team_id: "t2".into(), ..ann.clone() };
+            assert_ne!(by_user, owner_id(KeyMode::Header, &other_team, "key-1"));
+            // env mode: the key is baked in, so one container per key
+            assert_eq!(owner_id(KeyMode::Env, &ann, "secret"), "2bb80d537b1da3e38bd30361aa855686");
+            assert_ne!(owner_id(KeyMode::Env, &ann, "key-1"), owner_id(KeyMode::Env, &ann, "key-2"));
+            assert_eq!(container_name("mcp-", &by_user).len(), 4 + 32);
+        }
+
+        #[test]
+        fn auth_info_answers_are_parsed() {
+            let body = r#"{"ok":true,"data":{"user":{"id":"u1","name":"Ann","email":"a@x"},"team":{"id":"t1"}}}"#;
+            let ann = User { id: "u1".into(), team_id: "t1".into(), name: "Ann".into(), email: "a@x".into() };
+            assert_eq!(parse_auth_info(body), Some(ann));
+            assert_eq!(parse_auth_info(r#"{"ok":true,"data":{}}"#), None);
+            assert_eq!(parse_auth_info("not json"), None);
+        }
     }
 }
 
@@ -5524,6 +6013,93 @@ mod protocol {
         all.sort();
         all
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::wire::Incoming;
+        use serde_json::json;
+
+        fn post_to_mcp(headers: &[(&str, &str)]) -> Incoming {
+            Incoming {
+                method: "POST".into(),
+                target: "/mcp".into(),
+                path: "/mcp".into(),
+                http10: false,
+                headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                remote: None,
+                wants_close: false,
+            }
+        }
+
+        fn code_of(incoming: &Incoming, body: &str) -> i64 {
+            match parse(incoming, body.as_bytes().to_vec()) {
+                Ok(_) => 0,
+                Err(refusal) => refusal.code,
+            }
+        }
+
+        #[test]
+        fn not_one_message_is_refused_with_the_json_rpc_codes() {
+            let plain = post_to_mcp(&[]);
+            assert_eq!(code_of(&plain, "{nope"), PARSE_ERROR);
+            assert_eq!(code_of(&plain, r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#), INVALID_REQUEST);
+            assert_eq!(code_of(&plain, "42"), INVALID_REQUEST);
+            assert_eq!(code_of(&plain, r#"{"jsonrpc":"2.0","id":1,"method":7}"#), INVALID_REQUEST);
+            assert_eq!(code_of(&plain, r#"{"jsonrpc":"2.0","id":1,"result":{}}"#), 0, "a client's response");
+        }
+
+        #[test]
+        fn the_generation_comes_from_the_header_or_the_meta() {
+            let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search_documents"}}"#;
+            let old = parse(&post_to_mcp(&[]), body.as_bytes().to_vec()).unwrap();
+            assert_eq!((old.generation, old.name.as_deref()), (Generation::Handshake, Some("search_documents")));
+            let by_header = parse(&post_to_mcp(&[("MCP-Protocol-Version", "2026-07-28")]), body.into()).unwrap();
+            assert_eq!(by_header.generation, Generation::Stateless2026);
+            let meta = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
+            let by_meta = parse(&post_to_mcp(&[]), meta.into()).unwrap();
+            assert_eq!(by_meta.generation, Generation::Stateless2026);
+            // …and then its missing headers are a mismatch
+            let Plan::Refuse(refusal) = plan(&post_to_mcp(&[]), &by_meta, false) else { panic!("not refused") };
+            assert_eq!(refusal.code, HEADER_MISMATCH);
+        }
+
+        #[test]
+        fn handshake_requests_without_a_session_go_on_the_default_one() {
+            let incoming = post_to_mcp(&[]);
+            let plan_of =
+                |body: &str, has_session| plan(&incoming, &parse(&incoming, body.into()).unwrap(), has_session);
+            assert_eq!(plan_of(r#"{"jsonrpc":"2.0","id":1,"method":"initialize"}"#, false), Plan::AsSent);
+            assert_eq!(plan_of(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#, false), Plan::Accept);
+            assert_eq!(plan_of(r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#, false), Plan::OnDefault);
+            assert_eq!(plan_of(r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#, true), Plan::AsSent);
+            let unknown = post_to_mcp(&[("MCP-Protocol-Version", "2031-01-01")]);
+            let post = parse(&unknown, br#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#.to_vec()).unwrap();
+            let Plan::Refuse(refusal) = plan(&unknown, &post, true) else { panic!("not refused") };
+            assert_eq!(refusal.code, UNSUPPORTED_VERSION);
+            assert_eq!(refusal.body()["error"]["data"]["supported"][0], "2026-07-28");
+        }
+
+        #[test]
+        fn mcp_name_is_compared_after_decoding_its_base64_form() {
+            assert_eq!(header_text("=?base64?SGVsbG8sIOS4lueVjA==?=").as_deref(), Some("Hello, 世界"));
+            assert_eq!(header_text("plain").as_deref(), Some("plain"));
+            assert_eq!(header_text("=?base64?!!!?="), None);
+        }
+
+        #[test]
+        fn results_are_stamped_with_the_server_and_cache_hints() {
+            let stamp = Stamp::new(json!({"name": "mcp-outline"}), "tools/list");
+            let stamped = stamp_result(br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[]}}"#, &stamp).unwrap();
+            let stamped: serde_json::Value = serde_json::from_str(&stamped).unwrap();
+            assert_eq!(stamped["result"]["_meta"]["io.modelcontextprotocol/serverInfo"]["name"], "mcp-outline");
+            assert_eq!(
+                (stamped["result"]["ttlMs"].clone(), stamped["result"]["cacheScope"].clone()),
+                (json!(0), json!("private"))
+            );
+            assert!(stamp_result(br#"{"jsonrpc":"2.0","id":1,"error":{"code":1}}"#, &stamp).is_none());
+        }
+    }
 }
 
 mod sessions {
@@ -5978,6 +6554,115 @@ mod sessions {
             *guard
         }
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn test_sessions() -> Sessions {
+            Sessions::new(SessionKey::from_bytes([7; 32]))
+        }
+
+        #[test]
+        fn sessions_are_bound_to_their_owner_and_reopened_when_stale() {
+            use {Reopen, Route};
+            let s = test_sessions();
+            assert_eq!(s.route(None, "mcp-a", None), Route::Plain);
+            // a client's own initialize, answered by incarnation i1: the client gets a minted id
+            let s1 = s
+                .opened("mcp-a", "u1", Some("i1"), Some(serde_json::json!({"protocolVersion": "2025-06-18"})))
+                .unwrap();
+            assert_ne!(s1, "u1");
+            let own = |upstream: &str, stale| Route::Own { client_id: s1.clone(), upstream_id: upstream.into(), stale };
+            assert_eq!(s.route(Some(&s1), "mcp-a", Some("i1")), own("u1", false));
+            // the same id with another user's key is never mapped, and is turned away
+            assert_eq!(s.route(Some(&s1), "mcp-b", Some("i1")), Route::Foreign);
+            assert!(s.check(Some(&s1), "mcp-b").is_err() && s.check(Some(&s1), "mcp-a").is_ok());
+            // a container that is not the one that issued it: stale, and no stream attaches
+            assert_eq!(s.route(Some(&s1), "mcp-a", Some("i2")), own("u1", true));
+            assert_eq!(s.attachable(&s1, "mcp-a", Some("i2")), None);
+            assert_eq!(s.attachable(&s1, "mcp-b", Some("i1")), None);
+            // one request reopens, the others wait for it; the client's params are replayed
+            let Some(Reopen::Lead(opening, params)) = s.reopen(&s1) else { panic!("expected to lead") };
+            assert_eq!(params.unwrap()["protocolVersion"], "2025-06-18");
+            assert!(matches!(s.reopen(&s1), Some(Reopen::Follow(_))));
+            s.reopened(&s1, &opening, "u2", Some("i2"), serde_json::json!({}));
+            assert_eq!(opening.wait().unwrap(), "u2");
+            assert_eq!(s.route(Some(&s1), "mcp-a", Some("i2")), own("u2", false));
+            assert_eq!(s.attachable(&s1, "mcp-a", Some("i2")).as_deref(), Some("u2"));
+            assert_eq!(s.counters.resurrections.load(std::sync::atomic::Ordering::Relaxed), 1);
+            // DELETE by another owner does nothing; by the owner, the mapping goes
+            s.ended(&s1, "mcp-b");
+            assert_eq!(s.per_owner().get("mcp-a"), Some(&1));
+            s.ended(&s1, "mcp-a");
+            assert_eq!(s.per_owner().get("mcp-a"), None);
+            // and an ended session is never opened again: the container's 404 answers
+            assert_eq!(s.route(Some(&s1), "mcp-a", Some("i2")), Route::Foreign);
+            assert_eq!(s.attachable(&s1, "mcp-a", Some("i2")), None);
+        }
+
+        #[test]
+        fn session_ids_are_known_by_their_mac_alone() {
+            use {Route, SessionKey, Sessions};
+            let s = test_sessions();
+            let id = s.opened("mcp-a", "u1", Some("i1"), None).unwrap();
+            // another process with the same key (a restart, another host) knows the id as
+            // mcp-a's, has no upstream session for it, so opens one
+            let again = test_sessions();
+            assert!(again.check(Some(&id), "mcp-a").is_ok());
+            assert_eq!(
+                again.route(Some(&id), "mcp-a", Some("i1")),
+                Route::Own { client_id: id.clone(), upstream_id: id.clone(), stale: true }
+            );
+            assert_eq!(again.attachable(&id, "mcp-a", Some("i1")), None);
+            // made-up ids, altered ids, and ids under another key are not the proxy's
+            let other = Sessions::new(SessionKey::from_bytes([8; 32]));
+            let mut altered = id.clone().into_bytes();
+            altered[0] = if altered[0] == b'0' { b'1' } else { b'0' };
+            let upper = id.to_uppercase();
+            for bad in
+                ["", "made-up", &"0".repeat(64), std::str::from_utf8(&altered).unwrap(), &upper, &format!(" {id}")]
+            {
+                assert!(s.check(Some(bad), "mcp-a").is_err(), "{bad}");
+            }
+            assert!(other.check(Some(&id), "mcp-a").is_err());
+            assert!(s.check(None, "mcp-a").is_ok());
+            // the user is bound, not the host's container prefix
+            let hash = "0123456789abcdef0123456789abcdef";
+            let id = s.opened(&format!("h1-{hash}"), "u1", None, None).unwrap();
+            assert!(again.check(Some(&id), &format!("mcp-{hash}")).is_ok());
+            assert!(again.check(Some(&id), &format!("mcp-{}", hash.replace('0', "1"))).is_err());
+        }
+
+        #[test]
+        fn the_session_key_is_made_once_and_kept() {
+            use std::os::unix::fs::PermissionsExt;
+            use {SessionKey, KEY_FILE};
+            let dir = std::env::temp_dir().join(format!("session-key-test-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let _ = std::fs::remove_file(dir.join(KEY_FILE));
+            let first = Sessions::new(SessionKey::load_or_create(Some(&dir)).unwrap());
+            let mode = std::fs::metadata(dir.join(KEY_FILE)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+            let id = first.opened("mcp-a", "u1", None, None).unwrap();
+            let second = Sessions::new(SessionKey::load_or_create(Some(&dir)).unwrap());
+            assert!(second.check(Some(&id), "mcp-a").is_ok());
+            std::fs::write(dir.join(KEY_FILE), "not a key").unwrap();
+            assert!(SessionKey::load_or_create(Some(&dir)).is_err());
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+
+        #[test]
+        fn sessions_per_owner_are_bounded() {
+            let s = test_sessions();
+            for i in 0..100 {
+                s.opened("mcp-a", &format!("s{i}"), None, None).unwrap();
+            }
+            s.opened("mcp-b", "other", None, None).unwrap();
+            assert_eq!(s.per_owner()["mcp-a"], 64);
+            assert_eq!(s.per_owner()["mcp-b"], 1);
+        }
+    }
 }
 
 mod staged {
@@ -6219,6 +6904,39 @@ mod staged {
                 log::error!("{} is not a staged-edits file of this version; no staged edits are known", path.display());
                 BTreeMap::new()
             }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::tests::edit_exchange;
+
+        #[test]
+        fn staged_edits_are_read_from_mcp_outlines_answers() {
+            use {edit_call, outcome, Outcome};
+            let staged = "Applied 1 edit(s) to 'Note'. Document has unsaved changes — call edit_document with save=True to push to Outline.";
+            let (call, answer) = edit_exchange(7, false, staged);
+            let edit = edit_call(&call).unwrap();
+            assert_eq!((edit.document_id.as_str(), edit.save), ("doc-1", false));
+            assert_eq!(outcome(&edit, &answer), Outcome::Staged);
+            // another request's answer, and mcp-outline's failures (plain text), change nothing
+            assert_eq!(outcome(&edit, &edit_exchange(8, false, staged).1), Outcome::Unchanged);
+            for failure in
+                ["Edit failed: 'x' not found in document. No edits were applied.", "Error editing document: 404"]
+            {
+                assert_eq!(outcome(&edit, &edit_exchange(7, false, failure).1), Outcome::Unchanged);
+            }
+            let (call, answer) = edit_exchange(9, true, "Applied 0 edit(s) to 'Note'. Saved to Outline.");
+            assert_eq!(outcome(&edit_call(&call).unwrap(), &answer), Outcome::Saved);
+            let nothing = "No edits provided and no staged changes to save. Nothing to do.";
+            assert_eq!(outcome(&edit_call(&call).unwrap(), &edit_exchange(9, true, nothing).1), Outcome::Unchanged);
+            // save defaults to true, as in mcp-outline; other tools are not edits
+            let mut call = call;
+            call["params"]["arguments"].as_object_mut().unwrap().remove("save");
+            assert!(edit_call(&call).unwrap().save);
+            call["params"]["name"] = "read_document".into();
+            assert!(edit_call(&call).is_none());
         }
     }
 }
@@ -6973,6 +7691,157 @@ mod registry {
             }
         }
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::error::ProxyError;
+        use crate::tests::{running_entry, test_proxy};
+        use crate::util::lock;
+        use std::net::SocketAddr;
+        use std::time::{Duration, SystemTime};
+
+        /// A registry's staged-edit marks with nothing staged and nowhere to keep them.
+        fn no_staged() -> std::sync::Arc<crate::staged::Staged> {
+            std::sync::Arc::new(crate::staged::Staged::open(None, Duration::from_secs(86400)))
+        }
+
+        #[test]
+        fn the_least_recently_used_idle_container_makes_room() {
+            let proxy = test_proxy(&[("MCP_PROXY_MAX_RUNNING", "2")]);
+            let registry = &proxy.containers.registry;
+            let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
+            lock(&registry.entries).insert("mcp-old".into(), running_entry(addr, 300, 0));
+            lock(&registry.entries).insert("mcp-busy".into(), running_entry(addr, 900, 1));
+            match registry.plan("mcp-new", "U", false, usize::MAX).unwrap() {
+                Plan::Start { evict, .. } => assert_eq!(evict.as_deref(), Some("mcp-old")),
+                _ => panic!("expected a start"),
+            }
+            // with every running container busy, the cap refuses
+            let proxy = test_proxy(&[("MCP_PROXY_MAX_RUNNING", "1")]);
+            let registry = &proxy.containers.registry;
+            lock(&registry.entries).insert("mcp-busy".into(), running_entry(addr, 0, 1));
+            let err = registry.plan("mcp-new", "U", false, usize::MAX).err().unwrap();
+            assert_eq!(err.status(), 503);
+            assert_eq!(err.retry_after(), Some(30));
+            assert!(lock(&registry.entries)["mcp-new"].transition.is_none());
+        }
+
+        #[test]
+        fn running_containers_are_routed_and_counted() {
+            let proxy = test_proxy(&[]);
+            let registry = &proxy.containers.registry;
+            let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
+            lock(&registry.entries).insert("mcp-a".into(), running_entry(addr, 0, 0));
+            let Plan::Route(lease) = registry.plan("mcp-a", "U", true, usize::MAX).unwrap() else {
+                panic!("expected a route")
+            };
+            assert_eq!(lease.address, addr);
+            {
+                let entries = lock(&registry.entries);
+                let entry = &entries["mcp-a"];
+                assert_eq!((entry.active, entry.websockets, entry.requests_total), (1, 1, 1));
+            }
+            drop(lease);
+            let entries = lock(&registry.entries);
+            assert_eq!((entries["mcp-a"].active, entries["mcp-a"].websockets), (0, 0));
+        }
+
+        #[test]
+        fn removal_is_due_only_after_remove_after() {
+            let day = Duration::from_secs(86400);
+            let eight_days_ago = SystemTime::now() - 8 * day;
+            assert!(due_for_removal(Some(eight_days_ago), Some(7 * day)));
+            assert!(!due_for_removal(Some(SystemTime::now() - day), Some(7 * day)));
+            assert!(!due_for_removal(Some(eight_days_ago), None));
+            assert!(!due_for_removal(None, Some(7 * day)));
+        }
+
+        #[test]
+        fn the_budget_is_a_second_reason_to_be_at_cap() {
+            let proxy = test_proxy(&[]);
+            let registry = &proxy.containers.registry;
+            let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
+            lock(&registry.entries).insert("mcp-old".into(), running_entry(addr, 300, 0));
+            lock(&registry.entries).insert("mcp-recent".into(), running_entry(addr, 10, 0));
+            assert!(matches!(registry.plan("mcp-new", "U", false, 3).unwrap(), Plan::Start { evict: None, .. }));
+            let proxy = test_proxy(&[]);
+            let registry = &proxy.containers.registry;
+            lock(&registry.entries).insert("mcp-old".into(), running_entry(addr, 300, 0));
+            lock(&registry.entries).insert("mcp-recent".into(), running_entry(addr, 10, 0));
+            match registry.plan("mcp-new", "U", false, 2).unwrap() {
+                Plan::Start { evict, .. } => assert_eq!(evict.as_deref(), Some("mcp-old")),
+                _ => panic!("expected a start"),
+            }
+            // every one busy: 503, naming the containers that fit
+            let proxy = test_proxy(&[]);
+            let registry = &proxy.containers.registry;
+            lock(&registry.entries).insert("mcp-busy".into(), running_entry(addr, 0, 1));
+            let err = registry.plan("mcp-new", "U", false, 1).err().unwrap();
+            assert!(matches!(err, ProxyError::AtCapacity(1)));
+            assert_eq!(err.retry_after(), Some(30));
+            // no spare boots over the budget
+            assert!(!registry.spares().wanted(1, 1) && registry.spares().wanted(1, 2));
+        }
+
+        #[test]
+        fn held_streams_are_capped_per_user_and_counted_with_requests_in_flight() {
+            let r = std::sync::Arc::new(Registry::new(0, 0, 2, no_staged()));
+            let (a, b) = (r.hold_stream("mcp-a").unwrap(), r.hold_stream("mcp-a").unwrap());
+            assert!(matches!(r.hold_stream("mcp-a"), Err(ProxyError::TooManyStreams(2))));
+            assert!(r.hold_stream("mcp-b").is_ok(), "another user's cap is their own");
+            drop(a);
+            let _c = r.hold_stream("mcp-a").unwrap();
+            drop(b);
+            // with an in-flight limit, held streams take its slots too
+            let r = std::sync::Arc::new(Registry::new(0, 2, 0, no_staged()));
+            let _held = (r.hold_stream("mcp-a").unwrap(), r.hold_stream("mcp-a").unwrap());
+            assert!(matches!(r.hold_stream("mcp-a"), Err(ProxyError::UserBusy(2))));
+            lock(&r.entries).insert("mcp-a".into(), running_entry("10.0.0.2:3000".parse().unwrap(), 0, 0));
+            assert!(matches!(r.plan("mcp-a", "a", false, usize::MAX), Err(ProxyError::UserBusy(2))));
+        }
+
+        #[test]
+        fn dockers_events_keep_the_registry_exact() {
+            use crate::docker::{parse_event, Event};
+            let line = |action: &str, extra: &str| {
+                format!(
+                    r#"{{"Type":"container","Action":"{action}","Actor":{{"ID":"abc","Attributes":{{"name":"mcp-a"{extra}}}}}}}"#
+                )
+            };
+            assert_eq!(parse_event(&line("start", "")), Some(Event::Start("mcp-a".into())));
+            assert_eq!(parse_event(&line("die", "")), Some(Event::Die("mcp-a".into())));
+            assert_eq!(parse_event(&line("destroy", "")), Some(Event::Destroy("mcp-a".into())));
+            assert_eq!(
+                parse_event(&line("rename", r#","oldName":"/mcp-old""#)),
+                Some(Event::Rename { from: "mcp-old".into(), to: "mcp-a".into() })
+            );
+            assert_eq!(parse_event(&line("exec_start", "")), None);
+            assert_eq!(parse_event("not json"), None);
+
+            let proxy = test_proxy(&[]);
+            let registry = &proxy.containers.registry;
+            let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
+            lock(&registry.entries).insert("mcp-a".into(), running_entry(addr, 0, 0));
+            lock(&registry.entries).insert("mcp-b".into(), running_entry("172.17.0.10:3000".parse().unwrap(), 0, 0));
+            // removed behind the proxy's back: its address is forgotten at once
+            assert_eq!(registry.sightings().observe(&Event::Destroy("mcp-a".into())), None);
+            assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Missing);
+            assert_eq!(lock(&registry.entries)["mcp-a"].last_address, None);
+            // started by someone else: to be inspected
+            assert_eq!(registry.sightings().observe(&Event::Start("mcp-b".into())), Some("mcp-b".into()));
+            // a new container found at an address another entry still holds: that one is stale
+            registry.sightings().started("mcp-a", Some("172.17.0.10:3000".parse().unwrap()), Some("i2".into()));
+            let entries = lock(&registry.entries);
+            assert!(entries["mcp-a"].state.is_running());
+            assert_eq!(entries["mcp-b"].state, State::Unknown);
+            assert_eq!(entries["mcp-b"].last_address, None);
+            drop(entries);
+            // the event stream broke off: nothing running is trusted until inspected
+            registry.sightings().distrust_all();
+            assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Unknown);
+        }
+    }
 }
 
 mod docker {
@@ -7609,6 +8478,133 @@ mod docker {
         let _ = source.read_to_end(&mut buf);
         String::from_utf8_lossy(&buf).into_owned()
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::util::{format_rfc3339, parse_rfc3339};
+
+        fn spec_for<'a>(name: &'a str, user: &'a str, env_key: Option<&'a str>) -> ContainerSpec<'a> {
+            ContainerSpec {
+                name,
+                prefix: "mcp-",
+                role: Role::User,
+                owner: name.strip_prefix("mcp-").unwrap_or(name),
+                user_label: user,
+                env_key,
+                image: "img",
+                network: "bridge",
+                memory_bytes: 256 << 20,
+                cpus: 1.0,
+                pids_limit: 128,
+                container_port: 3000,
+                outline_api_url: "http://outline/api".into(),
+                cgroup_parent: None,
+            }
+        }
+
+        #[test]
+        fn only_this_prefixs_containers_are_adopted() {
+            let info = |name: &str, prefix: &str, owner: &str| {
+                let text = format!(
+                    r#"[{{"Name":"/{name}","State":{{}},"Config":{{"Labels":{{"outline-mcp-proxy.prefix":"{prefix}","outline-mcp-proxy.owner":"{owner}"}}}}}}]"#
+                );
+                parse_inspect(&text, "bridge").remove(0)
+            };
+            let owner = "0123456789abcdef0123456789abcdef";
+            assert!(is_ours(&info(&format!("mcp-{owner}"), "mcp-", owner), "mcp-"));
+            // a proxy with prefix mcp- leaves mcp-staging-'s alone, though the name starts with mcp-
+            let staging = info(&format!("mcp-staging-{owner}"), "mcp-staging-", owner);
+            assert!(!is_ours(&staging, "mcp-"));
+            assert!(is_ours(&staging, "mcp-staging-"));
+            // a name that does not match its owner label is not adopted
+            assert!(!is_ours(&info("mcp-someone-else", "mcp-", owner), "mcp-"));
+        }
+
+        #[test]
+        fn docker_errors_are_classified_once() {
+            let classify = DockerError::classify;
+            assert_eq!(classify("Error response from daemon: No such container: mcp-x"), DockerError::NoSuchContainer);
+            assert_eq!(classify("Error: No such object: mcp-x"), DockerError::NoSuchContainer);
+            assert_eq!(
+                classify(
+                    "docker: Error response from daemon: Conflict. The container name \"/mcp-x\" is already in use"
+                ),
+                DockerError::NameInUse
+            );
+            assert!(matches!(
+                classify(
+                    "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?"
+                ),
+                DockerError::Unavailable(_)
+            ));
+            assert!(matches!(classify("invalid reference format"), DockerError::Failed(_)));
+            let no_python = "exec: \"python3\": executable file not found in $PATH";
+            assert!(matches!(classify(no_python), DockerError::NoExecutable(_)));
+            assert!(matches!(classify("Error: No such network: net-x"), DockerError::NoSuchNetwork(_)));
+            assert!(matches!(
+                classify("Error response from daemon: network net-x not found"),
+                DockerError::NoSuchNetwork(_)
+            ));
+            assert!(matches!(classify("network with name net-x already exists"), DockerError::AlreadyExists(_)));
+            // the client's message is a sentence; Docker's own words stay in the log
+            let err = DockerError::NoSuchContainer.into_proxy_error("start container mcp-x");
+            assert_eq!((err.status(), err.code()), (503, "container_failed"));
+            let err = DockerError::Unavailable("refused".into()).into_proxy_error("list containers");
+            assert_eq!((err.status(), err.code()), (503, "docker_unavailable"));
+        }
+
+        #[test]
+        fn docker_inspect_is_read() {
+            let text = r#"[{"Name":"/mcp-abc","Created":"2026-11-25T12:00:00.123456789Z",
+                "State":{"Running":false,"Restarting":false,"ExitCode":137,"FinishedAt":"2026-11-25T13:00:00Z"},
+                "Config":{"Labels":{"outline-mcp-proxy.user":"Ann"}},
+                "NetworkSettings":{"Networks":{"bridge":{"IPAddress":"172.17.0.3"}}}}]"#;
+            let info = &parse_inspect(text, "bridge")[0];
+            assert_eq!(info.name, "mcp-abc");
+            assert!(!info.running);
+            assert_eq!(info.exit_code, 137);
+            assert_eq!(info.address, Some("172.17.0.3".parse().unwrap()));
+            assert_eq!(info.user, "Ann");
+            assert_eq!(format_rfc3339(info.created_at.unwrap()), "2026-11-25T12:00:00Z");
+            assert_eq!(format_rfc3339(info.finished_at.unwrap()), "2026-11-25T13:00:00Z");
+            assert_eq!(parse_rfc3339("0001-01-01T00:00:00Z"), None);
+            assert_eq!(format_rfc3339(parse_rfc3339("2024-02-29T23:59:59+01:00").unwrap()), "2024-02-29T22:59:59Z");
+        }
+
+        #[test]
+        fn containers_run_under_the_budgets_parent_cgroup_when_there_is_one() {
+            assert!(!spec_for("mcp-x", "Ann", None).args().iter().any(|a| a.starts_with("--cgroup-parent")));
+            let mut spec = spec_for("mcp-x", "Ann", None);
+            spec.cgroup_parent = Some("/outline_mcp_proxy");
+            let args = spec.args();
+            assert!(args.contains(&"--cgroup-parent=/outline_mcp_proxy".to_string()));
+            assert_eq!(args.last().map(String::as_str), Some("img"), "a flag, before the image");
+        }
+
+        #[test]
+        fn run_args_never_carry_the_key_and_harden_the_container() {
+            for env_key in [None, Some("the-secret-key")] {
+                let args = spec_for("mcp-x", "Ann", env_key).args().join(" ");
+                for flag in [
+                    "--restart unless-stopped",
+                    "--memory 268435456",
+                    "--memory-swap 268435456",
+                    "--pids-limit 128",
+                    "--cap-drop ALL",
+                    "--security-opt no-new-privileges",
+                    "--read-only",
+                    "--user 65534:65534",
+                    "--label outline-mcp-proxy.managed=true",
+                ] {
+                    assert!(args.contains(flag), "{flag} missing from {args}");
+                }
+                assert!(!args.contains("-p ") && !args.contains("--publish"));
+                assert_eq!(args.contains("--env OUTLINE_API_KEY"), env_key.is_some());
+                assert!(!args.contains("OUTLINE_API_KEY=") && !args.contains("the-secret-key"));
+            }
+        }
+    }
 }
 
 mod memory {
@@ -7926,6 +8922,62 @@ mod memory {
         pub fn in_use(&self) -> u64 {
             self.containers_fit();
             self.in_use.load(Ordering::Relaxed)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_budget_is_sized_from_the_host_and_refuses_nonsense() {
+            use {size_budget, RESERVE};
+            let container = 256 << 20;
+            // a 2 GB t3.small's MemTotal: 1,940 MiB less the 640 MiB reserve
+            let t3_small: u64 = 1_940 << 20;
+            assert_eq!(size_budget(None, container, Some(t3_small)), Ok(1_300 << 20));
+            assert_eq!(size_budget(None, container, Some(t3_small)), Ok(t3_small - RESERVE));
+            assert_eq!(size_budget(Some(1_400 << 20), container, Some(t3_small)), Ok(1_400 << 20));
+            assert_eq!(size_budget(Some(0), container, Some(t3_small)), Ok(0));
+            // below one container, above the host, a host too small, a host unknown
+            assert!(size_budget(Some(100 << 20), container, Some(t3_small)).unwrap_err().contains("one container"));
+            assert!(size_budget(Some(4 << 30), container, Some(t3_small)).unwrap_err().contains("host's memory"));
+            assert!(size_budget(None, container, Some(800 << 20)).unwrap_err().contains("less than one container"));
+            assert!(size_budget(None, container, None).is_err());
+            assert_eq!(size_budget(Some(1 << 30), container, None), Ok(1 << 30));
+            assert_eq!(size_budget(Some((1 << 30) + 4095), container, None), Ok(1 << 30), "whole pages");
+        }
+
+        #[test]
+        fn containers_fit_by_the_measured_mean_with_a_floor() {
+            use {containers_fit, Reading};
+            let mib = |n: u64| n << 20;
+            // nothing to measure yet: one container's limit each
+            assert_eq!(containers_fit(mib(1000), Reading { in_use: 0, containers: 0 }, mib(256)), 3);
+            // two settled at 100 MiB each
+            assert_eq!(containers_fit(mib(1000), Reading { in_use: mib(200), containers: 2 }, mib(256)), 10);
+            // two still booting (10 MiB each): a quarter of the limit each
+            assert_eq!(containers_fit(mib(1000), Reading { in_use: mib(20), containers: 2 }, mib(256)), 15);
+            assert_eq!(containers_fit(mib(100), Reading { in_use: mib(900), containers: 2 }, mib(256)), 1);
+        }
+
+        #[test]
+        fn the_parent_cgroup_for_each_driver_and_version() {
+            use {slice_path, Driver, Parent};
+            let v1 = Parent::new("cgroupfs", "1", "outline_mcp_proxy").unwrap();
+            assert_eq!((v1.driver, v1.v2, v1.arg.as_str()), (Driver::Cgroupfs, false, "/outline_mcp_proxy"));
+            assert_eq!(v1.dir, std::path::Path::new("/sys/fs/cgroup/memory/outline_mcp_proxy"));
+            let v2 = Parent::new("cgroupfs", "2", "omp").unwrap();
+            assert_eq!(v2.dir, std::path::Path::new("/sys/fs/cgroup/omp"));
+            let slice = Parent::new("systemd", "2", "outline_mcp_proxy").unwrap();
+            assert_eq!(slice.arg, "outline_mcp_proxy.slice");
+            assert_eq!(slice.dir, std::path::Path::new("/sys/fs/cgroup/outline_mcp_proxy.slice"));
+            let nested = Parent::new("systemd", "2", "mcp-users").unwrap();
+            assert_eq!(nested.dir, std::path::Path::new("/sys/fs/cgroup/mcp.slice/mcp-users.slice"));
+            assert_eq!(slice_path("a-b-c"), "a.slice/a-b.slice/a-b-c.slice");
+            let v1_slice = Parent::new("systemd", "1", "omp").unwrap();
+            assert_eq!(v1_slice.dir, std::path::Path::new("/sys/fs/cgroup/memory/omp.slice"));
+            assert!(Parent::new("none", "1", "omp").is_err());
         }
     }
 }
@@ -8392,6 +9444,26 @@ mod containers {
 
         pub fn docker_status(&self) -> DockerStatus {
             lock(&self.docker_status).clone()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::auth::{Credential, User};
+        use crate::config::{Config, KeyMode};
+        use crate::tests::env;
+
+        #[test]
+        fn only_env_mode_lets_the_key_into_container_code() {
+            let user = User { id: "u".into(), team_id: "t".into(), name: "Ann".into(), email: String::new() };
+            let credential = Credential { key: "k-123".into() };
+            for (mode, holds) in [("header", false), ("env", true)] {
+                let cfg = Config::load(&env(&[("MCP_PROXY_KEY_MODE", mode)])).unwrap();
+                let want = Want::new(&cfg, "mcp-x".into(), &user, &credential);
+                assert_eq!(want.env_key.is_some(), holds, "{mode}");
+            }
+            assert_eq!(Config::load(&env(&[])).unwrap().key_mode, KeyMode::Header);
         }
     }
 }
@@ -9786,6 +10858,27 @@ mod websocket {
             }
         }
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn websocket_frames_pass_unchanged_and_masking_is_checked() {
+            // a masked client text frame "hi" and an unmasked server close frame 1000
+            let client_frame = [0x81u8, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
+            let mut out = Vec::new();
+            assert_eq!(relay_frames(&client_frame[..], &mut out, true).unwrap(), 1);
+            assert_eq!(out, client_frame);
+            let close = [0x88u8, 0x02, 0x03, 0xe8];
+            let mut out = Vec::new();
+            assert_eq!(relay_frames(&close[..], &mut out, false).unwrap(), 1);
+            assert_eq!(out, close);
+            assert!(relay_frames(&close[..], &mut Vec::new(), true).is_err());
+            // a frame cut short is an error, not a silent end
+            assert!(relay_frames(&client_frame[..5], &mut Vec::new(), true).is_err());
+        }
+    }
 }
 
 mod upstream {
@@ -9935,6 +11028,69 @@ mod upstream {
     /// Largest answer kept aside for the staged-edit marks (mcp-outline's answer to an
     /// edit is a sentence).
     pub const CAPTURE_LIMIT: usize = 1 << 20;
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::tests::incoming;
+        use crate::wire::header_value;
+        use std::net::SocketAddr;
+
+        #[test]
+        fn hop_by_hop_headers_are_stripped_and_mcp_headers_kept() {
+            let inc = incoming(&[
+                ("Connection", "keep-alive, X-Private"),
+                ("X-Private", "1"),
+                ("Keep-Alive", "timeout=5"),
+                ("TE", "trailers"),
+                ("Proxy-Authorization", "x"),
+                ("Mcp-Session-Id", "abc"),
+                ("MCP-Protocol-Version", "2025-06-18"),
+                ("Last-Event-ID", "7"),
+                ("Accept", "application/json, text/event-stream"),
+                ("Content-Type", "application/json"),
+                ("X-Outline-API-Key", "client-key"),
+                ("Host", "proxy.example.com"),
+                ("X-Forwarded-For", "1.2.3.4"),
+            ]);
+            let addr: SocketAddr = "172.17.0.5:3000".parse().unwrap();
+            let out = request_headers(&inc, Some("client-key"), addr, None);
+            let names: Vec<String> = out.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
+            for gone in ["connection", "x-private", "keep-alive", "te", "proxy-authorization"] {
+                assert!(!names.contains(&gone.to_string()), "{gone} forwarded");
+            }
+            for kept in ["mcp-session-id", "mcp-protocol-version", "last-event-id", "accept", "content-type"] {
+                assert!(names.contains(&kept.to_string()), "{kept} dropped");
+            }
+            assert_eq!(header_value(&out, "host"), Some("172.17.0.5:3000"));
+            assert_eq!(header_value(&out, "x-forwarded-for"), Some("1.2.3.4, 10.1.2.3"));
+            assert_eq!(header_value(&out, "x-forwarded-host"), Some("proxy.example.com"));
+            assert_eq!(out.iter().filter(|(n, _)| n.eq_ignore_ascii_case("x-outline-api-key")).count(), 1);
+            // env mode: the container holds the key, requests do not carry it
+            let env_mode = request_headers(&inc, None, addr, None);
+            assert!(header_value(&env_mode, "x-outline-api-key").is_none());
+            // a key sent as Bearer is not passed on as Authorization; nor is a second key
+            // beside X-Outline-API-Key: only the checked key reaches the container
+            let bearer = incoming(&[("Authorization", "Bearer k")]);
+            assert!(header_value(&request_headers(&bearer, None, addr, None), "authorization").is_none());
+            let both = incoming(&[("X-Outline-API-Key", "checked"), ("Authorization", "Bearer another")]);
+            let out = request_headers(&both, Some("checked"), addr, None);
+            assert!(header_value(&out, "authorization").is_none());
+            assert_eq!(header_value(&out, "x-outline-api-key"), Some("checked"));
+        }
+
+        #[test]
+        fn response_headers_lose_hop_by_hop_and_framing() {
+            let mut map = ureq::http::HeaderMap::new();
+            map.insert("connection", "close, x-secret".parse().unwrap());
+            map.insert("x-secret", "1".parse().unwrap());
+            map.insert("transfer-encoding", "chunked".parse().unwrap());
+            map.insert("content-length", "5".parse().unwrap());
+            map.insert("mcp-session-id", "s1".parse().unwrap());
+            let out = response_headers(&map);
+            assert_eq!(out, vec![("mcp-session-id".to_string(), "s1".to_string())]);
+        }
+    }
 }
 
 mod ops {
@@ -10600,6 +11756,36 @@ mod ops {
             ExitCode::SUCCESS
         }
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::registry::{Entry, Place, State};
+        use crate::tests::test_proxy;
+        use crate::util::{format_rfc3339, lock};
+        use std::time::Duration;
+
+        #[test]
+        fn metrics_render_every_container() {
+            let proxy = test_proxy(&[]);
+            let place = Place { address: "172.17.0.9:3000".parse().unwrap(), incarnation: None };
+            lock(&proxy.containers.registry.entries).insert("mcp-a".into(), Entry::new(State::Running(place)));
+            let text = render_metrics(&snapshot(&proxy));
+            assert!(text.contains("mcp_proxy_containers_running 1"));
+            assert!(text.contains("mcp_proxy_container_up{container=\"mcp-a\"} 1"));
+            let stats = render_stats(&snapshot(&proxy));
+            assert_eq!(stats["total_containers"], 1);
+            assert_eq!(stats["containers"][0]["state"], "running");
+        }
+
+        #[test]
+        fn certificate_dates_are_read() {
+            let t = parse_openssl_date("Nov 26 07:00:00 2027 GMT").unwrap();
+            assert_eq!(format_rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(t as u64)), "2027-11-26T07:00:00Z");
+            assert_eq!(parse_openssl_date("Feb  3 01:02:03 2030 GMT").map(|t| t % 86400), Some(3723));
+            assert_eq!(parse_openssl_date("Foo 1 00:00:00 2030 GMT"), None);
+        }
+    }
 }
 
 mod background {
@@ -10917,6 +12103,77 @@ mod background {
             _ => {}
         }
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::registry::{Plan, State};
+        use crate::tests::{edit_exchange, running_entry, test_proxy};
+        use crate::util::lock;
+        use std::net::SocketAddr;
+
+        #[test]
+        fn idle_selection_skips_busy_and_recent_containers() {
+            // spares off: idle containers are stopped (kept for a docker start); spares on:
+            // removed (a spare serves the next wake)
+            for (spares, slept) in [("0", State::Stopped), ("1", State::Missing)] {
+                let settings = [
+                    ("MCP_PROXY_IDLE_TIMEOUT", "60s"),
+                    ("MCP_PROXY_DOCKER", "/bin/true"),
+                    ("MCP_PROXY_SPARES", spares),
+                ];
+                let proxy = test_proxy(&settings);
+                let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
+                for (name, idle_secs, active) in [("mcp-idle", 120, 0), ("mcp-busy", 120, 1), ("mcp-recent", 10, 0)] {
+                    lock(&proxy.containers.registry.entries)
+                        .insert(name.to_string(), running_entry(addr, idle_secs, active));
+                }
+                sweep(&proxy.containers);
+                let entries = lock(&proxy.containers.registry.entries);
+                assert_eq!(entries["mcp-idle"].state, slept);
+                assert!(entries["mcp-busy"].state.is_running());
+                assert!(entries["mcp-recent"].state.is_running());
+            }
+        }
+
+        #[test]
+        fn a_container_holding_staged_edits_neither_sleeps_nor_makes_room() {
+            let settings = [
+                ("MCP_PROXY_IDLE_TIMEOUT", "60s"),
+                ("MCP_PROXY_DOCKER", "/bin/true"),
+                ("MCP_PROXY_MAX_RUNNING", "2"),
+                ("MCP_PROXY_SPARES", "1"),
+            ];
+            let proxy = test_proxy(&settings);
+            let registry = &proxy.containers.registry;
+            let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
+            for name in ["mcp-staged", "mcp-plain"] {
+                lock(&registry.entries).insert(name.to_string(), running_entry(addr, 3600, 0));
+            }
+            let staged = "Applied 1 edit(s) to 'N'. Document has unsaved changes — call edit_document with save=True.";
+            let (call, answer) = edit_exchange(1, false, staged);
+            registry.staged.note_answer("mcp-staged", None, &crate::staged::edit_call(&call).unwrap(), &answer);
+            assert!(!registry.staged.may_sleep("mcp-staged") && registry.staged.may_sleep("mcp-plain"));
+            // at the cap, the one without staged edits makes room
+            let Plan::Start { evict, flight, .. } = registry.plan("mcp-new", "U", false, usize::MAX).unwrap() else {
+                panic!("expected a start")
+            };
+            assert_eq!(evict.as_deref(), Some("mcp-plain"));
+            registry.sweeps().after_stop("mcp-plain", crate::registry::StopOutcome::Retired);
+            registry.finish_transition("mcp-new", &flight, Ok(()));
+            lock(&registry.entries).insert("mcp-new".into(), running_entry(addr, 0, 1));
+            // and when only it could, the request gets 503 with Retry-After
+            let err = registry.plan("mcp-other", "U", false, usize::MAX).err().unwrap();
+            assert_eq!((err.status(), err.retry_after()), (503, Some(30)));
+            // the sweep leaves it running; a save lets it go
+            sweep(&proxy.containers);
+            assert!(lock(&registry.entries)["mcp-staged"].state.is_running());
+            let (call, answer) = edit_exchange(2, true, "Applied 0 edit(s) to 'N'. Saved to Outline.");
+            registry.staged.note_answer("mcp-staged", None, &crate::staged::edit_call(&call).unwrap(), &answer);
+            sweep(&proxy.containers);
+            assert_eq!(lock(&registry.entries)["mcp-staged"].state, State::Missing);
+        }
+    }
 }
 
 mod signals {
@@ -11205,32 +12462,79 @@ mod util {
         let rem = secs.rem_euclid(86400);
         format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn secrets_compare_in_constant_time_and_encode() {
+            assert!(constant_time_eq(b"abc", b"abc"));
+            assert!(!constant_time_eq(b"abc", b"abd"));
+            assert!(!constant_time_eq(b"abc", b"abcd"));
+            assert!(!constant_time_eq(b"", b"a"));
+            assert_eq!(base64_encode(b"admin:pw"), "YWRtaW46cHc=");
+            assert_eq!(base64_encode(b"ab"), "YWI=");
+            assert_eq!(base64_encode(b"abc"), "YWJj");
+        }
+
+        #[test]
+        fn a_kept_key_is_made_once_with_mode_0600_and_read_back() {
+            use std::os::unix::fs::PermissionsExt;
+            let dir = std::env::temp_dir().join(format!("omp-key-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let made = kept_key(Some(&dir), "k.key").unwrap();
+            let mode = std::fs::metadata(dir.join("k.key")).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+            assert_eq!(kept_key(Some(&dir), "k.key").unwrap(), made);
+            std::fs::write(dir.join("k.key"), b"short").unwrap();
+            let remade = kept_key(Some(&dir), "k.key").unwrap();
+            assert_ne!(remade, made);
+            assert_ne!(kept_key(None, "k.key").unwrap(), kept_key(None, "k.key").unwrap());
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+
+        #[test]
+        fn forms_and_percent_encoding() {
+            use {parse_form, percent_decode, percent_encode};
+            assert_eq!(
+                parse_form(b"a=1&b=x+y%2Bz&c&d=%zz"),
+                vec![
+                    ("a".into(), "1".into()),
+                    ("b".into(), "x y+z".into()),
+                    ("c".into(), "".into()),
+                    ("d".into(), "%zz".into())
+                ]
+            );
+            assert_eq!(percent_encode("a b/c?d=é"), "a%20b%2Fc%3Fd%3D%C3%A9");
+            assert_eq!(percent_decode(&percent_encode("a b/c?d=é&")), "a b/c?d=é&");
+            for bytes in [&b""[..], b"a", b"ab", b"abc", b"abcd", b"client:s\xffcret"] {
+                assert_eq!(base64_decode(&base64_encode(bytes)).as_deref(), Some(bytes));
+            }
+            assert_eq!(base64_decode("Y2xpZW50OnNlY3JldA"), Some(b"client:secret".to_vec()));
+            assert_eq!(base64_decode("a"), None);
+            assert_eq!(base64_decode("Y2x*"), None);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::auth::{self, parse_auth_info, Credential, User};
-    use crate::config::{parse_duration, parse_size, Config, KeyMode};
-    use crate::containers::Want;
-    use crate::docker::{parse_inspect, ContainerSpec, DockerError};
-    use crate::error::ProxyError;
-    use crate::ops::{render_metrics, render_stats, snapshot};
-    use crate::registry::{due_for_removal, Entry, Place, Plan, State};
-    use crate::upstream::{request_headers, response_headers};
-    use crate::util::{base64_encode, constant_time_eq, format_rfc3339, lock, parse_rfc3339};
-    use crate::websocket::relay_frames;
-    use crate::wire::{check_request_form, framing, header_value, Framing, Incoming};
+    //! What several chapters' unit tests share: settings from pairs, a request, a Proxy.
+    use crate::config::Config;
+    use crate::registry::{Entry, Place, State};
+    use crate::wire::Incoming;
     use crate::Proxy;
     use std::collections::HashMap;
     use std::net::SocketAddr;
-    use std::time::{Duration, Instant, SystemTime};
+    use std::time::{Duration, Instant};
 
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    pub(crate) fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |name| map.get(name).cloned()
     }
 
-    fn incoming(headers: &[(&str, &str)]) -> Incoming {
+    pub(crate) fn incoming(headers: &[(&str, &str)]) -> Incoming {
         Incoming {
             method: "POST".into(),
             target: "/mcp?x=1".into(),
@@ -11242,1219 +12546,23 @@ mod tests {
         }
     }
 
-    fn test_proxy(pairs: &[(&str, &str)]) -> Proxy {
+    pub(crate) fn test_proxy(pairs: &[(&str, &str)]) -> Proxy {
         Proxy::new(Config::load(&env(pairs)).unwrap(), crate::sessions::SessionKey::from_bytes([7; 32]))
     }
 
-    fn running_entry(address: SocketAddr, idle_secs: u64, active: usize) -> Entry {
+    pub(crate) fn running_entry(address: SocketAddr, idle_secs: u64, active: usize) -> Entry {
         let mut e = Entry::new(State::Running(Place { address, incarnation: None }));
         e.idle_since = Instant::now() - Duration::from_secs(idle_secs);
         e.active = active;
         e
     }
 
-    fn key_of(headers: &[(&str, &str)]) -> Result<String, ProxyError> {
-        auth::extract(&incoming(headers)).map(|c| c.key)
-    }
-
-    #[test]
-    fn defaults_match_the_design_card() {
-        let cfg = Config::load(&env(&[])).unwrap();
-        assert_eq!(cfg.listen, "127.0.0.1:8000".parse().unwrap());
-        assert_eq!(cfg.outline_url, "https://app.getoutline.com");
-        assert_eq!(cfg.container_outline_url, cfg.outline_url);
-        assert_eq!(cfg.image, "ghcr.io/vortiago/mcp-outline:latest");
-        assert_eq!(cfg.container_port, 3000);
-        assert_eq!(cfg.ready_path, "/health");
-        assert_eq!(cfg.prefix, "mcp-");
-        assert_eq!(cfg.network, "outline-mcp-proxy");
-        assert_eq!(cfg.memory_bytes, 256 << 20);
-        assert_eq!(cfg.cpus, 0.3);
-        assert_eq!(cfg.pids_limit, 128);
-        assert_eq!(cfg.key_mode, KeyMode::Header);
-        assert_eq!(cfg.idle_timeout, Duration::from_secs(900));
-        assert_eq!(cfg.sweep_interval, Duration::from_secs(60));
-        assert_eq!(cfg.remove_after, Some(Duration::from_secs(7 * 86400)));
-        assert_eq!(cfg.auth_ttl, Duration::from_secs(60));
-        assert_eq!(cfg.auth_fail_ttl, Duration::from_secs(10));
-        assert_eq!(cfg.start_timeout, Duration::from_secs(60));
-        assert_eq!(cfg.max_running, 0);
-        assert_eq!(cfg.max_connections, 1500);
-        assert_eq!(cfg.max_body, 10 << 20);
-        assert_eq!(cfg.stats_user, "admin");
-        assert_eq!(cfg.stats_password, None);
-        assert!(cfg.allowed_origins.is_empty());
-        assert_eq!(cfg.docker, "docker");
-    }
-
-    #[test]
-    fn bad_values_name_their_variable() {
-        for (name, value) in [
-            ("MCP_PROXY_IDLE_TIMEOUT", "15 minutes"),
-            ("MCP_PROXY_MEMORY", "lots"),
-            ("MCP_PROXY_CPUS", "-1"),
-            ("MCP_PROXY_KEY_MODE", "file"),
-            ("OUTLINE_URL", "ftp://x"),
-            ("MCP_PROXY_LISTEN", "nowhere"),
-            ("MCP_PROXY_CONTAINER_PORT", "70000"),
-            ("MCP_PROXY_MAX_RUNNING", "many"),
-            ("MCP_PROXY_CONTAINER_PREFIX", "-x"),
-            ("MCP_PROXY_LOG", "loud"),
-        ] {
-            let err = Config::load(&env(&[(name, value)])).unwrap_err();
-            assert!(err.contains(name), "{err}");
-        }
-    }
-
-    #[test]
-    fn outline_url_accepts_a_trailing_api() {
-        let cfg = Config::load(&env(&[("OUTLINE_URL", "https://wiki.example.com/api/")])).unwrap();
-        assert_eq!(cfg.outline_url, "https://wiki.example.com");
-    }
-
-    #[test]
-    fn durations_and_sizes() {
-        assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
-        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(604800)));
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
-        assert_eq!(parse_duration("m"), None);
-        assert_eq!(parse_duration("5w"), None);
-        assert_eq!(parse_duration("-5s"), None);
-        assert_eq!(parse_size("256m"), Some(256 << 20));
-        assert_eq!(parse_size("1g"), Some(1 << 30));
-        assert_eq!(parse_size("1024"), Some(1024));
-        assert_eq!(parse_size("10MB"), Some(10 << 20));
-        assert_eq!(parse_size("x"), None);
-        assert_eq!(parse_size("99999999999999999999g"), None);
-    }
-
-    #[test]
-    fn keys_come_from_either_header_and_bad_ones_are_refused() {
-        assert_eq!(key_of(&[("X-Outline-API-Key", "ol_api_abc")]).unwrap(), "ol_api_abc");
-        assert_eq!(key_of(&[("Authorization", "Bearer ol_api_xyz")]).unwrap(), "ol_api_xyz");
-        // the dedicated header wins over Authorization
-        assert_eq!(key_of(&[("Authorization", "Bearer other"), ("x-outline-api-key", "mine")]).unwrap(), "mine");
-        for bad in ["", "has space", "caf\u{e9}", &"k".repeat(513)] {
-            let err = key_of(&[("X-Outline-API-Key", bad)]).unwrap_err();
-            assert_eq!(err.status(), 401, "{bad:?}");
-        }
-        assert_eq!(key_of(&[]).unwrap_err().status(), 401);
-        assert_eq!(key_of(&[("Authorization", "Basic abc")]).unwrap_err().status(), 401);
-        assert!(auth::is_plausible_key(&"k".repeat(512)));
-        let bearer = auth::extract(&incoming(&[("Authorization", "Bearer k")])).unwrap();
-        assert_eq!(bearer.key, "k");
-    }
-
-    #[test]
-    fn names_come_from_the_user_in_header_mode_and_the_key_in_env_mode() {
-        let h = auth::key_hash("secret");
-        assert_eq!(h, "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b");
-        let ann = User { id: "u1".into(), team_id: "t1".into(), name: "Ann".into(), email: String::new() };
-        // every key of a user: one owner; 128 bits of the hash
-        let by_user = auth::owner_id(KeyMode::Header, &ann, "key-1");
-        assert_eq!(by_user, auth::owner_id(KeyMode::Header, &ann, "key-2"));
-        assert_eq!(by_user, auth::key_hash("t1:u1")[..32]);
-        let other_team = User { team_id: "t2".into(), ..ann.clone() };
-        assert_ne!(by_user, auth::owner_id(KeyMode::Header, &other_team, "key-1"));
-        // env mode: the key is baked in, so one container per key
-        assert_eq!(auth::owner_id(KeyMode::Env, &ann, "secret"), "2bb80d537b1da3e38bd30361aa855686");
-        assert_ne!(auth::owner_id(KeyMode::Env, &ann, "key-1"), auth::owner_id(KeyMode::Env, &ann, "key-2"));
-        assert_eq!(auth::container_name("mcp-", &by_user).len(), 4 + 32);
-    }
-
-    #[test]
-    fn only_this_prefixs_containers_are_adopted() {
-        let info = |name: &str, prefix: &str, owner: &str| {
-            let text = format!(
-                r#"[{{"Name":"/{name}","State":{{}},"Config":{{"Labels":{{"outline-mcp-proxy.prefix":"{prefix}","outline-mcp-proxy.owner":"{owner}"}}}}}}]"#
-            );
-            parse_inspect(&text, "bridge").remove(0)
-        };
-        let owner = "0123456789abcdef0123456789abcdef";
-        assert!(crate::docker::is_ours(&info(&format!("mcp-{owner}"), "mcp-", owner), "mcp-"));
-        // a proxy with prefix mcp- leaves mcp-staging-'s alone, though the name starts with mcp-
-        let staging = info(&format!("mcp-staging-{owner}"), "mcp-staging-", owner);
-        assert!(!crate::docker::is_ours(&staging, "mcp-"));
-        assert!(crate::docker::is_ours(&staging, "mcp-staging-"));
-        // a name that does not match its owner label is not adopted
-        assert!(!crate::docker::is_ours(&info("mcp-someone-else", "mcp-", owner), "mcp-"));
-    }
-
-    #[test]
-    fn requests_not_fit_to_forward_are_refused() {
-        let ok = incoming(&[("Content-Length", "10"), ("X-Tab", "a\tb")]);
-        assert!(check_request_form(&ok).is_ok());
-        for headers in
-            [vec![("X-Bad", "a\u{0}b")], vec![("X-Bad", "a\u{b}b")], vec![("Bad Name", "x")], vec![("", "x")]]
-        {
-            let err = check_request_form(&incoming(&headers)).unwrap_err();
-            assert_eq!(err.status(), 400, "{headers:?}");
-            assert!(err.closes_connection());
-        }
-        let mut star = incoming(&[]);
-        star.target = "*".into();
-        assert!(check_request_form(&star).is_err());
-        let mut absolute = incoming(&[]);
-        absolute.target = "http://evil/".into();
-        assert!(check_request_form(&absolute).is_err());
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_stripped_and_mcp_headers_kept() {
-        let inc = incoming(&[
-            ("Connection", "keep-alive, X-Private"),
-            ("X-Private", "1"),
-            ("Keep-Alive", "timeout=5"),
-            ("TE", "trailers"),
-            ("Proxy-Authorization", "x"),
-            ("Mcp-Session-Id", "abc"),
-            ("MCP-Protocol-Version", "2025-06-18"),
-            ("Last-Event-ID", "7"),
-            ("Accept", "application/json, text/event-stream"),
-            ("Content-Type", "application/json"),
-            ("X-Outline-API-Key", "client-key"),
-            ("Host", "proxy.example.com"),
-            ("X-Forwarded-For", "1.2.3.4"),
-        ]);
-        let addr: SocketAddr = "172.17.0.5:3000".parse().unwrap();
-        let out = request_headers(&inc, Some("client-key"), addr, None);
-        let names: Vec<String> = out.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
-        for gone in ["connection", "x-private", "keep-alive", "te", "proxy-authorization"] {
-            assert!(!names.contains(&gone.to_string()), "{gone} forwarded");
-        }
-        for kept in ["mcp-session-id", "mcp-protocol-version", "last-event-id", "accept", "content-type"] {
-            assert!(names.contains(&kept.to_string()), "{kept} dropped");
-        }
-        assert_eq!(header_value(&out, "host"), Some("172.17.0.5:3000"));
-        assert_eq!(header_value(&out, "x-forwarded-for"), Some("1.2.3.4, 10.1.2.3"));
-        assert_eq!(header_value(&out, "x-forwarded-host"), Some("proxy.example.com"));
-        assert_eq!(out.iter().filter(|(n, _)| n.eq_ignore_ascii_case("x-outline-api-key")).count(), 1);
-        // env mode: the container holds the key, requests do not carry it
-        let env_mode = request_headers(&inc, None, addr, None);
-        assert!(header_value(&env_mode, "x-outline-api-key").is_none());
-        // a key sent as Bearer is not passed on as Authorization; nor is a second key
-        // beside X-Outline-API-Key: only the checked key reaches the container
-        let bearer = incoming(&[("Authorization", "Bearer k")]);
-        assert!(header_value(&request_headers(&bearer, None, addr, None), "authorization").is_none());
-        let both = incoming(&[("X-Outline-API-Key", "checked"), ("Authorization", "Bearer another")]);
-        let out = request_headers(&both, Some("checked"), addr, None);
-        assert!(header_value(&out, "authorization").is_none());
-        assert_eq!(header_value(&out, "x-outline-api-key"), Some("checked"));
-    }
-
-    #[test]
-    fn response_headers_lose_hop_by_hop_and_framing() {
-        let mut map = ureq::http::HeaderMap::new();
-        map.insert("connection", "close, x-secret".parse().unwrap());
-        map.insert("x-secret", "1".parse().unwrap());
-        map.insert("transfer-encoding", "chunked".parse().unwrap());
-        map.insert("content-length", "5".parse().unwrap());
-        map.insert("mcp-session-id", "s1".parse().unwrap());
-        let out = response_headers(&map);
-        assert_eq!(out, vec![("mcp-session-id".to_string(), "s1".to_string())]);
-    }
-
-    #[test]
-    fn framing_follows_method_status_length_and_version() {
-        assert_eq!(framing("HEAD", 200, Some(5), false), Framing::NoBody);
-        for status in [101, 204, 304] {
-            assert_eq!(framing("GET", status, None, false), Framing::NoBody, "{status}");
-        }
-        assert_eq!(framing("GET", 200, Some(5), false), Framing::Length(5));
-        assert_eq!(framing("GET", 200, Some(5), true), Framing::Length(5));
-        assert_eq!(framing("POST", 200, None, false), Framing::Chunked);
-        assert_eq!(framing("POST", 200, None, true), Framing::UntilClose);
-    }
-
-    #[test]
-    fn the_least_recently_used_idle_container_makes_room() {
-        let proxy = test_proxy(&[("MCP_PROXY_MAX_RUNNING", "2")]);
-        let registry = &proxy.containers.registry;
-        let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
-        lock(&registry.entries).insert("mcp-old".into(), running_entry(addr, 300, 0));
-        lock(&registry.entries).insert("mcp-busy".into(), running_entry(addr, 900, 1));
-        match registry.plan("mcp-new", "U", false, usize::MAX).unwrap() {
-            Plan::Start { evict, .. } => assert_eq!(evict.as_deref(), Some("mcp-old")),
-            _ => panic!("expected a start"),
-        }
-        // with every running container busy, the cap refuses
-        let proxy = test_proxy(&[("MCP_PROXY_MAX_RUNNING", "1")]);
-        let registry = &proxy.containers.registry;
-        lock(&registry.entries).insert("mcp-busy".into(), running_entry(addr, 0, 1));
-        let err = registry.plan("mcp-new", "U", false, usize::MAX).err().unwrap();
-        assert_eq!(err.status(), 503);
-        assert_eq!(err.retry_after(), Some(30));
-        assert!(lock(&registry.entries)["mcp-new"].transition.is_none());
-    }
-
-    #[test]
-    fn running_containers_are_routed_and_counted() {
-        let proxy = test_proxy(&[]);
-        let registry = &proxy.containers.registry;
-        let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
-        lock(&registry.entries).insert("mcp-a".into(), running_entry(addr, 0, 0));
-        let Plan::Route(lease) = registry.plan("mcp-a", "U", true, usize::MAX).unwrap() else {
-            panic!("expected a route")
-        };
-        assert_eq!(lease.address, addr);
-        {
-            let entries = lock(&registry.entries);
-            let entry = &entries["mcp-a"];
-            assert_eq!((entry.active, entry.websockets, entry.requests_total), (1, 1, 1));
-        }
-        drop(lease);
-        let entries = lock(&registry.entries);
-        assert_eq!((entries["mcp-a"].active, entries["mcp-a"].websockets), (0, 0));
-    }
-
-    #[test]
-    fn idle_selection_skips_busy_and_recent_containers() {
-        // spares off: idle containers are stopped (kept for a docker start); spares on:
-        // removed (a spare serves the next wake)
-        for (spares, slept) in [("0", State::Stopped), ("1", State::Missing)] {
-            let settings =
-                [("MCP_PROXY_IDLE_TIMEOUT", "60s"), ("MCP_PROXY_DOCKER", "/bin/true"), ("MCP_PROXY_SPARES", spares)];
-            let proxy = test_proxy(&settings);
-            let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
-            for (name, idle_secs, active) in [("mcp-idle", 120, 0), ("mcp-busy", 120, 1), ("mcp-recent", 10, 0)] {
-                lock(&proxy.containers.registry.entries)
-                    .insert(name.to_string(), running_entry(addr, idle_secs, active));
-            }
-            crate::background::sweep(&proxy.containers);
-            let entries = lock(&proxy.containers.registry.entries);
-            assert_eq!(entries["mcp-idle"].state, slept);
-            assert!(entries["mcp-busy"].state.is_running());
-            assert!(entries["mcp-recent"].state.is_running());
-        }
-    }
-
     /// A JSON-RPC `edit_document` call and the answer mcp-outline 1.10 gives it.
-    fn edit_exchange(id: u64, save: bool, answer: &str) -> (serde_json::Value, serde_json::Value) {
+    pub(crate) fn edit_exchange(id: u64, save: bool, answer: &str) -> (serde_json::Value, serde_json::Value) {
         let call = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
             "name": "edit_document", "arguments": {"document_id": "doc-1", "edits": [], "save": save}}});
         let result = serde_json::json!({"jsonrpc": "2.0", "id": id, "result": {
             "content": [{"type": "text", "text": answer}], "isError": false}});
         (call, result)
-    }
-
-    #[test]
-    fn staged_edits_are_read_from_mcp_outlines_answers() {
-        use crate::staged::{edit_call, outcome, Outcome};
-        let staged = "Applied 1 edit(s) to 'Note'. Document has unsaved changes — call edit_document with save=True to push to Outline.";
-        let (call, answer) = edit_exchange(7, false, staged);
-        let edit = edit_call(&call).unwrap();
-        assert_eq!((edit.document_id.as_str(), edit.save), ("doc-1", false));
-        assert_eq!(outcome(&edit, &answer), Outcome::Staged);
-        // another request's answer, and mcp-outline's failures (plain text), change nothing
-        assert_eq!(outcome(&edit, &edit_exchange(8, false, staged).1), Outcome::Unchanged);
-        for failure in ["Edit failed: 'x' not found in document. No edits were applied.", "Error editing document: 404"]
-        {
-            assert_eq!(outcome(&edit, &edit_exchange(7, false, failure).1), Outcome::Unchanged);
-        }
-        let (call, answer) = edit_exchange(9, true, "Applied 0 edit(s) to 'Note'. Saved to Outline.");
-        assert_eq!(outcome(&edit_call(&call).unwrap(), &answer), Outcome::Saved);
-        let nothing = "No edits provided and no staged changes to save. Nothing to do.";
-        assert_eq!(outcome(&edit_call(&call).unwrap(), &edit_exchange(9, true, nothing).1), Outcome::Unchanged);
-        // save defaults to true, as in mcp-outline; other tools are not edits
-        let mut call = call;
-        call["params"]["arguments"].as_object_mut().unwrap().remove("save");
-        assert!(edit_call(&call).unwrap().save);
-        call["params"]["name"] = "read_document".into();
-        assert!(edit_call(&call).is_none());
-    }
-
-    #[test]
-    fn a_container_holding_staged_edits_neither_sleeps_nor_makes_room() {
-        let settings = [
-            ("MCP_PROXY_IDLE_TIMEOUT", "60s"),
-            ("MCP_PROXY_DOCKER", "/bin/true"),
-            ("MCP_PROXY_MAX_RUNNING", "2"),
-            ("MCP_PROXY_SPARES", "1"),
-        ];
-        let proxy = test_proxy(&settings);
-        let registry = &proxy.containers.registry;
-        let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
-        for name in ["mcp-staged", "mcp-plain"] {
-            lock(&registry.entries).insert(name.to_string(), running_entry(addr, 3600, 0));
-        }
-        let staged = "Applied 1 edit(s) to 'N'. Document has unsaved changes — call edit_document with save=True.";
-        let (call, answer) = edit_exchange(1, false, staged);
-        registry.staged.note_answer("mcp-staged", None, &crate::staged::edit_call(&call).unwrap(), &answer);
-        assert!(!registry.staged.may_sleep("mcp-staged") && registry.staged.may_sleep("mcp-plain"));
-        // at the cap, the one without staged edits makes room
-        let Plan::Start { evict, flight, .. } = registry.plan("mcp-new", "U", false, usize::MAX).unwrap() else {
-            panic!("expected a start")
-        };
-        assert_eq!(evict.as_deref(), Some("mcp-plain"));
-        registry.sweeps().after_stop("mcp-plain", crate::registry::StopOutcome::Retired);
-        registry.finish_transition("mcp-new", &flight, Ok(()));
-        lock(&registry.entries).insert("mcp-new".into(), running_entry(addr, 0, 1));
-        // and when only it could, the request gets 503 with Retry-After
-        let err = registry.plan("mcp-other", "U", false, usize::MAX).err().unwrap();
-        assert_eq!((err.status(), err.retry_after()), (503, Some(30)));
-        // the sweep leaves it running; a save lets it go
-        crate::background::sweep(&proxy.containers);
-        assert!(lock(&registry.entries)["mcp-staged"].state.is_running());
-        let (call, answer) = edit_exchange(2, true, "Applied 0 edit(s) to 'N'. Saved to Outline.");
-        registry.staged.note_answer("mcp-staged", None, &crate::staged::edit_call(&call).unwrap(), &answer);
-        crate::background::sweep(&proxy.containers);
-        assert_eq!(lock(&registry.entries)["mcp-staged"].state, State::Missing);
-    }
-
-    #[test]
-    fn removal_is_due_only_after_remove_after() {
-        let day = Duration::from_secs(86400);
-        let eight_days_ago = SystemTime::now() - 8 * day;
-        assert!(due_for_removal(Some(eight_days_ago), Some(7 * day)));
-        assert!(!due_for_removal(Some(SystemTime::now() - day), Some(7 * day)));
-        assert!(!due_for_removal(Some(eight_days_ago), None));
-        assert!(!due_for_removal(None, Some(7 * day)));
-    }
-
-    #[test]
-    fn auth_info_answers_are_parsed() {
-        let body = r#"{"ok":true,"data":{"user":{"id":"u1","name":"Ann","email":"a@x"},"team":{"id":"t1"}}}"#;
-        let ann = User { id: "u1".into(), team_id: "t1".into(), name: "Ann".into(), email: "a@x".into() };
-        assert_eq!(parse_auth_info(body), Some(ann));
-        assert_eq!(parse_auth_info(r#"{"ok":true,"data":{}}"#), None);
-        assert_eq!(parse_auth_info("not json"), None);
-    }
-
-    #[test]
-    fn docker_errors_are_classified_once() {
-        let classify = DockerError::classify;
-        assert_eq!(classify("Error response from daemon: No such container: mcp-x"), DockerError::NoSuchContainer);
-        assert_eq!(classify("Error: No such object: mcp-x"), DockerError::NoSuchContainer);
-        assert_eq!(
-            classify("docker: Error response from daemon: Conflict. The container name \"/mcp-x\" is already in use"),
-            DockerError::NameInUse
-        );
-        assert!(matches!(
-            classify(
-                "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?"
-            ),
-            DockerError::Unavailable(_)
-        ));
-        assert!(matches!(classify("invalid reference format"), DockerError::Failed(_)));
-        let no_python = "exec: \"python3\": executable file not found in $PATH";
-        assert!(matches!(classify(no_python), DockerError::NoExecutable(_)));
-        assert!(matches!(classify("Error: No such network: net-x"), DockerError::NoSuchNetwork(_)));
-        assert!(matches!(
-            classify("Error response from daemon: network net-x not found"),
-            DockerError::NoSuchNetwork(_)
-        ));
-        assert!(matches!(classify("network with name net-x already exists"), DockerError::AlreadyExists(_)));
-        // the client's message is a sentence; Docker's own words stay in the log
-        let err = DockerError::NoSuchContainer.into_proxy_error("start container mcp-x");
-        assert_eq!((err.status(), err.code()), (503, "container_failed"));
-        let err = DockerError::Unavailable("refused".into()).into_proxy_error("list containers");
-        assert_eq!((err.status(), err.code()), (503, "docker_unavailable"));
-    }
-
-    #[test]
-    fn docker_inspect_is_read() {
-        let text = r#"[{"Name":"/mcp-abc","Created":"2026-11-25T12:00:00.123456789Z",
-            "State":{"Running":false,"Restarting":false,"ExitCode":137,"FinishedAt":"2026-11-25T13:00:00Z"},
-            "Config":{"Labels":{"outline-mcp-proxy.user":"Ann"}},
-            "NetworkSettings":{"Networks":{"bridge":{"IPAddress":"172.17.0.3"}}}}]"#;
-        let info = &parse_inspect(text, "bridge")[0];
-        assert_eq!(info.name, "mcp-abc");
-        assert!(!info.running);
-        assert_eq!(info.exit_code, 137);
-        assert_eq!(info.address, Some("172.17.0.3".parse().unwrap()));
-        assert_eq!(info.user, "Ann");
-        assert_eq!(format_rfc3339(info.created_at.unwrap()), "2026-11-25T12:00:00Z");
-        assert_eq!(format_rfc3339(info.finished_at.unwrap()), "2026-11-25T13:00:00Z");
-        assert_eq!(parse_rfc3339("0001-01-01T00:00:00Z"), None);
-        assert_eq!(format_rfc3339(parse_rfc3339("2024-02-29T23:59:59+01:00").unwrap()), "2024-02-29T22:59:59Z");
-    }
-
-    fn spec_for<'a>(name: &'a str, user: &'a str, env_key: Option<&'a str>) -> ContainerSpec<'a> {
-        ContainerSpec {
-            name,
-            prefix: "mcp-",
-            role: crate::docker::Role::User,
-            owner: name.strip_prefix("mcp-").unwrap_or(name),
-            user_label: user,
-            env_key,
-            image: "img",
-            network: "bridge",
-            memory_bytes: 256 << 20,
-            cpus: 1.0,
-            pids_limit: 128,
-            container_port: 3000,
-            outline_api_url: "http://outline/api".into(),
-            cgroup_parent: None,
-        }
-    }
-
-    #[test]
-    fn containers_run_under_the_budgets_parent_cgroup_when_there_is_one() {
-        assert!(!spec_for("mcp-x", "Ann", None).args().iter().any(|a| a.starts_with("--cgroup-parent")));
-        let mut spec = spec_for("mcp-x", "Ann", None);
-        spec.cgroup_parent = Some("/outline_mcp_proxy");
-        let args = spec.args();
-        assert!(args.contains(&"--cgroup-parent=/outline_mcp_proxy".to_string()));
-        assert_eq!(args.last().map(String::as_str), Some("img"), "a flag, before the image");
-    }
-
-    #[test]
-    fn the_budget_is_sized_from_the_host_and_refuses_nonsense() {
-        use crate::memory::{size_budget, RESERVE};
-        let container = 256 << 20;
-        // a 2 GB t3.small's MemTotal: 1,940 MiB less the 640 MiB reserve
-        let t3_small: u64 = 1_940 << 20;
-        assert_eq!(size_budget(None, container, Some(t3_small)), Ok(1_300 << 20));
-        assert_eq!(size_budget(None, container, Some(t3_small)), Ok(t3_small - RESERVE));
-        assert_eq!(size_budget(Some(1_400 << 20), container, Some(t3_small)), Ok(1_400 << 20));
-        assert_eq!(size_budget(Some(0), container, Some(t3_small)), Ok(0));
-        // below one container, above the host, a host too small, a host unknown
-        assert!(size_budget(Some(100 << 20), container, Some(t3_small)).unwrap_err().contains("one container"));
-        assert!(size_budget(Some(4 << 30), container, Some(t3_small)).unwrap_err().contains("host's memory"));
-        assert!(size_budget(None, container, Some(800 << 20)).unwrap_err().contains("less than one container"));
-        assert!(size_budget(None, container, None).is_err());
-        assert_eq!(size_budget(Some(1 << 30), container, None), Ok(1 << 30));
-        assert_eq!(size_budget(Some((1 << 30) + 4095), container, None), Ok(1 << 30), "whole pages");
-    }
-
-    #[test]
-    fn the_budget_setting_takes_sizes_auto_and_off() {
-        let load = |value: &str| {
-            let value = value.to_string();
-            Config::load(&move |name| (name == "MCP_PROXY_MEMORY_BUDGET").then(|| value.clone()))
-        };
-        assert_eq!(load("400m").unwrap().memory_budget, 400 << 20);
-        assert_eq!(load("1g").unwrap().memory_budget, 1 << 30);
-        assert_eq!(load("off").unwrap().memory_budget, 0);
-        assert_eq!(load("0").unwrap().memory_budget, 0);
-        let host = crate::memory::host_memory().unwrap();
-        // sysinfo's total is /proc/meminfo's MemTotal
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-        let kib = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).unwrap().trim().trim_end_matches(" kB");
-        assert_eq!(host, kib.parse::<u64>().unwrap() * 1024);
-        let host = host & !4095;
-        assert_eq!(load("auto").unwrap().memory_budget, host - crate::memory::RESERVE);
-        assert_eq!(Config::load(&|_| None).unwrap().memory_budget, host - crate::memory::RESERVE);
-        for nonsense in ["lots", "-1", "100m", "1000000g"] {
-            let err = load(nonsense).unwrap_err();
-            assert!(err.starts_with("MCP_PROXY_MEMORY_BUDGET="), "{nonsense}: {err}");
-        }
-        let parent = |v: &'static str| Config::load(&move |n| (n == "MCP_PROXY_CGROUP_PARENT").then(|| v.into()));
-        assert_eq!(parent("omp-test_1").unwrap().cgroup_parent, "omp-test_1");
-        assert!(parent("../etc").is_err() && parent("a.slice").is_err() && parent("").is_err());
-    }
-
-    #[test]
-    fn containers_fit_by_the_measured_mean_with_a_floor() {
-        use crate::memory::{containers_fit, Reading};
-        let mib = |n: u64| n << 20;
-        // nothing to measure yet: one container's limit each
-        assert_eq!(containers_fit(mib(1000), Reading { in_use: 0, containers: 0 }, mib(256)), 3);
-        // two settled at 100 MiB each
-        assert_eq!(containers_fit(mib(1000), Reading { in_use: mib(200), containers: 2 }, mib(256)), 10);
-        // two still booting (10 MiB each): a quarter of the limit each
-        assert_eq!(containers_fit(mib(1000), Reading { in_use: mib(20), containers: 2 }, mib(256)), 15);
-        assert_eq!(containers_fit(mib(100), Reading { in_use: mib(900), containers: 2 }, mib(256)), 1);
-    }
-
-    #[test]
-    fn the_parent_cgroup_for_each_driver_and_version() {
-        use crate::memory::{slice_path, Driver, Parent};
-        let v1 = Parent::new("cgroupfs", "1", "outline_mcp_proxy").unwrap();
-        assert_eq!((v1.driver, v1.v2, v1.arg.as_str()), (Driver::Cgroupfs, false, "/outline_mcp_proxy"));
-        assert_eq!(v1.dir, std::path::Path::new("/sys/fs/cgroup/memory/outline_mcp_proxy"));
-        let v2 = Parent::new("cgroupfs", "2", "omp").unwrap();
-        assert_eq!(v2.dir, std::path::Path::new("/sys/fs/cgroup/omp"));
-        let slice = Parent::new("systemd", "2", "outline_mcp_proxy").unwrap();
-        assert_eq!(slice.arg, "outline_mcp_proxy.slice");
-        assert_eq!(slice.dir, std::path::Path::new("/sys/fs/cgroup/outline_mcp_proxy.slice"));
-        let nested = Parent::new("systemd", "2", "mcp-users").unwrap();
-        assert_eq!(nested.dir, std::path::Path::new("/sys/fs/cgroup/mcp.slice/mcp-users.slice"));
-        assert_eq!(slice_path("a-b-c"), "a.slice/a-b.slice/a-b-c.slice");
-        let v1_slice = Parent::new("systemd", "1", "omp").unwrap();
-        assert_eq!(v1_slice.dir, std::path::Path::new("/sys/fs/cgroup/memory/omp.slice"));
-        assert!(Parent::new("none", "1", "omp").is_err());
-    }
-
-    #[test]
-    fn the_budget_is_a_second_reason_to_be_at_cap() {
-        let proxy = test_proxy(&[]);
-        let registry = &proxy.containers.registry;
-        let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
-        lock(&registry.entries).insert("mcp-old".into(), running_entry(addr, 300, 0));
-        lock(&registry.entries).insert("mcp-recent".into(), running_entry(addr, 10, 0));
-        assert!(matches!(registry.plan("mcp-new", "U", false, 3).unwrap(), Plan::Start { evict: None, .. }));
-        let proxy = test_proxy(&[]);
-        let registry = &proxy.containers.registry;
-        lock(&registry.entries).insert("mcp-old".into(), running_entry(addr, 300, 0));
-        lock(&registry.entries).insert("mcp-recent".into(), running_entry(addr, 10, 0));
-        match registry.plan("mcp-new", "U", false, 2).unwrap() {
-            Plan::Start { evict, .. } => assert_eq!(evict.as_deref(), Some("mcp-old")),
-            _ => panic!("expected a start"),
-        }
-        // every one busy: 503, naming the containers that fit
-        let proxy = test_proxy(&[]);
-        let registry = &proxy.containers.registry;
-        lock(&registry.entries).insert("mcp-busy".into(), running_entry(addr, 0, 1));
-        let err = registry.plan("mcp-new", "U", false, 1).err().unwrap();
-        assert!(matches!(err, ProxyError::AtCapacity(1)));
-        assert_eq!(err.retry_after(), Some(30));
-        // no spare boots over the budget
-        assert!(!registry.spares().wanted(1, 1) && registry.spares().wanted(1, 2));
-    }
-
-    #[test]
-    fn run_args_never_carry_the_key_and_harden_the_container() {
-        for env_key in [None, Some("the-secret-key")] {
-            let args = spec_for("mcp-x", "Ann", env_key).args().join(" ");
-            for flag in [
-                "--restart unless-stopped",
-                "--memory 268435456",
-                "--memory-swap 268435456",
-                "--pids-limit 128",
-                "--cap-drop ALL",
-                "--security-opt no-new-privileges",
-                "--read-only",
-                "--user 65534:65534",
-                "--label outline-mcp-proxy.managed=true",
-            ] {
-                assert!(args.contains(flag), "{flag} missing from {args}");
-            }
-            assert!(!args.contains("-p ") && !args.contains("--publish"));
-            assert_eq!(args.contains("--env OUTLINE_API_KEY"), env_key.is_some());
-            assert!(!args.contains("OUTLINE_API_KEY=") && !args.contains("the-secret-key"));
-        }
-    }
-
-    #[test]
-    fn only_env_mode_lets_the_key_into_container_code() {
-        let user = User { id: "u".into(), team_id: "t".into(), name: "Ann".into(), email: String::new() };
-        let credential = Credential { key: "k-123".into() };
-        for (mode, holds) in [("header", false), ("env", true)] {
-            let cfg = Config::load(&env(&[("MCP_PROXY_KEY_MODE", mode)])).unwrap();
-            let want = Want::new(&cfg, "mcp-x".into(), &user, &credential);
-            assert_eq!(want.env_key.is_some(), holds, "{mode}");
-        }
-        assert_eq!(Config::load(&env(&[])).unwrap().key_mode, KeyMode::Header);
-    }
-
-    #[test]
-    fn one_error_body_and_the_right_challenge() {
-        let err = ProxyError::Unauthorized("no key".into());
-        let body: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
-        assert_eq!(body, serde_json::json!({"error": "unauthorized", "message": "no key"}));
-        let challenge = |e: &ProxyError| header_value(&e.headers(), "www-authenticate").map(str::to_string);
-        assert!(challenge(&err).unwrap().starts_with("Bearer"));
-        assert!(challenge(&ProxyError::OperatorOnly).unwrap().starts_with("Basic"));
-        assert_eq!(challenge(&ProxyError::AtCapacity(2)), None);
-        assert_eq!(header_value(&ProxyError::AtCapacity(2).headers(), "retry-after"), Some("30"));
-    }
-
-    #[test]
-    fn secrets_compare_in_constant_time_and_encode() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-        assert!(!constant_time_eq(b"", b"a"));
-        assert_eq!(base64_encode(b"admin:pw"), "YWRtaW46cHc=");
-        assert_eq!(base64_encode(b"ab"), "YWI=");
-        assert_eq!(base64_encode(b"abc"), "YWJj");
-    }
-
-    #[test]
-    fn websocket_frames_pass_unchanged_and_masking_is_checked() {
-        // a masked client text frame "hi" and an unmasked server close frame 1000
-        let client_frame = [0x81u8, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
-        let mut out = Vec::new();
-        assert_eq!(relay_frames(&client_frame[..], &mut out, true).unwrap(), 1);
-        assert_eq!(out, client_frame);
-        let close = [0x88u8, 0x02, 0x03, 0xe8];
-        let mut out = Vec::new();
-        assert_eq!(relay_frames(&close[..], &mut out, false).unwrap(), 1);
-        assert_eq!(out, close);
-        assert!(relay_frames(&close[..], &mut Vec::new(), true).is_err());
-        // a frame cut short is an error, not a silent end
-        assert!(relay_frames(&client_frame[..5], &mut Vec::new(), true).is_err());
-    }
-
-    #[test]
-    fn metrics_render_every_container() {
-        let proxy = test_proxy(&[]);
-        let place = Place { address: "172.17.0.9:3000".parse().unwrap(), incarnation: None };
-        lock(&proxy.containers.registry.entries).insert("mcp-a".into(), Entry::new(State::Running(place)));
-        let text = render_metrics(&snapshot(&proxy));
-        assert!(text.contains("mcp_proxy_containers_running 1"));
-        assert!(text.contains("mcp_proxy_container_up{container=\"mcp-a\"} 1"));
-        let stats = render_stats(&snapshot(&proxy));
-        assert_eq!(stats["total_containers"], 1);
-        assert_eq!(stats["containers"][0]["state"], "running");
-    }
-
-    fn test_sessions() -> crate::sessions::Sessions {
-        crate::sessions::Sessions::new(crate::sessions::SessionKey::from_bytes([7; 32]))
-    }
-
-    #[test]
-    fn sessions_are_bound_to_their_owner_and_reopened_when_stale() {
-        use crate::sessions::{Reopen, Route};
-        let s = test_sessions();
-        assert_eq!(s.route(None, "mcp-a", None), Route::Plain);
-        // a client's own initialize, answered by incarnation i1: the client gets a minted id
-        let s1 =
-            s.opened("mcp-a", "u1", Some("i1"), Some(serde_json::json!({"protocolVersion": "2025-06-18"}))).unwrap();
-        assert_ne!(s1, "u1");
-        let own = |upstream: &str, stale| Route::Own { client_id: s1.clone(), upstream_id: upstream.into(), stale };
-        assert_eq!(s.route(Some(&s1), "mcp-a", Some("i1")), own("u1", false));
-        // the same id with another user's key is never mapped, and is turned away
-        assert_eq!(s.route(Some(&s1), "mcp-b", Some("i1")), Route::Foreign);
-        assert!(s.check(Some(&s1), "mcp-b").is_err() && s.check(Some(&s1), "mcp-a").is_ok());
-        // a container that is not the one that issued it: stale, and no stream attaches
-        assert_eq!(s.route(Some(&s1), "mcp-a", Some("i2")), own("u1", true));
-        assert_eq!(s.attachable(&s1, "mcp-a", Some("i2")), None);
-        assert_eq!(s.attachable(&s1, "mcp-b", Some("i1")), None);
-        // one request reopens, the others wait for it; the client's params are replayed
-        let Some(Reopen::Lead(opening, params)) = s.reopen(&s1) else { panic!("expected to lead") };
-        assert_eq!(params.unwrap()["protocolVersion"], "2025-06-18");
-        assert!(matches!(s.reopen(&s1), Some(Reopen::Follow(_))));
-        s.reopened(&s1, &opening, "u2", Some("i2"), serde_json::json!({}));
-        assert_eq!(opening.wait().unwrap(), "u2");
-        assert_eq!(s.route(Some(&s1), "mcp-a", Some("i2")), own("u2", false));
-        assert_eq!(s.attachable(&s1, "mcp-a", Some("i2")).as_deref(), Some("u2"));
-        assert_eq!(s.counters.resurrections.load(std::sync::atomic::Ordering::Relaxed), 1);
-        // DELETE by another owner does nothing; by the owner, the mapping goes
-        s.ended(&s1, "mcp-b");
-        assert_eq!(s.per_owner().get("mcp-a"), Some(&1));
-        s.ended(&s1, "mcp-a");
-        assert_eq!(s.per_owner().get("mcp-a"), None);
-        // and an ended session is never opened again: the container's 404 answers
-        assert_eq!(s.route(Some(&s1), "mcp-a", Some("i2")), Route::Foreign);
-        assert_eq!(s.attachable(&s1, "mcp-a", Some("i2")), None);
-    }
-
-    #[test]
-    fn session_ids_are_known_by_their_mac_alone() {
-        use crate::sessions::{Route, SessionKey, Sessions};
-        let s = test_sessions();
-        let id = s.opened("mcp-a", "u1", Some("i1"), None).unwrap();
-        // another process with the same key (a restart, another host) knows the id as
-        // mcp-a's, has no upstream session for it, so opens one
-        let again = test_sessions();
-        assert!(again.check(Some(&id), "mcp-a").is_ok());
-        assert_eq!(
-            again.route(Some(&id), "mcp-a", Some("i1")),
-            Route::Own { client_id: id.clone(), upstream_id: id.clone(), stale: true }
-        );
-        assert_eq!(again.attachable(&id, "mcp-a", Some("i1")), None);
-        // made-up ids, altered ids, and ids under another key are not the proxy's
-        let other = Sessions::new(SessionKey::from_bytes([8; 32]));
-        let mut altered = id.clone().into_bytes();
-        altered[0] = if altered[0] == b'0' { b'1' } else { b'0' };
-        let upper = id.to_uppercase();
-        for bad in ["", "made-up", &"0".repeat(64), std::str::from_utf8(&altered).unwrap(), &upper, &format!(" {id}")] {
-            assert!(s.check(Some(bad), "mcp-a").is_err(), "{bad}");
-        }
-        assert!(other.check(Some(&id), "mcp-a").is_err());
-        assert!(s.check(None, "mcp-a").is_ok());
-        // the user is bound, not the host's container prefix
-        let hash = "0123456789abcdef0123456789abcdef";
-        let id = s.opened(&format!("h1-{hash}"), "u1", None, None).unwrap();
-        assert!(again.check(Some(&id), &format!("mcp-{hash}")).is_ok());
-        assert!(again.check(Some(&id), &format!("mcp-{}", hash.replace('0', "1"))).is_err());
-    }
-
-    #[test]
-    fn the_session_key_is_made_once_and_kept() {
-        use crate::sessions::{SessionKey, KEY_FILE};
-        use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("session-key-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let _ = std::fs::remove_file(dir.join(KEY_FILE));
-        let first = crate::sessions::Sessions::new(SessionKey::load_or_create(Some(&dir)).unwrap());
-        let mode = std::fs::metadata(dir.join(KEY_FILE)).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let id = first.opened("mcp-a", "u1", None, None).unwrap();
-        let second = crate::sessions::Sessions::new(SessionKey::load_or_create(Some(&dir)).unwrap());
-        assert!(second.check(Some(&id), "mcp-a").is_ok());
-        std::fs::write(dir.join(KEY_FILE), "not a key").unwrap();
-        assert!(SessionKey::load_or_create(Some(&dir)).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn sessions_per_owner_are_bounded() {
-        let s = test_sessions();
-        for i in 0..100 {
-            s.opened("mcp-a", &format!("s{i}"), None, None).unwrap();
-        }
-        s.opened("mcp-b", "other", None, None).unwrap();
-        assert_eq!(s.per_owner()["mcp-a"], 64);
-        assert_eq!(s.per_owner()["mcp-b"], 1);
-    }
-
-    /// A registry's staged-edit marks with nothing staged and nowhere to keep them.
-    fn no_staged() -> std::sync::Arc<crate::staged::Staged> {
-        std::sync::Arc::new(crate::staged::Staged::open(None, Duration::from_secs(86400)))
-    }
-
-    #[test]
-    fn held_streams_are_capped_per_user_and_counted_with_requests_in_flight() {
-        use crate::registry::Registry;
-        let r = std::sync::Arc::new(Registry::new(0, 0, 2, no_staged()));
-        let (a, b) = (r.hold_stream("mcp-a").unwrap(), r.hold_stream("mcp-a").unwrap());
-        assert!(matches!(r.hold_stream("mcp-a"), Err(ProxyError::TooManyStreams(2))));
-        assert!(r.hold_stream("mcp-b").is_ok(), "another user's cap is their own");
-        drop(a);
-        let _c = r.hold_stream("mcp-a").unwrap();
-        drop(b);
-        // with an in-flight limit, held streams take its slots too
-        let r = std::sync::Arc::new(Registry::new(0, 2, 0, no_staged()));
-        let _held = (r.hold_stream("mcp-a").unwrap(), r.hold_stream("mcp-a").unwrap());
-        assert!(matches!(r.hold_stream("mcp-a"), Err(ProxyError::UserBusy(2))));
-        lock(&r.entries).insert("mcp-a".into(), running_entry("10.0.0.2:3000".parse().unwrap(), 0, 0));
-        assert!(matches!(r.plan("mcp-a", "a", false, usize::MAX), Err(ProxyError::UserBusy(2))));
-    }
-
-    #[test]
-    fn dockers_events_keep_the_registry_exact() {
-        use crate::docker::{parse_event, Event};
-        let line = |action: &str, extra: &str| {
-            format!(
-                r#"{{"Type":"container","Action":"{action}","Actor":{{"ID":"abc","Attributes":{{"name":"mcp-a"{extra}}}}}}}"#
-            )
-        };
-        assert_eq!(parse_event(&line("start", "")), Some(Event::Start("mcp-a".into())));
-        assert_eq!(parse_event(&line("die", "")), Some(Event::Die("mcp-a".into())));
-        assert_eq!(parse_event(&line("destroy", "")), Some(Event::Destroy("mcp-a".into())));
-        assert_eq!(
-            parse_event(&line("rename", r#","oldName":"/mcp-old""#)),
-            Some(Event::Rename { from: "mcp-old".into(), to: "mcp-a".into() })
-        );
-        assert_eq!(parse_event(&line("exec_start", "")), None);
-        assert_eq!(parse_event("not json"), None);
-
-        let proxy = test_proxy(&[]);
-        let registry = &proxy.containers.registry;
-        let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
-        lock(&registry.entries).insert("mcp-a".into(), running_entry(addr, 0, 0));
-        lock(&registry.entries).insert("mcp-b".into(), running_entry("172.17.0.10:3000".parse().unwrap(), 0, 0));
-        // removed behind the proxy's back: its address is forgotten at once
-        assert_eq!(registry.sightings().observe(&Event::Destroy("mcp-a".into())), None);
-        assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Missing);
-        assert_eq!(lock(&registry.entries)["mcp-a"].last_address, None);
-        // started by someone else: to be inspected
-        assert_eq!(registry.sightings().observe(&Event::Start("mcp-b".into())), Some("mcp-b".into()));
-        // a new container found at an address another entry still holds: that one is stale
-        registry.sightings().started("mcp-a", Some("172.17.0.10:3000".parse().unwrap()), Some("i2".into()));
-        let entries = lock(&registry.entries);
-        assert!(entries["mcp-a"].state.is_running());
-        assert_eq!(entries["mcp-b"].state, State::Unknown);
-        assert_eq!(entries["mcp-b"].last_address, None);
-        drop(entries);
-        // the event stream broke off: nothing running is trusted until inspected
-        registry.sightings().distrust_all();
-        assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Unknown);
-    }
-
-    #[test]
-    fn certificate_dates_are_read() {
-        let t = crate::ops::parse_openssl_date("Nov 26 07:00:00 2027 GMT").unwrap();
-        assert_eq!(format_rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(t as u64)), "2027-11-26T07:00:00Z");
-        assert_eq!(crate::ops::parse_openssl_date("Feb  3 01:02:03 2030 GMT").map(|t| t % 86400), Some(3723));
-        assert_eq!(crate::ops::parse_openssl_date("Foo 1 00:00:00 2030 GMT"), None);
-    }
-
-    #[test]
-    fn redirect_uris_https_loopback_or_an_apps_own_scheme() {
-        use crate::oauth::check_redirect_uri;
-        for ok in [
-            "https://claude.ai/api/mcp/auth_callback",
-            "http://127.0.0.1:33418/callback",
-            "http://localhost/cb",
-            "http://[::1]:8080/",
-            "cursor://anysphere.cursor-retrieval/oauth/callback",
-        ] {
-            assert!(check_redirect_uri(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "http://evil.example/cb",
-            "http://127.0.0.1.evil.example/cb",
-            "javascript:alert(1)",
-            "data:text/html,x",
-            "https://x.example/cb#frag",
-            "https:///nohost",
-            "https://user@x.example/cb",
-            "",
-            "no scheme",
-        ] {
-            assert!(check_redirect_uri(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn redirect_uris_a_browser_reads_with_another_host_are_refused() {
-        use crate::oauth::check_redirect_uri;
-        for ok in [
-            "https://App.Example.com:8443/cb",
-            "https://127.0.0.1/cb",
-            "https://[2001:db8::1]:443/cb",
-            "myapp://x_y.z/cb",
-        ] {
-            assert!(check_redirect_uri(ok).is_ok(), "{ok}");
-        }
-        for (bad, why) in [
-            ("https://attacker.example\\.claude.ai/cb", "backslash"),
-            ("https://claude.ai\\@attacker.example/cb", "backslash"),
-            ("https://claude.ai/cb\\x", "backslash"),
-            ("https://claude.ai@attacker.example/cb", "user info"),
-            ("https://claude.ai:x@attacker.example/cb", "user info"),
-            ("myapp://claude.ai@attacker.example/cb", "user info"),
-            ("https://cl\u{430}ude.ai/cb", "ASCII"),
-            ("https://attacker.example%2f.claude.ai/cb", "letters, digits"),
-            ("https://0x7f.1/cb", "a.b.c.d"),
-            ("https://2130706433/cb", "a.b.c.d"),
-            ("https://example.010/cb", "a.b.c.d"),
-            ("https://[::1/cb", "]"),
-            ("https://claude.ai:44x/cb", "port"),
-        ] {
-            let refused = check_redirect_uri(bad).expect_err(bad);
-            assert!(refused.contains(why), "{bad}: {refused}");
-        }
-    }
-
-    #[test]
-    fn the_client_address_is_x_real_ip_only_from_a_trusted_proxy_and_ipv6_counts_by_its_64() {
-        use crate::wire::client_source;
-        let from = |peer: &str, real: Option<&str>| {
-            let mut request = incoming(&real.map(|r| vec![("X-Real-IP", r)]).unwrap_or_default());
-            request.remote = Some(peer.parse().unwrap());
-            request
-        };
-        let loopback: Vec<std::net::IpAddr> = vec!["127.0.0.1".parse().unwrap()];
-        let trusted = |peer: &str, real: Option<&str>| client_source(&from(peer, real), &loopback);
-        // nginx on this host names the client; anyone else is who they are
-        assert_eq!(trusted("127.0.0.1:1", Some("203.0.113.7")), trusted("203.0.113.7:3", None));
-        assert_ne!(trusted("127.0.0.1:1", Some("203.0.113.7")), trusted("127.0.0.1:1", Some("203.0.113.8")));
-        assert_eq!(trusted("10.0.0.9:2", Some("203.0.113.7")), trusted("10.0.0.9:2", Some("203.0.113.8")));
-        assert_eq!(trusted("10.0.0.9:2", Some("203.0.113.7")), trusted("10.0.0.9:5", None));
-        assert_eq!(trusted("[::ffff:127.0.0.1]:1", Some("198.51.100.1")), trusted("198.51.100.1:9", None));
-        // a header that is not an address counts as the proxy itself
-        assert_eq!(trusted("127.0.0.1:1", Some("nonsense")), trusted("127.0.0.1:2", None));
-        // one /64, one bucket; the next /64, another
-        assert_eq!(
-            trusted("127.0.0.1:1", Some("2001:db8:1:2::1")),
-            trusted("127.0.0.1:1", Some("2001:db8:1:2:ffff::9"))
-        );
-        assert_eq!(trusted("[2001:db8:1:2::1]:1", None), trusted("[2001:db8:1:2:abcd::1]:7", None));
-        assert_ne!(trusted("127.0.0.1:1", Some("2001:db8:1:2::1")), trusted("127.0.0.1:1", Some("2001:db8:1:3::1")));
-        // with no trusted proxy, loopback is a client like any other
-        assert_eq!(client_source(&from("127.0.0.1:1", Some("203.0.113.7")), &[]), trusted("127.0.0.1:4", None));
-    }
-
-    #[test]
-    fn a_kept_key_is_made_once_with_mode_0600_and_read_back() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("omp-key-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let made = crate::util::kept_key(Some(&dir), "k.key").unwrap();
-        let mode = std::fs::metadata(dir.join("k.key")).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        assert_eq!(crate::util::kept_key(Some(&dir), "k.key").unwrap(), made);
-        std::fs::write(dir.join("k.key"), b"short").unwrap();
-        let remade = crate::util::kept_key(Some(&dir), "k.key").unwrap();
-        assert_ne!(remade, made);
-        assert_ne!(crate::util::kept_key(None, "k.key").unwrap(), crate::util::kept_key(None, "k.key").unwrap());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn client_documents_come_from_public_addresses_only() {
-        use crate::oauth::is_public_address;
-        for public in ["93.184.216.34", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
-            assert!(is_public_address(public.parse().unwrap()), "{public}");
-        }
-        for private in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "224.0.0.1",
-            "255.255.255.255",
-            "::1",
-            "::",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-            "::ffff:169.254.169.254",
-        ] {
-            assert!(!is_public_address(private.parse().unwrap()), "{private}");
-        }
-    }
-
-    #[test]
-    fn loopback_redirects_match_on_any_port_and_nothing_else_does() {
-        use crate::oauth::redirect_matches;
-        let registered = vec!["http://127.0.0.1/callback".to_string(), "https://app.example/cb".to_string()];
-        assert!(redirect_matches(&registered, "http://127.0.0.1:5555/callback"));
-        assert!(redirect_matches(&registered, "https://app.example/cb"));
-        assert!(!redirect_matches(&registered, "http://127.0.0.1:5555/other"));
-        assert!(!redirect_matches(&registered, "http://localhost:5555/callback"));
-        assert!(!redirect_matches(&registered, "https://app.example:444/cb"));
-        assert!(!redirect_matches(&registered, "https://app.example/cb?x=1"));
-    }
-
-    #[test]
-    fn forms_and_percent_encoding() {
-        use crate::util::{parse_form, percent_decode, percent_encode};
-        assert_eq!(
-            parse_form(b"a=1&b=x+y%2Bz&c&d=%zz"),
-            vec![
-                ("a".into(), "1".into()),
-                ("b".into(), "x y+z".into()),
-                ("c".into(), "".into()),
-                ("d".into(), "%zz".into())
-            ]
-        );
-        assert_eq!(percent_encode("a b/c?d=é"), "a%20b%2Fc%3Fd%3D%C3%A9");
-        assert_eq!(percent_decode(&percent_encode("a b/c?d=é&")), "a b/c?d=é&");
-        for bytes in [&b""[..], b"a", b"ab", b"abc", b"abcd", b"client:s\xffcret"] {
-            assert_eq!(crate::util::base64_decode(&crate::util::base64_encode(bytes)).as_deref(), Some(bytes));
-        }
-        assert_eq!(crate::util::base64_decode("Y2xpZW50OnNlY3JldA"), Some(b"client:secret".to_vec()));
-        assert_eq!(crate::util::base64_decode("a"), None);
-        assert_eq!(crate::util::base64_decode("Y2x*"), None);
-    }
-
-    #[test]
-    fn pkce_s256_as_another_implementation_computes_it() {
-        // the challenge from Python's hashlib and base64.urlsafe_b64encode
-        assert_eq!(
-            crate::oauth::pkce_challenge("dBjftJeZ4CVP-mJ92IVTZjAv5-MsqGMPULsfA_HeU9Lkg"),
-            "weT7jpLfnmcUBrkBS5hC2R_WPDK5VF-6iXWS3fG4MlU"
-        );
-    }
-
-    /// A store in a fresh directory of its own, read back with `reopen`.
-    fn test_store(name: &str) -> (std::path::PathBuf, crate::grants::Store) {
-        let dir = std::env::temp_dir().join(format!("omp-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = reopen(&dir);
-        (dir, store)
-    }
-
-    fn reopen(dir: &std::path::Path) -> crate::grants::Store {
-        crate::grants::Store::open(
-            Some(dir.to_path_buf()),
-            Duration::from_secs(3600),
-            Duration::from_secs(30 * 86400),
-            1000,
-        )
-    }
-
-    fn test_code(key: &str) -> crate::grants::Code {
-        let user = User { id: "u1".into(), team_id: "t1".into(), name: "Carol".into(), email: "c@x".into() };
-        crate::grants::Code {
-            client_id: "client".into(),
-            redirect_uri: "http://127.0.0.1/cb".into(),
-            code_challenge: "c".into(),
-            resource: "https://h/oauth/mcp".into(),
-            signed_in: crate::grants::SignedIn::new(
-                crate::grants::OutlineCredential::ApiKey { key: key.into() },
-                &user,
-            ),
-        }
-    }
-
-    #[test]
-    fn a_grant_is_sealed_at_rest_and_opens_only_with_its_tokens() {
-        use crate::grants::TokenRefused;
-        let (dir, store) = test_store("grants");
-        let issued = store.create_grant("omp_ac_x", &test_code("ol_api_secret_key")).unwrap();
-        let on_disk = std::fs::read_to_string(dir.join("oauth-grants.json")).unwrap();
-        for secret in ["ol_api_secret_key", "Carol", &issued.access_token, &issued.refresh_token] {
-            assert!(!on_disk.contains(secret), "{secret} is on disk in the clear");
-        }
-        // a new process (the store read back) opens it with the token, and only so
-        let again = reopen(&dir);
-        let opened = again.open_with_access(&issued.access_token).unwrap();
-        assert_eq!(opened.signed_in.credential.key(), "ol_api_secret_key");
-        assert_eq!(opened.signed_in.name, "Carol");
-        assert!(again.open_with_access(&issued.refresh_token).is_err(), "a refresh token is not an access token");
-        assert!(again.open_with_access("omp_at_forged").is_err());
-        // rotation: the new refresh token works, the old one presented again revokes it all
-        let rotated = again.rotate(&again.open_with_refresh(&issued.refresh_token).unwrap(), &issued.refresh_token);
-        let rotated = rotated.unwrap();
-        assert!(again.open_with_refresh(&rotated.refresh_token).is_ok());
-        assert_eq!(again.open_with_refresh(&issued.refresh_token).err(), Some(TokenRefused::Replayed));
-        assert!(again.open_with_access(&rotated.access_token).is_err());
-        assert_eq!(again.grant_count(), 0);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn sign_ins_and_codes_in_progress_outlive_a_stop_sealed() {
-        use crate::grants::Pending;
-        let (dir, store) = test_store("progress");
-        let pending = Pending {
-            client_id: "client".into(),
-            client_name: "Desk".into(),
-            redirect_uri: "http://127.0.0.1/cb".into(),
-            state: Some("s".into()),
-            code_challenge: "c".into(),
-            resource: "https://h/oauth/mcp".into(),
-            csrf_hash: "h".into(),
-            attempts: 0,
-            expires_at: crate::util::now_unix() + 600,
-        };
-        store.sign_ins.add_pending("omp_rq_one", pending.clone()).unwrap();
-        let code = store.sign_ins.issue_code(&pending, test_code("ol_api_in_flight").signed_in).unwrap();
-        store.save_at_stop();
-        let on_disk = std::fs::read_to_string(dir.join("oauth-grants.json")).unwrap();
-        for secret in ["ol_api_in_flight", "omp_rq_one", code.as_str(), "Carol"] {
-            assert!(!on_disk.contains(secret), "{secret} is on disk in the clear");
-        }
-        let again = reopen(&dir);
-        assert_eq!(again.sign_ins.pending("omp_rq_one").map(|p| p.client_name), Some("Desk".into()));
-        assert!(again.take_code("omp_ac_forged").is_err());
-        let taken = again.take_code(&code).unwrap();
-        assert_eq!(taken.signed_in.credential.key(), "ol_api_in_flight");
-        assert!(again.take_code(&code).is_err(), "a code is used once");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn grants_are_bounded_per_user_and_client_and_come_back_from_the_journal() {
-        let (dir, store) = test_store("limits");
-        let issued: Vec<_> =
-            (0..12).map(|i| store.create_grant(&format!("omp_ac_{i}"), &test_code("k")).unwrap()).collect();
-        assert_eq!(store.grant_count(), crate::grants::GRANTS_PER_CLIENT);
-        assert!(store.open_with_access(&issued[1].access_token).is_err(), "the oldest went");
-        assert!(store.open_with_access(&issued[2].access_token).is_ok());
-        store.revoke_grant(&store.grant_of(&issued[5].access_token).unwrap()).unwrap();
-        let journal = std::fs::read_to_string(dir.join("oauth-grants.journal")).unwrap();
-        assert!(!journal.contains(&issued[11].access_token) && !journal.contains("Carol"));
-        drop(store); // no stop: what comes back is the state file and the journal
-        let again = reopen(&dir);
-        assert_eq!(again.grant_count(), 9);
-        assert!(again.open_with_access(&issued[5].access_token).is_err(), "a revoked grant stays revoked");
-        assert!(again.open_with_access(&issued[11].access_token).is_ok());
-        let mut code = test_code("k");
-        for client in 0..11 {
-            code.client_id = format!("client-{client}");
-            for i in 0..10 {
-                again.create_grant(&format!("omp_ac_{client}_{i}"), &code).unwrap();
-            }
-        }
-        assert_eq!(again.grant_count(), crate::grants::GRANTS_PER_USER);
-        assert!(again.open_with_access(&issued[11].access_token).is_err(), "the user's oldest went first");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_tampered_state_file_opens_nothing() {
-        let (dir, store) = test_store("tamper");
-        let issued = store.create_grant("omp_ac_y", &test_code("k")).unwrap();
-        let path = dir.join("oauth-grants.json");
-        let text = std::fs::read_to_string(&path).unwrap();
-        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let sealed = value["grants"][0]["sealed"].as_str().unwrap().to_string();
-        let flipped = format!("{}{}", &sealed[..sealed.len() - 1], if sealed.ends_with('0') { '1' } else { '0' });
-        value["grants"][0]["sealed"] = serde_json::Value::String(flipped);
-        std::fs::write(&path, value.to_string()).unwrap();
-        assert!(reopen(&dir).open_with_access(&issued.access_token).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
-#[cfg(test)]
-mod protocol_tests {
-    //! The one parse of an MCP POST, and what the front door plans for it.
-    use crate::protocol::{self, header_text, parse, plan, Generation, Plan, Stamp};
-    use crate::wire::Incoming;
-    use serde_json::json;
-
-    fn post_to_mcp(headers: &[(&str, &str)]) -> Incoming {
-        Incoming {
-            method: "POST".into(),
-            target: "/mcp".into(),
-            path: "/mcp".into(),
-            http10: false,
-            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            remote: None,
-            wants_close: false,
-        }
-    }
-
-    fn code_of(incoming: &Incoming, body: &str) -> i64 {
-        match parse(incoming, body.as_bytes().to_vec()) {
-            Ok(_) => 0,
-            Err(refusal) => refusal.code,
-        }
-    }
-
-    #[test]
-    fn not_one_message_is_refused_with_the_json_rpc_codes() {
-        let plain = post_to_mcp(&[]);
-        assert_eq!(code_of(&plain, "{nope"), protocol::PARSE_ERROR);
-        assert_eq!(code_of(&plain, r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#), protocol::INVALID_REQUEST);
-        assert_eq!(code_of(&plain, "42"), protocol::INVALID_REQUEST);
-        assert_eq!(code_of(&plain, r#"{"jsonrpc":"2.0","id":1,"method":7}"#), protocol::INVALID_REQUEST);
-        assert_eq!(code_of(&plain, r#"{"jsonrpc":"2.0","id":1,"result":{}}"#), 0, "a client's response");
-    }
-
-    #[test]
-    fn the_generation_comes_from_the_header_or_the_meta() {
-        let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search_documents"}}"#;
-        let old = parse(&post_to_mcp(&[]), body.as_bytes().to_vec()).unwrap();
-        assert_eq!((old.generation, old.name.as_deref()), (Generation::Handshake, Some("search_documents")));
-        let by_header = parse(&post_to_mcp(&[("MCP-Protocol-Version", "2026-07-28")]), body.into()).unwrap();
-        assert_eq!(by_header.generation, Generation::Stateless2026);
-        let meta = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
-        let by_meta = parse(&post_to_mcp(&[]), meta.into()).unwrap();
-        assert_eq!(by_meta.generation, Generation::Stateless2026);
-        // …and then its missing headers are a mismatch
-        let Plan::Refuse(refusal) = plan(&post_to_mcp(&[]), &by_meta, false) else { panic!("not refused") };
-        assert_eq!(refusal.code, protocol::HEADER_MISMATCH);
-    }
-
-    #[test]
-    fn handshake_requests_without_a_session_go_on_the_default_one() {
-        let incoming = post_to_mcp(&[]);
-        let plan_of = |body: &str, has_session| plan(&incoming, &parse(&incoming, body.into()).unwrap(), has_session);
-        assert_eq!(plan_of(r#"{"jsonrpc":"2.0","id":1,"method":"initialize"}"#, false), Plan::AsSent);
-        assert_eq!(plan_of(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#, false), Plan::Accept);
-        assert_eq!(plan_of(r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#, false), Plan::OnDefault);
-        assert_eq!(plan_of(r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#, true), Plan::AsSent);
-        let unknown = post_to_mcp(&[("MCP-Protocol-Version", "2031-01-01")]);
-        let post = parse(&unknown, br#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#.to_vec()).unwrap();
-        let Plan::Refuse(refusal) = plan(&unknown, &post, true) else { panic!("not refused") };
-        assert_eq!(refusal.code, protocol::UNSUPPORTED_VERSION);
-        assert_eq!(refusal.body()["error"]["data"]["supported"][0], "2026-07-28");
-    }
-
-    #[test]
-    fn mcp_name_is_compared_after_decoding_its_base64_form() {
-        assert_eq!(header_text("=?base64?SGVsbG8sIOS4lueVjA==?=").as_deref(), Some("Hello, 世界"));
-        assert_eq!(header_text("plain").as_deref(), Some("plain"));
-        assert_eq!(header_text("=?base64?!!!?="), None);
-    }
-
-    #[test]
-    fn results_are_stamped_with_the_server_and_cache_hints() {
-        let stamp = Stamp::new(json!({"name": "mcp-outline"}), "tools/list");
-        let stamped = protocol::stamp_result(br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[]}}"#, &stamp).unwrap();
-        let stamped: serde_json::Value = serde_json::from_str(&stamped).unwrap();
-        assert_eq!(stamped["result"]["_meta"]["io.modelcontextprotocol/serverInfo"]["name"], "mcp-outline");
-        assert_eq!(
-            (stamped["result"]["ttlMs"].clone(), stamped["result"]["cacheScope"].clone()),
-            (json!(0), json!("private"))
-        );
-        assert!(protocol::stamp_result(br#"{"jsonrpc":"2.0","id":1,"error":{"code":1}}"#, &stamp).is_none());
     }
 }
