@@ -26,8 +26,11 @@ Not part of CI: it takes minutes and its figures are for people to read.
 import argparse
 import asyncio
 import concurrent.futures
+import datetime
 import json
+import logging
 import math
+import multiprocessing
 import os
 import platform
 import random
@@ -609,9 +612,9 @@ TOOLS = (("search_documents", 0.5), ("read_document", 0.35), ("list_collections"
 
 def day_model(args):
     """The model of use, in day-time seconds (before compression), as words and numbers."""
-    return (f"a day of {args.hours:g} h; each user's desktop app opens at a moment drawn uniformly from the "
-            f"day's first hour and stays open all day (one MCP session); each user has {args.periods} working "
-            f"periods a day starting at moments drawn uniformly over the day, each a burst of {args.calls} tool "
+    return (f"a day of {args.hours:g} h; each user has {args.periods} working periods a day starting at "
+            f"moments drawn uniformly over the day; the user's desktop app opens at the first (one MCP session, "
+            f"initialize) and stays open to the day's end; each period a burst of {args.calls} tool "
             f"calls (search_documents 50 %, read_document 35 %, list_collections 15 %) with think times between "
             f"calls from a lognormal of median {args.think_median:g} s and sigma {args.think_sigma:g} "
             f"(mean {args.think_median * math.exp(args.think_sigma ** 2 / 2):.0f} s); seed {args.seed}")
@@ -623,8 +626,8 @@ def day_schedules(args):
     day = args.hours * 3600
     schedules = []
     for _ in range(args.users):
-        opens = rng.uniform(0, min(3600, day))
-        starts = sorted(rng.uniform(opens, day) for _ in range(args.periods))
+        starts = sorted(rng.uniform(0, day) for _ in range(args.periods))
+        opens = starts[0]
         periods = []
         for _ in starts:
             calls = []
@@ -701,7 +704,8 @@ async def day_user(i, key, schedule, url, clock, record):
             async with httpx.AsyncClient(headers={"X-Outline-API-Key": key},
                                          timeout=httpx.Timeout(120, read=300)) as client:
                 async with streamable_http_client(url + "/mcp", http_client=client) as (read, write, _):
-                    async with ClientSession(read, write) as session:
+                    async with ClientSession(read, write, read_timeout_seconds=datetime.timedelta(seconds=300)) \
+                            as session:
                         t0 = time.monotonic()
                         await session.initialize()
                         record["initialize"].append(time.monotonic() - t0)
@@ -711,6 +715,10 @@ async def day_user(i, key, schedule, url, clock, record):
                             while calls:
                                 think, tool = calls[0]
                                 await asyncio.sleep(clock.real(think))
+                                if clock.day_now() > record["cutoff"]:
+                                    record["not_made"] += sum(len(c) for _, c in todo)
+                                    todo.clear()
+                                    break
                                 t0 = time.monotonic()
                                 result = await session.call_tool(tool, tool_arguments(tool, i))
                                 took = time.monotonic() - t0
@@ -720,7 +728,8 @@ async def day_user(i, key, schedule, url, clock, record):
                                 if result.isError:
                                     text = " ".join(getattr(c, "text", "") for c in result.content)[:200]
                                     record["errors"].append(f"user {i} {tool}: tool error: {text}")
-                            todo.pop(0)
+                            if todo:
+                                todo.pop(0)
                         await clock.until(record["day_end"])
             return
         except Exception as e:  # noqa: BLE001 (every failure is counted, then the day goes on)
@@ -863,16 +872,19 @@ def run_day(outline, image, args, idle_minutes, keys, schedules, label):
         settings["memory_budget"] = args.budget
         limit = f"MCP_PROXY_MEMORY_BUDGET={args.budget}"
     else:
-        cap = max(1, budget // parse_size(args.per_container))
+        # as the budget counts a container: its working set, but at least a quarter of its limit
+        cost = max(parse_size(args.working_set), parse_size(args.memory) // 4)
+        cap = max(1, budget // cost)
         settings["max_running"] = str(cap)
         limit = (f"MCP_PROXY_MAX_RUNNING={cap} (stand-in for a budget of {args.budget}: the proxy has no "
-                 f"MCP_PROXY_MEMORY_BUDGET; {args.per_container} a container)")
+                 f"MCP_PROXY_MEMORY_BUDGET; {cost >> 20} MiB a container)")
     prefix = f"bday{secrets.token_hex(2)}-"
-    proxy = start_proxy(outline, prefix, **{k: v for k, v in settings.items() if k != "memory" or v})
+    proxy = start_proxy(outline, prefix, **settings)
     sampler = None
     try:
         clock = DayClock(args.compress)
-        record = {"calls": [], "initialize": [], "errors": [], "day_end": day}
+        # calls still waiting a quarter of a day after its end are not made, and counted
+        record = {"calls": [], "initialize": [], "errors": [], "day_end": day, "cutoff": day * 1.25, "not_made": 0}
         sampler = DaySampler(proxy, clock, args.sample)
         sampler.start()
         say(f"-- {label}: {args.users} users, idle timeout {idle_minutes:g} min ({idle:.2f} s real), {limit}; "
@@ -882,9 +894,15 @@ def run_day(outline, image, args, idle_minutes, keys, schedules, label):
         async def everyone():
             tasks = [asyncio.create_task(day_user(i, k, s, proxy.url, clock, record))
                      for i, (k, s) in enumerate(zip(keys, schedules))]
+            ticks = 0
             while not all(t.done() for t in tasks):
                 loads.append(os.getloadavg()[0])
                 await asyncio.sleep(5)
+                ticks += 1
+                if ticks % 6 == 0 and sampler.samples:
+                    _, u, sp, usage, *_ = sampler.samples[-1]
+                    say(f"   {clock.day_now() / 3600:.1f} h: {len(record['calls'])} calls, {len(record['errors'])} "
+                        f"errors; awake {u} + {sp} spare(s), {usage >> 20} MiB; load {loads[-1]:.0f}")
             await asyncio.gather(*tasks)
 
         asyncio.run(everyone())
@@ -912,7 +930,8 @@ def run_day(outline, image, args, idle_minutes, keys, schedules, label):
             "peak_users_awake": max((u for _, u, *_ in s), default=0),
             "peak_usage": max((x[3] for x in s), default=0), "peak_working": max((x[4] for x in s), default=0),
             "peak_in_use": max((x[5] for x in s if x[5] is not None), default=None),
-            "errors": len(record["errors"]), "error_samples": record["errors"][:5],
+            "errors": len(record["errors"]) + record["not_made"], "not_made": record["not_made"],
+            "error_samples": record["errors"][:5],
             "oom_kills": sum(sampler.oom_kills.values()), "oom_events": len(sampler.oom_events),
             "oom_flagged": len(oom_flagged), "samples": s, "budget": budget,
             "load": (min(loads, default=0), max(loads, default=0), statistics.mean(loads) if loads else 0),
@@ -941,7 +960,7 @@ def say_day(r, args):
         f"wakes {r['wakes']} ({r['wakes'] / r['users']:.1f} per user per day), idle sleeps {r['idle_sleeps']}, "
         f"budget sleeps {r['budget_sleeps']}; awake containers peak {r['peak_awake']} mean {r['mean_awake']:.1f}; "
         f"peak memory {r['peak_usage'] / mib:.0f} MiB cgroup usage ({r['peak_working'] / mib:.0f} MiB less "
-        f"inactive file pages){in_use}; errors {r['errors']}; OOM kills {r['oom_kills']} (events "
+        f"inactive file pages){in_use}; errors {r['errors']} ({r['not_made']} calls not made by the day's end + 25 %); OOM kills {r['oom_kills']} (events "
         f"{r['oom_events']}, OOMKilled {r['oom_flagged']}); load {r['load'][0]:.1f}–{r['load'][1]:.1f} "
         f"(mean {r['load'][2]:.1f})")
     for e in r["error_samples"]:
@@ -1010,17 +1029,20 @@ def bench_day(outline, image, argv):
     p.add_argument("--calls", type=int, default=12, help="tool calls per working period")
     p.add_argument("--think-median", type=float, default=40.0, help="seconds (day time)")
     p.add_argument("--think-sigma", type=float, default=1.0)
-    p.add_argument("--compress", type=float, default=60.0, help="day time / real time")
+    p.add_argument("--compress", type=float, default=96.0, help="day time / real time (96: 8 h in 5 min)")
     p.add_argument("--idle", default="15", help="idle timeouts in minutes of day time, comma-separated")
     p.add_argument("--budget", default="1400m", help="MCP_PROXY_MEMORY_BUDGET (2 GB host)")
-    p.add_argument("--per-container", default="80m", help="for the MAX_RUNNING stand-in without a budget")
-    p.add_argument("--memory", default="", help="MCP_PROXY_MEMORY (empty: the proxy's default)")
+    p.add_argument("--working-set", default="48m",
+                   help="for the MAX_RUNNING stand-in without a budget: a container's working set (bench.py "
+                        "memory); the budget counts a container as this, but at least a quarter of MCP_PROXY_MEMORY")
+    p.add_argument("--memory", default="192m", help="MCP_PROXY_MEMORY")
     p.add_argument("--spares", type=int, default=1)
     p.add_argument("--runs", type=int, default=1, help="runs per idle timeout; the worst is reported")
     p.add_argument("--sample", type=float, default=1.0, help="seconds (real) between samples")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--svg", default=str(ROOT / "docs" / "day.svg"))
     args = p.parse_args(argv)
+    logging.getLogger("mcp").setLevel(logging.CRITICAL)  # a failed call is counted (and sampled) by the bench
     say(f"\n== day: {day_model(args)}; compressed {args.compress:g}× ({args.hours * 60 / args.compress:.1f} min "
         f"real), idle timeout and sweep interval compressed the same ==")
     schedules = day_schedules(args)
@@ -1028,6 +1050,17 @@ def bench_day(outline, image, argv):
     calls = args.users * args.periods * args.calls
     say(f"scheduled: {calls} tool calls; users inside a working period at once: peak {peak}, mean {mean:.1f}")
     keys = [add_day_user(outline, i) for i in range(args.users)]
+    # the fake Outline in a process of its own (forked with its users): not sharing a GIL
+    # with 200 SDK sessions
+    server = multiprocessing.get_context("fork").Process(target=outline.server.serve_forever, daemon=True)
+    server.start()
+    try:
+        bench_day_runs(outline, image, args, keys, schedules)
+    finally:
+        server.terminate()
+
+
+def bench_day_runs(outline, image, args, keys, schedules):
     worst = []
     for idle in [float(x) for x in args.idle.split(",")]:
         runs = []
@@ -1066,6 +1099,7 @@ MEMORY_VARIANTS = (
     ("PYTHONDONTWRITEBYTECODE=1", {"PYTHONDONTWRITEBYTECODE": "1"}, None, True),
     ("PYTHONNODEBUGRANGES=1 (-X no_debug_ranges)", {"PYTHONNODEBUGRANGES": "1"}, None, True),
     ("--memory 128m", {}, "128m", True),
+    ("--memory 192m", {}, "192m", True),
 )
 
 
@@ -1102,8 +1136,9 @@ def reset_peak(d):
         return False
 
 
-def mcp_session_calls(ip, key, rounds):
-    """initialize, tools/list, then `rounds` of search_documents, read_document, list_collections."""
+def mcp_session_calls(ip, key, rounds, big=False):
+    """initialize, tools/list, then `rounds` of search_documents, read_document, list_collections
+    (with `big`: and a read of a large document, the largest answer of the day)."""
     url = f"http://{ip}:3000/mcp"
     headers = {"X-Outline-API-Key": key, "Accept": "application/json, text/event-stream",
                "Content-Type": "application/json"}
@@ -1119,7 +1154,7 @@ def mcp_session_calls(ip, key, rounds):
         calls = [("tools/list", None)] + [
             (tool, args) for n in range(rounds) for tool, args in (
                 ("search_documents", {"query": "note"}), ("read_document", {"document_id": f"doc-day0-{n % 12}"}),
-                ("list_collections", {}))]
+                ("list_collections", {}))] + ([("read_document", {"document_id": "doc-day0-big"})] if big else [])
         for i, (tool, args) in enumerate(calls):
             body = ({"jsonrpc": "2.0", "id": i + 2, "method": "tools/list"} if args is None else
                     {"jsonrpc": "2.0", "id": i + 2, "method": "tools/call", "params": {"name": tool, "arguments": args}})
@@ -1132,14 +1167,21 @@ def bench_memory(outline, image, argv):
     p.add_argument("--reps", type=int, default=3, help="containers per variant (the median is reported)")
     p.add_argument("--settle", type=float, default=10.0, help="seconds after the calls before measuring")
     p.add_argument("--rounds", type=int, default=4, help="rounds of three tool calls before settling")
+    p.add_argument("--big-mib", type=float, default=1.0, help="size of the large document read at the peak")
+    p.add_argument("--only", default="", help="variants whose label contains this (baseline always)")
     args = p.parse_args(argv)
+    variants = [v for i, v in enumerate(MEMORY_VARIANTS) if i == 0 or args.only in v[0]]
     say(f"\n== memory: the real mcp-outline ({image}), run by hand with the proxy's flags; each variant "
         f"{args.reps} containers; measured {args.settle:g} s after a session of {args.rounds * 3} tool calls ==")
     key = add_day_user(outline, 0)
+    outline.users[key]["documents"].append(
+        {"id": "doc-day0-big", "title": "Day0's big handbook", "collectionId": "col-day0",
+         "text": "".join(f"## Section {n}\n\n" + "A paragraph of the handbook, long enough to matter. " * 40 + "\n\n"
+                         for n in range(int(512 * args.big_mib)))})
     gw = docker_gateway()
     made = []
     try:
-        for vi, (label, env, limit, served) in enumerate(MEMORY_VARIANTS):
+        for vi, (label, env, limit, served) in enumerate(variants):
             for rep in range(args.reps):
                 name = f"bmem{os.getpid()}-{vi}-{rep}"
                 memory = str(parse_size(limit or "256m"))
@@ -1174,20 +1216,24 @@ def bench_memory(outline, image, argv):
         # a tool call's peak: the peak counter reset once settled, then a session of calls
         for name, label, served in made:
             ip, d = info[name]
+            row = next(r for r in rows[label] if r["name"] == name)
             if reset_peak(d):
-                mcp_session_calls(ip, key, args.rounds)
-                row = next(r for r in rows[label] if r["name"] == name)
+                try:
+                    mcp_session_calls(ip, key, args.rounds, big=True)
+                except (httpx.HTTPError, AssertionError) as e:
+                    row["failed"] = f"{type(e).__name__}: {str(e)[:100]}"
+                    say(f"{label}: the session with the large document failed: {row['failed']}")
                 row["call_peak"] = read_int(peak_file(d))
         for name, label, served in made:
             row = next(r for r in rows[label] if r["name"] == name)
-            row["oom_killed"] = oom_killed_or_gone(name)
+            row["oom_killed"] = oom_killed_or_gone(name) or "failed" in row
             row["kills"] = max(row["kills"], cgroup_memory(info[name][1])[2])
         mib = 2 ** 20
         med = statistics.median
         say(f"{'variant':52} {'PSS':>7} {'cgroup':>7} {'less inactive file':>19} {'life peak':>9} "
             f"{'call peak':>9} {'OOM':>4}   (MiB, medians of {args.reps})")
         base = med(r["pss"] for r in rows[MEMORY_VARIANTS[0][0]])
-        for label, *_ in MEMORY_VARIANTS:
+        for label, *_ in variants:
             rs = rows[label]
             call_peaks = [r["call_peak"] for r in rs if "call_peak" in r]
             pss = med(r["pss"] for r in rs)
@@ -1197,7 +1243,8 @@ def bench_memory(outline, image, argv):
                 f"{sum(r['kills'] for r in rs) + sum(r['oom_killed'] for r in rs):4}   PSS {pss / base - 1:+.1%}")
             RESULTS.append((f"memory: {label}", f"PSS {pss / mib:.1f} MiB ({pss / base - 1:+.1%}), cgroup "
                             f"{med(r['usage'] for r in rs) / mib:.1f} MiB, peak over its life "
-                            f"{max(r['peak_life'] for r in rs) / mib:.1f} MiB"))
+                            f"{max(r['peak_life'] for r in rs) / mib:.1f} MiB, a session's peak with a {args.big_mib:g} MiB "
+                            f"document {(max(call_peaks) / mib if call_peaks else float('nan')):.1f} MiB"))
         say(f"load: {os.getloadavg()}")
     finally:
         names = [n for n, *_ in made]
@@ -1216,7 +1263,10 @@ def main():
                f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
                f"kernel {platform.release()}, Docker {docker('version', '--format', '{{.Server.Version}}').stdout.strip()}")
     say(f"machine: {machine}")
-    outline = FakeOutline(host="0.0.0.0").start()
+    outline = FakeOutline(host="0.0.0.0")
+    outline.server.socket.listen(1024)  # hundreds of clients at once: a backlog of 5 resets them
+    if sys.argv[1:2] != ["day"]:
+        outline.start()  # `day` serves it from a process of its own, once its users are made
     image = subprocess.run([str(ROOT / "tests" / "build-mcp-outline-image.sh")], capture_output=True, text=True,
                            check=True).stdout.strip().splitlines()[-1]
     only = sys.argv[1:] or ["warm", "wake", "streams"]
