@@ -37,6 +37,7 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -1029,7 +1030,11 @@ def bench_day(outline, image, argv):
     p.add_argument("--calls", type=int, default=12, help="tool calls per working period")
     p.add_argument("--think-median", type=float, default=40.0, help="seconds (day time)")
     p.add_argument("--think-sigma", type=float, default=1.0)
-    p.add_argument("--compress", type=float, default=96.0, help="day time / real time (96: 8 h in 5 min)")
+    p.add_argument("--compress", default="auto",
+                   help="day time / real time (96: 8 h in 5 min); auto: the most that keeps the containers' boots, "
+                        "which do not compress, within --boot-share of the machine")
+    p.add_argument("--boot-cpu", type=float, default=1.5, help="CPU seconds of one mcp-outline boot (measured)")
+    p.add_argument("--boot-share", type=float, default=0.5, help="cores the compressed boots may take (auto)")
     p.add_argument("--idle", default="15", help="idle timeouts in minutes of day time, comma-separated")
     p.add_argument("--budget", default="1400m", help="MCP_PROXY_MEMORY_BUDGET (2 GB host)")
     p.add_argument("--working-set", default="48m",
@@ -1040,15 +1045,32 @@ def bench_day(outline, image, argv):
     p.add_argument("--runs", type=int, default=1, help="runs per idle timeout; the worst is reported")
     p.add_argument("--sample", type=float, default=1.0, help="seconds (real) between samples")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--replay", action="store_true", help="only replay the policy on the schedule (no containers)")
     p.add_argument("--svg", default=str(ROOT / "docs" / "day.svg"))
     args = p.parse_args(argv)
+    schedules = day_schedules(args)
+    cap = max(1, parse_size(args.budget) // max(parse_size(args.working_set), parse_size(args.memory) // 4))
+    if args.compress == "auto":
+        # every create and wake boots a container (the user's, or the spare that replaces
+        # the one taken): as many boots as the replay of the first idle timeout predicts
+        r = replay_day(schedules, args.hours * 3600, float(args.idle.split(",")[0]), cap, args.spares)
+        boots = r["creates"] + r["wakes_per_user"] * args.users + args.spares
+        args.compress = max(1.0, min(480.0, round(args.boot_share * args.hours * 3600 / (boots * args.boot_cpu))))
+        say(f"compression: {boots:.0f} boots predicted x {args.boot_cpu} CPU-s within {args.boot_share} core(s): "
+            f"{args.compress:g}x")
+    else:
+        args.compress = float(args.compress)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # the proxy and containers still cleaned up
     logging.getLogger("mcp").setLevel(logging.CRITICAL)  # a failed call is counted (and sampled) by the bench
     say(f"\n== day: {day_model(args)}; compressed {args.compress:g}× ({args.hours * 60 / args.compress:.1f} min "
         f"real), idle timeout and sweep interval compressed the same ==")
-    schedules = day_schedules(args)
     peak, mean = scheduled_activity(schedules, args.hours * 3600)
     calls = args.users * args.periods * args.calls
     say(f"scheduled: {calls} tool calls; users inside a working period at once: peak {peak}, mean {mean:.1f}")
+    say_replay(schedules, args, None)
+    say_replay(schedules, args, cap)
+    if args.replay:
+        return
     keys = [add_day_user(outline, i) for i in range(args.users)]
     # the fake Outline in a process of its own (forked with its users): not sharing a GIL
     # with 200 SDK sessions
@@ -1058,6 +1080,67 @@ def bench_day(outline, image, argv):
         bench_day_runs(outline, image, args, keys, schedules)
     finally:
         server.terminate()
+
+
+def replay_day(schedules, day, idle_minutes, cap, spares=1, boot=1.5, sweep=60.0):
+    """The proxy's idle and budget policy replayed on the schedule in day time, without
+    containers (calls take no time): a container wakes at a user's call when asleep,
+    sleeps at the first sweep `idle` after its last call, and at `cap` running (spares
+    included) the least recently used sleeps first. A wake finds a spare ready unless
+    `spares` wakes came in the `boot` seconds before it (a spare's boot, uncompressed).
+    Returns awake peak and mean (per sweep), wakes per user, the share of calls that
+    wake, budget sleeps, and the wakes that find no spare ready."""
+    idle = idle_minutes * 60
+    events = []
+    for u, (opens, starts, periods) in enumerate(schedules):
+        events.append((opens, u, False))
+        for start, calls in zip(starts, periods):
+            t = start
+            for think, _ in calls:
+                t += think
+                events.append((t, u, True))
+    events.sort()
+    awake, seen = {}, set()
+    counts, tick = [], 0.0
+    wakes = creates = budget_sleeps = calls = waking_calls = cold = 0
+    recent = []
+    users_cap = max(1, cap - spares) if cap else None
+    for t, u, is_call in events:
+        while tick <= t:
+            for v in [v for v, last in awake.items() if last + idle <= tick]:
+                del awake[v]
+            counts.append(len(awake))
+            tick += sweep
+        calls += is_call
+        if u not in awake:
+            if u in seen:
+                wakes += 1
+            else:
+                creates += 1
+                seen.add(u)
+            waking_calls += is_call
+            recent = [r for r in recent if r > t - boot]
+            cold += len(recent) >= spares
+            recent.append(t)
+            if users_cap and len(awake) >= users_cap:
+                del awake[min(awake, key=awake.get)]
+                budget_sleeps += 1
+        awake[u] = t
+    n = len(schedules)
+    return {"idle_minutes": idle_minutes, "peak": max(counts) + spares, "mean": statistics.mean(counts) + spares,
+            "wakes_per_user": wakes / n, "waking_share": waking_calls / max(1, calls), "budget_sleeps": budget_sleeps,
+            "cold": cold, "calls": calls, "creates": creates}
+
+
+def say_replay(schedules, args, cap):
+    say(f"replayed on the schedule ({len(schedules)} users, day time, no containers; "
+        f"{'at most ' + str(cap) + ' running, spares included' if cap else 'no budget'}; {args.spares} spare(s)):")
+    say("| idle timeout | awake peak | awake mean | wakes per user per day | calls that wake | budget sleeps "
+        "| wakes with no spare ready |\n|---|---|---|---|---|---|---|")
+    for idle in (15, 10, 5, 2, 1):
+        r = replay_day(schedules, args.hours * 3600, idle, cap, args.spares)
+        say(f"| {idle} min | {r['peak']} | {r['mean']:.1f} | {r['wakes_per_user']:.1f} | {r['waking_share']:.1%} | "
+            f"{r['budget_sleeps']} | {r['cold']} |")
 
 
 def bench_day_runs(outline, image, args, keys, schedules):
