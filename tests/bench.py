@@ -989,8 +989,9 @@ def day_svg(r, args, path):
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
              f'font-family="sans-serif" font-size="11">',
              f'<rect width="{w}" height="{h}" fill="white"/>',
-             f'<text x="{left}" y="16" font-size="13">{html_escape(r["label"])}: {r["users"]} users, idle timeout '
-             f'{r["idle_minutes"]:g} min; awake containers (blue, left) and their memory (red, right, MiB)</text>']
+             f'<text x="{left}" y="16" font-size="12">{r["users"]} users, idle timeout '
+             f'{r["idle_minutes"]:g} min; awake containers (blue, left); their memory in MiB (right): cgroup usage '
+             f'less inactive file pages (red), usage (pale)</text>']
     for i in range(0, int(args.hours) + 1):
         x = x_of(i * 3600)
         parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#eee"/>')
@@ -1007,7 +1008,8 @@ def day_svg(r, args, path):
     parts.append(f'<text x="{left + pw - 4}" y="{yb - 4:.1f}" text-anchor="end" fill="#c0392b">budget '
                  f'{r["budget"] / 2 ** 20:.0f} MiB</text>')
     parts.append(line([(x[0], x[1] + x[2]) for x in s], awake_top, "#1f5fbf"))
-    parts.append(line([(x[0], m) for x, m in zip(s, mib)], mem_top, "#c0392b"))
+    parts.append(line([(x[0], m) for x, m in zip(s, mib)], mem_top, "#e6a09a", 1))
+    parts.append(line([(x[0], x[4] / 2 ** 20) for x in s], mem_top, "#c0392b"))
     parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
     parts.append(f'<text x="{left + pw / 2}" y="{h - 6}" text-anchor="middle">time of the working day '
                  f'(compressed {args.compress:g}×); p95 {r["p95"] * 1000:.0f} ms, wakes {r["wakes"]}, '
@@ -1016,10 +1018,6 @@ def day_svg(r, args, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(parts) + "\n")
     say(f"plot written to {path}")
-
-
-def html_escape(text):
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def bench_day(outline, image, argv):
