@@ -20,6 +20,14 @@
      10,000 times takes longer than the measure), then /oauth/mcp latency p50/p99 (wrk,
      1 connection) while another thread keeps refreshing tokens and signing in, against
      the same without writes; three runs each, the worst reported.
+  6. `day` (asked by name; options: `bench.py day --help`): a team's working day,
+     compressed: N users, each a real SDK session held open, making seeded bursts of
+     tool calls; the idle and budget policy replayed on the same schedule; latency,
+     wakes, budget sleeps, awake containers, their cgroups' memory, errors, OOM kills;
+     an SVG plot (docs/day.svg).
+  7. `memory` (asked by name): one mcp-outline container's settled PSS and cgroup memory
+     after a session of tool calls, and a large document's peak, for each environment
+     setting and limit tried.
 Not part of CI: it takes minutes and its figures are for people to read.
 """
 
