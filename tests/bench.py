@@ -978,9 +978,10 @@ def say_day(r, args):
 
 def day_svg(r, args, path):
     """Awake containers and memory over the day, drawn by hand: two lines on one time axis."""
-    w, h, left, right, top, bottom = 760, 320, 56, 64, 34, 40
+    w, h, left, right, top, bottom = 820, 320, 56, 64, 34, 40
     s = r["samples"]
-    day = args.hours * 3600
+    # the axis runs to the last sample: calls that ran late go on after the day's end
+    day = max([args.hours * 3600] + [x[0] for x in s])
     pw, ph = w - left - right, h - top - bottom
     max_awake = max([x[1] + x[2] for x in s] + [1])
     awake_top = max(5, math.ceil(max_awake / 5) * 5)
@@ -997,10 +998,10 @@ def day_svg(r, args, path):
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
              f'font-family="sans-serif" font-size="11">',
              f'<rect width="{w}" height="{h}" fill="white"/>',
-             f'<text x="{left}" y="16" font-size="12">{r["users"]} users, idle timeout '
-             f'{r["idle_minutes"]:g} min; awake containers (blue, left); their memory in MiB (right): cgroup usage '
-             f'less inactive file pages (red), usage (pale)</text>']
-    for i in range(0, int(args.hours) + 1):
+             f'<text x="{left}" y="16" font-size="12">{r["users"]} users, idle {r["idle_minutes"]:g} min: awake '
+             f'containers (blue, left axis); their memory in MiB (right axis): working set (red), cgroup usage '
+             f'(pale)</text>']
+    for i in range(0, int(day // 3600) + 1):
         x = x_of(i * 3600)
         parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#eee"/>')
         parts.append(f'<text x="{x:.1f}" y="{top + ph + 14}" text-anchor="middle">{i} h</text>')
