@@ -23,9 +23,15 @@
 //!   staged      which containers hold mcp-outline's unsaved staged edits; may they sleep
 //!   registry    what the proxy knows of each container: plans, leases, sweeps (no I/O)
 //!   docker      every docker CLI call, as named verbs with typed results
+//!   memory      the containers' memory budget: its size, parent cgroup, usage, fit
 //!   containers  bringing a user's container to ready, and putting it to sleep
-//!   relay       HTTP streamed both ways, and WebSocket frames
-//!   ops         /health, /stats, /metrics, and the `check` and `cleanup` commands
+//!   relay       HTTP streamed both ways: send, one retry, a session reopened, the answer
+//!   modern      2026-07-28 by the proxy itself: server/discover, listen, results stamped
+//!   reopen      the upstream MCP sessions the proxy opens (again) and closes for clients
+//!   held        notification streams held open: never waking a container, nor dying with it
+//!   websocket   the WebSocket handshake, then frames relayed unchanged
+//!   upstream    the pooled client to the containers, and the headers each way
+//!   ops         /health, /stats, /metrics; the `check`, `cleanup`, `set-budget` commands
 //!   background  the sleeper, the Docker watcher and event follower, the spare keeper
 //!   signals     SIGTERM and SIGINT, taken with sigwait
 //!   util        lock recovery, single flights, constant-time compare, base64, time
@@ -42,10 +48,10 @@
 //!     (then bring_up and wake)
 //!   docker::ContainerSpec::args       every flag a user's container runs with, in one place
 //!   docker::Docker::run               the one place a docker process is spawned
-//!   relay::upstream_request_headers   what reaches the container: only the checked key
+//!   upstream::request_headers         what reaches the container: only the checked key
 //!   relay::proxy_http                 the request streamed in, the answer streamed out
 //!
-//! For the OAuth door, then: oauth::serve, oauth::identify, grants::Store::open_with.
+//! For the OAuth door, then: oauth::serve, oauth::identify_by_token, grants::Store::open_with.
 //! The README's Security section names, for each claim, the function that keeps it.
 
 use std::process::ExitCode;
@@ -59,7 +65,7 @@ use config::Config;
 mod config {
     //! Owns every setting: its default, its meaning (`--help`), and its check. Read from
     //! the environment once at start-up; a bad value stops start-up naming the variable.
-    //! Calls nothing but std.
+    //! Calls `memory` (the budget's default) and std.
     use std::net::{SocketAddr, ToSocketAddrs};
     use std::time::Duration;
 
@@ -113,6 +119,8 @@ mod config {
         ("MCP_PROXY_OAUTH_CLIENT_DOCUMENTS", "public", "client ID metadata documents (an https client_id) are fetched from public addresses only; any: also from this host and private networks; off: not at all (registration only)"),
         ("MCP_PROXY_DOCKER", "docker", "the docker CLI to run"),
         ("MCP_PROXY_LOG", "info", "log level: error, warn, info, debug, trace"),
+        ("MCP_PROXY_MEMORY_BUDGET", "auto", "memory all user containers may use together, held by the kernel on their parent cgroup; at it, a start or a spare first puts the least recently used idle container to sleep (503 with Retry-After when all are busy); auto = the host's memory less 640 MiB for the OS, Docker, nginx and the proxy; a size such as 1400m or 2g; 0 or off = no budget"),
+        ("MCP_PROXY_CGROUP_PARENT", "outline_mcp_proxy", "with a budget, the containers' parent cgroup: /NAME under Docker's cgroupfs driver, NAME.slice under its systemd driver; its limit is set by `outline-mcp-proxy set-budget` (as root: the unit's ExecStartPre)"),
     ];
 
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -157,18 +165,28 @@ mod config {
         pub allowed_origins: Vec<String>,
         pub docker: String,
         pub log_level: log::LevelFilter,
-        /// Empty when the OAuth front door is off.
-        pub oauth_path: String,
-        pub public_url: Option<String>,
+        pub oauth: OAuthConfig,
         pub state_dir: Option<std::path::PathBuf>,
-        pub outline_oauth: Option<OutlineOAuthApp>,
-        pub oauth_access_ttl: Duration,
-        pub oauth_refresh_ttl: Duration,
-        pub oauth_register_limit: u32,
-        pub oauth_register_limit_total: u32,
-        pub oauth_signins_per_address: u32,
         pub trusted_proxies: Vec<std::net::IpAddr>,
-        pub oauth_max_clients: u32,
+        /// Bytes all user containers may use together (0 = no budget).
+        pub memory_budget: u64,
+        pub cgroup_parent: String,
+    }
+
+    /// The OAuth front door's settings (MCP_PROXY_OAUTH_*, MCP_PROXY_PUBLIC_URL,
+    /// OUTLINE_OAUTH_*), parsed and checked together by `load_oauth`.
+    #[derive(Clone, Debug)]
+    pub struct OAuthConfig {
+        /// Empty when the OAuth front door is off.
+        pub path: String,
+        pub public_url: Option<String>,
+        pub outline_app: Option<OutlineOAuthApp>,
+        pub access_ttl: Duration,
+        pub refresh_ttl: Duration,
+        pub register_limit: u32,
+        pub register_limit_total: u32,
+        pub signins_per_address: u32,
+        pub max_clients: u32,
         pub client_documents: ClientDocuments,
     }
 
@@ -231,32 +249,12 @@ mod config {
                 parse_size(&v).ok_or_else(|| bad_setting(name, &v, "a size such as 256m, 1g or a number of bytes"))
             };
 
-            let listen_raw = get("MCP_PROXY_LISTEN");
-            let listen = listen_raw
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| bad_setting("MCP_PROXY_LISTEN", &listen_raw, "host:port"))?;
+            let listen = listen_address(&get)?;
             let outline_url = normalize_outline_url("OUTLINE_URL", &get("OUTLINE_URL"))?;
-            let container_outline_raw = get("MCP_PROXY_CONTAINER_OUTLINE_URL");
-            let container_outline_url = if container_outline_raw.trim().is_empty() {
-                outline_url.clone()
-            } else {
-                normalize_outline_url("MCP_PROXY_CONTAINER_OUTLINE_URL", &container_outline_raw)?
-            };
-            let image = get("MCP_PROXY_IMAGE");
-            if image.trim().is_empty() || image.starts_with('-') {
-                return Err(bad_setting("MCP_PROXY_IMAGE", &image, "an image reference"));
-            }
-            let port_raw = get("MCP_PROXY_CONTAINER_PORT");
-            let container_port = match port_raw.trim().parse::<u16>() {
-                Ok(p) if p > 0 => p,
-                _ => return Err(bad_setting("MCP_PROXY_CONTAINER_PORT", &port_raw, "a port from 1 to 65535")),
-            };
-            let ready_path = get("MCP_PROXY_READY_PATH");
-            if !ready_path.starts_with('/') || ready_path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(bad_setting("MCP_PROXY_READY_PATH", &ready_path, "a path starting with /"));
-            }
+            let container_outline_url = container_outline_url(&get, &outline_url)?;
+            let image = image(&get)?;
+            let container_port = container_port(&get)?;
+            let ready_path = ready_path(&get)?;
             let prefix = get("MCP_PROXY_CONTAINER_PREFIX");
             if !is_docker_name_safe(&prefix) {
                 return Err(bad_setting(
@@ -365,18 +363,11 @@ mod config {
                 allowed_origins,
                 docker,
                 log_level,
-                oauth_path: oauth.path,
-                public_url: oauth.public_url,
-                state_dir: oauth.state_dir,
-                outline_oauth: oauth.app,
-                oauth_access_ttl: oauth.access_ttl,
-                oauth_refresh_ttl: oauth.refresh_ttl,
-                oauth_register_limit: oauth.register_limit,
-                oauth_register_limit_total: oauth.register_limit_total,
-                oauth_signins_per_address: oauth.signins_per_address,
+                oauth,
+                state_dir: state_dir(&get)?,
                 trusted_proxies: trusted_proxies(&get)?,
-                oauth_max_clients: oauth.max_clients,
-                client_documents: oauth.client_documents,
+                memory_budget: memory_budget(&get, memory_bytes)?,
+                cgroup_parent: cgroup_parent(&get)?,
             })
         }
 
@@ -391,26 +382,12 @@ mod config {
         }
     }
 
-    struct OAuthSettings {
-        path: String,
-        public_url: Option<String>,
-        state_dir: Option<std::path::PathBuf>,
-        app: Option<OutlineOAuthApp>,
-        access_ttl: Duration,
-        refresh_ttl: Duration,
-        register_limit: u32,
-        register_limit_total: u32,
-        signins_per_address: u32,
-        max_clients: u32,
-        client_documents: ClientDocuments,
-    }
-
     /// The OAuth front door's settings, checked together.
     fn load_oauth(
         get: &dyn Fn(&str) -> String,
         duration: &dyn Fn(&str) -> Result<Duration, String>,
         key_mode: KeyMode,
-    ) -> Result<OAuthSettings, String> {
+    ) -> Result<OAuthConfig, String> {
         let access_ttl = duration("MCP_PROXY_OAUTH_ACCESS_TTL")?;
         let refresh_ttl = duration("MCP_PROXY_OAUTH_REFRESH_TTL")?;
         if access_ttl.is_zero() || refresh_ttl < access_ttl {
@@ -426,11 +403,10 @@ mod config {
             "off" => ClientDocuments::Off,
             other => return Err(bad_setting("MCP_PROXY_OAUTH_CLIENT_DOCUMENTS", other, "public, any or off")),
         };
-        Ok(OAuthSettings {
+        Ok(OAuthConfig {
             path: oauth_path(get)?,
             public_url: public_url(get)?,
-            state_dir: state_dir(get)?,
-            app: outline_app(get, key_mode)?,
+            outline_app: outline_app(get, key_mode)?,
             access_ttl,
             refresh_ttl,
             register_limit: positive_whole(get, "MCP_PROXY_OAUTH_REGISTER_LIMIT")?,
@@ -439,6 +415,78 @@ mod config {
             max_clients: positive_whole(get, "MCP_PROXY_OAUTH_MAX_CLIENTS")?,
             client_documents,
         })
+    }
+
+    /// MCP_PROXY_LISTEN: host:port, resolved.
+    fn listen_address(get: &dyn Fn(&str) -> String) -> Result<SocketAddr, String> {
+        let raw = get("MCP_PROXY_LISTEN");
+        raw.to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| bad_setting("MCP_PROXY_LISTEN", &raw, "host:port"))
+    }
+
+    /// MCP_PROXY_CONTAINER_OUTLINE_URL, else OUTLINE_URL.
+    fn container_outline_url(get: &dyn Fn(&str) -> String, outline_url: &str) -> Result<String, String> {
+        let raw = get("MCP_PROXY_CONTAINER_OUTLINE_URL");
+        if raw.trim().is_empty() {
+            Ok(outline_url.to_string())
+        } else {
+            normalize_outline_url("MCP_PROXY_CONTAINER_OUTLINE_URL", &raw)
+        }
+    }
+
+    /// MCP_PROXY_IMAGE: an image reference (never one docker would read as a flag).
+    fn image(get: &dyn Fn(&str) -> String) -> Result<String, String> {
+        let image = get("MCP_PROXY_IMAGE");
+        if image.trim().is_empty() || image.starts_with('-') {
+            return Err(bad_setting("MCP_PROXY_IMAGE", &image, "an image reference"));
+        }
+        Ok(image)
+    }
+
+    /// MCP_PROXY_CONTAINER_PORT: 1 to 65535.
+    fn container_port(get: &dyn Fn(&str) -> String) -> Result<u16, String> {
+        let raw = get("MCP_PROXY_CONTAINER_PORT");
+        match raw.trim().parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(bad_setting("MCP_PROXY_CONTAINER_PORT", &raw, "a port from 1 to 65535")),
+        }
+    }
+
+    /// MCP_PROXY_READY_PATH: a path starting with `/`, without spaces or controls.
+    fn ready_path(get: &dyn Fn(&str) -> String) -> Result<String, String> {
+        let path = get("MCP_PROXY_READY_PATH");
+        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad_setting("MCP_PROXY_READY_PATH", &path, "a path starting with /"));
+        }
+        Ok(path)
+    }
+
+    /// MCP_PROXY_MEMORY_BUDGET: auto (the host's memory less a reserve), a size, or 0/off.
+    fn memory_budget(get: &dyn Fn(&str) -> String, per_container: u64) -> Result<u64, String> {
+        let raw = get("MCP_PROXY_MEMORY_BUDGET");
+        let asked = match raw.trim() {
+            "auto" => None,
+            "off" => Some(0),
+            other => Some(parse_size(other).ok_or_else(|| {
+                bad_setting("MCP_PROXY_MEMORY_BUDGET", &raw, "auto, a size such as 1400m or 2g, or off")
+            })?),
+        };
+        crate::memory::size_budget(asked, per_container, crate::memory::host_memory())
+            .map_err(|expected| bad_setting("MCP_PROXY_MEMORY_BUDGET", &raw, &expected))
+    }
+
+    /// MCP_PROXY_CGROUP_PARENT: a name for a cgroup and a systemd slice (no dots or slashes).
+    fn cgroup_parent(get: &dyn Fn(&str) -> String) -> Result<String, String> {
+        let name = get("MCP_PROXY_CGROUP_PARENT").trim().to_string();
+        let mut chars = name.chars();
+        let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+            && chars.all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
+        match valid {
+            true => Ok(name),
+            false => Err(bad_setting("MCP_PROXY_CGROUP_PARENT", &name, "letters, digits, '-' or '_'")),
+        }
     }
 
     /// MCP_PROXY_TRUSTED_PROXY: the peers whose X-Real-IP is believed (empty = none).
@@ -583,10 +631,11 @@ mod config {
     pub fn print_help() {
         println!(
             "outline-mcp-proxy {} — per-user Outline MCP containers behind one proxy\n\n\
-             usage: outline-mcp-proxy [serve|check|cleanup|--help|--version]\n\n\
-             \x20 serve     run the proxy (default)\n\
-             \x20 check     verify Docker, the image, Outline and the settings; exit 0 or 1\n\
-             \x20 cleanup   remove this proxy's containers stopped longer than MCP_PROXY_REMOVE_AFTER\n\n\
+             usage: outline-mcp-proxy [serve|check|cleanup|set-budget|--help|--version]\n\n\
+             \x20 serve       run the proxy (default)\n\
+             \x20 check       verify Docker, the image, Outline and the settings; exit 0 or 1\n\
+             \x20 cleanup     remove this proxy's containers stopped longer than MCP_PROXY_REMOVE_AFTER\n\
+             \x20 set-budget  as root: hold the containers' parent cgroup to MCP_PROXY_MEMORY_BUDGET\n\n\
              settings (environment variables, default in brackets):",
             env!("CARGO_PKG_VERSION")
         );
@@ -608,7 +657,7 @@ fn main() -> ExitCode {
             println!("outline-mcp-proxy {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        "serve" | "check" | "cleanup" => {}
+        "serve" | "check" | "cleanup" | "set-budget" => {}
         other => {
             eprintln!("unknown command {other:?}; see outline-mcp-proxy --help");
             return ExitCode::from(2);
@@ -631,6 +680,7 @@ fn main() -> ExitCode {
     match command.as_str() {
         "check" => ops::run_check(&cfg),
         "cleanup" => ops::run_cleanup(&cfg),
+        "set-budget" => ops::run_set_budget(&cfg),
         _ => run_serve(cfg),
     }
 }
@@ -693,7 +743,7 @@ pub struct Proxy {
     pub auth: auth::Verifier,
     pub sessions: Arc<sessions::Sessions>,
     pub containers: containers::Containers,
-    pub upstream: relay::Upstream,
+    pub upstream: upstream::Upstream,
     /// The OAuth front door, unless MCP_PROXY_OAUTH_PATH is empty.
     pub oauth: Option<oauth::FrontDoor>,
     pub life: Life,
@@ -710,8 +760,8 @@ impl Proxy {
             auth: auth::Verifier::new(&cfg),
             containers: containers::Containers::new(&cfg, sessions.clone()),
             sessions,
-            upstream: relay::Upstream::new(&cfg),
-            oauth: (!cfg.oauth_path.is_empty()).then(|| oauth::FrontDoor::new(&cfg)),
+            upstream: upstream::Upstream::new(&cfg),
+            oauth: (!cfg.oauth.path.is_empty()).then(|| oauth::FrontDoor::new(&cfg)),
             life: Life::default(),
             calls: protocol::CallCounts::default(),
             stats_credentials: ops::stats_credentials(&cfg),
@@ -1387,11 +1437,12 @@ mod front {
     use crate::config::Config;
     use crate::containers::Want;
     use crate::error::ProxyError;
+    use crate::modern::{self, Method};
     use crate::protocol::{self, Generation, McpPost, NotTaken, Plan, Refusal};
     use crate::registry::Lease;
     use crate::sessions::{Route, SESSION_HEADER};
     use crate::wire::{self, log_safe, reject, Incoming, LogContext, McpCall, RouteResult};
-    use crate::{oauth, ops, relay, InFlight, Proxy};
+    use crate::{held, oauth, ops, relay, websocket, InFlight, Proxy};
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
     use std::time::Instant;
@@ -1527,7 +1578,7 @@ mod front {
         let (incoming, who) = match proxy.oauth.as_ref().filter(|door| door.is_resource(&incoming.path)) {
             Some(door) => {
                 resource_request = oauth::as_container_request(incoming);
-                (&resource_request, oauth::identify(proxy, door, incoming, log_ctx))
+                (&resource_request, oauth::identify_by_token(proxy, door, incoming, log_ctx))
             }
             None => (incoming, identify(proxy, incoming, log_ctx)),
         };
@@ -1551,14 +1602,14 @@ mod front {
         if let Err(e) = proxy.sessions.check(incoming.header(SESSION_HEADER), &want.name) {
             return reject(request, e);
         }
-        if relay::is_notification_stream(incoming) {
+        if held::is_notification_stream(incoming) {
             let client_id = incoming.header(SESSION_HEADER).unwrap_or("").trim();
             if let Route::Own { .. } = proxy.sessions.route(Some(client_id), &want.name, None) {
                 let slot = match proxy.containers.registry.hold_stream(&want.name) {
                     Ok(slot) => slot,
                     Err(e) => return reject(request, e),
                 };
-                return relay::hold_stream(proxy, request, incoming, &credential, &want.name, client_id, slot);
+                return held::hold_stream(proxy, request, incoming, &credential, &want.name, client_id, slot);
             }
         }
         let websocket = incoming.is_websocket_upgrade();
@@ -1567,7 +1618,7 @@ mod front {
             Err(e) => return reject(request, e),
         };
         if websocket {
-            relay::relay_websocket(proxy, request, incoming, &credential, &lease)
+            websocket::relay_websocket(proxy, request, incoming, &credential, &lease)
         } else {
             relay::proxy_http(proxy, request, incoming, &credential, &want, lease, relay::Forward::default())
         }
@@ -1619,8 +1670,8 @@ mod front {
             },
         };
         match plan {
-            Plan::Discover => relay::discover(proxy, request, incoming, credential, lease, &post),
-            Plan::Listen => relay::listen(proxy, request, incoming, credential, lease, &post),
+            Plan::Discover => modern::answer(proxy, request, incoming, credential, lease, &post, Method::Discover),
+            Plan::Listen => modern::answer(proxy, request, incoming, credential, lease, &post, Method::Listen),
             plan => {
                 let on_default = plan == Plan::OnDefault;
                 let forward = relay::Forward { post: Some(post), on_default, stateless };
@@ -1675,10 +1726,10 @@ mod oauth {
     //! authorize, callback, token and revoke endpoints, and the bearer token of a request
     //! turned into that user's Outline credential. Calls `signin` (the person's step),
     //! `grants` (the store), `auth` (Outline's verdict, who), `wire`, `util`.
-    use crate::auth::{Credential, KeySource, User};
+    use crate::auth::{Credential, User};
     use crate::config::ClientDocuments;
     use crate::error::ProxyError;
-    use crate::grants::{self, Client, Opened, Pending, Sealed, Store, TokenRefused, Upstream};
+    use crate::grants::{self, Client, Opened, OutlineCredential, Pending, SignedIn, Store, TokenRefused};
     use crate::signin::{self, OutlineApp, UpstreamRefusal};
     use crate::util::{base64url, constant_time_eq, lock, now_unix, parse_form, Flight};
     use crate::wire::LogContext;
@@ -1712,7 +1763,7 @@ mod oauth {
     /// Outline's access token is renewed when it has less than this to live.
     const OUTLINE_RENEW_BEFORE: u64 = 300;
 
-    type Renewal = Result<Sealed, UpstreamRefusal>;
+    type Renewal = Result<SignedIn, UpstreamRefusal>;
     /// A client document's client, or why it could not be used.
     type Document = Result<Client, String>;
 
@@ -1882,35 +1933,36 @@ mod oauth {
                 .max_response_header_size(16 * 1024)
                 .tls_config(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::PlatformVerifier).build())
                 .build();
-            let resolver = AddressRule { public_only: cfg.client_documents != ClientDocuments::Any };
+            let resolver = AddressRule { public_only: cfg.oauth.client_documents != ClientDocuments::Any };
             let connector = ureq::unversioned::transport::DefaultConnector::new();
             let fetcher = ureq::Agent::with_parts(fetcher_config, connector, resolver);
             let outline_app = cfg
-                .outline_oauth
+                .oauth
+                .outline_app
                 .as_ref()
                 .map(|app| OutlineApp::new(&cfg.outline_url, &app.client_id, &app.client_secret, &app.scope))
                 .map(|app| app.keeping_key_in(cfg.state_dir.clone()));
             FrontDoor {
                 grants: Store::open(
                     cfg.state_dir.clone(),
-                    cfg.oauth_access_ttl,
-                    cfg.oauth_refresh_ttl,
-                    cfg.oauth_max_clients as usize,
+                    cfg.oauth.access_ttl,
+                    cfg.oauth.refresh_ttl,
+                    cfg.oauth.max_clients as usize,
                 ),
                 outline_app,
-                resource_path: cfg.oauth_path.clone(),
-                public_url: cfg.public_url.clone(),
-                register_per_hour: cfg.oauth_register_limit,
-                register_total_per_hour: cfg.oauth_register_limit_total,
-                signins_per_address: cfg.oauth_signins_per_address as usize,
+                resource_path: cfg.oauth.path.clone(),
+                public_url: cfg.oauth.public_url.clone(),
+                register_per_hour: cfg.oauth.register_limit,
+                register_total_per_hour: cfg.oauth.register_limit_total,
+                signins_per_address: cfg.oauth.signins_per_address as usize,
                 trusted_proxies: cfg.trusted_proxies.clone(),
-                documents_on: cfg.client_documents != ClientDocuments::Off,
+                documents_on: cfg.oauth.client_documents != ClientDocuments::Off,
                 fetcher,
                 fetching: Mutex::new(Fetching::default()),
                 documents: Mutex::new(HashMap::new()),
                 registrations: Mutex::new(Registrations {
                     per_source: HashMap::new(),
-                    total: (f64::from(cfg.oauth_register_limit_total), Instant::now()),
+                    total: (f64::from(cfg.oauth.register_limit_total), Instant::now()),
                 }),
                 signins: Mutex::new(SignIns::default()),
                 renewing: Mutex::new(HashMap::new()),
@@ -1998,7 +2050,7 @@ mod oauth {
     /// Whose request to the resource this is: the bearer token opens its grant, whose
     /// Outline credential is checked with Outline like any key (and renewed first when
     /// it is Outline's own token near its end).
-    pub fn identify(
+    pub fn identify_by_token(
         proxy: &Proxy,
         door: &FrontDoor,
         incoming: &Incoming,
@@ -2026,26 +2078,26 @@ mod oauth {
             ProxyError::Unauthorized(_) => invalid("Outline no longer accepts this sign-in; sign in again."),
             other => other,
         };
-        let sealed = renewed_upstream(door, &token, opened).map_err(refused_by_outline)?;
-        let credential = Credential { key: sealed.upstream.credential().to_string(), source: KeySource::KeyHeader };
+        let signed_in = renewed_upstream(door, &token, opened).map_err(refused_by_outline)?;
+        let credential = Credential { key: signed_in.credential.key().to_string() };
         let user = proxy.auth.verify(&credential.key).map_err(refused_by_outline)?;
-        let name = crate::auth::note_user(proxy, &user, &credential, log_ctx);
+        let name = crate::auth::container_of(proxy, &user, &credential, log_ctx);
         Ok((credential, user, name))
     }
 
     /// The grant's upstream credential, with Outline's own access token renewed first
     /// when it is near its end.
-    fn renewed_upstream(door: &FrontDoor, token: &str, opened: Opened) -> Result<Sealed, ProxyError> {
-        let Upstream::Outline { expires_at, .. } = &opened.sealed.upstream else {
-            return Ok(opened.sealed);
+    fn renewed_upstream(door: &FrontDoor, token: &str, opened: Opened) -> Result<SignedIn, ProxyError> {
+        let OutlineCredential::Outline { expires_at, .. } = &opened.signed_in.credential else {
+            return Ok(opened.signed_in);
         };
         if *expires_at > now_unix() + OUTLINE_RENEW_BEFORE {
-            return Ok(opened.sealed);
+            return Ok(opened.signed_in);
         }
         let still_good = *expires_at > now_unix();
         match renew_once(door, &opened.grant_id, RenewalFor::Request { access_token: token }) {
-            Ok(sealed) => Ok(sealed),
-            Err(UpstreamRefusal::Unreachable) if still_good => Ok(opened.sealed),
+            Ok(renewed) => Ok(renewed),
+            Err(UpstreamRefusal::Unreachable) if still_good => Ok(opened.signed_in),
             Err(UpstreamRefusal::Unreachable) => {
                 Err(ProxyError::OutlineUnreachable("Outline could not be reached to renew the sign-in.".into()))
             }
@@ -2101,11 +2153,11 @@ mod oauth {
             TokenRefused::Storage => UpstreamRefusal::Unreachable,
             _ => UpstreamRefusal::Refused,
         })?;
-        let Upstream::Outline { refresh_token, expires_at, .. } = &opened.sealed.upstream else {
-            return Ok(opened.sealed);
+        let OutlineCredential::Outline { refresh_token, expires_at, .. } = &opened.signed_in.credential else {
+            return Ok(opened.signed_in);
         };
         if matches!(asker, RenewalFor::Request { .. }) && *expires_at > now_unix() + OUTLINE_RENEW_BEFORE {
-            return Ok(opened.sealed);
+            return Ok(opened.signed_in);
         }
         renew_at_outline(door, app, &opened, refresh_token).map_err(|failed| match failed {
             RenewalFailed::Outline(refusal) => refusal,
@@ -2129,13 +2181,13 @@ mod oauth {
         app: &OutlineApp,
         opened: &Opened,
         outline_refresh: &str,
-    ) -> Result<Sealed, RenewalFailed> {
+    ) -> Result<SignedIn, RenewalFailed> {
         match app.refresh(outline_refresh) {
             Ok(upstream) => {
-                let mut sealed = opened.sealed.clone();
-                sealed.upstream = upstream;
-                door.grants.reseal(opened, &sealed).map_err(RenewalFailed::Store)?;
-                Ok(sealed)
+                let mut renewed = opened.signed_in.clone();
+                renewed.credential = upstream;
+                door.grants.reseal(opened, &renewed).map_err(RenewalFailed::Store)?;
+                Ok(renewed)
             }
             Err(UpstreamRefusal::Refused) => {
                 log::info!("Outline refused to renew a sign-in: its grant is revoked");
@@ -2746,7 +2798,7 @@ mod oauth {
                 "Too many sign-ins are in progress from this address; finish one, or try again in a few minutes.",
             );
         }
-        if door.grants.add_pending(&request_id, pending.clone()).is_err() {
+        if door.grants.sign_ins.add_pending(&request_id, pending.clone()).is_err() {
             lock(&door.signins).end(&request_id);
             return problem(503, "Too many sign-ins are in progress; try again in a few minutes.");
         }
@@ -2806,16 +2858,18 @@ mod oauth {
         }
         let key = field("api_key").trim();
         if !crate::auth::is_plausible_key(key) || key.starts_with(crate::auth::TOKEN_PREFIX) {
-            if door.grants.count_attempt(request_id) >= 5 {
+            if door.grants.sign_ins.count_attempt(request_id) >= 5 {
                 lock(&door.signins).end(request_id);
             }
             let why = "That does not look like an Outline API key: paste the whole key.";
             return consent(door, &pending, request_id, field("csrf"), Some(why), None);
         }
         match proxy.auth.ask_outline(key) {
-            Ok(user) => finish_sign_in(door, request_id, Upstream::ApiKey { key: key.to_string() }, &user, base),
+            Ok(user) => {
+                finish_sign_in(door, request_id, OutlineCredential::ApiKey { key: key.to_string() }, &user, base)
+            }
             Err(ProxyError::Unauthorized(_)) => {
-                if door.grants.count_attempt(request_id) >= 5 {
+                if door.grants.sign_ins.count_attempt(request_id) >= 5 {
                     lock(&door.signins).end(request_id);
                     return problem(400, "Outline refused five keys; start again from your app.");
                 }
@@ -2856,7 +2910,7 @@ mod oauth {
             Err(UpstreamRefusal::Refused) => return problem(400, "Outline did not accept the sign-in; start again."),
             Err(UpstreamRefusal::Unreachable) => return problem(502, "Outline could not be reached; try again."),
         };
-        match proxy.auth.ask_outline(upstream.credential()) {
+        match proxy.auth.ask_outline(upstream.key()) {
             Ok(user) => finish_sign_in(door, request_id, upstream, &user, base),
             Err(_) => problem(502, "Outline did not say who signed in; try again."),
         }
@@ -2864,7 +2918,7 @@ mod oauth {
 
     /// The sign-in ends without access: the client hears `access_denied`.
     fn declined(door: &FrontDoor, request_id: &str, pending: &Pending, base: &str, why: &str) -> Reply {
-        door.grants.take_pending(request_id);
+        door.grants.sign_ins.take_pending(request_id);
         lock(&door.signins).end(request_id);
         let params = [("error", "access_denied"), ("error_description", why)];
         let location = client_redirect(&pending.redirect_uri, &params, pending.state.as_deref(), base);
@@ -2872,12 +2926,18 @@ mod oauth {
     }
 
     /// The person is known: a one-time code goes back to the client's redirect URI.
-    fn finish_sign_in(door: &FrontDoor, request_id: &str, upstream: Upstream, user: &User, base: &str) -> Reply {
+    fn finish_sign_in(
+        door: &FrontDoor,
+        request_id: &str,
+        upstream: OutlineCredential,
+        user: &User,
+        base: &str,
+    ) -> Reply {
         lock(&door.signins).end(request_id);
-        let Some(pending) = door.grants.take_pending(request_id) else {
+        let Some(pending) = door.grants.sign_ins.take_pending(request_id) else {
             return problem(400, "This sign-in has expired; start again from your app.");
         };
-        let Ok(code) = door.grants.issue_code(&pending, Sealed::new(upstream, user)) else {
+        let Ok(code) = door.grants.sign_ins.issue_code(&pending, SignedIn::new(upstream, user)) else {
             return problem(503, "The proxy could not finish the sign-in; try again.");
         };
         log::info!(
@@ -2902,7 +2962,7 @@ mod oauth {
         request_id: &str,
         form_csrf: Option<&str>,
     ) -> Result<Pending, Reply> {
-        let Some(pending) = door.grants.pending(request_id) else {
+        let Some(pending) = door.grants.sign_ins.pending(request_id) else {
             return Err(problem(400, "This sign-in has expired or was already used; start again from your app."));
         };
         let cookie =
@@ -3112,8 +3172,8 @@ mod oauth {
             // not revoked on disk: the client may try again, and is not told the grant is gone
             Err(e) => refused(e),
         };
-        match (&opened.sealed.upstream, &door.outline_app) {
-            (Upstream::Outline { .. }, Some(_)) => {
+        match (&opened.signed_in.credential, &door.outline_app) {
+            (OutlineCredential::Outline { .. }, Some(_)) => {
                 match renew_once(door, &opened.grant_id, RenewalFor::Refresh { refresh_token }) {
                     Ok(_) => {}
                     Err(UpstreamRefusal::Refused) => {
@@ -3127,10 +3187,10 @@ mod oauth {
                     Err(UpstreamRefusal::Unreachable) => return Err(unavailable()),
                 }
             }
-            (Upstream::Outline { .. }, None) => {
+            (OutlineCredential::Outline { .. }, None) => {
                 return Err(gone(door, &opened, "Sign-in with Outline is no longer set up here; sign in again."))
             }
-            (Upstream::ApiKey { key }, _) => match proxy.auth.ask_outline(key) {
+            (OutlineCredential::ApiKey { key }, _) => match proxy.auth.ask_outline(key) {
                 Ok(_) => {}
                 Err(ProxyError::Unauthorized(_)) => {
                     proxy.auth.forget(key);
@@ -3158,7 +3218,7 @@ mod oauth {
             if caller.is_none_or(|c| Some(c) == owner) {
                 let opened = door.grants.open_with_access(token).or_else(|_| door.grants.open_with_refresh(token));
                 if let (Ok(opened), Some(app)) = (opened, &door.outline_app) {
-                    if let Upstream::Outline { refresh_token, .. } = &opened.sealed.upstream {
+                    if let OutlineCredential::Outline { refresh_token, .. } = &opened.signed_in.credential {
                         app.revoke(refresh_token);
                     }
                 }
@@ -3177,10 +3237,10 @@ mod signin {
     //! field when no Outline OAuth app is set), its cookie and anti-framing headers, and
     //! the proxy's own OAuth client of Outline (authorize, token, refresh, revoke) with
     //! its PKCE verifiers keyed by a secret in the state directory.
-    //! Calls `grants` (the Upstream type), `auth` (Outline's HTTP client, ureq error
+    //! Calls `grants` (the OutlineCredential type), `auth` (Outline's HTTP client, ureq error
     //! words), `util`, ureq.
     use crate::auth::describe_ureq_error;
-    use crate::grants::Upstream;
+    use crate::grants::OutlineCredential;
     use crate::util::{base64url, lock, now_unix, percent_encode};
     use hkdf::hmac::{Hmac, Mac};
     use serde_json::Value;
@@ -3270,7 +3330,12 @@ mod signin {
         }
 
         /// Outline's code → Outline's tokens (`POST /oauth/token`, the secret in the body).
-        pub fn exchange(&self, code: &str, callback: &str, verifier: &str) -> Result<Upstream, UpstreamRefusal> {
+        pub fn exchange(
+            &self,
+            code: &str,
+            callback: &str,
+            verifier: &str,
+        ) -> Result<OutlineCredential, UpstreamRefusal> {
             self.token_request(&[
                 ("grant_type", "authorization_code"),
                 ("code", code),
@@ -3280,7 +3345,7 @@ mod signin {
         }
 
         /// New tokens for old: Outline rotates its refresh token on every use.
-        pub fn refresh(&self, refresh_token: &str) -> Result<Upstream, UpstreamRefusal> {
+        pub fn refresh(&self, refresh_token: &str) -> Result<OutlineCredential, UpstreamRefusal> {
             self.token_request(&[("grant_type", "refresh_token"), ("refresh_token", refresh_token)])
         }
 
@@ -3312,7 +3377,7 @@ mod signin {
             }
         }
 
-        fn token_request(&self, params: &[(&str, &str)]) -> Result<Upstream, UpstreamRefusal> {
+        fn token_request(&self, params: &[(&str, &str)]) -> Result<OutlineCredential, UpstreamRefusal> {
             let url = format!("{}/oauth/token", self.outline_url);
             let mut form: Vec<(&str, &str)> = params.to_vec();
             form.push(("client_id", &self.client_id));
@@ -3344,11 +3409,11 @@ mod signin {
     }
 
     /// `{"access_token","refresh_token","expires_in",...}` → the upstream credential.
-    pub fn parse_outline_tokens(body: &str) -> Option<Upstream> {
+    pub fn parse_outline_tokens(body: &str) -> Option<OutlineCredential> {
         let value: Value = serde_json::from_str(body).ok()?;
         let text = |k: &str| value.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
         let expires_in = value.get("expires_in").and_then(Value::as_u64).unwrap_or(3600);
-        Some(Upstream::Outline {
+        Some(OutlineCredential::Outline {
             access_token: text("access_token")?,
             refresh_token: text("refresh_token")?,
             expires_at: now_unix() + expires_in,
@@ -3517,35 +3582,37 @@ mod grants {
     /// What the container is given: a pasted API key, or Outline's own OAuth tokens.
     #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
     #[serde(tag = "kind", rename_all = "snake_case")]
-    pub enum Upstream {
+    pub enum OutlineCredential {
         ApiKey { key: String },
         Outline { access_token: String, refresh_token: String, expires_at: u64 },
     }
 
-    impl Upstream {
-        /// The credential sent to Outline and to the container as `x-outline-api-key`.
-        pub fn credential(&self) -> &str {
+    impl OutlineCredential {
+        /// The key sent to Outline and to the container as `x-outline-api-key`.
+        pub fn key(&self) -> &str {
             match self {
-                Upstream::ApiKey { key } => key,
-                Upstream::Outline { access_token, .. } => access_token,
+                OutlineCredential::ApiKey { key } => key,
+                OutlineCredential::Outline { access_token, .. } => access_token,
             }
         }
     }
 
-    /// What a grant's sealed box holds: the credential and whose it is.
+    /// Who signed in, and their Outline credential: what a grant's sealed box holds,
+    /// opened (sealed at rest as JSON, the field names as they always were).
     #[derive(Serialize, Deserialize, Clone, Debug)]
-    pub struct Sealed {
-        pub upstream: Upstream,
+    pub struct SignedIn {
+        #[serde(rename = "upstream")]
+        pub credential: OutlineCredential,
         pub user_id: String,
         pub team_id: String,
         pub name: String,
         pub email: String,
     }
 
-    impl Sealed {
-        pub fn new(upstream: Upstream, user: &User) -> Sealed {
-            Sealed {
-                upstream,
+    impl SignedIn {
+        pub fn new(credential: OutlineCredential, user: &User) -> SignedIn {
+            SignedIn {
+                credential,
                 user_id: user.id.clone(),
                 team_id: user.team_id.clone(),
                 name: user.name.clone(),
@@ -3591,10 +3658,10 @@ mod grants {
         pub redirect_uri: String,
         pub code_challenge: String,
         pub resource: String,
-        pub sealed: Sealed,
+        pub signed_in: SignedIn,
     }
 
-    /// An authorization code as kept: its `Sealed` sealed under a key derived from the
+    /// An authorization code as kept: its `SignedIn` sealed under a key derived from the
     /// code, so it too can be written when the proxy stops without a secret in the clear.
     #[derive(Clone, Debug, Serialize, Deserialize)]
     struct CodeRecord {
@@ -3619,7 +3686,7 @@ mod grants {
         id: String,
         client_id: String,
         resource: String,
-        /// `Sealed`, as JSON, sealed under the grant's key.
+        /// `SignedIn`, as JSON, sealed under the grant's key.
         sealed: String,
         refresh: TokenRecord,
         access: Vec<TokenRecord>,
@@ -3654,7 +3721,7 @@ mod grants {
         pub grant_id: String,
         pub client_id: String,
         pub resource: String,
-        pub sealed: Sealed,
+        pub signed_in: SignedIn,
         key: [u8; 32],
     }
 
@@ -3670,8 +3737,10 @@ mod grants {
         Full,
     }
 
+    /// Registered clients and live grants, with the indexes that find a grant by token,
+    /// user and client. Every change to it is also handed to the journal (`Keeping`).
     #[derive(Default)]
-    struct State {
+    struct Ledger {
         clients: HashMap<String, Client>,
         grants: HashMap<String, GrantRecord>,
         /// token hash → grant id (access and refresh tokens alike)
@@ -3682,13 +3751,9 @@ mod grants {
         by_user: HashMap<String, Vec<String>>,
         /// client id → its live grants (a client without any is unused)
         per_client: HashMap<String, usize>,
-        pending: HashMap<String, Pending>,
-        codes: HashMap<String, CodeRecord>,
-        /// used code hash → (grant issued from it, when the memory may go)
-        used_codes: HashMap<String, (String, Instant)>,
     }
 
-    impl State {
+    impl Ledger {
         fn index_tokens(&mut self, grant: &GrantRecord) {
             self.tokens.insert(grant.refresh.hash.clone(), grant.id.clone());
             for access in &grant.access {
@@ -3737,6 +3802,59 @@ mod grants {
             Some(grant)
         }
 
+        /// A new grant kept, and the user's oldest grants for this client, then over all,
+        /// ended where they are beyond the limits: the changes for the journal.
+        fn add_grant_within_limits(&mut self, grant: GrantRecord) -> Vec<Entry> {
+            let (user, client_id) = (grant.user.clone(), grant.client_id.clone());
+            self.add_grant(grant);
+            let over = self.over_limits(&user, &client_id);
+            if !over.is_empty() {
+                log::info!("a new OAuth grant ended {} older one(s) of its user (the limits per user)", over.len());
+            }
+            over.into_iter()
+                .map(|id| {
+                    self.remove_grant(&id);
+                    Entry::GrantGone { id }
+                })
+                .collect()
+        }
+
+        /// Forgets grants whose refresh token is dead, clients unused for a day, and
+        /// expired access tokens (those in memory only): the changes for the journal.
+        fn expire(&mut self, now: u64) -> Vec<Entry> {
+            let dead: Vec<String> =
+                self.grants.values().filter(|g| g.refresh.expires_at <= now).map(|g| g.id.clone()).collect();
+            let mut entries = Vec::new();
+            for id in dead {
+                self.remove_grant(&id);
+                entries.push(Entry::GrantGone { id });
+            }
+            let unused: Vec<String> = self
+                .clients
+                .values()
+                .filter(|c| !self.per_client.contains_key(&c.id) && c.created_at + 86400 <= now)
+                .map(|c| c.id.clone())
+                .collect();
+            for id in unused {
+                self.clients.remove(&id);
+                entries.push(Entry::ClientGone { id });
+            }
+            let mut expired_access = Vec::new();
+            for grant in self.grants.values_mut() {
+                grant.access.retain(|a| {
+                    let alive = a.expires_at > now;
+                    if !alive {
+                        expired_access.push(a.hash.clone());
+                    }
+                    alive
+                });
+            }
+            for hash in &expired_access {
+                self.tokens.remove(hash);
+            }
+            entries
+        }
+
         /// A user's grants beyond the limits, oldest first: those over GRANTS_PER_CLIENT
         /// for this client, then those over GRANTS_PER_USER in all.
         fn over_limits(&self, user: &str, client_id: &str) -> Vec<String> {
@@ -3780,6 +3898,133 @@ mod grants {
         }
     }
 
+    /// Kept in memory only, and written when the proxy stops: sign-ins in progress,
+    /// codes not yet redeemed, and redeemed codes (remembered to catch a second use).
+    #[derive(Default)]
+    struct InProgress {
+        pending: HashMap<String, Pending>,
+        codes: HashMap<String, CodeRecord>,
+        /// used code hash → (the grant issued from it, once issued; when the memory may go)
+        used_codes: HashMap<String, (Option<String>, Instant)>,
+    }
+
+    /// Sign-ins (by id hash) and codes (by code hash) as the state file keeps them.
+    type InProgressAtRest = (Vec<(String, Pending)>, Vec<(String, CodeRecord)>);
+
+    /// Sign-ins between the authorize request and the person's answer, and the
+    /// one-time codes they end in.
+    pub struct SignIns(Mutex<InProgress>);
+
+    impl SignIns {
+        /// Remembers a sign-in in progress; at most MAX_PENDING at once (each lives ten
+        /// minutes), so a flood of authorize requests cannot grow memory without end.
+        pub fn add_pending(&self, id: &str, pending: Pending) -> Result<(), TokenRefused> {
+            let mut state = lock(&self.0);
+            if state.pending.len() >= MAX_PENDING {
+                let now = now_unix();
+                state.pending.retain(|_, p| p.expires_at > now);
+            }
+            if state.pending.len() >= MAX_PENDING {
+                return Err(TokenRefused::Storage);
+            }
+            state.pending.insert(token_hash(id), pending);
+            Ok(())
+        }
+
+        pub fn pending(&self, id: &str) -> Option<Pending> {
+            let state = lock(&self.0);
+            state.pending.get(&token_hash(id)).filter(|p| p.expires_at > now_unix()).cloned()
+        }
+
+        /// Counts a failed attempt (a wrong key); after five the sign-in is over.
+        pub fn count_attempt(&self, id: &str) -> u32 {
+            let mut state = lock(&self.0);
+            let hash = token_hash(id);
+            let attempts = state.pending.get_mut(&hash).map(|p| {
+                p.attempts += 1;
+                p.attempts
+            });
+            match attempts {
+                Some(n) if n < 5 => n,
+                _ => {
+                    state.pending.remove(&hash);
+                    5
+                }
+            }
+        }
+
+        pub fn take_pending(&self, id: &str) -> Option<Pending> {
+            lock(&self.0).pending.remove(&token_hash(id)).filter(|p| p.expires_at > now_unix())
+        }
+
+        /// A one-time code for a finished sign-in, valid for a minute.
+        pub fn issue_code(&self, pending: &Pending, signed_in: SignedIn) -> Result<String, TokenRefused> {
+            let code = new_secret("ac")?;
+            let plaintext = serde_json::to_vec(&signed_in).map_err(|_| TokenRefused::Storage)?;
+            let entry = CodeRecord {
+                client_id: pending.client_id.clone(),
+                redirect_uri: pending.redirect_uri.clone(),
+                code_challenge: pending.code_challenge.clone(),
+                resource: pending.resource.clone(),
+                sealed: seal(&token_key(&code, "code"), "code", &plaintext)?,
+                expires_at: now_unix() + 60,
+            };
+            lock(&self.0).codes.insert(token_hash(&code), entry);
+            Ok(code)
+        }
+
+        /// Takes a waiting code for good (it is remembered as used); `None` when no such
+        /// code waits (unknown, or used before).
+        fn take_code(&self, code: &str) -> Option<Result<Code, TokenRefused>> {
+            let hash = token_hash(code);
+            let mut state = lock(&self.0);
+            let entry = state.codes.remove(&hash)?;
+            state.used_codes.insert(hash, (None, Instant::now() + Duration::from_secs(660)));
+            if entry.expires_at <= now_unix() {
+                return Some(Err(TokenRefused::InvalidGrant("The authorization code has expired.")));
+            }
+            let opened = open(&token_key(code, "code"), "code", &entry.sealed)
+                .and_then(|plaintext| serde_json::from_slice::<SignedIn>(&plaintext).ok())
+                .ok_or(TokenRefused::InvalidGrant("The authorization code does not open."));
+            Some(opened.map(|signed_in| Code {
+                client_id: entry.client_id,
+                redirect_uri: entry.redirect_uri,
+                code_challenge: entry.code_challenge,
+                resource: entry.resource,
+                signed_in,
+            }))
+        }
+
+        /// The grant a used code was redeemed for, if it has been issued.
+        fn grant_of_used_code(&self, code: &str) -> Option<String> {
+            lock(&self.0).used_codes.get(&token_hash(code)).and_then(|(grant, _)| grant.clone())
+        }
+
+        /// Remembers which grant a used code gave (so a second use revokes it).
+        fn note_grant_of_code(&self, code: &str, grant_id: &str) {
+            if let Some(used) = lock(&self.0).used_codes.get_mut(&token_hash(code)) {
+                used.0 = Some(grant_id.to_string());
+            }
+        }
+
+        fn prune(&self, now: u64) {
+            let mut state = lock(&self.0);
+            let instant = Instant::now();
+            state.pending.retain(|_, p| p.expires_at > now);
+            state.codes.retain(|_, c| c.expires_at > now);
+            state.used_codes.retain(|_, (_, until)| *until > instant);
+        }
+
+        /// The sign-ins and codes in progress, as written at a stop.
+        fn in_progress(&self) -> InProgressAtRest {
+            let state = lock(&self.0);
+            (
+                state.pending.iter().map(|(h, p)| (h.clone(), p.clone())).collect(),
+                state.codes.iter().map(|(h, c)| (h.clone(), c.clone())).collect(),
+            )
+        }
+    }
+
     /// One change to what is kept at rest: one line of the journal.
     #[derive(Serialize, Deserialize, Clone, Debug)]
     #[serde(tag = "op", rename_all = "snake_case")]
@@ -3817,8 +4062,71 @@ mod grants {
         Failed,
     }
 
+    impl Keeping {
+        /// Hands changes to the writer. Called with the ledger locked (`_made` is it), so
+        /// the journal has them in the order they were made; nothing is written here.
+        fn record(&self, _made: &Ledger, entries: Vec<Entry>) -> Durable {
+            match self {
+                _ if entries.is_empty() => Durable::Nothing,
+                Keeping::InMemory => Durable::Nothing,
+                Keeping::Unwritable => Durable::Failed,
+                Keeping::OnDisk { mailbox, .. } => {
+                    let (done, on_disk) = mpsc::channel();
+                    match mailbox.send(ToWriter::Changes(entries, done)) {
+                        Ok(()) => Durable::Waiting(on_disk),
+                        Err(_) => Durable::Failed,
+                    }
+                }
+            }
+        }
+
+        /// Waits, without the ledger's lock, until recorded changes are on disk.
+        fn settled(&self, durable: Durable) -> Result<(), TokenRefused> {
+            let written = match durable {
+                Durable::Nothing => return Ok(()),
+                Durable::Waiting(on_disk) => on_disk.recv().ok(),
+                Durable::Failed => None,
+            };
+            match written {
+                Some(true) => Ok(()),
+                Some(false) => Err(TokenRefused::Storage),
+                None => {
+                    self.writer_gone();
+                    Err(TokenRefused::Storage)
+                }
+            }
+        }
+
+        /// The writer thread ended (it only does by a panic): said once, in the log.
+        fn writer_gone(&self) {
+            if let Keeping::OnDisk { thread, .. } = self {
+                if let Some(handle) = lock(thread).take() {
+                    let how = if handle.join().is_err() { "panicked" } else { "ended" };
+                    log::error!("the OAuth journal writer {how}: changes to grants are refused until a restart");
+                }
+            }
+        }
+
+        /// The state file written whole, with the sign-ins and codes in progress, and
+        /// the journal emptied.
+        fn save_at_stop(&self, sign_ins: Vec<(String, Pending)>, codes: Vec<(String, CodeRecord)>) {
+            let Keeping::OnDisk { mailbox, .. } = self else { return };
+            let in_progress = sign_ins.len();
+            let (done, saved) = mpsc::channel();
+            let sent = mailbox.send(ToWriter::Stop { sign_ins, codes, done }).is_ok();
+            match sent.then(|| saved.recv().ok()).flatten() {
+                Some(true) => log::info!("OAuth state saved ({in_progress} sign-in(s) in progress)"),
+                Some(false) => log::error!("the OAuth state could not be saved at the stop"),
+                None => self.writer_gone(),
+            }
+        }
+    }
+
+    /// Clients, sign-ins, codes and grants; every change to clients and grants reaches
+    /// disk through `keeping` before it is answered.
     pub struct Store {
-        state: Mutex<State>,
+        ledger: Mutex<Ledger>,
+        pub sign_ins: SignIns,
         keeping: Keeping,
         access_ttl: Duration,
         refresh_ttl: Duration,
@@ -3891,8 +4199,8 @@ mod grants {
     }
 
     /// sha256 of whose grant it is: the Outline team and user, never the name or email.
-    fn user_key(sealed: &Sealed) -> String {
-        token_hash(&format!("{}\n{}", sealed.team_id, sealed.user_id))
+    fn user_key(signed_in: &SignedIn) -> String {
+        token_hash(&format!("{}\n{}", signed_in.team_id, signed_in.user_id))
     }
 
     impl Store {
@@ -3900,92 +4208,24 @@ mod grants {
         /// journal's changes after it (a missing file is an empty store; an unreadable
         /// one is set aside and logged, never silently reused).
         pub fn open(dir: Option<PathBuf>, access_ttl: Duration, refresh_ttl: Duration, max_clients: usize) -> Store {
-            let mut state = State::default();
-            let mut keeping = Keeping::InMemory;
-            if let Some(dir) = &dir {
-                let loaded = load(dir);
-                let now = now_unix();
-                let sign_ins: Vec<(String, Pending)> =
-                    loaded.sign_ins.into_iter().filter(|(_, p)| p.expires_at > now).collect();
-                let codes: Vec<(String, CodeRecord)> =
-                    loaded.codes.into_iter().filter(|(_, c)| c.expires_at > now).collect();
-                keeping =
-                    match start_writer(dir, &loaded.clients, &loaded.grants, loaded.journal_bytes, &sign_ins, &codes) {
-                        Ok(writer) => writer,
-                        Err(e) => {
-                            log::error!(
-                                "cannot open the OAuth journal in {}: {e}; sign-ins are refused",
-                                dir.display()
-                            );
-                            Keeping::Unwritable
-                        }
-                    };
-                state.clients = loaded.clients;
-                let mut grants: Vec<GrantRecord> = loaded.grants.into_values().collect();
-                grants.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-                for grant in grants {
-                    state.add_grant(grant);
-                }
-                state.pending = sign_ins.into_iter().collect();
-                state.codes = codes.into_iter().collect();
-            }
-            Store { state: Mutex::new(state), keeping, access_ttl, refresh_ttl, max_clients }
-        }
-
-        /// Hands changes to the writer. Called with the state locked (`_made` is it), so
-        /// the journal has them in the order they were made; nothing is written here.
-        fn record(&self, _made: &State, entries: Vec<Entry>) -> Durable {
-            match &self.keeping {
-                _ if entries.is_empty() => Durable::Nothing,
-                Keeping::InMemory => Durable::Nothing,
-                Keeping::Unwritable => Durable::Failed,
-                Keeping::OnDisk { mailbox, .. } => {
-                    let (done, on_disk) = mpsc::channel();
-                    match mailbox.send(ToWriter::Changes(entries, done)) {
-                        Ok(()) => Durable::Waiting(on_disk),
-                        Err(_) => Durable::Failed,
-                    }
-                }
-            }
-        }
-
-        /// Waits, without the state's lock, until recorded changes are on disk.
-        fn settled(&self, durable: Durable) -> Result<(), TokenRefused> {
-            let written = match durable {
-                Durable::Nothing => return Ok(()),
-                Durable::Waiting(on_disk) => on_disk.recv().ok(),
-                Durable::Failed => None,
+            let (ledger, in_progress, keeping) = match &dir {
+                Some(dir) => restore(dir),
+                None => (Ledger::default(), InProgress::default(), Keeping::InMemory),
             };
-            match written {
-                Some(true) => Ok(()),
-                Some(false) => Err(TokenRefused::Storage),
-                None => {
-                    self.writer_gone();
-                    Err(TokenRefused::Storage)
-                }
-            }
-        }
-
-        /// The writer thread ended (it only does by a panic): said once, in the log.
-        fn writer_gone(&self) {
-            if let Keeping::OnDisk { thread, .. } = &self.keeping {
-                if let Some(handle) = lock(thread).take() {
-                    let how = if handle.join().is_err() { "panicked" } else { "ended" };
-                    log::error!("the OAuth journal writer {how}: changes to grants are refused until a restart");
-                }
-            }
+            let (ledger, sign_ins) = (Mutex::new(ledger), SignIns(Mutex::new(in_progress)));
+            Store { ledger, sign_ins, keeping, access_ttl, refresh_ttl, max_clients }
         }
 
         pub fn grant_count(&self) -> usize {
-            lock(&self.state).grants.len()
+            lock(&self.ledger).grants.len()
         }
 
         pub fn client_count(&self) -> usize {
-            lock(&self.state).clients.len()
+            lock(&self.ledger).clients.len()
         }
 
         pub fn client(&self, id: &str) -> Option<Client> {
-            lock(&self.state).clients.get(id).cloned()
+            lock(&self.ledger).clients.get(id).cloned()
         }
 
         /// A registered client kept; at MCP_PROXY_OAUTH_MAX_CLIENTS the oldest unused
@@ -3993,7 +4233,7 @@ mod grants {
         pub fn add_client(&self, client: Client) -> Result<(), TokenRefused> {
             let mut entries = Vec::new();
             let durable = {
-                let mut state = lock(&self.state);
+                let mut state = lock(&self.ledger);
                 let dropped = state.make_room_for_client(self.max_clients)?;
                 if !dropped.is_empty() {
                     log::info!("{} unused OAuth client(s) forgotten to make room for a new one", dropped.len());
@@ -4001,96 +4241,20 @@ mod grants {
                 entries.extend(dropped.into_iter().map(|id| Entry::ClientGone { id }));
                 entries.push(Entry::Client { client: client.clone() });
                 state.clients.insert(client.id.clone(), client);
-                self.record(&state, entries)
+                self.keeping.record(&state, entries)
             };
-            self.settled(durable)
-        }
-
-        /// Remembers a sign-in in progress; at most MAX_PENDING at once (each lives ten
-        /// minutes), so a flood of authorize requests cannot grow memory without end.
-        pub fn add_pending(&self, id: &str, pending: Pending) -> Result<(), TokenRefused> {
-            let mut state = lock(&self.state);
-            if state.pending.len() >= MAX_PENDING {
-                let now = now_unix();
-                state.pending.retain(|_, p| p.expires_at > now);
-            }
-            if state.pending.len() >= MAX_PENDING {
-                return Err(TokenRefused::Storage);
-            }
-            state.pending.insert(token_hash(id), pending);
-            Ok(())
-        }
-
-        pub fn pending(&self, id: &str) -> Option<Pending> {
-            let state = lock(&self.state);
-            state.pending.get(&token_hash(id)).filter(|p| p.expires_at > now_unix()).cloned()
-        }
-
-        /// Counts a failed attempt (a wrong key); after five the sign-in is over.
-        pub fn count_attempt(&self, id: &str) -> u32 {
-            let mut state = lock(&self.state);
-            let hash = token_hash(id);
-            let attempts = state.pending.get_mut(&hash).map(|p| {
-                p.attempts += 1;
-                p.attempts
-            });
-            match attempts {
-                Some(n) if n < 5 => n,
-                _ => {
-                    state.pending.remove(&hash);
-                    5
-                }
-            }
-        }
-
-        pub fn take_pending(&self, id: &str) -> Option<Pending> {
-            lock(&self.state).pending.remove(&token_hash(id)).filter(|p| p.expires_at > now_unix())
-        }
-
-        /// A one-time code for a finished sign-in, valid for a minute.
-        pub fn issue_code(&self, pending: &Pending, sealed: Sealed) -> Result<String, TokenRefused> {
-            let code = new_secret("ac")?;
-            let plaintext = serde_json::to_vec(&sealed).map_err(|_| TokenRefused::Storage)?;
-            let entry = CodeRecord {
-                client_id: pending.client_id.clone(),
-                redirect_uri: pending.redirect_uri.clone(),
-                code_challenge: pending.code_challenge.clone(),
-                resource: pending.resource.clone(),
-                sealed: seal(&token_key(&code, "code"), "code", &plaintext)?,
-                expires_at: now_unix() + 60,
-            };
-            lock(&self.state).codes.insert(token_hash(&code), entry);
-            Ok(code)
+            self.keeping.settled(durable)
         }
 
         /// Takes a code for good (a second use finds nothing, and revokes what the
         /// first use was given, as RFC 6749 §4.1.2 asks).
         pub fn take_code(&self, code: &str) -> Result<Code, TokenRefused> {
-            let hash = token_hash(code);
-            let mut state = lock(&self.state);
-            if let Some(entry) = state.codes.remove(&hash) {
-                state.used_codes.insert(hash, (String::new(), Instant::now() + Duration::from_secs(660)));
-                if entry.expires_at <= now_unix() {
-                    return Err(TokenRefused::InvalidGrant("The authorization code has expired."));
-                }
-                let opened = open(&token_key(code, "code"), "code", &entry.sealed)
-                    .and_then(|plaintext| serde_json::from_slice::<Sealed>(&plaintext).ok())
-                    .ok_or(TokenRefused::InvalidGrant("The authorization code does not open."))?;
-                return Ok(Code {
-                    client_id: entry.client_id,
-                    redirect_uri: entry.redirect_uri,
-                    code_challenge: entry.code_challenge,
-                    resource: entry.resource,
-                    sealed: opened,
-                });
+            if let Some(taken) = self.sign_ins.take_code(code) {
+                return taken;
             }
-            let replayed = state.used_codes.get(&hash).map(|(grant, _)| grant.clone());
-            drop(state);
-            if let Some(grant_id) = replayed {
-                if !grant_id.is_empty() {
-                    log::warn!("an authorization code was used twice: its grant is revoked");
-                    self.revoke_grant(&grant_id)?;
-                }
+            if let Some(grant_id) = self.sign_ins.grant_of_used_code(code) {
+                log::warn!("an authorization code was used twice: its grant is revoked");
+                self.revoke_grant(&grant_id)?;
             }
             Err(TokenRefused::InvalidGrant("The authorization code is unknown or was already used."))
         }
@@ -4099,7 +4263,7 @@ mod grants {
         pub fn create_grant(&self, code_text: &str, code: &Code) -> Result<Issued, TokenRefused> {
             let grant_id = base64url(&random_32().map_err(|_| TokenRefused::Storage)?);
             let grant_key = random_32().map_err(|_| TokenRefused::Storage)?;
-            let plaintext = serde_json::to_vec(&code.sealed).map_err(|_| TokenRefused::Storage)?;
+            let plaintext = serde_json::to_vec(&code.signed_in).map_err(|_| TokenRefused::Storage)?;
             let sealed = seal(&grant_key, &format!("grant:{grant_id}"), &plaintext)?;
             let access_token = new_secret("at")?;
             let refresh_token = new_secret("rt")?;
@@ -4112,28 +4276,16 @@ mod grants {
                 access: vec![token_record(&access_token, &grant_id, &grant_key, self.access_ttl)?],
                 retired_refresh: Vec::new(),
                 created_at: now_unix(),
-                user: user_key(&code.sealed),
+                user: user_key(&code.signed_in),
             };
             let mut entries = vec![Entry::Grant { grant: grant.clone() }];
             let durable = {
-                let mut state = lock(&self.state);
-                let (user, client_id) = (grant.user.clone(), grant.client_id.clone());
-                state.add_grant(grant);
-                // the limits: the user's oldest grants for this client, then over all, end
-                let over = state.over_limits(&user, &client_id);
-                if !over.is_empty() {
-                    log::info!("a new OAuth grant ended {} older one(s) of its user (the limits per user)", over.len());
-                }
-                for id in over {
-                    state.remove_grant(&id);
-                    entries.push(Entry::GrantGone { id });
-                }
-                if let Some(used) = state.used_codes.get_mut(&token_hash(code_text)) {
-                    used.0 = grant_id;
-                }
-                self.record(&state, entries)
+                let mut state = lock(&self.ledger);
+                entries.extend(state.add_grant_within_limits(grant));
+                self.keeping.record(&state, entries)
             };
-            self.settled(durable)?;
+            self.sign_ins.note_grant_of_code(code_text, &grant_id);
+            self.keeping.settled(durable)?;
             Ok(Issued { access_token, refresh_token, expires_in: self.access_ttl.as_secs() })
         }
 
@@ -4149,7 +4301,7 @@ mod grants {
         fn open_with(&self, token: &str, refresh: bool) -> Result<Opened, TokenRefused> {
             let hash = token_hash(token);
             let (record, grant_id, client_id, resource, boxed) = {
-                let state = lock(&self.state);
+                let state = lock(&self.ledger);
                 if refresh {
                     if let Some(grant_id) = state.retired.get(&hash).cloned() {
                         drop(state);
@@ -4170,32 +4322,24 @@ mod grants {
                 // request's path at the OAuth resource)
                 (record, grant.id.clone(), grant.client_id.clone(), grant.resource.clone(), grant.sealed.clone())
             };
-            if record.expires_at <= now_unix() {
-                return Err(TokenRefused::InvalidGrant("The token has expired."));
-            }
-            let grant_key = open(&token_key(token, &grant_id), &format!("wrap:{grant_id}"), &record.wrapped_key)
-                .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
-                .ok_or(TokenRefused::InvalidGrant("The token does not open its grant."))?;
-            let plaintext = open(&grant_key, &format!("grant:{grant_id}"), &boxed)
-                .ok_or(TokenRefused::InvalidGrant("The grant could not be opened."))?;
-            let sealed: Sealed = serde_json::from_slice(&plaintext).map_err(|_| TokenRefused::Storage)?;
-            Ok(Opened { grant_id, client_id, resource, sealed, key: grant_key })
+            let (key, signed_in) = unwrap_grant(token, &grant_id, &record, &boxed)?;
+            Ok(Opened { grant_id, client_id, resource, signed_in, key })
         }
 
         /// Seals a grant's credential again (Outline's tokens were refreshed).
-        pub fn reseal(&self, opened: &Opened, sealed: &Sealed) -> Result<(), TokenRefused> {
-            let plaintext = serde_json::to_vec(sealed).map_err(|_| TokenRefused::Storage)?;
+        pub fn reseal(&self, opened: &Opened, signed_in: &SignedIn) -> Result<(), TokenRefused> {
+            let plaintext = serde_json::to_vec(signed_in).map_err(|_| TokenRefused::Storage)?;
             let boxed = seal(&opened.key, &format!("grant:{}", opened.grant_id), &plaintext)?;
             let durable = {
-                let mut state = lock(&self.state);
+                let mut state = lock(&self.ledger);
                 let Some(grant) = state.grants.get_mut(&opened.grant_id) else {
                     return Err(TokenRefused::InvalidGrant("The grant was revoked."));
                 };
                 grant.sealed = boxed;
                 let entry = Entry::Grant { grant: grant.clone() };
-                self.record(&state, vec![entry])
+                self.keeping.record(&state, vec![entry])
             };
-            self.settled(durable)
+            self.keeping.settled(durable)
         }
 
         /// New access and refresh tokens for an opened grant; the old refresh token is
@@ -4207,7 +4351,7 @@ mod grants {
             let access = token_record(&access_token, &opened.grant_id, &opened.key, self.access_ttl)?;
             let refresh = token_record(&refresh_token, &opened.grant_id, &opened.key, self.refresh_ttl)?;
             let durable = {
-                let mut state = lock(&self.state);
+                let mut state = lock(&self.ledger);
                 let old_hash = token_hash(old_refresh);
                 let Some(mut grant) = state.grants.remove(&opened.grant_id) else {
                     return Err(TokenRefused::InvalidGrant("The grant was revoked."));
@@ -4230,32 +4374,32 @@ mod grants {
                 state.index_tokens(&grant);
                 let entry = Entry::Grant { grant: grant.clone() };
                 state.grants.insert(grant.id.clone(), grant);
-                self.record(&state, vec![entry])
+                self.keeping.record(&state, vec![entry])
             };
-            self.settled(durable)?;
+            self.keeping.settled(durable)?;
             Ok(Issued { access_token, refresh_token, expires_in: self.access_ttl.as_secs() })
         }
 
         /// Which grant a token (access or refresh, current or retired) belongs to.
         pub fn grant_of(&self, token: &str) -> Option<String> {
             let hash = token_hash(token);
-            let state = lock(&self.state);
+            let state = lock(&self.ledger);
             state.tokens.get(&hash).or_else(|| state.retired.get(&hash)).cloned()
         }
 
         pub fn client_of(&self, grant_id: &str) -> Option<String> {
-            lock(&self.state).grants.get(grant_id).map(|g| g.client_id.clone())
+            lock(&self.ledger).grants.get(grant_id).map(|g| g.client_id.clone())
         }
 
         pub fn revoke_grant(&self, grant_id: &str) -> Result<(), TokenRefused> {
             let durable = {
-                let mut state = lock(&self.state);
+                let mut state = lock(&self.ledger);
                 match state.remove_grant(grant_id) {
-                    Some(_) => self.record(&state, vec![Entry::GrantGone { id: grant_id.to_string() }]),
+                    Some(_) => self.keeping.record(&state, vec![Entry::GrantGone { id: grant_id.to_string() }]),
                     None => Durable::Nothing,
                 }
             };
-            self.settled(durable)
+            self.keeping.settled(durable)
         }
 
         /// Forgets what has expired: sign-ins, codes, access tokens, grants whose
@@ -4263,68 +4407,73 @@ mod grants {
         /// access tokens are forgotten in memory only: on disk they open nothing.
         pub fn prune(&self) {
             let now = now_unix();
+            self.sign_ins.prune(now);
             let durable = {
-                let mut state = lock(&self.state);
-                let instant = Instant::now();
-                state.pending.retain(|_, p| p.expires_at > now);
-                state.codes.retain(|_, c| c.expires_at > now);
-                state.used_codes.retain(|_, (_, until)| *until > instant);
-                let dead: Vec<String> =
-                    state.grants.values().filter(|g| g.refresh.expires_at <= now).map(|g| g.id.clone()).collect();
-                let mut entries = Vec::new();
-                for id in dead {
-                    state.remove_grant(&id);
-                    entries.push(Entry::GrantGone { id });
-                }
-                let unused: Vec<String> = state
-                    .clients
-                    .values()
-                    .filter(|c| !state.per_client.contains_key(&c.id) && c.created_at + 86400 <= now)
-                    .map(|c| c.id.clone())
-                    .collect();
-                for id in unused {
-                    state.clients.remove(&id);
-                    entries.push(Entry::ClientGone { id });
-                }
-                let mut expired_access = Vec::new();
-                for grant in state.grants.values_mut() {
-                    grant.access.retain(|a| {
-                        let alive = a.expires_at > now;
-                        if !alive {
-                            expired_access.push(a.hash.clone());
-                        }
-                        alive
-                    });
-                }
-                for hash in &expired_access {
-                    state.tokens.remove(hash);
-                }
-                self.record(&state, entries)
+                let mut state = lock(&self.ledger);
+                let entries = state.expire(now);
+                self.keeping.record(&state, entries)
             };
-            let _ = self.settled(durable);
+            let _ = self.keeping.settled(durable);
         }
 
         /// At a stop: the state file written whole, with the sign-ins and codes in
         /// progress (they are otherwise not written, so a flood of authorize requests
         /// costs no disk writes), and the journal emptied.
         pub fn save_at_stop(&self) {
-            let Keeping::OnDisk { mailbox, .. } = &self.keeping else { return };
-            let (sign_ins, codes) = {
-                let state = lock(&self.state);
-                (
-                    state.pending.iter().map(|(h, p)| (h.clone(), p.clone())).collect::<Vec<_>>(),
-                    state.codes.iter().map(|(h, c)| (h.clone(), c.clone())).collect::<Vec<_>>(),
-                )
-            };
-            let in_progress = sign_ins.len();
-            let (done, saved) = mpsc::channel();
-            let sent = mailbox.send(ToWriter::Stop { sign_ins, codes, done }).is_ok();
-            match sent.then(|| saved.recv().ok()).flatten() {
-                Some(true) => log::info!("OAuth state saved ({in_progress} sign-in(s) in progress)"),
-                Some(false) => log::error!("the OAuth state could not be saved at the stop"),
-                None => self.writer_gone(),
+            if let Keeping::OnDisk { .. } = self.keeping {
+                let (sign_ins, codes) = self.sign_ins.in_progress();
+                self.keeping.save_at_stop(sign_ins, codes);
             }
         }
+    }
+
+    /// What `dir` keeps, loaded, and the journal's writer started over it (a journal
+    /// that cannot be opened leaves the store `Unwritable`: sign-ins are refused).
+    fn restore(dir: &std::path::Path) -> (Ledger, InProgress, Keeping) {
+        let loaded = load(dir);
+        let now = now_unix();
+        let sign_ins: Vec<(String, Pending)> =
+            loaded.sign_ins.into_iter().filter(|(_, p)| p.expires_at > now).collect();
+        let codes: Vec<(String, CodeRecord)> = loaded.codes.into_iter().filter(|(_, c)| c.expires_at > now).collect();
+        let keeping = match start_writer(dir, &loaded.clients, &loaded.grants, loaded.journal_bytes, &sign_ins, &codes)
+        {
+            Ok(writer) => writer,
+            Err(e) => {
+                log::error!("cannot open the OAuth journal in {}: {e}; sign-ins are refused", dir.display());
+                Keeping::Unwritable
+            }
+        };
+        let mut ledger = Ledger { clients: loaded.clients, ..Ledger::default() };
+        let mut grants: Vec<GrantRecord> = loaded.grants.into_values().collect();
+        grants.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        for grant in grants {
+            ledger.add_grant(grant);
+        }
+        let in_progress = InProgress {
+            pending: sign_ins.into_iter().collect(),
+            codes: codes.into_iter().collect(),
+            used_codes: HashMap::new(),
+        };
+        (ledger, in_progress, keeping)
+    }
+
+    /// A grant's key unwrapped with one of its live tokens, and its box opened with it.
+    fn unwrap_grant(
+        token: &str,
+        grant_id: &str,
+        record: &TokenRecord,
+        boxed: &str,
+    ) -> Result<([u8; 32], SignedIn), TokenRefused> {
+        if record.expires_at <= now_unix() {
+            return Err(TokenRefused::InvalidGrant("The token has expired."));
+        }
+        let grant_key = open(&token_key(token, grant_id), &format!("wrap:{grant_id}"), &record.wrapped_key)
+            .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
+            .ok_or(TokenRefused::InvalidGrant("The token does not open its grant."))?;
+        let plaintext = open(&grant_key, &format!("grant:{grant_id}"), boxed)
+            .ok_or(TokenRefused::InvalidGrant("The grant could not be opened."))?;
+        let signed_in: SignedIn = serde_json::from_slice(&plaintext).map_err(|_| TokenRefused::Storage)?;
+        Ok((grant_key, signed_in))
     }
 
     /// The writer thread's own picture of what is on disk: each client and grant as
@@ -4623,17 +4772,10 @@ mod auth {
     /// The header that carries the key; `Authorization: Bearer` is the other way.
     pub const KEY_HEADER: &str = "x-outline-api-key";
 
-    /// Which header the key came in.
-    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-    pub enum KeySource {
-        KeyHeader,
-        Bearer,
-    }
-
-    /// The key as the client sent it, and where.
+    /// The key as the client sent it (in either header: which one is not kept, as
+    /// nothing decides by it).
     pub struct Credential {
         pub key: String,
-        pub source: KeySource,
     }
 
     /// Whether the request carries a credential at all (it may still be a bad one).
@@ -4652,9 +4794,9 @@ mod auth {
     /// (without asking Outline) one that is empty, too long or not printable ASCII.
     pub fn extract(incoming: &Incoming) -> Result<Credential, ProxyError> {
         let credential = match (incoming.header(KEY_HEADER), incoming.header("authorization")) {
-            (Some(k), _) => Credential { key: k.trim().to_string(), source: KeySource::KeyHeader },
+            (Some(k), _) => Credential { key: k.trim().to_string() },
             (None, Some(auth)) => match bearer(auth) {
-                Some(key) => Credential { key: key.to_string(), source: KeySource::Bearer },
+                Some(key) => Credential { key: key.to_string() },
                 None => {
                     return Err(ProxyError::Unauthorized("Authorization must be 'Bearer <Outline API key>'.".into()))
                 }
@@ -4897,12 +5039,13 @@ mod auth {
     ) -> Result<(Credential, User, String), ProxyError> {
         let credential = extract(incoming)?;
         let user = proxy.auth.verify(&credential.key)?;
-        let name = note_user(proxy, &user, &credential, log_ctx);
+        let name = container_of(proxy, &user, &credential, log_ctx);
         Ok((credential, user, name))
     }
 
-    /// The name of the user's container, noted with the user for the request's log line.
-    pub fn note_user(proxy: &Proxy, user: &User, credential: &Credential, log_ctx: &mut LogContext) -> String {
+    /// The name of the user's container (the one place it is made from a verified user),
+    /// noted with the user for the request's log line.
+    pub fn container_of(proxy: &Proxy, user: &User, credential: &Credential, log_ctx: &mut LogContext) -> String {
         let owner = owner_id(proxy.cfg.key_mode, user, &credential.key);
         let name = container_name(&proxy.cfg.prefix, &owner);
         log_ctx.user = Some(log_value(&user.name));
@@ -5528,6 +5671,27 @@ mod sessions {
         initialized: Option<Value>,
     }
 
+    impl ClientSession {
+        /// A session of `owner`'s with no upstream session known yet.
+        fn new(owner: &str) -> ClientSession {
+            ClientSession {
+                owner: owner.to_string(),
+                upstream_id: None,
+                incarnation: None,
+                init_params: None,
+                last_used: Instant::now(),
+                opening: None,
+                ended: false,
+                initialized: None,
+            }
+        }
+
+        /// Its upstream session was issued by another container incarnation than `now`.
+        fn issued_by_other_incarnation(&self, now: Option<&str>) -> bool {
+            matches!((&self.incarnation, now), (Some(had), Some(now)) if had != now)
+        }
+    }
+
     /// The table key of an owner's default session: a NUL cannot be in a header, so no
     /// client can present it.
     pub fn default_key(owner: &str) -> String {
@@ -5592,9 +5756,7 @@ mod sessions {
                 counters: Counters::default(),
             }
         }
-    }
 
-    impl Sessions {
         /// A request's session id must be one the proxy minted for this owner: any other
         /// (made up, another user's, from a key the proxy no longer has) is answered 404
         /// at once, so the client initializes again, before a container is woken.
@@ -5614,21 +5776,12 @@ mod sessions {
                 return Route::Foreign;
             }
             let mut table = lock(&self.table);
-            let session = table.entry(client_id.to_string()).or_insert_with(|| ClientSession {
-                owner: owner.to_string(),
-                upstream_id: None,
-                incarnation: None,
-                init_params: None,
-                last_used: Instant::now(),
-                opening: None,
-                ended: false,
-                initialized: None,
-            });
+            let session = table.entry(client_id.to_string()).or_insert_with(|| ClientSession::new(owner));
             if session.owner != owner || session.ended {
                 return Route::Foreign;
             }
             session.last_used = Instant::now();
-            let replaced = matches!((&session.incarnation, incarnation), (Some(had), Some(now)) if had != now);
+            let replaced = session.issued_by_other_incarnation(incarnation);
             let (upstream_id, stale) = match &session.upstream_id {
                 Some(id) => (id.clone(), replaced),
                 None => (client_id.to_string(), true),
@@ -5643,19 +5796,9 @@ mod sessions {
         pub fn default_route(&self, owner: &str, incarnation: Option<&str>) -> Route {
             let client_id = default_key(owner);
             let mut table = lock(&self.table);
-            let session = table.entry(client_id.clone()).or_insert_with(|| ClientSession {
-                owner: owner.to_string(),
-                upstream_id: None,
-                incarnation: None,
-                init_params: None,
-                last_used: Instant::now(),
-                opening: None,
-                ended: false,
-                initialized: None,
-            });
+            let session = table.entry(client_id.clone()).or_insert_with(|| ClientSession::new(owner));
             session.last_used = Instant::now();
-            let stale = session.upstream_id.is_none()
-                || matches!((&session.incarnation, incarnation), (Some(had), Some(now)) if had != now);
+            let stale = session.upstream_id.is_none() || session.issued_by_other_incarnation(incarnation);
             Route::Own { client_id, upstream_id: session.upstream_id.clone().unwrap_or_default(), stale }
         }
 
@@ -5715,19 +5858,13 @@ mod sessions {
             let client_id = self.key.mint(owner)?;
             let mut table = lock(&self.table);
             let latest = init_params.clone();
-            table.insert(
-                client_id.clone(),
-                ClientSession {
-                    owner: owner.to_string(),
-                    upstream_id: Some(upstream_id.to_string()),
-                    incarnation: incarnation.map(str::to_string),
-                    init_params,
-                    last_used: Instant::now(),
-                    opening: None,
-                    ended: false,
-                    initialized: None,
-                },
-            );
+            let session = ClientSession {
+                upstream_id: Some(upstream_id.to_string()),
+                incarnation: incarnation.map(str::to_string),
+                init_params,
+                ..ClientSession::new(owner)
+            };
+            table.insert(client_id.clone(), session);
             self.bound_owner(&mut table, owner);
             drop(table);
             if let Some(params) = latest {
@@ -5801,9 +5938,9 @@ mod sessions {
         pub fn attachable(&self, client_id: &str, owner: &str, incarnation: Option<&str>) -> Option<String> {
             let table = lock(&self.table);
             let session = table.get(client_id).filter(|s| s.owner == owner && !s.ended)?;
-            match (&session.incarnation, incarnation) {
-                (Some(had), Some(now)) if had != now => None,
-                _ => session.upstream_id.clone(),
+            match session.issued_by_other_incarnation(incarnation) {
+                true => None,
+                false => session.upstream_id.clone(),
             }
         }
 
@@ -6079,11 +6216,12 @@ mod staged {
 }
 
 mod registry {
-    //! Owns what the proxy knows of each container (state, address, leases, counters)
-    //! and every decision made on it: plans, sweep selection, the removal policy. Pure:
-    //! no Docker, no HTTP; its one lock is held only for field updates. Calls `util`,
-    //! `staged` (whether a container may sleep), and reads `docker`'s plain data types.
-    use crate::docker::{ContainerInfo, Event};
+    //! Owns what the proxy knows of each container (state and address, role, leases,
+    //! counters) and every decision made on it: plans, sweep selection, the removal
+    //! policy. Pure: no Docker, no HTTP; its one lock is held only for field updates.
+    //! Calls `util`, `error`, `staged` (whether a container may sleep), and `docker` for
+    //! its plain data types only (`ContainerInfo`, `Event`, `Role`), never a verb.
+    use crate::docker::{ContainerInfo, Event, Role};
     use crate::error::ProxyError;
     use crate::staged::Staged;
     use crate::util::{lock, Flight};
@@ -6092,24 +6230,36 @@ mod registry {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant, SystemTime};
 
-    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    /// Where a running container answers, and which process of it (see `ContainerInfo`).
+    #[derive(Clone, PartialEq, Eq, Debug)]
+    pub struct Place {
+        pub address: SocketAddr,
+        pub incarnation: Option<String>,
+    }
+
+    #[derive(Clone, PartialEq, Eq, Debug)]
     pub enum State {
         /// Not known to exist (a fresh entry, or removed).
         Missing,
         Stopped,
-        Running,
+        /// Running, and answering at its place: a running entry always has one.
+        Running(Place),
         /// Believed to exist, state unknown (a start timed out, a connection failed).
         Unknown,
     }
 
     impl State {
-        pub fn as_str(self) -> &'static str {
+        pub fn as_str(&self) -> &'static str {
             match self {
                 State::Missing => "missing",
                 State::Stopped => "stopped",
-                State::Running => "running",
+                State::Running(_) => "running",
                 State::Unknown => "unknown",
             }
+        }
+
+        pub fn is_running(&self) -> bool {
+            matches!(self, State::Running(_))
         }
     }
 
@@ -6118,11 +6268,11 @@ mod registry {
 
     pub struct Entry {
         pub state: State,
-        pub address: Option<SocketAddr>,
-        /// Which process of the container answers there (see `ContainerInfo`).
-        pub incarnation: Option<String>,
-        /// Booted ahead of time, assigned to nobody yet.
-        pub spare: bool,
+        /// Where it was last seen: set as it starts, kept after it stops (for /stats,
+        /// and so that its address, given by Docker to another container, is spotted).
+        pub last_address: Option<SocketAddr>,
+        /// A user's container, or a spare: booted ahead of time, assigned to nobody yet.
+        pub role: Role,
         /// The image it was made from, when known.
         pub image_id: Option<String>,
         pub user: String,
@@ -6140,10 +6290,12 @@ mod registry {
     impl Entry {
         pub fn new(state: State) -> Entry {
             Entry {
+                last_address: match &state {
+                    State::Running(place) => Some(place.address),
+                    _ => None,
+                },
                 state,
-                address: None,
-                incarnation: None,
-                spare: false,
+                role: Role::User,
                 image_id: None,
                 user: String::new(),
                 created_at: None,
@@ -6161,10 +6313,26 @@ mod registry {
             self.active == 0 && self.transition.is_none()
         }
 
+        fn is_ready_spare(&self) -> bool {
+            self.role == Role::Spare && self.state.is_running() && self.is_idle_and_settled()
+        }
+
         fn begin(&mut self) -> Transition {
             let flight = Flight::new();
             self.transition = Some(flight.clone());
             flight
+        }
+
+        /// Running at `place`: the one way an entry comes to run.
+        fn run_at(&mut self, place: Place) {
+            self.last_address = Some(place.address);
+            self.state = State::Running(place);
+        }
+
+        /// Gone or dead: where it was is worth nothing now.
+        fn forget_place(&mut self, state: State) {
+            self.state = state;
+            self.last_address = None;
         }
     }
 
@@ -6241,7 +6409,7 @@ mod registry {
         pub address: Option<SocketAddr>,
         /// Client sessions bound to it (filled in by `ops`).
         pub sessions: usize,
-        pub spare: bool,
+        pub role: Role,
         /// Documents it holds staged (unsaved), and for how long (filled in by `ops`).
         pub staged_documents: usize,
         pub staged_seconds: u64,
@@ -6261,9 +6429,10 @@ mod registry {
     /// and is inspected again before anything is routed to it.
     fn forget_address_elsewhere(entries: &mut HashMap<String, Entry>, name: &str, address: SocketAddr) {
         for (other, entry) in entries.iter_mut() {
-            if other != name && entry.address == Some(address) {
-                entry.address = None;
-                if entry.transition.is_none() {
+            if other != name && entry.last_address == Some(address) {
+                entry.last_address = None;
+                // (a running entry, even one in a transition, is never left at it)
+                if entry.transition.is_none() || entry.state.is_running() {
                     entry.state = State::Unknown;
                 }
             }
@@ -6274,31 +6443,10 @@ mod registry {
     pub struct Registry {
         pub entries: Mutex<HashMap<String, Entry>>,
         max_running: usize,
-        user_max_inflight: usize,
-        user_max_streams: usize,
-        /// Notification streams the proxy holds, per container name: apart from the
-        /// entries, whose life is the container's. Locked after `entries`, never before.
-        streams: Mutex<HashMap<String, usize>>,
+        /// The notification streams the proxy holds (locked after `entries`).
+        streams: Arc<Streams>,
         /// Which containers hold staged edits (taken after `entries`, never before).
         pub staged: Arc<Staged>,
-    }
-
-    /// One held notification stream of a user, counted while alive.
-    pub struct StreamSlot {
-        registry: Arc<Registry>,
-        name: String,
-    }
-
-    impl Drop for StreamSlot {
-        fn drop(&mut self) {
-            let mut streams = lock(&self.registry.streams);
-            if let Some(held) = streams.get_mut(&self.name) {
-                *held = held.saturating_sub(1);
-                if *held == 0 {
-                    streams.remove(&self.name);
-                }
-            }
-        }
     }
 
     impl Registry {
@@ -6311,45 +6459,34 @@ mod registry {
             Registry {
                 entries: Mutex::new(HashMap::new()),
                 max_running,
-                user_max_inflight,
-                user_max_streams,
-                streams: Mutex::new(HashMap::new()),
+                streams: Arc::new(Streams { held: Mutex::new(HashMap::new()), user_max_inflight, user_max_streams }),
                 staged,
             }
         }
 
-        /// A user's requests in flight and held streams together have reached
-        /// MCP_PROXY_USER_MAX_INFLIGHT (0 = no limit).
-        fn user_busy(&self, active: usize, name: &str) -> bool {
-            self.user_max_inflight > 0
-                && active + lock(&self.streams).get(name).copied().unwrap_or(0) >= self.user_max_inflight
-        }
-
         /// Claims a slot for one more held notification stream of `name`'s user: at most
         /// MCP_PROXY_USER_MAX_STREAMS, and counted with their requests in flight.
-        pub fn hold_stream(self: &Arc<Self>, name: &str) -> Result<StreamSlot, ProxyError> {
+        pub fn hold_stream(&self, name: &str) -> Result<StreamSlot, ProxyError> {
             let entries = lock(&self.entries);
             let active = entries.get(name).map_or(0, |e| e.active);
-            if self.user_busy(active, name) {
-                return Err(ProxyError::UserBusy(self.user_max_inflight));
-            }
-            let mut streams = lock(&self.streams);
-            let held = streams.entry(name.to_string()).or_insert(0);
-            if self.user_max_streams > 0 && *held >= self.user_max_streams {
-                return Err(ProxyError::TooManyStreams(self.user_max_streams));
-            }
-            *held += 1;
-            Ok(StreamSlot { registry: self.clone(), name: name.to_string() })
+            self.streams.hold(active, name)
         }
 
         /// Routes to a running container, waits for a transition under way, or claims
-        /// the start (making room under MAX_RUNNING by naming an idle one to stop).
-        pub fn plan(self: &Arc<Self>, name: &str, user_label: &str, websocket: bool) -> Result<Plan, ProxyError> {
+        /// the start (making room under MAX_RUNNING, and under the memory budget's `fit`
+        /// containers (usize::MAX: none), by naming an idle one to stop).
+        pub fn plan(
+            self: &Arc<Self>,
+            name: &str,
+            user_label: &str,
+            websocket: bool,
+            fit: usize,
+        ) -> Result<Plan, ProxyError> {
             let mut entries = lock(&self.entries);
             // counted only under a cap: no walk over every container on each request
-            let at_cap = self.max_running > 0
-                && entries.values().filter(|e| e.state == State::Running || e.transition.is_some()).count()
-                    >= self.max_running;
+            let cap = self.cap(fit);
+            let at_cap = cap < usize::MAX
+                && entries.values().filter(|e| e.state.is_running() || e.transition.is_some()).count() >= cap;
             let entry = entries.entry(name.to_string()).or_insert_with(|| Entry::new(State::Missing));
             if entry.user != user_label {
                 entry.user = user_label.to_string();
@@ -6357,26 +6494,24 @@ mod registry {
             if let Some(flight) = &entry.transition {
                 return Ok(Plan::Wait(flight.clone()));
             }
-            if let (State::Running, Some(address)) = (entry.state, entry.address) {
-                if self.user_busy(entry.active, name) {
-                    return Err(ProxyError::UserBusy(self.user_max_inflight));
-                }
+            if let State::Running(place) = &entry.state {
+                self.streams.admit(entry.active, name)?;
                 entry.active += 1;
                 entry.requests_total += 1;
                 if websocket {
                     entry.websockets += 1;
                 }
-                let incarnation = entry.incarnation.clone();
+                let (address, incarnation) = (place.address, place.incarnation.clone());
                 let lease = Lease { registry: self.clone(), name: name.to_string(), address, incarnation, websocket };
                 return Ok(Plan::Route(lease));
             }
-            let known = entry.state;
+            let known = entry.state.clone();
             let flight = entry.begin();
             // a ready spare serves at once, and takes no new slot under the cap (but never
             // in place of a container that may still run with staged edits)
             let spare = entries
                 .iter()
-                .find(|(n, e)| *n != name && e.spare && e.state == State::Running && e.is_idle_and_settled())
+                .find(|(n, e)| *n != name && e.is_ready_spare())
                 .map(|(n, _)| n.clone())
                 .filter(|_| self.staged.may_sleep(name));
             if let Some(spare) = spare {
@@ -6391,7 +6526,7 @@ mod registry {
             // a container holding staged edits is never the one to make room: 503 instead
             let victim = entries
                 .iter()
-                .filter(|(n, e)| *n != name && e.state == State::Running && e.is_idle_and_settled())
+                .filter(|(n, e)| *n != name && e.state.is_running() && e.is_idle_and_settled())
                 .filter(|(n, _)| self.staged.may_sleep(n))
                 .min_by_key(|(_, e)| e.idle_since)
                 .map(|(n, _)| n.clone());
@@ -6404,78 +6539,20 @@ mod registry {
                     if let Some(entry) = entries.get_mut(name) {
                         entry.transition = None;
                     }
-                    let full = ProxyError::AtCapacity(self.max_running);
+                    let full = ProxyError::AtCapacity(cap);
                     flight.finish(Err(full.clone()));
                     Err(full)
                 }
             }
         }
 
-        /// A spare becomes `name`'s container: the entry takes its address, incarnation
-        /// and image, and the spare's entry goes (its transition ends with the user's).
-        pub fn adopt_spare(&self, spare: &str, name: &str) {
-            let mut entries = lock(&self.entries);
-            let Some(taken) = entries.remove(spare) else { return };
-            if let Some(entry) = entries.get_mut(name) {
-                entry.state = State::Running;
-                entry.address = taken.address;
-                entry.incarnation = taken.incarnation;
-                entry.image_id = taken.image_id;
-                entry.created_at = taken.created_at;
-                entry.stopped_at = None;
+        /// Containers that may run at once: MAX_RUNNING (0 = no cap) and the budget's `fit`.
+        fn cap(&self, fit: usize) -> usize {
+            if self.max_running == 0 {
+                fit
+            } else {
+                self.max_running.min(fit)
             }
-        }
-
-        /// A claimed spare that could not be taken goes back to the pool (or is
-        /// forgotten when it is gone).
-        pub fn release_spare(&self, spare: &str, gone: bool) {
-            let mut entries = lock(&self.entries);
-            if gone {
-                entries.remove(spare);
-            } else if let Some(entry) = entries.get_mut(spare) {
-                entry.transition = None;
-            }
-        }
-
-        /// A new spare, booting: counted at once, so only one boot at a time is started.
-        pub fn begin_spare(&self, name: &str) -> Transition {
-            let mut entry = Entry::new(State::Missing);
-            entry.spare = true;
-            let flight = entry.begin();
-            lock(&self.entries).insert(name.to_string(), entry);
-            flight
-        }
-
-        pub fn spare_ready(&self, name: &str, address: SocketAddr, incarnation: Option<String>, image_id: &str) {
-            self.mark_running(name, address, incarnation);
-            if let Some(entry) = lock(&self.entries).get_mut(name) {
-                entry.image_id = Some(image_id.to_string());
-                entry.transition = None;
-            }
-        }
-
-        /// Whether another spare may boot now: fewer than `wanted`, no user's container
-        /// starting (user traffic first), and room under the cap.
-        pub fn wants_spare(&self, wanted: usize) -> bool {
-            let mut entries = lock(&self.entries);
-            // a spare removed or killed behind the proxy's back is forgotten
-            entries.retain(|_, e| !(e.spare && e.transition.is_none() && e.state != State::Running));
-            let spares = entries.values().filter(|e| e.spare).count();
-            let user_starting = entries.values().any(|e| !e.spare && e.transition.is_some());
-            let running = entries.values().filter(|e| e.state == State::Running || e.transition.is_some()).count();
-            spares < wanted && !user_starting && (self.max_running == 0 || running < self.max_running)
-        }
-
-        /// Claims the settled spares not of `image_id`, to be replaced.
-        pub fn claim_outdated_spares(&self, image_id: &str) -> Vec<(String, Transition)> {
-            let mut claimed = Vec::new();
-            for (name, entry) in lock(&self.entries).iter_mut() {
-                let outdated = entry.image_id.as_deref().is_some_and(|id| id != image_id);
-                if entry.spare && outdated && entry.is_idle_and_settled() {
-                    claimed.push((name.clone(), entry.begin()));
-                }
-            }
-            claimed
         }
 
         pub fn note_image(&self, name: &str, image_id: &str) {
@@ -6510,7 +6587,7 @@ mod registry {
             let mut entries = lock(&self.entries);
             forget_address_elsewhere(&mut entries, name, address);
             if let Some(entry) = entries.get_mut(name) {
-                entry.address = Some(address);
+                entry.last_address = Some(address);
                 entry.created_at = created_at.or(entry.created_at);
             }
         }
@@ -6519,73 +6596,8 @@ mod registry {
             let mut entries = lock(&self.entries);
             forget_address_elsewhere(&mut entries, name, address);
             if let Some(entry) = entries.get_mut(name) {
-                entry.state = State::Running;
-                entry.address = Some(address);
-                entry.incarnation = incarnation;
+                entry.run_at(Place { address, incarnation });
                 entry.stopped_at = None;
-            }
-        }
-
-        /// What a line of Docker's event stream means for the registry: a start the
-        /// proxy did not make must be inspected (its address and incarnation are new);
-        /// a death or removal makes a cached address worthless at once.
-        pub fn observe(&self, event: &Event) -> Option<String> {
-            if let Event::Die(name) | Event::Destroy(name) = event {
-                // (its own stops are the sleeper's to report; this is a crash or a kill)
-                let user = lock(&self.entries).get(name).filter(|e| e.transition.is_none()).map(|e| e.user.clone());
-                if let Some(user) = user {
-                    self.staged.lost(name, &user, "the container died or was removed");
-                }
-            }
-            let mut entries = lock(&self.entries);
-            let settled = |entries: &HashMap<String, Entry>, name: &str| {
-                entries.get(name).is_some_and(|e| e.transition.is_none())
-            };
-            match event {
-                Event::Start(name) if settled(&entries, name) => return Some(name.clone()),
-                Event::Die(name) | Event::Destroy(name) if settled(&entries, name) => {
-                    if let Some(entry) = entries.get_mut(name) {
-                        entry.state = if matches!(event, Event::Destroy(_)) { State::Missing } else { State::Unknown };
-                        entry.address = None;
-                        entry.incarnation = None;
-                    }
-                }
-                Event::Rename { from, to } => {
-                    if let Some(entry) = entries.get_mut(from).filter(|e| e.transition.is_none()) {
-                        entry.state = State::Missing;
-                        entry.address = None;
-                    }
-                    if settled(&entries, to) {
-                        return Some(to.clone());
-                    }
-                }
-                _ => {}
-            }
-            None
-        }
-
-        /// A container someone else started, as Docker now describes it.
-        pub fn observe_started(&self, name: &str, address: Option<SocketAddr>, incarnation: Option<String>) {
-            let mut entries = lock(&self.entries);
-            if let Some(address) = address {
-                forget_address_elsewhere(&mut entries, name, address);
-            }
-            if let Some(entry) = entries.get_mut(name).filter(|e| e.transition.is_none()) {
-                entry.state = if address.is_some() { State::Running } else { State::Unknown };
-                entry.address = address;
-                entry.incarnation = incarnation;
-                entry.stopped_at = None;
-            }
-        }
-
-        /// Docker's event stream broke off (a daemon restart): nothing cached is
-        /// trusted until the registry is rebuilt; every container is inspected again
-        /// before traffic is routed to it.
-        pub fn distrust_all(&self) {
-            for entry in lock(&self.entries).values_mut() {
-                if entry.transition.is_none() && entry.state == State::Running {
-                    entry.state = State::Unknown;
-                }
             }
         }
 
@@ -6593,8 +6605,10 @@ mod registry {
         /// it awake (a held notification stream).
         pub fn peek_running(&self, name: &str) -> Option<(SocketAddr, Option<String>)> {
             let entries = lock(&self.entries);
-            let entry = entries.get(name).filter(|e| e.state == State::Running && e.transition.is_none())?;
-            Some((entry.address?, entry.incarnation.clone()))
+            match entries.get(name).filter(|e| e.transition.is_none()).map(|e| &e.state) {
+                Some(State::Running(place)) => Some((place.address, place.incarnation.clone())),
+                _ => None,
+            }
         }
 
         /// A connection to the container failed: forget what we believed about it, so
@@ -6607,20 +6621,310 @@ mod registry {
             }
         }
 
+        pub fn state_of(&self, name: &str) -> State {
+            lock(&self.entries).get(name).map(|e| e.state.clone()).unwrap_or(State::Missing)
+        }
+
+        /// (containers tracked, running)
+        pub fn counts(&self) -> (usize, usize) {
+            let entries = lock(&self.entries);
+            (entries.len(), entries.values().filter(|e| e.state.is_running()).count())
+        }
+
+        pub fn snapshot(&self) -> Vec<ContainerSnapshot> {
+            let mut containers: Vec<ContainerSnapshot> = lock(&self.entries)
+                .iter()
+                .map(|(name, e)| ContainerSnapshot {
+                    name: name.clone(),
+                    state: e.state.clone(),
+                    user: e.user.clone(),
+                    created_at: e.created_at,
+                    last_used: e.last_used,
+                    idle_seconds: if e.active > 0 { 0 } else { e.idle_since.elapsed().as_secs() },
+                    active: e.active,
+                    websockets: e.websockets,
+                    requests_total: e.requests_total,
+                    address: e.last_address,
+                    sessions: 0,
+                    role: e.role,
+                    staged_documents: 0,
+                    staged_seconds: 0,
+                })
+                .collect();
+            containers.sort_by(|a, b| a.name.cmp(&b.name));
+            containers
+        }
+
+        /// The spare keeper's view of the entries.
+        pub fn spares(&self) -> Spares<'_> {
+            Spares { registry: self }
+        }
+
+        /// What Docker reports (its listing, its events), applied to the entries.
+        pub fn sightings(&self) -> Sightings<'_> {
+            Sightings { registry: self }
+        }
+
+        /// The sleeper's view of the entries: what to stop and remove, and how it went.
+        pub fn sweeps(&self) -> Sweeps<'_> {
+            Sweeps { registry: self }
+        }
+    }
+
+    /// The notification streams the proxy holds, per container name, and the per-user
+    /// limits they count against: apart from the entries, whose life is the container's.
+    /// Locked after `entries`, never before.
+    pub struct Streams {
+        held: Mutex<HashMap<String, usize>>,
+        user_max_inflight: usize,
+        user_max_streams: usize,
+    }
+
+    impl Streams {
+        /// Refused when a user's requests in flight and held streams together have
+        /// reached MCP_PROXY_USER_MAX_INFLIGHT (0 = no limit).
+        fn admit(&self, active: usize, name: &str) -> Result<(), ProxyError> {
+            let held = || lock(&self.held).get(name).copied().unwrap_or(0);
+            match self.user_max_inflight > 0 && active + held() >= self.user_max_inflight {
+                true => Err(ProxyError::UserBusy(self.user_max_inflight)),
+                false => Ok(()),
+            }
+        }
+
+        fn hold(self: &Arc<Self>, active: usize, name: &str) -> Result<StreamSlot, ProxyError> {
+            self.admit(active, name)?;
+            let mut held = lock(&self.held);
+            let count = held.entry(name.to_string()).or_insert(0);
+            if self.user_max_streams > 0 && *count >= self.user_max_streams {
+                return Err(ProxyError::TooManyStreams(self.user_max_streams));
+            }
+            *count += 1;
+            Ok(StreamSlot { streams: self.clone(), name: name.to_string() })
+        }
+    }
+
+    /// One held notification stream of a user, counted while alive.
+    pub struct StreamSlot {
+        streams: Arc<Streams>,
+        name: String,
+    }
+
+    impl Drop for StreamSlot {
+        fn drop(&mut self) {
+            let mut held = lock(&self.streams.held);
+            if let Some(count) = held.get_mut(&self.name) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    held.remove(&self.name);
+                }
+            }
+        }
+    }
+
+    /// The spares: containers booted ahead of time for whoever needs one next. They
+    /// are entries like any other (the cap counts them), with `Role::Spare`.
+    pub struct Spares<'a> {
+        registry: &'a Registry,
+    }
+
+    impl Spares<'_> {
+        /// A spare becomes `name`'s container: the entry takes its place (address and
+        /// incarnation) and image, and the spare's entry goes (its transition ends with
+        /// the user's).
+        pub fn adopt(&self, spare: &str, name: &str) {
+            let mut entries = lock(&self.registry.entries);
+            let Some(taken) = entries.remove(spare) else { return };
+            if let Some(entry) = entries.get_mut(name) {
+                entry.state = taken.state;
+                entry.last_address = taken.last_address;
+                entry.image_id = taken.image_id;
+                entry.created_at = taken.created_at;
+                entry.stopped_at = None;
+            }
+        }
+
+        /// A claimed spare that could not be taken goes back to the pool (or is
+        /// forgotten when it is gone).
+        pub fn release(&self, spare: &str, gone: bool) {
+            let mut entries = lock(&self.registry.entries);
+            if gone {
+                entries.remove(spare);
+            } else if let Some(entry) = entries.get_mut(spare) {
+                entry.transition = None;
+            }
+        }
+
+        /// A new spare, booting: counted at once, so only one boot at a time is started.
+        pub fn begin(&self, name: &str) -> Transition {
+            let mut entry = Entry::new(State::Missing);
+            entry.role = Role::Spare;
+            let flight = entry.begin();
+            lock(&self.registry.entries).insert(name.to_string(), entry);
+            flight
+        }
+
+        pub fn ready(&self, name: &str, address: SocketAddr, incarnation: Option<String>, image_id: &str) {
+            self.registry.mark_running(name, address, incarnation);
+            if let Some(entry) = lock(&self.registry.entries).get_mut(name) {
+                entry.image_id = Some(image_id.to_string());
+                entry.transition = None;
+            }
+        }
+
+        /// Whether another spare may boot now: fewer than `wanted`, no user's container
+        /// starting (user traffic first), and room under the cap and the budget's `fit`.
+        pub fn wanted(&self, wanted: usize, fit: usize) -> bool {
+            let mut entries = lock(&self.registry.entries);
+            let is_spare = |e: &Entry| e.role == Role::Spare;
+            // a spare removed or killed behind the proxy's back is forgotten
+            entries.retain(|_, e| !(is_spare(e) && e.transition.is_none() && !e.state.is_running()));
+            let spares = entries.values().filter(|e| is_spare(e)).count();
+            let user_starting = entries.values().any(|e| !is_spare(e) && e.transition.is_some());
+            let running = entries.values().filter(|e| e.state.is_running() || e.transition.is_some()).count();
+            spares < wanted && !user_starting && running < self.registry.cap(fit)
+        }
+
+        /// Claims the settled spares not of `image_id`, to be replaced.
+        pub fn claim_outdated(&self, image_id: &str) -> Vec<(String, Transition)> {
+            let mut claimed = Vec::new();
+            for (name, entry) in lock(&self.registry.entries).iter_mut() {
+                let outdated = entry.image_id.as_deref().is_some_and(|id| id != image_id);
+                if entry.role == Role::Spare && outdated && entry.is_idle_and_settled() {
+                    claimed.push((name.clone(), entry.begin()));
+                }
+            }
+            claimed
+        }
+    }
+
+    /// What Docker reports, applied to the entries: its listing (at start-up, and when
+    /// it comes back) and its event stream. Entries in a transition are left to it.
+    pub struct Sightings<'a> {
+        registry: &'a Registry,
+    }
+
+    impl Sightings<'_> {
+        /// What a line of Docker's event stream means for the registry: a start the
+        /// proxy did not make must be inspected (its address and incarnation are new);
+        /// a death or removal makes a cached address worthless at once.
+        pub fn observe(&self, event: &Event) -> Option<String> {
+            if let Event::Die(name) | Event::Destroy(name) = event {
+                // (its own stops are the sleeper's to report; this is a crash or a kill)
+                let user =
+                    lock(&self.registry.entries).get(name).filter(|e| e.transition.is_none()).map(|e| e.user.clone());
+                if let Some(user) = user {
+                    self.registry.staged.lost(name, &user, "the container died or was removed");
+                }
+            }
+            let mut entries = lock(&self.registry.entries);
+            let settled = |entries: &HashMap<String, Entry>, name: &str| {
+                entries.get(name).is_some_and(|e| e.transition.is_none())
+            };
+            match event {
+                Event::Start(name) if settled(&entries, name) => return Some(name.clone()),
+                Event::Die(name) | Event::Destroy(name) if settled(&entries, name) => {
+                    if let Some(entry) = entries.get_mut(name) {
+                        let destroyed = matches!(event, Event::Destroy(_));
+                        entry.forget_place(if destroyed { State::Missing } else { State::Unknown });
+                    }
+                }
+                Event::Rename { from, to } => {
+                    if let Some(entry) = entries.get_mut(from).filter(|e| e.transition.is_none()) {
+                        entry.forget_place(State::Missing);
+                    }
+                    if settled(&entries, to) {
+                        return Some(to.clone());
+                    }
+                }
+                _ => {}
+            }
+            None
+        }
+
+        /// A container someone else started, as Docker now describes it.
+        pub fn started(&self, name: &str, address: Option<SocketAddr>, incarnation: Option<String>) {
+            let mut entries = lock(&self.registry.entries);
+            if let Some(address) = address {
+                forget_address_elsewhere(&mut entries, name, address);
+            }
+            if let Some(entry) = entries.get_mut(name).filter(|e| e.transition.is_none()) {
+                match address {
+                    Some(address) => entry.run_at(Place { address, incarnation }),
+                    None => entry.forget_place(State::Unknown),
+                }
+                entry.stopped_at = None;
+            }
+        }
+
+        /// Docker's event stream broke off (a daemon restart): nothing cached is
+        /// trusted until the registry is rebuilt; every container is inspected again
+        /// before traffic is routed to it.
+        pub fn distrust_all(&self) {
+            for entry in lock(&self.registry.entries).values_mut() {
+                if entry.transition.is_none() && entry.state.is_running() {
+                    entry.state = State::Unknown;
+                }
+            }
+        }
+
+        /// Brings the registry in line with Docker's listing of this proxy's containers
+        /// (at start-up, and when Docker comes back). Entries in a transition are left
+        /// to it; ones Docker no longer has, and nobody uses, become missing. (A running
+        /// one without an address on the network is in doubt: inspected before use.)
+        pub fn reconcile(&self, containers: &[ContainerInfo], port: u16) {
+            let mut entries = lock(&self.registry.entries);
+            for info in containers {
+                let entry = entries.entry(info.name.clone()).or_insert_with(|| Entry::new(State::Missing));
+                if entry.transition.is_some() {
+                    continue;
+                }
+                let address = info.address.map(|ip| SocketAddr::new(ip, port));
+                match (info.running, address) {
+                    (true, Some(address)) => entry.run_at(Place { address, incarnation: info.incarnation.clone() }),
+                    (true, None) => entry.forget_place(State::Unknown),
+                    (false, _) => {
+                        entry.state = State::Stopped;
+                        entry.last_address = address;
+                    }
+                }
+                let spare = info.role == Role::Spare && info.name.contains(crate::docker::SPARE_MARK);
+                entry.role = if spare { Role::Spare } else { Role::User };
+                entry.image_id = Some(info.image_id.clone()).filter(|id| !id.is_empty());
+                entry.created_at = info.created_at;
+                entry.stopped_at = if info.running { None } else { info.finished_at };
+                if entry.user.is_empty() {
+                    entry.user = info.user.clone();
+                }
+            }
+            for (name, entry) in entries.iter_mut() {
+                let listed = containers.iter().any(|c| &c.name == name);
+                if !listed && entry.transition.is_none() && entry.active == 0 {
+                    entry.forget_place(State::Missing);
+                }
+            }
+        }
+    }
+
+    /// The sleeper's view of the entries: which to stop and remove, and how that went.
+    pub struct Sweeps<'a> {
+        registry: &'a Registry,
+    }
+
+    impl Sweeps<'_> {
         /// Picks the idle containers to stop and the long-stopped ones to remove, and
         /// holds a transition on each so requests wait rather than race.
-        pub fn select_sweep(&self, idle_timeout: Duration, remove_after: Option<Duration>) -> Sweep {
+        pub fn select(&self, idle_timeout: Duration, remove_after: Option<Duration>) -> Sweep {
             let now = Instant::now();
             let mut sweep = Sweep::default();
-            for (name, entry) in lock(&self.entries).iter_mut() {
+            for (name, entry) in lock(&self.registry.entries).iter_mut() {
                 // a spare is idle by design: the keeper looks after it
-                if entry.spare || !entry.is_idle_and_settled() {
+                if entry.role == Role::Spare || !entry.is_idle_and_settled() {
                     continue;
                 }
                 let idle_for = now.saturating_duration_since(entry.idle_since);
-                if matches!(entry.state, State::Running | State::Unknown)
+                if matches!(entry.state, State::Running(_) | State::Unknown)
                     && idle_for >= idle_timeout
-                    && self.staged.may_sleep(name)
+                    && self.registry.staged.may_sleep(name)
                 {
                     sweep.stop.push((name.clone(), entry.begin()));
                 } else if entry.state == State::Stopped && due_for_removal(entry.stopped_at, remove_after) {
@@ -6634,22 +6938,18 @@ mod registry {
         /// held (past MCP_PROXY_STAGED_EDITS_TIMEOUT) are gone with it.
         pub fn after_stop(&self, name: &str, outcome: StopOutcome) {
             let slept = !matches!(outcome, StopOutcome::Failed);
-            let user = lock(&self.entries).get(name).map(|e| e.user.clone()).unwrap_or_default();
+            let user = lock(&self.registry.entries).get(name).map(|e| e.user.clone()).unwrap_or_default();
             if slept {
-                self.staged.lost(name, &user, "put to sleep: held longer than MCP_PROXY_STAGED_EDITS_TIMEOUT");
+                self.registry.staged.lost(name, &user, "put to sleep: held longer than MCP_PROXY_STAGED_EDITS_TIMEOUT");
             }
-            if let Some(entry) = lock(&self.entries).get_mut(name) {
+            if let Some(entry) = lock(&self.registry.entries).get_mut(name) {
                 entry.transition = None;
                 match outcome {
                     StopOutcome::Stopped => {
                         entry.state = State::Stopped;
                         entry.stopped_at = Some(SystemTime::now());
                     }
-                    StopOutcome::Gone | StopOutcome::Retired => {
-                        entry.state = State::Missing;
-                        entry.address = None;
-                        entry.incarnation = None;
-                    }
+                    StopOutcome::Gone | StopOutcome::Retired => entry.forget_place(State::Missing),
                     StopOutcome::Failed => {}
                 }
             }
@@ -6657,83 +6957,20 @@ mod registry {
 
         /// Forgets a removed container, or releases the transition of one that was not.
         pub fn after_remove(&self, name: &str, removed: bool) {
-            let mut entries = lock(&self.entries);
+            let mut entries = lock(&self.registry.entries);
             if removed {
                 entries.remove(name);
             } else if let Some(entry) = entries.get_mut(name) {
                 entry.transition = None;
             }
         }
-
-        /// Brings the registry in line with Docker's listing of this proxy's containers
-        /// (at start-up, and when Docker comes back). Entries in a transition are left
-        /// to it; ones Docker no longer has, and nobody uses, become missing.
-        pub fn reconcile(&self, containers: &[ContainerInfo], port: u16) {
-            let mut entries = lock(&self.entries);
-            for info in containers {
-                let entry = entries.entry(info.name.clone()).or_insert_with(|| Entry::new(State::Missing));
-                if entry.transition.is_some() {
-                    continue;
-                }
-                entry.state = if info.running { State::Running } else { State::Stopped };
-                entry.address = info.address.map(|ip| SocketAddr::new(ip, port));
-                entry.incarnation = info.incarnation.clone();
-                entry.spare = info.spare && info.name.contains(crate::docker::SPARE_MARK);
-                entry.image_id = Some(info.image_id.clone()).filter(|id| !id.is_empty());
-                entry.created_at = info.created_at;
-                entry.stopped_at = if info.running { None } else { info.finished_at };
-                if entry.user.is_empty() {
-                    entry.user = info.user.clone();
-                }
-            }
-            for (name, entry) in entries.iter_mut() {
-                let listed = containers.iter().any(|c| &c.name == name);
-                if !listed && entry.transition.is_none() && entry.active == 0 {
-                    entry.state = State::Missing;
-                    entry.address = None;
-                }
-            }
-        }
-
-        pub fn state_of(&self, name: &str) -> State {
-            lock(&self.entries).get(name).map(|e| e.state).unwrap_or(State::Missing)
-        }
-
-        /// (containers tracked, running)
-        pub fn counts(&self) -> (usize, usize) {
-            let entries = lock(&self.entries);
-            (entries.len(), entries.values().filter(|e| e.state == State::Running).count())
-        }
-
-        pub fn snapshot(&self) -> Vec<ContainerSnapshot> {
-            let mut containers: Vec<ContainerSnapshot> = lock(&self.entries)
-                .iter()
-                .map(|(name, e)| ContainerSnapshot {
-                    name: name.clone(),
-                    state: e.state,
-                    user: e.user.clone(),
-                    created_at: e.created_at,
-                    last_used: e.last_used,
-                    idle_seconds: if e.active > 0 { 0 } else { e.idle_since.elapsed().as_secs() },
-                    active: e.active,
-                    websockets: e.websockets,
-                    requests_total: e.requests_total,
-                    address: e.address,
-                    sessions: 0,
-                    spare: e.spare,
-                    staged_documents: 0,
-                    staged_seconds: 0,
-                })
-                .collect();
-            containers.sort_by(|a, b| a.name.cmp(&b.name));
-            containers
-        }
     }
 }
 
 mod docker {
     //! Owns every docker CLI call (the root-equivalent surface), as named verbs with typed
-    //! results; stderr is read by `classify`, and by three verbs for their own messages. Calls std::process only.
+    //! results; stderr is read once, by `DockerError::classify`, and verbs match on the
+    //! typed error. Calls `error` (the proxy's errors) and `util` (time), and std::process.
     use crate::error::ProxyError;
     use crate::util::parse_rfc3339;
     use serde_json::Value;
@@ -6758,13 +6995,19 @@ mod docker {
     const SHORT: Duration = Duration::from_secs(15);
     const LONG: Duration = Duration::from_secs(60);
 
-    /// What Docker said, classified once.
-    #[derive(Debug, PartialEq)]
+    /// What Docker said, classified once (by `classify`); the verbs match on it.
+    #[derive(Clone, Debug, PartialEq)]
     pub enum DockerError {
         NoSuchContainer,
         NameInUse,
         /// The CLI is missing or the daemon does not answer.
         Unavailable(String),
+        /// The image has no such program to run (a probe's `--entrypoint`).
+        NoExecutable(String),
+        /// The network named does not exist.
+        NoSuchNetwork(String),
+        /// What was to be made (a network) exists already.
+        AlreadyExists(String),
         /// The daemon answered with another error.
         Failed(String),
     }
@@ -6783,6 +7026,12 @@ mod docker {
                 DockerError::NoSuchContainer
             } else if s.contains("is already in use") {
                 DockerError::NameInUse
+            } else if s.contains("executable file not found") || s.contains("no such file") {
+                DockerError::NoExecutable(stderr.trim().to_string())
+            } else if s.contains("no such network") || (s.contains("network") && s.contains("not found")) {
+                DockerError::NoSuchNetwork(stderr.trim().to_string())
+            } else if s.contains("already exists") {
+                DockerError::AlreadyExists(stderr.trim().to_string())
             } else {
                 DockerError::Failed(stderr.trim().to_string())
             }
@@ -6792,7 +7041,11 @@ mod docker {
             match self {
                 DockerError::NoSuchContainer => "no such container".into(),
                 DockerError::NameInUse => "the container name is already in use".into(),
-                DockerError::Unavailable(m) | DockerError::Failed(m) => m.clone(),
+                DockerError::Unavailable(m)
+                | DockerError::NoExecutable(m)
+                | DockerError::NoSuchNetwork(m)
+                | DockerError::AlreadyExists(m)
+                | DockerError::Failed(m) => m.clone(),
             }
         }
 
@@ -6812,13 +7065,50 @@ mod docker {
         }
     }
 
-    fn is_missing_network(stderr: &str) -> bool {
-        let s = stderr.to_ascii_lowercase();
-        s.contains("no such network") || (s.contains("network") && s.contains("not found"))
-    }
-
     pub fn first_line(s: &str) -> String {
         s.lines().next().unwrap_or("").chars().take(300).collect()
+    }
+
+    /// Whose a container is: a user's, or a spare booted ahead of time for whoever
+    /// needs one next (labelled so, and without an owner).
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum Role {
+        User,
+        Spare,
+    }
+
+    impl Role {
+        fn label(self) -> &'static str {
+            match self {
+                Role::User => "user",
+                Role::Spare => "spare",
+            }
+        }
+    }
+
+    /// Whether Docker answered at the watcher's last look (for /health).
+    #[derive(Clone, Debug, PartialEq)]
+    pub enum DockerStatus {
+        Answering,
+        /// It did not answer when the proxy started.
+        AwayAtStartUp,
+        /// It stopped answering: what the last call met.
+        Away(DockerError),
+    }
+
+    impl DockerStatus {
+        pub fn is_answering(&self) -> bool {
+            *self == DockerStatus::Answering
+        }
+
+        /// Why it is away, in one line (None while it answers).
+        pub fn reason(&self) -> Option<String> {
+            match self {
+                DockerStatus::Answering => None,
+                DockerStatus::AwayAtStartUp => Some("Docker did not answer at start-up".into()),
+                DockerStatus::Away(e) => Some(first_line(&e.message())),
+            }
+        }
     }
 
     /// How a container came to be running.
@@ -6844,6 +7134,8 @@ mod docker {
     pub struct ContainerSpec<'a> {
         pub name: &'a str,
         pub prefix: &'a str,
+        pub role: Role,
+        /// Labelled only on a user's container (a spare has no owner yet).
         pub owner: &'a str,
         pub user_label: &'a str,
         pub env_key: Option<&'a str>,
@@ -6854,6 +7146,8 @@ mod docker {
         pub pids_limit: u32,
         pub container_port: u16,
         pub outline_api_url: String,
+        /// The parent cgroup held to the memory budget (None: no budget).
+        pub cgroup_parent: Option<&'a str>,
     }
 
     impl ContainerSpec<'_> {
@@ -6864,8 +7158,8 @@ mod docker {
                 ("--name", self.name.to_string()),
                 ("--label", format!("{LABEL_MANAGED}=true")),
                 ("--label", format!("{LABEL_PREFIX}={}", self.prefix)),
-                ("--label", format!("{LABEL_OWNER}={}", self.owner)),
-                ("--label", format!("{LABEL_ROLE}={}", if self.owner.is_empty() { "spare" } else { "user" })),
+                ("--label", format!("{LABEL_OWNER}={}", if self.role == Role::Spare { "" } else { self.owner })),
+                ("--label", format!("{LABEL_ROLE}={}", self.role.label())),
                 ("--label", format!("{LABEL_USER}={}", sanitize_label(self.user_label))),
                 ("--restart", "unless-stopped".into()),
                 ("--memory", memory.clone()),
@@ -6893,6 +7187,7 @@ mod docker {
                 args.push(flag.into());
                 args.push(value);
             }
+            args.extend(self.cgroup_parent.map(|parent| format!("--cgroup-parent={parent}")));
             if self.env_key.is_some() {
                 // the value comes from the docker CLI's own environment, not argv
                 args.push("--env".into());
@@ -6916,7 +7211,7 @@ mod docker {
         let Some(rest) = c.name.strip_prefix(prefix) else { return false };
         let owned_name = rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit());
         c.prefix_label == prefix
-            && if c.spare {
+            && if c.role == Role::Spare {
                 rest.starts_with(SPARE_MARK) || owned_name
             } else {
                 !c.owner_label.is_empty() && rest == c.owner_label
@@ -6983,7 +7278,7 @@ mod docker {
         pub user: String,
         pub prefix_label: String,
         pub owner_label: String,
-        pub spare: bool,
+        pub role: Role,
         /// The image it was made from (an id), to replace those of an older image.
         pub image_id: String,
     }
@@ -7014,7 +7309,10 @@ mod docker {
                     user: c["Config"]["Labels"][LABEL_USER].as_str().unwrap_or("").to_string(),
                     prefix_label: c["Config"]["Labels"][LABEL_PREFIX].as_str().unwrap_or("").to_string(),
                     owner_label: c["Config"]["Labels"][LABEL_OWNER].as_str().unwrap_or("").to_string(),
-                    spare: c["Config"]["Labels"][LABEL_ROLE].as_str() == Some("spare"),
+                    role: match c["Config"]["Labels"][LABEL_ROLE].as_str() {
+                        Some("spare") => Role::Spare,
+                        _ => Role::User,
+                    },
                     image_id: c["Image"].as_str().unwrap_or("").to_string(),
                 }
             })
@@ -7102,12 +7400,10 @@ mod docker {
             ];
             match self.run(&args, None, LONG) {
                 Ok(_) => Ok(true),
-                Err(DockerError::Failed(m))
-                    if m.contains("executable file not found") || m.contains("no such file") =>
-                {
-                    Err(DockerError::Failed(m))
+                // (a missing python3 is `NoExecutable`: the probe cannot run)
+                Err(DockerError::Failed(_) | DockerError::NoSuchNetwork(_) | DockerError::AlreadyExists(_)) => {
+                    Ok(false)
                 }
-                Err(DockerError::Failed(_)) => Ok(false),
                 Err(e) => Err(e),
             }
         }
@@ -7178,6 +7474,13 @@ mod docker {
             self.run(&["version", "--format", "{{.Server.Version}}"], None, SHORT).map(|v| v.trim().to_string())
         }
 
+        /// Docker's cgroup driver and version (`cgroupfs 1`, `systemd 2`, ...).
+        pub fn cgroup_setup(&self) -> Result<(String, String), DockerError> {
+            let out = self.run(&["info", "--format", "{{.CgroupDriver}} {{.CgroupVersion}}"], None, SHORT)?;
+            let mut words = out.split_whitespace().map(str::to_string);
+            Ok((words.next().unwrap_or_default(), words.next().unwrap_or_default()))
+        }
+
         pub fn image_present(&self, image: &str) -> Result<(), DockerError> {
             self.run(&["image", "inspect", "--format", "{{.Id}}", image], None, SHORT).map(|_| ())
         }
@@ -7188,7 +7491,7 @@ mod docker {
             let format = "{{index .Options \"com.docker.network.bridge.enable_icc\"}}";
             match self.run(&["network", "inspect", "--format", format, network], None, SHORT) {
                 Ok(out) => Ok(Some(out.trim() != "false")),
-                Err(DockerError::Failed(m)) if is_missing_network(&m) => Ok(None),
+                Err(DockerError::NoSuchNetwork(_)) => Ok(None),
                 Err(e) => Err(e),
             }
         }
@@ -7208,7 +7511,7 @@ mod docker {
                 network,
             ];
             match self.run(&args, None, SHORT) {
-                Err(DockerError::Failed(m)) if m.contains("already exists") => Ok(()),
+                Err(DockerError::AlreadyExists(_)) => Ok(()),
                 other => other.map(|_| ()),
             }
         }
@@ -7300,14 +7603,336 @@ mod docker {
     }
 }
 
+mod memory {
+    //! Owns the memory budget of all user containers: its default (the host's memory less
+    //! a reserve), the parent cgroup the kernel holds to it (cgroup v1 or v2, Docker's
+    //! cgroupfs or systemd driver), what that parent uses now, and how many containers fit.
+    //! Calls std only (the kernel's sysinfo, and `systemctl` for a systemd slice's limit).
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    /// What the host keeps for itself beside the containers, measured on this project's
+    /// hosts: the OS (kernel, systemd, journald, sshd: ~200 MiB), dockerd (~90 MiB),
+    /// containerd (~40 MiB) and one containerd-shim per awake container (~7 MiB each,
+    /// outside the containers' cgroups), nginx (~12 MiB), the proxy (~5 MiB idle, 40 MiB
+    /// with 300 streams), and page cache for them to run from.
+    pub const RESERVE: u64 = 640 << 20;
+    /// How often the parent's usage is read again (by the request that finds it stale).
+    const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+    /// The host's memory (MemTotal), from the kernel's sysinfo(2): the unit's
+    /// `ProcSubset=pid` hides /proc/meminfo from the service.
+    pub fn host_memory() -> Option<u64> {
+        use std::os::raw::{c_int, c_long, c_ulong, c_ushort};
+        /// struct sysinfo (linux/sysinfo.h), with room to spare for its padding.
+        #[repr(C)]
+        struct SysInfo {
+            uptime: c_long,
+            loads: [c_ulong; 3],
+            totalram: c_ulong,
+            freeram: c_ulong,
+            sharedram: c_ulong,
+            bufferram: c_ulong,
+            totalswap: c_ulong,
+            freeswap: c_ulong,
+            procs: c_ushort,
+            pad: c_ushort,
+            totalhigh: c_ulong,
+            freehigh: c_ulong,
+            mem_unit: u32,
+            spare: [u8; 64],
+        }
+        extern "C" {
+            fn sysinfo(info: *mut SysInfo) -> c_int;
+        }
+        let mut info = std::mem::MaybeUninit::<SysInfo>::zeroed();
+        // SAFETY: sysinfo writes at most sizeof(struct sysinfo) bytes into the buffer it
+        // is given, which is larger; a zeroed SysInfo is a valid value of plain integers.
+        let info = unsafe {
+            if sysinfo(info.as_mut_ptr()) != 0 {
+                return None;
+            }
+            info.assume_init()
+        };
+        (info.totalram as u64).checked_mul(u64::from(info.mem_unit.max(1)))
+    }
+
+    /// MCP_PROXY_MEMORY_BUDGET, checked: `asked` None is the default (the host's memory
+    /// less RESERVE), Some(0) is no budget. A budget must hold one container
+    /// (`per_container`, MCP_PROXY_MEMORY) and no more than the host has. Rounded down to
+    /// whole pages (4 KiB), as the kernel keeps a limit.
+    pub fn size_budget(asked: Option<u64>, per_container: u64, host: Option<u64>) -> Result<u64, String> {
+        let mib = |b: u64| b >> 20;
+        let asked = asked.map(|bytes| bytes & !4095);
+        let host = host.map(|bytes| bytes & !4095);
+        match (asked, host) {
+            (Some(0), _) => Ok(0),
+            (Some(bytes), Some(host)) if bytes > host => {
+                Err(format!("at most the host's memory ({} MiB), or off", mib(host)))
+            }
+            (Some(bytes), _) if bytes < per_container => {
+                Err(format!("at least one container's MCP_PROXY_MEMORY ({} MiB), or off", mib(per_container)))
+            }
+            (Some(bytes), _) => Ok(bytes),
+            (None, None) => Err("a size such as 1400m (this host's memory is unknown), or off".into()),
+            (None, Some(host)) => match host.saturating_sub(RESERVE) {
+                fits if fits >= per_container => Ok(fits),
+                _ => Err(format!(
+                    "a size or off: this host's {} MiB less the {} MiB reserve leaves less than one container",
+                    mib(host),
+                    mib(RESERVE)
+                )),
+            },
+        }
+    }
+
+    /// How many containers fit the budget: the budget over the cost of one, where the cost
+    /// is the mean usage of the containers in the parent now (never below a quarter of
+    /// MCP_PROXY_MEMORY, so containers still booting, which use little yet, do not open
+    /// the door to many), and MCP_PROXY_MEMORY itself while none is there to measure.
+    pub fn containers_fit(budget: u64, reading: Reading, per_container: u64) -> usize {
+        let cost = match reading.containers {
+            0 => per_container,
+            n => (reading.in_use / n as u64).max(per_container / 4),
+        };
+        (budget / cost.max(1)).max(1) as usize
+    }
+
+    /// Docker's cgroup driver.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum Driver {
+        Cgroupfs,
+        Systemd,
+    }
+
+    /// The parent cgroup of every user container: where Docker puts them, and where the
+    /// kernel holds them to the budget.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct Parent {
+        pub driver: Driver,
+        /// cgroup v2 (one unified hierarchy), else v1 (the memory controller's own).
+        pub v2: bool,
+        /// `--cgroup-parent`: `/NAME` with cgroupfs, `NAME.slice` with systemd.
+        pub arg: String,
+        /// Its directory in the cgroup filesystem (v1: the memory controller's).
+        pub dir: PathBuf,
+    }
+
+    /// What the parent holds now: its working set (usage less inactive file cache, as
+    /// `docker stats` counts) and how many containers are in it.
+    #[derive(Clone, Copy, Default, Debug, PartialEq)]
+    pub struct Reading {
+        pub in_use: u64,
+        pub containers: usize,
+    }
+
+    impl Parent {
+        /// From `docker info`'s CgroupDriver and CgroupVersion, and MCP_PROXY_CGROUP_PARENT.
+        pub fn new(driver: &str, version: &str, name: &str) -> Result<Parent, String> {
+            let driver = match driver.trim() {
+                "cgroupfs" => Driver::Cgroupfs,
+                "systemd" => Driver::Systemd,
+                other => return Err(format!("Docker's cgroup driver {other:?} is neither cgroupfs nor systemd")),
+            };
+            let v2 = version.trim() == "2";
+            let root = PathBuf::from(if v2 { "/sys/fs/cgroup" } else { "/sys/fs/cgroup/memory" });
+            let (arg, relative) = match driver {
+                Driver::Cgroupfs => (format!("/{name}"), name.to_string()),
+                Driver::Systemd => (format!("{name}.slice"), slice_path(name)),
+            };
+            Ok(Parent { driver, v2, arg, dir: root.join(relative) })
+        }
+
+        /// The kernel's limit on the parent now (None: none, or the parent is not there).
+        pub fn limit(&self) -> Option<u64> {
+            let file = if self.v2 { "memory.max" } else { "memory.limit_in_bytes" };
+            let text = std::fs::read_to_string(self.dir.join(file)).ok()?;
+            // v1 says "no limit" with a huge number, v2 with "max"
+            text.trim().parse::<u64>().ok().filter(|&b| b < 1 << 60)
+        }
+
+        pub fn read(&self) -> Option<Reading> {
+            let (usage, stat, inactive) = if self.v2 {
+                ("memory.current", "memory.stat", "inactive_file")
+            } else {
+                ("memory.usage_in_bytes", "memory.stat", "total_inactive_file")
+            };
+            let usage: u64 = std::fs::read_to_string(self.dir.join(usage)).ok()?.trim().parse().ok()?;
+            let stat = std::fs::read_to_string(self.dir.join(stat)).unwrap_or_default();
+            let inactive = stat
+                .lines()
+                .find_map(|l| l.strip_prefix(inactive)?.strip_prefix(' ')?.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            let containers = std::fs::read_dir(&self.dir)
+                .map(|dir| dir.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).count())
+                .unwrap_or(0);
+            Some(Reading { in_use: usage.saturating_sub(inactive), containers })
+        }
+
+        /// Sets the kernel's limit on the parent to `bytes` (root's work: the unit's
+        /// ExecStartPre, or a proxy run as root). cgroupfs: the directory made and its
+        /// limit written; systemd: the slice's MemoryMax set for this boot.
+        pub fn apply_limit(&self, bytes: u64) -> Result<(), String> {
+            match self.driver {
+                Driver::Cgroupfs => {
+                    use std::os::unix::fs::PermissionsExt;
+                    let file = self.dir.join(if self.v2 { "memory.max" } else { "memory.limit_in_bytes" });
+                    // readable by the service's user (the unit's UMask=0077 would make it 0700)
+                    let readable = std::fs::Permissions::from_mode(0o755);
+                    std::fs::create_dir_all(&self.dir)
+                        .and_then(|_| std::fs::set_permissions(&self.dir, readable))
+                        .and_then(|_| std::fs::write(&file, bytes.to_string()))
+                        .map_err(|e| format!("cannot write {}: {e}", file.display()))
+                }
+                Driver::Systemd => {
+                    let out = std::process::Command::new("systemctl")
+                        .args(["set-property", "--runtime", &self.arg, &format!("MemoryMax={bytes}")])
+                        .output()
+                        .map_err(|e| format!("cannot run systemctl: {e}"))?;
+                    match out.status.success() {
+                        true => Ok(()),
+                        false => Err(format!(
+                            "systemctl set-property {} failed: {}",
+                            self.arg,
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        )),
+                    }
+                }
+            }
+        }
+    }
+
+    /// A slice's place in the v2 hierarchy: each `-` in its name is a level
+    /// (`a-b.slice` is `/a.slice/a-b.slice`), as systemd and runc expand it.
+    pub fn slice_path(name: &str) -> String {
+        let mut path = String::new();
+        let mut prefix = String::new();
+        for part in name.split('-') {
+            prefix = if prefix.is_empty() { part.to_string() } else { format!("{prefix}-{part}") };
+            path.push_str(&format!("/{prefix}.slice"));
+        }
+        path.trim_start_matches('/').to_string()
+    }
+
+    /// The budget as the proxy lives it: the parent (known once Docker has said its
+    /// driver), the latest reading (taken again by the first caller a second on), and
+    /// the count of containers put to sleep for it.
+    pub struct Budget {
+        /// Bytes all containers may use together; 0 = no budget.
+        pub bytes: u64,
+        per_container: u64,
+        name: String,
+        parent: OnceLock<Parent>,
+        born: Instant,
+        sampled_ms: AtomicU64,
+        in_use: AtomicU64,
+        fit: AtomicUsize,
+        pub sleeps: AtomicU64,
+    }
+
+    impl Budget {
+        /// `victim` sleeps to make room: said, and counted as a budget sleep when the
+        /// budget, not MCP_PROXY_MAX_RUNNING (`max_running`, 0 = none), was the cap.
+        pub fn note_room_made(&self, victim: &str, max_running: usize) {
+            let fit = self.containers_fit();
+            if max_running == 0 || fit < max_running {
+                log::info!("at the memory budget ({fit} containers fit): stopping least recently used {victim}");
+                self.sleeps.fetch_add(1, Ordering::Relaxed);
+            } else {
+                log::info!("at MCP_PROXY_MAX_RUNNING={max_running}: stopping least recently used {victim}");
+            }
+        }
+
+        pub fn new(bytes: u64, per_container: u64, name: &str) -> Budget {
+            Budget {
+                bytes,
+                per_container,
+                name: name.to_string(),
+                parent: OnceLock::new(),
+                born: Instant::now(),
+                sampled_ms: AtomicU64::new(0),
+                in_use: AtomicU64::new(0),
+                fit: AtomicUsize::new(containers_fit(bytes.max(1), Reading::default(), per_container)),
+                sleeps: AtomicU64::new(0),
+            }
+        }
+
+        pub fn is_on(&self) -> bool {
+            self.bytes > 0
+        }
+
+        /// The parent, once Docker's driver is known; its limit set when this process
+        /// may (a proxy run as root), else checked (the unit's ExecStartPre set it).
+        pub fn learn_parent(&self, driver: &str, version: &str) -> Result<(), String> {
+            if !self.is_on() || self.parent.get().is_some() {
+                return Ok(());
+            }
+            let parent = Parent::new(driver, version, &self.name)?;
+            if parent.limit() != Some(self.bytes) && parent.driver == Driver::Cgroupfs {
+                if let Err(e) = parent.apply_limit(self.bytes) {
+                    log::debug!("the proxy cannot set the budget itself: {e}");
+                }
+            }
+            match parent.limit() {
+                Some(limit) if limit == self.bytes => {
+                    log::info!("memory budget {} MiB, held by the kernel on {}", self.bytes >> 20, parent.arg)
+                }
+                limit => log::warn!(
+                    "the kernel's limit on {} is {} where MCP_PROXY_MEMORY_BUDGET is {} bytes: run \
+                     `outline-mcp-proxy set-budget` as root (the unit's ExecStartPre does)",
+                    parent.arg,
+                    limit.map_or("none".into(), |l| l.to_string()),
+                    self.bytes
+                ),
+            }
+            let _ = self.parent.set(parent);
+            Ok(())
+        }
+
+        /// `--cgroup-parent` for a new container (None: no budget, or not known yet).
+        pub fn parent_arg(&self) -> Option<&str> {
+            self.parent.get().map(|p| p.arg.as_str())
+        }
+
+        /// How many containers fit now (usize::MAX without a budget): the value the
+        /// registry's plan takes. Reads the parent again when the last reading is stale.
+        pub fn containers_fit(&self) -> usize {
+            if !self.is_on() {
+                return usize::MAX;
+            }
+            let now = self.born.elapsed().as_millis() as u64 + SAMPLE_EVERY.as_millis() as u64;
+            let last = self.sampled_ms.load(Ordering::Relaxed);
+            let stale = now.saturating_sub(last) >= SAMPLE_EVERY.as_millis() as u64;
+            if stale && self.sampled_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                if let Some(reading) = self.parent.get().and_then(Parent::read) {
+                    self.in_use.store(reading.in_use, Ordering::Relaxed);
+                    self.fit.store(containers_fit(self.bytes, reading, self.per_container), Ordering::Relaxed);
+                }
+            }
+            self.fit.load(Ordering::Relaxed)
+        }
+
+        /// Bytes the containers use now, as last read.
+        pub fn in_use(&self) -> u64 {
+            self.containers_fit();
+            self.in_use.load(Ordering::Relaxed)
+        }
+    }
+}
+
 mod containers {
     //! Owns bringing a user's container to running and ready (one start per user, the
     //! boot burst, the readiness poll) and putting one to sleep. Calls `registry` for
-    //! every decision and `docker` for every act.
+    //! every decision, `docker` for every act, `memory` for how many containers fit;
+    //! `sessions` is told of each start, and `config`, `auth` (the user), `error` and
+    //! `util` are read.
     use crate::auth::{Credential, User};
     use crate::config::{Config, KeyMode};
-    use crate::docker::{ContainerInfo, ContainerSpec, Docker, DockerError, Wake};
+    use crate::docker::{ContainerInfo, ContainerSpec, Docker, DockerError, DockerStatus, Role, Wake};
     use crate::error::ProxyError;
+    use crate::memory::Budget;
     use crate::registry::{Lease, Plan, Registry, State, StopOutcome, TransitionResult};
     use crate::sessions::Sessions;
     use crate::util::{agent_base, lock};
@@ -7337,15 +7962,215 @@ mod containers {
         pub cfg: Config,
         pub registry: Arc<Registry>,
         pub docker: Docker,
-        ready_agent: ureq::Agent,
         /// Told when a container starts, so held notification streams attach again.
         pub sessions: Arc<Sessions>,
         /// Whether Docker answered at the watcher's last look (for /health).
-        pub docker_status: Mutex<Result<(), String>>,
+        pub docker_status: Mutex<DockerStatus>,
+        /// Asks Docker and the container itself how it is.
+        pub inspector: Inspector,
         /// The current image's id, as last seen.
-        image_id: Mutex<Option<String>>,
+        images: Images,
         /// Raised when a spare was taken or a container retired: the keeper looks.
-        spare_signal: (Mutex<bool>, Condvar),
+        spare_signal: Signal,
+        /// The CPU limits: the boot burst, then the steady one.
+        pub cpus: BootBurst,
+        /// MCP_PROXY_MEMORY_BUDGET: how many containers fit, and the parent cgroup.
+        pub budget: Budget,
+    }
+
+    /// What Docker and the container itself say of a container: Docker's inspect, its
+    /// address on the network, whether its READY_PATH answers.
+    pub struct Inspector {
+        docker: Docker,
+        network: String,
+        port: u16,
+        ready_path: String,
+        start_timeout: Duration,
+        agent: ureq::Agent,
+    }
+
+    impl Inspector {
+        fn new(cfg: &Config) -> Inspector {
+            Inspector {
+                docker: Docker::new(&cfg.docker),
+                network: cfg.network.clone(),
+                port: cfg.container_port,
+                ready_path: cfg.ready_path.clone(),
+                start_timeout: cfg.start_timeout,
+                // the readiness probe: short, never pooled
+                agent: agent_base()
+                    .timeout_global(Some(Duration::from_secs(2)))
+                    .max_idle_connections(0)
+                    .build()
+                    .new_agent(),
+            }
+        }
+
+        pub fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, ProxyError> {
+            self.docker
+                .inspect(name, &self.network)
+                .map_err(|e| e.into_proxy_error(&format!("inspect container {name}")))
+        }
+
+        /// Where the container listens now that it runs, and what Docker says of it.
+        pub fn running_address(&self, name: &str) -> Result<(SocketAddr, ContainerInfo), ProxyError> {
+            let info = self
+                .inspect(name)?
+                .ok_or_else(|| ProxyError::ContainerFailed(format!("Container {name} vanished while starting.")))?;
+            match (info.address, info.restarting || !info.running) {
+                (Some(ip), false) => Ok((SocketAddr::new(ip, self.port), info)),
+                (_, true) => Err(ProxyError::ContainerFailed(format!(
+                    "Container {name} exited (code {}) as it started; see `docker logs {name}`.",
+                    info.exit_code
+                ))),
+                (None, false) => Err(ProxyError::ContainerFailed(format!(
+                    "Container {name} has no address on network {}.",
+                    self.network
+                ))),
+            }
+        }
+
+        /// Polls READY_PATH every 25 ms until it answers, the container exits, or
+        /// START_TIMEOUT passes.
+        pub fn wait_until_ready(&self, name: &str, address: SocketAddr) -> TransitionResult {
+            let url = format!("http://{address}{}", self.ready_path);
+            let deadline = Instant::now() + self.start_timeout;
+            let mut last_exit_check = Instant::now();
+            loop {
+                if let Ok(response) = self.agent.get(&url).call() {
+                    if response.status().as_u16() < 500 {
+                        return self.confirm_still_at(name, address);
+                    }
+                }
+                if Instant::now() >= deadline {
+                    return Err(ProxyError::StartTimeout(format!(
+                        "Container {name} did not become ready within {}s.",
+                        self.start_timeout.as_secs()
+                    )));
+                }
+                if last_exit_check.elapsed() > Duration::from_secs(1) {
+                    last_exit_check = Instant::now();
+                    if let Some(info) = self.inspect(name)? {
+                        if !info.running && !info.restarting {
+                            return Err(exited_before_ready(name, info.exit_code));
+                        }
+                    }
+                }
+                thread::sleep(Duration::from_millis(25));
+            }
+        }
+
+        /// An answer at the address proves the container ready only while the container
+        /// still runs there: the address of one that exited at start may already be given
+        /// to another user's container, which would then answer (and get this user's key).
+        fn confirm_still_at(&self, name: &str, address: SocketAddr) -> TransitionResult {
+            match self.inspect(name)? {
+                Some(info) if info.running && info.address == Some(address.ip()) => Ok(()),
+                Some(info) if !info.running => Err(exited_before_ready(name, info.exit_code)),
+                _ => Err(ProxyError::ContainerFailed(format!(
+                    "Container {name} is no longer at {address}: what answered there was not it."
+                ))),
+            }
+        }
+    }
+
+    fn exited_before_ready(name: &str, exit_code: i64) -> ProxyError {
+        ProxyError::ContainerFailed(format!(
+            "Container {name} exited (code {exit_code}) before it was ready; see `docker logs {name}`."
+        ))
+    }
+
+    /// The id of the image MCP_PROXY_IMAGE names, as last seen.
+    struct Images {
+        docker: Docker,
+        image: String,
+        current: Mutex<Option<String>>,
+    }
+
+    impl Images {
+        fn new(cfg: &Config) -> Images {
+            Images { docker: Docker::new(&cfg.docker), image: cfg.image.clone(), current: Mutex::new(None) }
+        }
+
+        /// The id of the image MCP_PROXY_IMAGE names now (after a `docker pull`, the new
+        /// one); remembered for when Docker does not answer.
+        fn current(&self) -> Option<String> {
+            match self.docker.image_id(&self.image) {
+                Ok(id) => {
+                    *lock(&self.current) = Some(id.clone());
+                    Some(id)
+                }
+                Err(_) => lock(&self.current).clone(),
+            }
+        }
+
+        fn is_older(&self, image_id: &str) -> bool {
+            let cached = lock(&self.current).clone();
+            let current = cached.or_else(|| self.current());
+            current.is_some_and(|now| !image_id.is_empty() && image_id != now)
+        }
+    }
+
+    /// A flag one thread raises and another waits for.
+    struct Signal(Mutex<bool>, Condvar);
+
+    impl Signal {
+        fn raise(&self) {
+            *lock(&self.0) = true;
+            self.1.notify_all();
+        }
+
+        /// Waits until raised, or `limit` passed; lowers it.
+        fn wait(&self, limit: Duration) {
+            let guard = lock(&self.0);
+            let (mut guard, _) =
+                self.1.wait_timeout_while(guard, limit, |raised| !*raised).unwrap_or_else(|e| e.into_inner());
+            *guard = false;
+        }
+    }
+
+    /// The boot burst: MCP_PROXY_BOOT_CPUS while a container boots, MCP_PROXY_CPUS once
+    /// it is ready.
+    pub struct BootBurst {
+        docker: Docker,
+        on: bool,
+        boot: f64,
+        steady: f64,
+    }
+
+    impl BootBurst {
+        fn new(cfg: &Config) -> BootBurst {
+            let docker = Docker::new(&cfg.docker);
+            BootBurst { docker, on: cfg.has_boot_burst(), boot: cfg.boot_cpus(), steady: cfg.cpus }
+        }
+
+        /// After a boot with the burst, the steady CPU limit: off the request path when
+        /// a thread can be had, else at once.
+        pub fn settle(&self, name: &str) {
+            if !self.on {
+                return;
+            }
+            let (docker, name, cpus) = (self.docker.clone(), name.to_string(), self.steady);
+            let lower = move || {
+                if let Err(e) = docker.set_cpus(&name, cpus) {
+                    log::warn!("could not lower the CPU limit of {name}: {}", e.message());
+                }
+            };
+            let spare = lower.clone();
+            if let Err(e) = thread::Builder::new().name("cpu-settle".into()).spawn(lower) {
+                log::warn!("no thread to lower a CPU limit ({e}); lowering it now");
+                spare();
+            }
+        }
+
+        /// Before a stopped container's next wake, give it the boot burst back.
+        fn arm(&self, name: &str) {
+            if self.on {
+                if let Err(e) = self.docker.set_cpus(name, self.boot) {
+                    log::warn!("could not raise the boot CPU limit of {name}: {}", e.message());
+                }
+            }
+        }
     }
 
     impl Containers {
@@ -7360,15 +8185,12 @@ mod containers {
                     Arc::new(crate::staged::Staged::open(cfg.state_dir.clone(), cfg.staged_edits_timeout)),
                 )),
                 docker: Docker::new(&cfg.docker),
-                // the readiness probe: short, never pooled
-                ready_agent: agent_base()
-                    .timeout_global(Some(Duration::from_secs(2)))
-                    .max_idle_connections(0)
-                    .build()
-                    .new_agent(),
-                docker_status: Mutex::new(Ok(())),
-                image_id: Mutex::new(None),
-                spare_signal: (Mutex::new(false), Condvar::new()),
+                inspector: Inspector::new(cfg),
+                docker_status: Mutex::new(DockerStatus::Answering),
+                images: Images::new(cfg),
+                spare_signal: Signal(Mutex::new(false), Condvar::new()),
+                cpus: BootBurst::new(cfg),
+                budget: Budget::new(cfg.memory_budget, cfg.memory_bytes, &cfg.cgroup_parent),
             }
         }
 
@@ -7380,7 +8202,7 @@ mod containers {
                 if stopping.load(Ordering::SeqCst) {
                     return Err(ProxyError::ShuttingDown);
                 }
-                match self.registry.plan(&want.name, &want.user_label, websocket)? {
+                match self.registry.plan(&want.name, &want.user_label, websocket, self.budget.containers_fit())? {
                     Plan::Route(lease) => return Ok(lease),
                     Plan::Wait(flight) => flight.wait()?,
                     Plan::Start { flight, evict, known } => {
@@ -7404,19 +8226,19 @@ mod containers {
         /// cap asks for room. Runs without the registry lock.
         fn bring_up(&self, want: &Want, evict: Option<String>, known: State) -> TransitionResult {
             if let Some(victim) = evict {
-                log::info!("at MCP_PROXY_MAX_RUNNING={}: stopping least recently used {victim}", self.cfg.max_running);
+                self.budget.note_room_made(&victim, self.cfg.max_running);
                 self.put_to_sleep(&victim);
             }
             let begun = Instant::now();
             let name = &want.name;
             let how = self.wake(want, known)?;
-            let (address, info) = self.running_address(name)?;
+            let (address, info) = self.inspector.running_address(name)?;
             self.registry.note_address(name, address, info.created_at);
             self.registry.note_image(name, &info.image_id);
-            self.wait_until_ready(name, address)?;
+            self.inspector.wait_until_ready(name, address)?;
             if how != Wake::Running {
                 log::info!("container {name} {} and ready in {}ms", how.as_str(), begun.elapsed().as_millis());
-                self.settle_cpus(name);
+                self.cpus.settle(name);
             }
             self.registry.mark_running(name, address, info.incarnation);
             // held notification streams may attach again
@@ -7437,58 +8259,34 @@ mod containers {
             };
             match renamed {
                 Ok(()) => {
-                    self.registry.adopt_spare(spare, &want.name);
+                    self.registry.spares().adopt(spare, &want.name);
                     log::info!("container {} took spare {spare} in {}ms", want.name, begun.elapsed().as_millis());
                     self.sessions.notify_change();
-                    self.spare_wanted();
+                    self.spare_signal.raise();
                     Ok(())
                 }
                 Err(e) => {
                     log::warn!("could not take spare {spare}: {}", e.message());
-                    self.registry.release_spare(spare, e == DockerError::NoSuchContainer);
+                    self.registry.spares().release(spare, e == DockerError::NoSuchContainer);
                     self.bring_up(want, None, State::Unknown)
                 }
             }
         }
 
-        /// Wakes the spare keeper (a spare was taken).
-        fn spare_wanted(&self) {
-            *lock(&self.spare_signal.0) = true;
-            self.spare_signal.1.notify_all();
-        }
-
         /// Waits until a spare is wanted, or `limit` passed.
         pub fn wait_spare_wanted(&self, limit: Duration) {
-            let guard = lock(&self.spare_signal.0);
-            let (mut guard, _) = self
-                .spare_signal
-                .1
-                .wait_timeout_while(guard, limit, |wanted| !*wanted)
-                .unwrap_or_else(|e| e.into_inner());
-            *guard = false;
+            self.spare_signal.wait(limit);
         }
 
         /// The id of the image MCP_PROXY_IMAGE names now (after a `docker pull`, the new
         /// one); remembered for when Docker does not answer.
         pub fn current_image(&self) -> Option<String> {
-            match self.docker.image_id(&self.cfg.image) {
-                Ok(id) => {
-                    *lock(&self.image_id) = Some(id.clone());
-                    Some(id)
-                }
-                Err(_) => lock(&self.image_id).clone(),
-            }
+            self.images.current()
         }
 
         /// Whether a container was made from an image other than the current one.
         fn outdated(&self, name: &str) -> bool {
-            self.registry.image_of(name).is_some_and(|had| self.is_older_image(&had))
-        }
-
-        fn is_older_image(&self, image_id: &str) -> bool {
-            let cached = lock(&self.image_id).clone();
-            let current = cached.or_else(|| self.current_image());
-            current.is_some_and(|now| !image_id.is_empty() && image_id != now)
+            self.registry.image_of(name).is_some_and(|had| self.images.is_older(&had))
         }
 
         /// A stopped container of an older image is never woken: it is replaced by
@@ -7517,10 +8315,10 @@ mod containers {
                 State::Missing => self.docker.create(&spec),
                 // (a death Docker reported since start-up leaves the state unknown:
                 // the image is checked here too)
-                State::Running | State::Unknown => match self.docker.inspect(&want.name, &self.cfg.network) {
+                State::Running(_) | State::Unknown => match self.docker.inspect(&want.name, &self.cfg.network) {
                     Ok(None) => self.docker.create(&spec),
                     Ok(Some(info)) if info.running => Ok(Wake::Running),
-                    Ok(Some(info)) if self.is_older_image(&info.image_id) => return self.replace(want, &spec),
+                    Ok(Some(info)) if self.images.is_older(&info.image_id) => return self.replace(want, &spec),
                     Ok(Some(_)) => self.docker.wake_or_create(&spec),
                     Err(e) => Err(e),
                 },
@@ -7533,6 +8331,7 @@ mod containers {
             ContainerSpec {
                 name: &want.name,
                 prefix: &c.prefix,
+                role: Role::User,
                 owner: want.name.strip_prefix(c.prefix.as_str()).unwrap_or(&want.name),
                 user_label: &want.user_label,
                 env_key: want.env_key.as_deref(),
@@ -7543,91 +8342,7 @@ mod containers {
                 pids_limit: c.pids_limit,
                 container_port: c.container_port,
                 outline_api_url: format!("{}/api", c.container_outline_url),
-            }
-        }
-
-        pub fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, ProxyError> {
-            self.docker
-                .inspect(name, &self.cfg.network)
-                .map_err(|e| e.into_proxy_error(&format!("inspect container {name}")))
-        }
-
-        /// Where the container listens now that it runs, and what Docker says of it.
-        pub fn running_address(&self, name: &str) -> Result<(SocketAddr, ContainerInfo), ProxyError> {
-            let info = self
-                .inspect(name)?
-                .ok_or_else(|| ProxyError::ContainerFailed(format!("Container {name} vanished while starting.")))?;
-            match (info.address, info.restarting || !info.running) {
-                (Some(ip), false) => Ok((SocketAddr::new(ip, self.cfg.container_port), info)),
-                (_, true) => Err(ProxyError::ContainerFailed(format!(
-                    "Container {name} exited (code {}) as it started; see `docker logs {name}`.",
-                    info.exit_code
-                ))),
-                (None, false) => Err(ProxyError::ContainerFailed(format!(
-                    "Container {name} has no address on network {}.",
-                    self.cfg.network
-                ))),
-            }
-        }
-
-        /// Polls READY_PATH every 25 ms until it answers, the container exits, or
-        /// START_TIMEOUT passes.
-        pub fn wait_until_ready(&self, name: &str, address: SocketAddr) -> TransitionResult {
-            let url = format!("http://{address}{}", self.cfg.ready_path);
-            let deadline = Instant::now() + self.cfg.start_timeout;
-            let mut last_exit_check = Instant::now();
-            loop {
-                if let Ok(response) = self.ready_agent.get(&url).call() {
-                    if response.status().as_u16() < 500 {
-                        return Ok(());
-                    }
-                }
-                if Instant::now() >= deadline {
-                    return Err(ProxyError::StartTimeout(format!(
-                        "Container {name} did not become ready within {}s.",
-                        self.cfg.start_timeout.as_secs()
-                    )));
-                }
-                if last_exit_check.elapsed() > Duration::from_secs(1) {
-                    last_exit_check = Instant::now();
-                    if let Some(info) = self.inspect(name)? {
-                        if !info.running && !info.restarting {
-                            return Err(ProxyError::ContainerFailed(format!(
-                                "Container {name} exited (code {}) before it was ready; see `docker logs {name}`.",
-                                info.exit_code
-                            )));
-                        }
-                    }
-                }
-                thread::sleep(Duration::from_millis(25));
-            }
-        }
-
-        /// After a boot with the burst, the steady CPU limit: off the request path when
-        /// a thread can be had, else at once.
-        pub fn settle_cpus(&self, name: &str) {
-            if !self.cfg.has_boot_burst() {
-                return;
-            }
-            let (docker, name, cpus) = (self.docker.clone(), name.to_string(), self.cfg.cpus);
-            let lower = move || {
-                if let Err(e) = docker.set_cpus(&name, cpus) {
-                    log::warn!("could not lower the CPU limit of {name}: {}", e.message());
-                }
-            };
-            let spare = lower.clone();
-            if let Err(e) = thread::Builder::new().name("cpu-settle".into()).spawn(lower) {
-                log::warn!("no thread to lower a CPU limit ({e}); lowering it now");
-                spare();
-            }
-        }
-
-        /// Before a stopped container's next wake, give it the boot burst back.
-        fn arm_boot_burst(&self, name: &str) {
-            if self.cfg.has_boot_burst() {
-                if let Err(e) = self.docker.set_cpus(name, self.cfg.boot_cpus()) {
-                    log::warn!("could not raise the boot CPU limit of {name}: {}", e.message());
-                }
+                cgroup_parent: self.budget.parent_arg(),
             }
         }
 
@@ -7648,14 +8363,14 @@ mod containers {
                         StopOutcome::Failed
                     }
                 };
-                self.registry.after_stop(name, outcome);
-                self.spare_wanted();
+                self.registry.sweeps().after_stop(name, outcome);
+                self.spare_signal.raise();
                 return;
             }
             let outcome = match self.docker.stop(name) {
                 Ok(()) => {
                     log::info!("stopped idle container {name}");
-                    self.arm_boot_burst(name);
+                    self.cpus.arm(name);
                     StopOutcome::Stopped
                 }
                 Err(DockerError::NoSuchContainer) => StopOutcome::Gone,
@@ -7664,145 +8379,39 @@ mod containers {
                     StopOutcome::Failed
                 }
             };
-            self.registry.after_stop(name, outcome);
+            self.registry.sweeps().after_stop(name, outcome);
         }
 
-        pub fn docker_ok(&self) -> Result<(), String> {
+        pub fn docker_status(&self) -> DockerStatus {
             lock(&self.docker_status).clone()
         }
     }
 }
 
 mod relay {
-    //! Owns carrying a request to its container and the answer back: HTTP streamed both
-    //! ways (one retry, on a fresh lease, when the container never answered) and
-    //! WebSocket frames relayed unchanged; an MCP message on the user's default session,
-    //! 2026-07-28 results stamped, its discover and listen stream. Calls `wire`, `auth`
-    //! (key headers), `containers`, `protocol`, `sessions`, `staged` (an edit and its answer).
-    use crate::auth::{self, describe_ureq_error, Credential};
-    use crate::config::{Config, KeyMode};
+    //! Owns carrying an HTTP request to its container and the answer back, streamed both
+    //! ways: send → classify the failure → one retry, on a fresh lease, when the container
+    //! never answered → the session opened again when the container does not know it → the
+    //! answer streamed (2026-07-28 results stamped; an edit's answer told to `staged`).
+    //! Calls `wire`, `error`, `auth` (the credential), `containers` (a fresh lease),
+    //! `registry`, `protocol`, `sessions`, `staged`, `reopen`, `modern` (stamps),
+    //! `upstream`.
+    use crate::auth::{describe_ureq_error, Credential};
     use crate::containers::Want;
     use crate::error::ProxyError;
+    use crate::modern::{copy_stamped_events, send_stamped_json, server_info};
     use crate::protocol::{self, McpPost};
-    use crate::registry::{Lease, StreamSlot};
-    use crate::sessions::{self, Reopen, Route, SESSION_HEADER};
-    use crate::util::agent_base;
-    use crate::wire::{self, header_tokens, header_value, is_hop_by_hop, Framing, Incoming};
-    use crate::wire::{reject, RouteResult};
+    use crate::registry::Lease;
+    use crate::reopen::{close_evicted, note_session, reopen_session};
+    use crate::sessions::{self, Route, SESSION_HEADER};
+    use crate::upstream::{client_gone, is_event_stream, request_headers, response_headers, Upstream, CAPTURE_LIMIT};
+    use crate::wire::{self, reject, Framing, Incoming, RouteResult};
     use crate::{InFlight, Proxy};
-    use serde_json::{json, Value};
-    use std::io::{self, BufReader, Read, Write};
+    use serde_json::Value;
+    use std::io::{self, Read, Write};
     use std::net::{Shutdown, SocketAddr, TcpStream};
     use std::sync::Arc;
-    use std::thread;
-    use std::time::{Duration, Instant};
-
-    /// The pooled HTTP client to the containers, and what it must know of the settings.
-    pub struct Upstream {
-        agent: ureq::Agent,
-        key_mode: KeyMode,
-        max_body: u64,
-        response_timeout: Duration,
-    }
-
-    impl Upstream {
-        /// The client's headers as sent (no User-Agent, Accept or Accept-Encoding
-        /// added), any method, no limit on a streamed body.
-        pub fn new(cfg: &Config) -> Upstream {
-            let agent = agent_base()
-                .allow_non_standard_methods(true)
-                .user_agent(ureq::config::AutoHeaderValue::None)
-                .accept(ureq::config::AutoHeaderValue::None)
-                .accept_encoding(ureq::config::AutoHeaderValue::None)
-                .timeout_connect(Some(Duration::from_secs(5)))
-                .timeout_send_request(Some(Duration::from_secs(30)))
-                .timeout_per_write(Some(Duration::from_secs(60)))
-                .timeout_recv_response(Some(cfg.response_timeout))
-                // ureq's 128 KiB buffers each way, per connection, made 300 open streams
-                // cost 100 MiB; MCP's headers are small and bodies stream through anyway
-                .input_buffer_size(32 * 1024)
-                .max_response_header_size(32 * 1024)
-                .output_buffer_size(16 * 1024)
-                .max_idle_connections_per_host(8)
-                // below uvicorn's 5 s keep-alive, so a pooled connection is not one the
-                // container is closing
-                .max_idle_age(Duration::from_secs(4))
-                .build()
-                .new_agent();
-            Upstream { agent, key_mode: cfg.key_mode, max_body: cfg.max_body, response_timeout: cfg.response_timeout }
-        }
-
-        /// The key the container gets with each request: in `header` mode only.
-        fn forward_key<'a>(&self, credential: &'a Credential) -> Option<&'a str> {
-            (self.key_mode == KeyMode::Header).then_some(credential.key.as_str())
-        }
-    }
-
-    /// The headers the container gets: the client's, less hop-by-hop ones, the
-    /// credential headers, Host and Expect; plus X-Forwarded-*, and the key when given.
-    pub fn upstream_request_headers(
-        incoming: &Incoming,
-        forward_key: Option<&str>,
-        address: SocketAddr,
-        session: Option<&str>,
-    ) -> Vec<(String, String)> {
-        let connection = header_tokens(&incoming.headers, "connection");
-        let mut out: Vec<(String, String)> = Vec::with_capacity(incoming.headers.len() + 5);
-        if let (Some(upstream), None) = (session, incoming.header(SESSION_HEADER)) {
-            // the default session, for a client that sent no id
-            out.push(("Mcp-Session-Id".into(), upstream.to_string()));
-        }
-        for (name, value) in &incoming.headers {
-            let lower = name.to_ascii_lowercase();
-            let dropped = is_hop_by_hop(&lower, &connection)
-                || matches!(lower.as_str(), "host" | "expect" | "x-forwarded-for" | "content-length")
-                || auth::is_credential_header(&lower);
-            if dropped {
-                continue;
-            }
-            match (lower.as_str(), session) {
-                // the upstream session that stands for the client's
-                (SESSION_HEADER, Some(upstream)) => out.push((name.clone(), upstream.to_string())),
-                _ => out.push((name.clone(), value.clone())),
-            }
-        }
-        out.push(("Host".into(), address.to_string()));
-        if let Some(host) = incoming.header("host") {
-            if incoming.header("x-forwarded-host").is_none() {
-                out.push(("X-Forwarded-Host".into(), host.to_string()));
-            }
-        }
-        let client_ip = incoming.remote.map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
-        let forwarded_for = match incoming.header("x-forwarded-for") {
-            Some(prior) => format!("{prior}, {client_ip}"),
-            None => client_ip,
-        };
-        out.push(("X-Forwarded-For".into(), forwarded_for));
-        if incoming.header("x-forwarded-proto").is_none() {
-            out.push(("X-Forwarded-Proto".into(), "http".into()));
-        }
-        if let Some(key) = forward_key {
-            out.push((auth::KEY_HEADER.into(), key.to_string()));
-        }
-        out
-    }
-
-    /// The headers the client gets back: the container's, less hop-by-hop ones and the
-    /// framing (which the proxy writes itself).
-    pub fn downstream_response_headers(headers: &ureq::http::HeaderMap) -> Vec<(String, String)> {
-        let connection: Vec<String> = headers
-            .get_all("connection")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|t| t.trim().to_ascii_lowercase())
-            .collect();
-        headers
-            .iter()
-            .filter(|(name, _)| !is_hop_by_hop(name.as_str(), &connection) && name.as_str() != "content-length")
-            .filter_map(|(name, value)| value.to_str().ok().map(|v| (name.as_str().to_string(), v.to_string())))
-            .collect()
-    }
+    use std::time::Duration;
 
     /// Reads the client's body for the container, counting it against MAX_BODY and
     /// remembering why it failed (so a client fault is not blamed on the container).
@@ -7941,7 +8550,7 @@ mod relay {
         address: SocketAddr,
         session: Option<&str>,
     ) -> Result<ureq::http::Response<ureq::Body>, Failure> {
-        let headers = upstream_request_headers(incoming, upstream.forward_key(credential), address, session);
+        let headers = request_headers(incoming, upstream.forward_key(credential), address, session);
         let url = format!("http://{address}{}", incoming.target);
         let mut builder = ureq::http::Request::builder().method(incoming.method.as_str()).uri(&url);
         for (name, value) in &headers {
@@ -8006,7 +8615,11 @@ mod relay {
             Route::Own { upstream_id, .. } => Some(upstream_id.clone()),
             Route::Foreign | Route::Plain => None,
         };
-        let (mut retried, mut reopened) = (false, false);
+        let own_session = match &route {
+            Route::Own { client_id, .. } => Some(client_id.as_str()),
+            Route::Foreign | Route::Plain => None,
+        };
+        let mut attempt = Attempt::default();
         let response = loop {
             let sent = send_upstream(
                 &proxy.upstream,
@@ -8017,35 +8630,30 @@ mod relay {
                 lease.address,
                 session.as_deref(),
             );
-            match sent {
-                Ok(response) => {
-                    let unknown_session = response.status().as_u16() == 404 && incoming.method != "DELETE";
-                    let Route::Own { client_id, .. } = &route else { break response };
-                    if !unknown_session || reopened || !body.resendable() {
-                        break response;
-                    }
-                    // the container does not know this session (it slept, was replaced,
-                    // or this is another host): open one for the client, send again
-                    reopened = true;
+            match attempt.next(sent, own_session, &incoming.method, body.resendable()) {
+                Next::Answer(response) => break response,
+                // the container does not know this session (it slept, was replaced,
+                // or this is another host): open one for the client, send again
+                Next::Reopen(response, client_id) => {
                     match reopen_session(proxy, incoming, credential, &lease, client_id) {
                         Ok(id) => session = Some(id),
                         Err(_) => break response,
                     }
                 }
-                Err(Failure::Client(e) | Failure::Failed(e)) => return reject(request, e),
-                Err(Failure::NeverAnswered { resendable, error }) => {
-                    // the container moved or died since we last looked: look again (and
-                    // start it if need be), then try once more
+                // the container moved or died since we last looked: look again (and
+                // start it if need be), then try once more
+                Next::Resend => {
                     proxy.containers.registry.mark_unknown(&lease.name);
-                    if !(resendable || body.resendable()) || retried {
-                        return reject(request, error);
-                    }
-                    retried = true;
                     match proxy.containers.acquire(want, false, &proxy.life.stopping) {
                         Ok(fresh) => lease = fresh,
                         Err(e) => return reject(request, e),
                     }
                 }
+                Next::Unreachable(e) => {
+                    proxy.containers.registry.mark_unknown(&lease.name);
+                    return reject(request, e);
+                }
+                Next::Refuse(e) => return reject(request, e),
             }
         };
         let status = response.status().as_u16();
@@ -8078,6 +8686,64 @@ mod relay {
         answered.map_err(|e| (None, e))?;
         drop(lease);
         Ok(status)
+    }
+
+    /// Where one request stands in its sends: each way of sending it again is taken once.
+    #[derive(Default)]
+    struct Attempt {
+        /// Sent again on a fresh lease, after the container never answered.
+        resent: bool,
+        /// Sent again on a session opened again, after the container did not know it.
+        reopened: bool,
+    }
+
+    /// What a send came to: the step `proxy_http` takes next.
+    enum Next<'r> {
+        /// The answer, passed on to the client.
+        Answer(ureq::http::Response<ureq::Body>),
+        /// The container does not know the client's session (`client_id`): open it again
+        /// and send again; this answer (a 404) is passed on if it cannot be opened.
+        Reopen(ureq::http::Response<ureq::Body>, &'r str),
+        /// The container never answered: look for it again (a fresh lease), send again.
+        Resend,
+        /// The container never answered, and the request is not sent again.
+        Unreachable(ProxyError),
+        /// The client's side failed, or the container took the request and failed it.
+        Refuse(ProxyError),
+    }
+
+    impl Attempt {
+        /// The step after a send: `own_session` is the client's session when it has its
+        /// own, `resendable` whether the body can be sent again whole.
+        fn next<'r>(
+            &mut self,
+            sent: Result<ureq::http::Response<ureq::Body>, Failure>,
+            own_session: Option<&'r str>,
+            method: &str,
+            resendable: bool,
+        ) -> Next<'r> {
+            match sent {
+                Ok(response) => {
+                    let unknown_session = response.status().as_u16() == 404 && method != "DELETE";
+                    match own_session {
+                        Some(client_id) if unknown_session && resendable && !self.reopened => {
+                            self.reopened = true;
+                            Next::Reopen(response, client_id)
+                        }
+                        _ => Next::Answer(response),
+                    }
+                }
+                Err(Failure::Client(e) | Failure::Failed(e)) => Next::Refuse(e),
+                Err(Failure::NeverAnswered { resendable: unread, error }) => {
+                    if (unread || resendable) && !self.resent {
+                        self.resent = true;
+                        Next::Resend
+                    } else {
+                        Next::Unreachable(error)
+                    }
+                }
+            }
+        }
     }
 
     /// The JSON-RPC messages of the container's answer (a JSON body, a batch, or SSE
@@ -8134,37 +8800,347 @@ mod relay {
         NoSession,
     }
 
-    /// The container's identity from its `initialize` result, for 2026-07-28 results.
-    fn server_info(proxy: &Proxy, client_id: &str) -> Value {
-        proxy.sessions.initialized(client_id).and_then(|r| r.get("serverInfo").cloned()).unwrap_or(Value::Null)
+    /// Writes the container's answer: its own length when it gave one, else chunked
+    /// (close-delimited for HTTP/1.0); flushed after every read, so events are not held.
+    fn stream_response(
+        proxy: &Proxy,
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        response: ureq::http::Response<ureq::Body>,
+        socket: Option<&TcpStream>,
+        delivery: Delivery,
+    ) -> Result<(), ProxyError> {
+        let Delivery { shown, stamp, capture } = delivery;
+        let status = response.status().as_u16();
+        let mut headers = response_headers(response.headers());
+        match shown {
+            // the client sees its own session id, never the upstream one behind it
+            Shown::Client(id) => {
+                for (name, value) in headers.iter_mut() {
+                    if name.eq_ignore_ascii_case(SESSION_HEADER) {
+                        *value = id.to_string();
+                    }
+                }
+            }
+            Shown::NoSession => headers.retain(|(name, _)| !name.eq_ignore_ascii_case(SESSION_HEADER)),
+        }
+        let event_stream = is_event_stream(response.headers());
+        if let (Some(stamp), false) = (stamp, event_stream) {
+            return send_stamped_json(request, incoming, status, headers, response, stamp, capture);
+        }
+        let _long_lived = event_stream.then(|| InFlight::long_lived(&proxy.life));
+        if event_stream {
+            headers.retain(|(n, _)| !n.eq_ignore_ascii_case("x-accel-buffering"));
+            headers.push(("X-Accel-Buffering".into(), "no".into()));
+            if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("cache-control")) {
+                headers.push(("Cache-Control".into(), "no-cache".into()));
+            }
+        }
+        let length = response
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let framing = wire::framing(&incoming.method, status, length, incoming.http10);
+        if let (Framing::NoBody, Some(len)) = (framing, length) {
+            // a HEAD (or 304) answer still tells the length of what it describes
+            headers.push(("Content-Length".into(), len.to_string()));
+        }
+        let answer = wire::begin_answer(request, incoming, status, &headers, framing, false).map_err(client_gone)?;
+        let (mut writer, close) = (answer.writer, answer.closes);
+        match (framing, stamp) {
+            (Framing::NoBody, _) => {}
+            (framing, Some(stamp)) => copy_stamped_events(
+                response.into_body().into_reader(),
+                &mut writer,
+                framing == Framing::Chunked,
+                stamp,
+                capture,
+            )?,
+            (framing, None) => copy_body(
+                response.into_body().into_reader(),
+                &mut writer,
+                framing == Framing::Chunked,
+                socket,
+                capture,
+            )?,
+        }
+        // the head and any last bytes may still sit in the buffer (an empty body above)
+        writer.flush().map_err(client_gone)?;
+        if close {
+            if let Some(s) = socket {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+        }
+        Ok(())
     }
 
-    /// Closes with DELETE the owner's upstream sessions forgotten beyond the bound, so a
-    /// client that opens a session per call leaves nothing open in its container.
-    fn close_evicted(proxy: &Proxy, credential: &Credential, lease: &Lease) {
-        for upstream_id in proxy.sessions.take_evicted(&lease.name) {
-            let url = format!("http://{}{}", lease.address, protocol::MCP_PATH);
-            let mut builder = ureq::http::Request::delete(&url)
-                .header("Host", lease.address.to_string())
-                .header(SESSION_HEADER, upstream_id.as_str());
-            if let Some(key) = proxy.upstream.forward_key(credential) {
-                builder = builder.header(auth::KEY_HEADER, key);
-            }
-            let closed = builder.body(()).map_err(|_| "unsendable".to_string()).and_then(|request| {
-                proxy.upstream.agent.run(request).map(|r| r.status().as_u16()).map_err(|e| describe_ureq_error(&e))
-            });
-            match closed {
-                Ok(status) => {
-                    log::info!("closed an upstream session over the bound container={} status={status}", lease.name)
+    /// Copies the container's body to the client, a flush after every read, in chunks
+    /// when `chunked`, and into `capture` (up to CAPTURE_LIMIT) when given. A container
+    /// that breaks off ends the client's answer unfinished, so the client knows, rather
+    /// than as if it were complete.
+    fn copy_body(
+        mut body: impl Read,
+        writer: &mut dyn Write,
+        chunked: bool,
+        socket: Option<&TcpStream>,
+        mut capture: Option<&mut Vec<u8>>,
+    ) -> Result<(), ProxyError> {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match body.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    log::warn!("container stream broke off: {}", e.kind());
+                    if let Some(s) = socket {
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                    return Err(ProxyError::ContainerUnreachable("The container's answer broke off.".into()));
                 }
-                Err(e) => log::warn!("could not close an upstream session in {}: {e}", lease.name),
+            };
+            if let Some(kept) = capture.as_deref_mut() {
+                kept.extend_from_slice(&buf[..n.min(CAPTURE_LIMIT.saturating_sub(kept.len()))]);
             }
+            let written = if chunked {
+                write!(writer, "{n:x}\r\n")
+                    .and_then(|_| writer.write_all(&buf[..n]))
+                    .and_then(|_| writer.write_all(b"\r\n"))
+            } else {
+                writer.write_all(&buf[..n])
+            };
+            written.and_then(|_| writer.flush()).map_err(client_gone)?;
+        }
+        if chunked {
+            writer.write_all(b"0\r\n\r\n").map_err(client_gone)?;
+        }
+        Ok(())
+    }
+}
+
+mod modern {
+    //! Owns what the 2026-07-28 revision gets from the proxy itself: `server/discover`
+    //! answered from the user's default session, `subscriptions/listen` held open, and
+    //! results stamped with the server's identity (`_meta` serverInfo); the one parse of a
+    //! POST and its checks stay in `protocol`. Calls `wire`, `error`, `auth` (the
+    //! credential), `registry` (a lease), `protocol`, `sessions`, `reopen` (the default
+    //! session), `held`, `upstream`.
+    use crate::auth::Credential;
+    use crate::error::ProxyError;
+    use crate::held::{keep_open, EventFilter, HeldStream, Released};
+    use crate::protocol::{self, McpPost};
+    use crate::registry::Lease;
+    use crate::reopen::open_default;
+    use crate::sessions;
+    use crate::upstream::{client_gone, write_chunk, CAPTURE_LIMIT};
+    use crate::wire::{self, reject, Framing, Incoming, RouteResult};
+    use crate::{InFlight, Proxy};
+    use serde_json::{json, Value};
+    use std::io::{self, Read, Write};
+    use std::sync::Arc;
+
+    /// The methods the proxy answers itself, from the user's default session.
+    #[derive(Clone, Copy)]
+    pub enum Method {
+        Discover,
+        Listen,
+    }
+
+    /// A 2026-07-28 request the proxy answers itself, from the `initialize` of the user's
+    /// default session (opened first unless it is open in this container).
+    pub fn answer(
+        proxy: &Arc<Proxy>,
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        credential: &Credential,
+        lease: Lease,
+        post: &McpPost,
+        method: Method,
+    ) -> RouteResult {
+        let initialized = match open_default(proxy, incoming, credential, &lease) {
+            Ok(initialized) => initialized,
+            Err(e) => return reject(request, e),
+        };
+        let owner = lease.name.clone();
+        drop(lease);
+        match method {
+            Method::Discover => discover(request, incoming, post, &initialized),
+            Method::Listen => listen(proxy, request, incoming, credential, &owner, post, &initialized),
         }
     }
 
+    /// `server/discover`: the container's capabilities and identity, from the
+    /// `initialize` of the user's default session, with every version the proxy speaks.
+    fn discover(request: tiny_http::Request, incoming: &Incoming, post: &McpPost, initialized: &Value) -> RouteResult {
+        let id = post.id.clone().unwrap_or(Value::Null);
+        wire::send_json(request, incoming, 200, &protocol::discover_result(&id, initialized));
+        Ok(200)
+    }
+
+    /// `subscriptions/listen`: a held SSE stream. Acknowledged with the filter the
+    /// container can honour; then the change notifications the container sends on the
+    /// user's default session, while it runs, and comment keep-alives. Like a held
+    /// notification stream, it neither wakes nor keeps awake the container.
+    fn listen(
+        proxy: &Proxy,
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        credential: &Credential,
+        owner: &str,
+        post: &McpPost,
+        initialized: &Value,
+    ) -> RouteResult {
+        let capabilities = initialized.get("capabilities").cloned().unwrap_or(Value::Null);
+        let filter = protocol::listen_filter(post, &capabilities);
+        let subscription = post.id.clone().unwrap_or(Value::Null);
+        let headers = vec![
+            ("Content-Type".to_string(), "text/event-stream".to_string()),
+            ("Cache-Control".to_string(), "no-cache".to_string()),
+            ("X-Accel-Buffering".to_string(), "no".to_string()),
+        ];
+        let acknowledged = json!({
+            "jsonrpc": "2.0",
+            "method": "notifications/subscriptions/acknowledged",
+            "params": {"_meta": {protocol::SUBSCRIPTION_META: subscription}, "notifications": filter},
+        });
+        let mut writer = match wire::begin_answer(request, incoming, 200, &headers, Framing::Chunked, false) {
+            Ok(answer) => answer.writer,
+            Err(_) => return Ok(200),
+        };
+        if write_chunk(&mut writer, format!("data: {acknowledged}\n\n").as_bytes()).is_err() {
+            return Ok(200);
+        }
+        let _long_lived = InFlight::long_lived(&proxy.life);
+        let _held = HeldStream::count(proxy);
+        let default_id = sessions::default_key(owner);
+        let listening = Listening { filter: &filter, subscription: &subscription };
+        // nothing agreed (mcp-outline announces no change notifications): keep-alives only
+        let agreed = filter.as_object().is_some_and(|f| !f.is_empty());
+        let session = agreed.then_some(default_id.as_str());
+        if let Released::ClientGone =
+            keep_open(proxy, incoming, credential, owner, session, &mut writer, Some(&listening))
+        {
+            return Ok(200);
+        }
+        // the proxy is stopping: the subscription ends gracefully
+        let ended = json!({"jsonrpc": "2.0", "id": subscription,
+            "result": {"resultType": "complete", "_meta": {protocol::SUBSCRIPTION_META: subscription}}});
+        let _ = write_chunk(&mut writer, format!("data: {ended}\n\n").as_bytes())
+            .and_then(|_| writer.write_all(b"0\r\n\r\n"))
+            .and_then(|_| writer.flush());
+        Ok(200)
+    }
+
+    /// A listen stream's filter and subscription id, applied to the container's events.
+    struct Listening<'a> {
+        filter: &'a Value,
+        subscription: &'a Value,
+    }
+
+    impl EventFilter for Listening<'_> {
+        /// The event to pass on for one of the container's `data:` lines, if wanted.
+        fn pass(&self, data: &str) -> Option<String> {
+            let mut message: Value = serde_json::from_str(data.trim()).ok()?;
+            if !protocol::wanted(self.filter, &message) {
+                return None;
+            }
+            let params = message.as_object_mut()?.entry("params").or_insert_with(|| json!({}));
+            let meta = params.as_object_mut()?.entry("_meta").or_insert_with(|| json!({}));
+            meta.as_object_mut()?.insert(protocol::SUBSCRIPTION_META.into(), self.subscription.clone());
+            Some(format!("data: {message}\n\n"))
+        }
+    }
+
+    /// The container's identity from its `initialize` result, for 2026-07-28 results.
+    pub fn server_info(proxy: &Proxy, client_id: &str) -> Value {
+        proxy.sessions.initialized(client_id).and_then(|r| r.get("serverInfo").cloned()).unwrap_or(Value::Null)
+    }
+
+    /// Largest JSON answer stamped for a 2026-07-28 client (read whole to be stamped).
+    const STAMP_LIMIT: u64 = 64 << 20;
+
+    /// A JSON answer to a 2026-07-28 request, its result stamped with the server's identity.
+    pub fn send_stamped_json(
+        request: tiny_http::Request,
+        incoming: &Incoming,
+        status: u16,
+        headers: Vec<(String, String)>,
+        response: ureq::http::Response<ureq::Body>,
+        stamp: &protocol::Stamp,
+        capture: Option<&mut Vec<u8>>,
+    ) -> Result<(), ProxyError> {
+        let broke = || ProxyError::ContainerUnreachable("The container's answer broke off.".into());
+        let bytes = response.into_body().with_config().limit(STAMP_LIMIT).read_to_vec().map_err(|_| broke())?;
+        if let Some(captured) = capture {
+            captured.extend_from_slice(&bytes[..bytes.len().min(CAPTURE_LIMIT)]);
+        }
+        let body = protocol::stamp_result(&bytes, stamp).map(String::into_bytes).unwrap_or(bytes);
+        wire::send_body(request, incoming, status, &headers, &body, incoming.wants_close).map_err(client_gone)
+    }
+
+    /// An SSE answer to a 2026-07-28 request, passed on event line by event line, the
+    /// result's line stamped with the server's identity.
+    pub fn copy_stamped_events(
+        body: impl Read,
+        writer: &mut dyn Write,
+        chunked: bool,
+        stamp: &protocol::Stamp,
+        mut capture: Option<&mut Vec<u8>>,
+    ) -> Result<(), ProxyError> {
+        let mut lines = io::BufReader::new(body);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match io::BufRead::read_line(&mut lines, &mut line) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => return Err(ProxyError::ContainerUnreachable("The container's answer broke off.".into())),
+            }
+            if let Some(kept) = capture.as_deref_mut() {
+                let room = CAPTURE_LIMIT.saturating_sub(kept.len());
+                kept.extend_from_slice(&line.as_bytes()[..line.len().min(room)]);
+            }
+            let stamped = line.strip_prefix("data:").and_then(|d| protocol::stamp_result(d.trim().as_bytes(), stamp));
+            let out = match stamped {
+                Some(message) => format!("data: {message}\n"),
+                None => line.clone(),
+            };
+            let written = if chunked {
+                write_chunk(writer, out.as_bytes())
+            } else {
+                writer.write_all(out.as_bytes()).and_then(|_| writer.flush())
+            };
+            written.map_err(client_gone)?;
+        }
+        if chunked {
+            writer.write_all(b"0\r\n\r\n").map_err(client_gone)?;
+        }
+        Ok(())
+    }
+}
+
+mod reopen {
+    //! Owns the upstream MCP sessions the proxy itself opens and closes for its clients:
+    //! what an answer says of a client's session, a session opened again (`initialize` with
+    //! the client's own params) when its container slept or was replaced, the user's
+    //! default session, and the sessions closed beyond the bound. Calls `wire`, `error`,
+    //! `auth` (the key header), `registry` (a lease), `protocol` (versions, the MCP path),
+    //! `sessions`, `upstream`.
+    use crate::auth::{self, describe_ureq_error, Credential};
+    use crate::error::ProxyError;
+    use crate::protocol;
+    use crate::registry::Lease;
+    use crate::sessions::{Reopen, Route, SESSION_HEADER};
+    use crate::upstream::is_event_stream;
+    use crate::wire::Incoming;
+    use crate::Proxy;
+    use serde_json::{json, Value};
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
     /// Records what an answer says of the client's session; returns the session id the
     /// client is to see in the answer's Mcp-Session-Id (its own, never the upstream's).
-    fn note_session(
+    pub fn note_session(
         proxy: &Proxy,
         incoming: &Incoming,
         route: &Route,
@@ -8201,7 +9177,7 @@ mod relay {
     /// Opens a new upstream session for a client session, or waits for the one another
     /// request is opening: `initialize` with the client's own recorded params (else its
     /// protocol version), then `notifications/initialized`.
-    fn reopen_session(
+    pub fn reopen_session(
         proxy: &Proxy,
         incoming: &Incoming,
         credential: &Credential,
@@ -8324,199 +9300,66 @@ mod relay {
             .unwrap_or(Value::Null)
     }
 
-    fn is_event_stream(headers: &ureq::http::HeaderMap) -> bool {
-        headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.to_ascii_lowercase().starts_with("text/event-stream"))
-    }
-
-    /// Writes the container's answer: its own length when it gave one, else chunked
-    /// (close-delimited for HTTP/1.0); flushed after every read, so events are not held.
-    fn stream_response(
+    /// Opens the user's default upstream session unless it is open in this container,
+    /// and gives the container's `initialize` result.
+    pub fn open_default(
         proxy: &Proxy,
-        request: tiny_http::Request,
         incoming: &Incoming,
-        response: ureq::http::Response<ureq::Body>,
-        socket: Option<&TcpStream>,
-        delivery: Delivery,
-    ) -> Result<(), ProxyError> {
-        let Delivery { shown, stamp, capture } = delivery;
-        let status = response.status().as_u16();
-        let mut headers = downstream_response_headers(response.headers());
-        match shown {
-            // the client sees its own session id, never the upstream one behind it
-            Shown::Client(id) => {
-                for (name, value) in headers.iter_mut() {
-                    if name.eq_ignore_ascii_case(SESSION_HEADER) {
-                        *value = id.to_string();
-                    }
+        credential: &Credential,
+        lease: &Lease,
+    ) -> Result<Value, ProxyError> {
+        let not_open = || ProxyError::ContainerUnreachable("The container's session could not be opened.".into());
+        let Route::Own { client_id, stale, .. } =
+            proxy.sessions.default_route(&lease.name, lease.incarnation.as_deref())
+        else {
+            return Err(not_open());
+        };
+        if stale || proxy.sessions.initialized(&client_id).is_none() {
+            reopen_session(proxy, incoming, credential, lease, &client_id)?;
+        }
+        proxy.sessions.initialized(&client_id).ok_or_else(not_open)
+    }
+
+    /// Closes with DELETE the owner's upstream sessions forgotten beyond the bound, so a
+    /// client that opens a session per call leaves nothing open in its container.
+    pub fn close_evicted(proxy: &Proxy, credential: &Credential, lease: &Lease) {
+        for upstream_id in proxy.sessions.take_evicted(&lease.name) {
+            let url = format!("http://{}{}", lease.address, protocol::MCP_PATH);
+            let mut builder = ureq::http::Request::delete(&url)
+                .header("Host", lease.address.to_string())
+                .header(SESSION_HEADER, upstream_id.as_str());
+            if let Some(key) = proxy.upstream.forward_key(credential) {
+                builder = builder.header(auth::KEY_HEADER, key);
+            }
+            let closed = builder.body(()).map_err(|_| "unsendable".to_string()).and_then(|request| {
+                proxy.upstream.agent.run(request).map(|r| r.status().as_u16()).map_err(|e| describe_ureq_error(&e))
+            });
+            match closed {
+                Ok(status) => {
+                    log::info!("closed an upstream session over the bound container={} status={status}", lease.name)
                 }
-            }
-            Shown::NoSession => headers.retain(|(name, _)| !name.eq_ignore_ascii_case(SESSION_HEADER)),
-        }
-        let event_stream = is_event_stream(response.headers());
-        if let (Some(stamp), false) = (stamp, event_stream) {
-            return send_stamped_json(request, incoming, status, headers, response, stamp, capture);
-        }
-        let _long_lived = event_stream.then(|| InFlight::long_lived(&proxy.life));
-        if event_stream {
-            headers.retain(|(n, _)| !n.eq_ignore_ascii_case("x-accel-buffering"));
-            headers.push(("X-Accel-Buffering".into(), "no".into()));
-            if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("cache-control")) {
-                headers.push(("Cache-Control".into(), "no-cache".into()));
+                Err(e) => log::warn!("could not close an upstream session in {}: {e}", lease.name),
             }
         }
-        let length = response
-            .headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let framing = wire::framing(&incoming.method, status, length, incoming.http10);
-        if let (Framing::NoBody, Some(len)) = (framing, length) {
-            // a HEAD (or 304) answer still tells the length of what it describes
-            headers.push(("Content-Length".into(), len.to_string()));
-        }
-        let answer = wire::begin_answer(request, incoming, status, &headers, framing, false).map_err(client_gone)?;
-        let (mut writer, close) = (answer.writer, answer.closes);
-        match (framing, stamp) {
-            (Framing::NoBody, _) => {}
-            (framing, Some(stamp)) => copy_stamped_events(
-                response.into_body().into_reader(),
-                &mut writer,
-                framing == Framing::Chunked,
-                stamp,
-                capture,
-            )?,
-            (framing, None) => copy_body(
-                response.into_body().into_reader(),
-                &mut writer,
-                framing == Framing::Chunked,
-                socket,
-                capture,
-            )?,
-        }
-        // the head and any last bytes may still sit in the buffer (an empty body above)
-        writer.flush().map_err(client_gone)?;
-        if close {
-            if let Some(s) = socket {
-                let _ = s.shutdown(Shutdown::Write);
-            }
-        }
-        Ok(())
     }
+}
 
-    /// Largest JSON answer stamped for a 2026-07-28 client (read whole to be stamped).
-    const STAMP_LIMIT: u64 = 64 << 20;
-
-    /// A JSON answer to a 2026-07-28 request, its result stamped with the server's identity.
-    fn send_stamped_json(
-        request: tiny_http::Request,
-        incoming: &Incoming,
-        status: u16,
-        headers: Vec<(String, String)>,
-        response: ureq::http::Response<ureq::Body>,
-        stamp: &protocol::Stamp,
-        capture: Option<&mut Vec<u8>>,
-    ) -> Result<(), ProxyError> {
-        let broke = || ProxyError::ContainerUnreachable("The container's answer broke off.".into());
-        let bytes = response.into_body().with_config().limit(STAMP_LIMIT).read_to_vec().map_err(|_| broke())?;
-        if let Some(captured) = capture {
-            captured.extend_from_slice(&bytes[..bytes.len().min(CAPTURE_LIMIT)]);
-        }
-        let body = protocol::stamp_result(&bytes, stamp).map(String::into_bytes).unwrap_or(bytes);
-        wire::send_body(request, incoming, status, &headers, &body, incoming.wants_close).map_err(client_gone)
-    }
-
-    /// An SSE answer to a 2026-07-28 request, passed on event line by event line, the
-    /// result's line stamped with the server's identity.
-    fn copy_stamped_events(
-        body: impl Read,
-        writer: &mut dyn Write,
-        chunked: bool,
-        stamp: &protocol::Stamp,
-        mut capture: Option<&mut Vec<u8>>,
-    ) -> Result<(), ProxyError> {
-        let mut lines = io::BufReader::new(body);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match io::BufRead::read_line(&mut lines, &mut line) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(_) => return Err(ProxyError::ContainerUnreachable("The container's answer broke off.".into())),
-            }
-            if let Some(kept) = capture.as_deref_mut() {
-                let room = CAPTURE_LIMIT.saturating_sub(kept.len());
-                kept.extend_from_slice(&line.as_bytes()[..line.len().min(room)]);
-            }
-            let stamped = line.strip_prefix("data:").and_then(|d| protocol::stamp_result(d.trim().as_bytes(), stamp));
-            let out = match stamped {
-                Some(message) => format!("data: {message}\n"),
-                None => line.clone(),
-            };
-            let written = if chunked {
-                write_chunk(writer, out.as_bytes())
-            } else {
-                writer.write_all(out.as_bytes()).and_then(|_| writer.flush())
-            };
-            written.map_err(client_gone)?;
-        }
-        if chunked {
-            writer.write_all(b"0\r\n\r\n").map_err(client_gone)?;
-        }
-        Ok(())
-    }
-
-    fn client_gone(_: io::Error) -> ProxyError {
-        ProxyError::BadRequest("The client went away.".into())
-    }
-
-    /// Largest answer kept aside for the staged-edit marks (mcp-outline's answer to an
-    /// edit is a sentence).
-    const CAPTURE_LIMIT: usize = 1 << 20;
-
-    /// Copies the container's body to the client, a flush after every read, in chunks
-    /// when `chunked`, and into `capture` (up to CAPTURE_LIMIT) when given. A container
-    /// that breaks off ends the client's answer unfinished, so the client knows, rather
-    /// than as if it were complete.
-    fn copy_body(
-        mut body: impl Read,
-        writer: &mut dyn Write,
-        chunked: bool,
-        socket: Option<&TcpStream>,
-        mut capture: Option<&mut Vec<u8>>,
-    ) -> Result<(), ProxyError> {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = match body.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) => {
-                    log::warn!("container stream broke off: {}", e.kind());
-                    if let Some(s) = socket {
-                        let _ = s.shutdown(Shutdown::Both);
-                    }
-                    return Err(ProxyError::ContainerUnreachable("The container's answer broke off.".into()));
-                }
-            };
-            if let Some(kept) = capture.as_deref_mut() {
-                kept.extend_from_slice(&buf[..n.min(CAPTURE_LIMIT.saturating_sub(kept.len()))]);
-            }
-            let written = if chunked {
-                write!(writer, "{n:x}\r\n")
-                    .and_then(|_| writer.write_all(&buf[..n]))
-                    .and_then(|_| writer.write_all(b"\r\n"))
-            } else {
-                writer.write_all(&buf[..n])
-            };
-            written.and_then(|_| writer.flush()).map_err(client_gone)?;
-        }
-        if chunked {
-            writer.write_all(b"0\r\n\r\n").map_err(client_gone)?;
-        }
-        Ok(())
-    }
+mod held {
+    //! Owns the streams the proxy holds open for clients, so that they neither keep a
+    //! container awake nor die with one: a client's GET notification stream, and the stream
+    //! `modern` holds for a listen; attached to the container's own stream while it runs.
+    //! Calls `wire`, `auth` (the credential), `registry` (a stream slot), `sessions`,
+    //! `upstream`.
+    use crate::auth::Credential;
+    use crate::registry::StreamSlot;
+    use crate::sessions::SESSION_HEADER;
+    use crate::upstream::{is_event_stream, request_headers, write_chunk};
+    use crate::wire::{self, header_tokens, Framing, Incoming, RouteResult};
+    use crate::{InFlight, Proxy};
+    use std::io::{self, Read, Write};
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Instant;
 
     /// A client's standalone notification stream (GET, `Accept: text/event-stream`): the
     /// proxy holds it, so it neither keeps a container awake nor dies with one.
@@ -8535,10 +9378,8 @@ mod relay {
         ClientGone,
     }
 
-    /// Holds a client's notification stream: attached to the container's own stream
-    /// while the container runs and knows the session, else kept open with SSE comment
-    /// keep-alives; it never wakes the container (a POST does), and attaches again when
-    /// the container starts or the session is opened again.
+    /// Holds a client's notification stream (`keep_open`), ended properly when the proxy
+    /// stops.
     pub fn hold_stream(
         proxy: &Arc<Proxy>,
         request: tiny_http::Request,
@@ -8561,174 +9402,71 @@ mod relay {
         };
         let _long_lived = InFlight::long_lived(&proxy.life);
         let _held = HeldStream::count(proxy);
+        if let Released::Stopping = keep_open(proxy, incoming, credential, owner, Some(client_id), &mut writer, None) {
+            let _ = writer.write_all(b"0\r\n\r\n").and_then(|_| writer.flush());
+        }
+        Ok(200)
+    }
+
+    /// How a held stream was let go.
+    pub enum Released {
+        /// The proxy is stopping: the stream may be ended properly.
+        Stopping,
+        ClientGone,
+    }
+
+    /// Keeps a held stream open until the proxy stops or the client goes: attached to the
+    /// container's own stream for the client's `session` while the container runs and
+    /// knows it, else kept open with SSE comment keep-alives; it never wakes the
+    /// container (a POST does), and attaches again when the container starts or the
+    /// session is opened again. No `session`: keep-alives only. With a `filter`, the
+    /// container's events are passed line by line as it picks them; else unchanged.
+    pub fn keep_open(
+        proxy: &Proxy,
+        incoming: &Incoming,
+        credential: &Credential,
+        owner: &str,
+        session: Option<&str>,
+        writer: &mut dyn Write,
+        filter: Option<&dyn EventFilter>,
+    ) -> Released {
         let keepalive = proxy.cfg.sse_keepalive;
         let mut seen = proxy.sessions.generation();
         let mut last_write = Instant::now();
         while !proxy.life.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            let attachable = proxy.containers.registry.peek_running(owner).and_then(|(address, incarnation)| {
+            let attachable = session.and_then(|client_id| {
+                let (address, incarnation) = proxy.containers.registry.peek_running(owner)?;
                 let upstream_id = proxy.sessions.attachable(client_id, owner, incarnation.as_deref())?;
                 Some((address, upstream_id))
             });
             if let Some(upstream) = attachable {
-                let attached = attach(proxy, incoming, credential, &upstream, &mut writer, &mut last_write, None);
+                let attached = attach(proxy, incoming, credential, &upstream, writer, &mut last_write, filter);
                 if let Attached::ClientGone = attached {
-                    return Ok(200);
+                    return Released::ClientGone;
                 }
             }
             seen = proxy.sessions.wait_change(seen, keepalive.saturating_sub(last_write.elapsed()));
             if last_write.elapsed() >= keepalive {
-                if write_chunk(&mut writer, b": keepalive\n\n").is_err() {
-                    return Ok(200);
+                if write_chunk(writer, b": keepalive\n\n").is_err() {
+                    return Released::ClientGone;
                 }
                 last_write = Instant::now();
             }
         }
-        let _ = writer.write_all(b"0\r\n\r\n").and_then(|_| writer.flush());
-        Ok(200)
+        Released::Stopping
     }
 
-    /// Opens the user's default upstream session unless it is open in this container,
-    /// and gives the container's `initialize` result.
-    fn open_default(
-        proxy: &Proxy,
-        incoming: &Incoming,
-        credential: &Credential,
-        lease: &Lease,
-    ) -> Result<Value, ProxyError> {
-        let not_open = || ProxyError::ContainerUnreachable("The container's session could not be opened.".into());
-        let Route::Own { client_id, stale, .. } =
-            proxy.sessions.default_route(&lease.name, lease.incarnation.as_deref())
-        else {
-            return Err(not_open());
-        };
-        if stale || proxy.sessions.initialized(&client_id).is_none() {
-            reopen_session(proxy, incoming, credential, lease, &client_id)?;
-        }
-        proxy.sessions.initialized(&client_id).ok_or_else(not_open)
-    }
-
-    /// `server/discover`: the container's capabilities and identity, from the
-    /// `initialize` of the user's default session, with every version the proxy speaks.
-    pub fn discover(
-        proxy: &Arc<Proxy>,
-        request: tiny_http::Request,
-        incoming: &Incoming,
-        credential: &Credential,
-        lease: Lease,
-        post: &McpPost,
-    ) -> RouteResult {
-        let initialized = match open_default(proxy, incoming, credential, &lease) {
-            Ok(initialized) => initialized,
-            Err(e) => return reject(request, e),
-        };
-        drop(lease);
-        let id = post.id.clone().unwrap_or(Value::Null);
-        wire::send_json(request, incoming, 200, &protocol::discover_result(&id, &initialized));
-        Ok(200)
-    }
-
-    /// `subscriptions/listen`: a held SSE stream. Acknowledged with the filter the
-    /// container can honour; then the change notifications the container sends on the
-    /// user's default session, while it runs, and comment keep-alives. Like a held
-    /// notification stream, it neither wakes nor keeps awake the container.
-    pub fn listen(
-        proxy: &Arc<Proxy>,
-        request: tiny_http::Request,
-        incoming: &Incoming,
-        credential: &Credential,
-        lease: Lease,
-        post: &McpPost,
-    ) -> RouteResult {
-        let initialized = match open_default(proxy, incoming, credential, &lease) {
-            Ok(initialized) => initialized,
-            Err(e) => return reject(request, e),
-        };
-        let owner = lease.name.clone();
-        drop(lease);
-        let capabilities = initialized.get("capabilities").cloned().unwrap_or(Value::Null);
-        let filter = protocol::listen_filter(post, &capabilities);
-        let subscription = post.id.clone().unwrap_or(Value::Null);
-        let headers = vec![
-            ("Content-Type".to_string(), "text/event-stream".to_string()),
-            ("Cache-Control".to_string(), "no-cache".to_string()),
-            ("X-Accel-Buffering".to_string(), "no".to_string()),
-        ];
-        let acknowledged = json!({
-            "jsonrpc": "2.0",
-            "method": "notifications/subscriptions/acknowledged",
-            "params": {"_meta": {protocol::SUBSCRIPTION_META: subscription}, "notifications": filter},
-        });
-        let mut writer = match wire::begin_answer(request, incoming, 200, &headers, Framing::Chunked, false) {
-            Ok(answer) => answer.writer,
-            Err(_) => return Ok(200),
-        };
-        if write_chunk(&mut writer, format!("data: {acknowledged}\n\n").as_bytes()).is_err() {
-            return Ok(200);
-        }
-        let _long_lived = InFlight::long_lived(&proxy.life);
-        let _held = HeldStream::count(proxy);
-        let keepalive = proxy.cfg.sse_keepalive;
-        let default_id = sessions::default_key(&owner);
-        let mut seen = proxy.sessions.generation();
-        let mut last_write = Instant::now();
-        let listening = Listening { filter: &filter, subscription: &subscription };
-        // nothing agreed (mcp-outline announces no change notifications): keep-alives only
-        let agreed = filter.as_object().is_some_and(|f| !f.is_empty());
-        while !proxy.life.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            let running = proxy.containers.registry.peek_running(&owner).filter(|_| agreed);
-            let attachable = running.and_then(|(address, incarnation)| {
-                let upstream_id = proxy.sessions.attachable(&default_id, &owner, incarnation.as_deref())?;
-                Some((address, upstream_id))
-            });
-            if let Some(upstream) = attachable {
-                let attached =
-                    attach(proxy, incoming, credential, &upstream, &mut writer, &mut last_write, Some(&listening));
-                if let Attached::ClientGone = attached {
-                    return Ok(200);
-                }
-            }
-            seen = proxy.sessions.wait_change(seen, keepalive.saturating_sub(last_write.elapsed()));
-            if last_write.elapsed() >= keepalive {
-                if write_chunk(&mut writer, b": keepalive\n\n").is_err() {
-                    return Ok(200);
-                }
-                last_write = Instant::now();
-            }
-        }
-        // the proxy is stopping: the subscription ends gracefully
-        let ended = json!({"jsonrpc": "2.0", "id": subscription,
-            "result": {"resultType": "complete", "_meta": {protocol::SUBSCRIPTION_META: subscription}}});
-        let _ = write_chunk(&mut writer, format!("data: {ended}\n\n").as_bytes())
-            .and_then(|_| writer.write_all(b"0\r\n\r\n"))
-            .and_then(|_| writer.flush());
-        Ok(200)
-    }
-
-    /// A listen stream's filter and subscription id, applied to the container's events.
-    struct Listening<'a> {
-        filter: &'a Value,
-        subscription: &'a Value,
-    }
-
-    impl Listening<'_> {
-        /// The event to pass on for one of the container's `data:` lines, if wanted.
-        fn pass(&self, data: &str) -> Option<String> {
-            let mut message: Value = serde_json::from_str(data.trim()).ok()?;
-            if !protocol::wanted(self.filter, &message) {
-                return None;
-            }
-            let params = message.as_object_mut()?.entry("params").or_insert_with(|| json!({}));
-            let meta = params.as_object_mut()?.entry("_meta").or_insert_with(|| json!({}));
-            meta.as_object_mut()?.insert(protocol::SUBSCRIPTION_META.into(), self.subscription.clone());
-            Some(format!("data: {message}\n\n"))
-        }
+    /// Picks and rewrites the container's events for a held stream, from each `data:`
+    /// line: the event to pass on, or None.
+    pub trait EventFilter {
+        fn pass(&self, data: &str) -> Option<String>;
     }
 
     /// Counts a held stream for /stats while alive.
-    struct HeldStream<'a>(&'a std::sync::atomic::AtomicUsize);
+    pub struct HeldStream<'a>(&'a std::sync::atomic::AtomicUsize);
 
     impl<'a> HeldStream<'a> {
-        fn count(proxy: &'a Proxy) -> HeldStream<'a> {
+        pub fn count(proxy: &'a Proxy) -> HeldStream<'a> {
             let held = &proxy.sessions.counters.held_streams;
             held.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             HeldStream(held)
@@ -8741,13 +9479,6 @@ mod relay {
         }
     }
 
-    fn write_chunk(writer: &mut dyn Write, bytes: &[u8]) -> io::Result<()> {
-        write!(writer, "{:x}\r\n", bytes.len())
-            .and_then(|_| writer.write_all(bytes))
-            .and_then(|_| writer.write_all(b"\r\n"))
-            .and_then(|_| writer.flush())
-    }
-
     /// Opens the container's notification stream for the session and passes its events
     /// on, until either side ends.
     fn attach(
@@ -8757,11 +9488,10 @@ mod relay {
         (address, upstream_id): &(SocketAddr, String),
         writer: &mut dyn Write,
         last_write: &mut Instant,
-        listening: Option<&Listening>,
+        filter: Option<&dyn EventFilter>,
     ) -> Attached {
         let (address, upstream_id) = (*address, upstream_id.as_str());
-        let headers =
-            upstream_request_headers(incoming, proxy.upstream.forward_key(credential), address, Some(upstream_id));
+        let headers = request_headers(incoming, proxy.upstream.forward_key(credential), address, Some(upstream_id));
         let url = format!("http://{address}{}", incoming.target);
         let mut builder = ureq::http::Request::get(&url);
         for (name, value) in headers.iter().filter(|(n, _)| !n.eq_ignore_ascii_case("last-event-id")) {
@@ -8773,8 +9503,8 @@ mod relay {
             _ => return Attached::Refused,
         };
         let mut body = response.into_body().into_reader();
-        if let Some(listening) = listening {
-            return pass_listened(io::BufReader::new(body), writer, last_write, listening);
+        if let Some(filter) = filter {
+            return pass_filtered(io::BufReader::new(body), writer, last_write, filter);
         }
         let mut buf = vec![0u8; 16 * 1024];
         loop {
@@ -8790,12 +9520,12 @@ mod relay {
         }
     }
 
-    /// Passes on the container's events a listen stream asked for, line by line.
-    fn pass_listened(
+    /// Passes on the container's events the filter picks, line by line.
+    fn pass_filtered(
         mut body: impl io::BufRead,
         writer: &mut dyn Write,
         last_write: &mut Instant,
-        listening: &Listening,
+        filter: &dyn EventFilter,
     ) -> Attached {
         let mut line = String::new();
         loop {
@@ -8804,13 +9534,31 @@ mod relay {
                 Ok(0) | Err(_) => return Attached::Ended,
                 Ok(_) => {}
             }
-            let Some(event) = line.strip_prefix("data:").and_then(|data| listening.pass(data)) else { continue };
+            let Some(event) = line.strip_prefix("data:").and_then(|data| filter.pass(data)) else { continue };
             if write_chunk(writer, event.as_bytes()).is_err() {
                 return Attached::ClientGone;
             }
             *last_write = Instant::now();
         }
     }
+}
+
+mod websocket {
+    //! Owns WebSocket sessions: the handshake passed to the container (the client's path,
+    //! subprotocols and key header), the container's answer deciding the client's, then
+    //! frames relayed unchanged, one thread a direction. Calls `wire`, `error`, `auth` (the
+    //! credential), `registry` (a lease), `upstream` (the request headers).
+    use crate::auth::Credential;
+    use crate::error::ProxyError;
+    use crate::registry::Lease;
+    use crate::upstream::request_headers;
+    use crate::wire::{self, header_value, is_hop_by_hop, reject, Incoming, RouteResult};
+    use crate::{InFlight, Proxy};
+    use std::io::{self, BufReader, Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpStream};
+    use std::sync::Arc;
+    use std::thread;
+    use std::time::Duration;
 
     /// The container's side of a WebSocket handshake: the socket, a reader on it, and
     /// the status and headers it answered.
@@ -8966,7 +9714,7 @@ mod relay {
     /// on, so the container's Sec-WebSocket-Accept is valid for the client too.
     fn websocket_handshake(incoming: &Incoming, forward_key: Option<&str>, address: SocketAddr) -> String {
         let mut out = format!("GET {} HTTP/1.1\r\n", incoming.target);
-        let mut headers = upstream_request_headers(incoming, forward_key, address, None);
+        let mut headers = request_headers(incoming, forward_key, address, None);
         headers.push(("Connection".into(), "Upgrade".into()));
         headers.push(("Upgrade".into(), "websocket".into()));
         for (name, value) in headers {
@@ -9032,17 +9780,163 @@ mod relay {
     }
 }
 
+mod upstream {
+    //! Owns what passes between the proxy and a container over HTTP: the pooled client, the
+    //! headers a container gets (only the checked key), the headers a client gets back, and
+    //! the pieces of a body the relays share (event streams, chunks). Calls `wire`,
+    //! `error`, `auth` (key headers), `config`, `sessions` (the session header), `util`.
+    use crate::auth::{self, Credential};
+    use crate::config::{Config, KeyMode};
+    use crate::error::ProxyError;
+    use crate::sessions::SESSION_HEADER;
+    use crate::util::agent_base;
+    use crate::wire::{header_tokens, is_hop_by_hop, Incoming};
+    use std::io::{self, Write};
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    /// The pooled HTTP client to the containers, and what it must know of the settings.
+    pub struct Upstream {
+        pub agent: ureq::Agent,
+        key_mode: KeyMode,
+        pub max_body: u64,
+        pub response_timeout: Duration,
+    }
+
+    impl Upstream {
+        /// The client's headers as sent (no User-Agent, Accept or Accept-Encoding
+        /// added), any method, no limit on a streamed body.
+        pub fn new(cfg: &Config) -> Upstream {
+            let agent = agent_base()
+                .allow_non_standard_methods(true)
+                .user_agent(ureq::config::AutoHeaderValue::None)
+                .accept(ureq::config::AutoHeaderValue::None)
+                .accept_encoding(ureq::config::AutoHeaderValue::None)
+                .timeout_connect(Some(Duration::from_secs(5)))
+                .timeout_send_request(Some(Duration::from_secs(30)))
+                .timeout_per_write(Some(Duration::from_secs(60)))
+                .timeout_recv_response(Some(cfg.response_timeout))
+                // ureq's 128 KiB buffers each way, per connection, made 300 open streams
+                // cost 100 MiB; MCP's headers are small and bodies stream through anyway
+                .input_buffer_size(32 * 1024)
+                .max_response_header_size(32 * 1024)
+                .output_buffer_size(16 * 1024)
+                .max_idle_connections_per_host(8)
+                // below uvicorn's 5 s keep-alive, so a pooled connection is not one the
+                // container is closing
+                .max_idle_age(Duration::from_secs(4))
+                .build()
+                .new_agent();
+            Upstream { agent, key_mode: cfg.key_mode, max_body: cfg.max_body, response_timeout: cfg.response_timeout }
+        }
+
+        /// The key the container gets with each request: in `header` mode only.
+        pub fn forward_key<'a>(&self, credential: &'a Credential) -> Option<&'a str> {
+            (self.key_mode == KeyMode::Header).then_some(credential.key.as_str())
+        }
+    }
+
+    /// The headers the container gets: the client's, less hop-by-hop ones, the
+    /// credential headers, Host and Expect; plus X-Forwarded-*, and the key when given.
+    pub fn request_headers(
+        incoming: &Incoming,
+        forward_key: Option<&str>,
+        address: SocketAddr,
+        session: Option<&str>,
+    ) -> Vec<(String, String)> {
+        let connection = header_tokens(&incoming.headers, "connection");
+        let mut out: Vec<(String, String)> = Vec::with_capacity(incoming.headers.len() + 5);
+        if let (Some(upstream), None) = (session, incoming.header(SESSION_HEADER)) {
+            // the default session, for a client that sent no id
+            out.push(("Mcp-Session-Id".into(), upstream.to_string()));
+        }
+        for (name, value) in &incoming.headers {
+            let lower = name.to_ascii_lowercase();
+            let dropped = is_hop_by_hop(&lower, &connection)
+                || matches!(lower.as_str(), "host" | "expect" | "x-forwarded-for" | "content-length")
+                || auth::is_credential_header(&lower);
+            if dropped {
+                continue;
+            }
+            match (lower.as_str(), session) {
+                // the upstream session that stands for the client's
+                (SESSION_HEADER, Some(upstream)) => out.push((name.clone(), upstream.to_string())),
+                _ => out.push((name.clone(), value.clone())),
+            }
+        }
+        out.push(("Host".into(), address.to_string()));
+        if let Some(host) = incoming.header("host") {
+            if incoming.header("x-forwarded-host").is_none() {
+                out.push(("X-Forwarded-Host".into(), host.to_string()));
+            }
+        }
+        let client_ip = incoming.remote.map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
+        let forwarded_for = match incoming.header("x-forwarded-for") {
+            Some(prior) => format!("{prior}, {client_ip}"),
+            None => client_ip,
+        };
+        out.push(("X-Forwarded-For".into(), forwarded_for));
+        if incoming.header("x-forwarded-proto").is_none() {
+            out.push(("X-Forwarded-Proto".into(), "http".into()));
+        }
+        if let Some(key) = forward_key {
+            out.push((auth::KEY_HEADER.into(), key.to_string()));
+        }
+        out
+    }
+
+    /// The headers the client gets back: the container's, less hop-by-hop ones and the
+    /// framing (which the proxy writes itself).
+    pub fn response_headers(headers: &ureq::http::HeaderMap) -> Vec<(String, String)> {
+        let connection: Vec<String> = headers
+            .get_all("connection")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .collect();
+        headers
+            .iter()
+            .filter(|(name, _)| !is_hop_by_hop(name.as_str(), &connection) && name.as_str() != "content-length")
+            .filter_map(|(name, value)| value.to_str().ok().map(|v| (name.as_str().to_string(), v.to_string())))
+            .collect()
+    }
+
+    pub fn is_event_stream(headers: &ureq::http::HeaderMap) -> bool {
+        headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().starts_with("text/event-stream"))
+    }
+
+    pub fn write_chunk(writer: &mut dyn Write, bytes: &[u8]) -> io::Result<()> {
+        write!(writer, "{:x}\r\n", bytes.len())
+            .and_then(|_| writer.write_all(bytes))
+            .and_then(|_| writer.write_all(b"\r\n"))
+            .and_then(|_| writer.flush())
+    }
+
+    pub fn client_gone(_: io::Error) -> ProxyError {
+        ProxyError::BadRequest("The client went away.".into())
+    }
+
+    /// Largest answer kept aside for the staged-edit marks (mcp-outline's answer to an
+    /// edit is a sentence).
+    pub const CAPTURE_LIMIT: usize = 1 << 20;
+}
+
 mod ops {
     //! Owns what the operator sees: /health (from memory), /stats and /metrics (the
     //! same figures as JSON and Prometheus text), and the `check` and `cleanup`
     //! commands. Calls `registry` (figures), `staged` (holds), `docker` (verbs), `auth`
-    //! (Outline).
+    //! (Outline), `memory` (the budget and its cgroup).
     use crate::auth::identify;
     use crate::auth::{self, Verifier};
     use crate::config::{Config, KeyMode};
-    use crate::docker::{first_line, Docker};
+    use crate::docker::{first_line, Docker, Role};
     use crate::error::ProxyError;
-    use crate::registry::{due_for_removal, ContainerSnapshot, State};
+    use crate::memory::Parent;
+    use crate::registry::{due_for_removal, ContainerSnapshot};
     use crate::util::{base64_encode, constant_time_eq, format_rfc3339};
     use crate::wire::{self, Incoming};
     use crate::wire::{reject, LogContext, RouteResult};
@@ -9068,14 +9962,14 @@ mod ops {
         log_ctx: &mut LogContext,
     ) -> RouteResult {
         let (tracked, running) = proxy.containers.registry.counts();
-        let docker = proxy.containers.docker_ok();
+        let docker = proxy.containers.docker_status();
         let mut body = json!({
-            "status": if docker.is_ok() { "healthy" } else { "unhealthy" },
+            "status": if docker.is_answering() { "healthy" } else { "unhealthy" },
             "containers_tracked": tracked,
             "containers_running": running,
-            "docker": if docker.is_ok() { "ok" } else { "unreachable" },
+            "docker": if docker.is_answering() { "ok" } else { "unreachable" },
         });
-        if let Err(reason) = &docker {
+        if let Some(reason) = docker.reason() {
             body["reason"] = json!(reason);
         }
         if auth::presents_credential(incoming) {
@@ -9087,7 +9981,7 @@ mod ops {
             body["user"] = json!({"id": user.id, "name": user.name, "email": user.email});
             body["container"] = json!({"name": name, "state": state.as_str()});
         }
-        let status = if docker.is_ok() { 200 } else { 503 };
+        let status = if docker.is_answering() { 200 } else { 503 };
         wire::send_json(request, incoming, status, &body);
         Ok(status)
     }
@@ -9130,10 +10024,21 @@ mod ops {
         /// MCP calls per method, and `tools/call` per tool.
         calls_by_method: Vec<(String, u64)>,
         calls_by_tool: Vec<(String, u64)>,
+        memory: MemoryFigures,
+    }
+
+    /// The memory budget (0 = none), what the containers use, how many fit, and how many
+    /// were put to sleep to make room under it.
+    pub struct MemoryFigures {
+        budget: u64,
+        in_use: u64,
+        fit: usize,
+        sleeps: u64,
     }
 
     pub fn snapshot(proxy: &Proxy) -> Snapshot {
         let counters = &proxy.auth.counters;
+        let budget = &proxy.containers.budget;
         let mut containers = proxy.containers.registry.snapshot();
         let sessions = proxy.sessions.per_owner();
         for c in containers.iter_mut() {
@@ -9154,9 +10059,15 @@ mod ops {
             oauth_grants: proxy.oauth.as_ref().map_or(0, |door| door.grants.grant_count()),
             oauth_clients: proxy.oauth.as_ref().map_or(0, |door| door.grants.client_count()),
             uptime: proxy.life.started.elapsed().as_secs(),
-            docker_ok: proxy.containers.docker_ok().is_ok(),
+            docker_ok: proxy.containers.docker_status().is_answering(),
             calls_by_method: proxy.calls.methods(),
             calls_by_tool: proxy.calls.tools(),
+            memory: MemoryFigures {
+                budget: budget.bytes,
+                in_use: budget.in_use(),
+                fit: budget.containers_fit(),
+                sleeps: budget.sleeps.load(Ordering::Relaxed),
+            },
         }
     }
 
@@ -9177,7 +10088,7 @@ mod ops {
                     "requests_total": c.requests_total,
                     "address": c.address.map(|a| a.to_string()),
                     "sessions": c.sessions,
-                    "spare": c.spare,
+                    "spare": c.role == Role::Spare,
                     "staged_documents": c.staged_documents,
                     "staged_seconds": c.staged_seconds,
                 })
@@ -9185,8 +10096,8 @@ mod ops {
             .collect();
         json!({
             "total_containers": s.containers.len(),
-            "running_count": s.containers.iter().filter(|c| c.state == State::Running).count(),
-            "spares_ready": s.containers.iter().filter(|c| c.spare && c.state == State::Running).count(),
+            "running_count": s.containers.iter().filter(|c| c.state.is_running()).count(),
+            "spares_ready": s.containers.iter().filter(|c| c.role == Role::Spare && c.state.is_running()).count(),
             "holding_staged_edits": s.containers.iter().filter(|c| c.staged_documents > 0).count(),
             "containers": containers,
             "auth": {"hits": s.auth_hits, "misses": s.auth_misses, "failures": s.auth_failures, "outline_calls": s.outline_calls},
@@ -9194,14 +10105,20 @@ mod ops {
             "oauth": {"grants": s.oauth_grants, "registered_clients": s.oauth_clients},
             "docker": if s.docker_ok { "ok" } else { "unreachable" },
             "uptime_seconds": s.uptime,
+            "memory": {
+                "budget_bytes": s.memory.budget,
+                "in_use_bytes": s.memory.in_use,
+                "containers_fit": if s.memory.budget > 0 { json!(s.memory.fit) } else { Value::Null },
+                "budget_sleeps": s.memory.sleeps,
+            },
         })
     }
 
     pub fn render_metrics(s: &Snapshot) -> String {
-        let running = s.containers.iter().filter(|c| c.state == State::Running).count();
-        let spares = s.containers.iter().filter(|c| c.spare && c.state == State::Running).count();
+        let running = s.containers.iter().filter(|c| c.state.is_running()).count();
+        let spares = s.containers.iter().filter(|c| c.role == Role::Spare && c.state.is_running()).count();
         let holding = s.containers.iter().filter(|c| c.staged_documents > 0).count();
-        let totals: [(&str, &str, &str, String); 14] = [
+        let totals: [(&str, &str, &str, String); 17] = [
             ("mcp_proxy_spares_ready", "gauge", "Warm spares booted and unassigned.", spares.to_string()),
             (
                 "mcp_proxy_containers_holding_staged_edits",
@@ -9256,11 +10173,29 @@ mod ops {
                 s.oauth_clients.to_string(),
             ),
             ("mcp_proxy_uptime_seconds", "gauge", "Seconds since the proxy started.", s.uptime.to_string()),
+            (
+                "mcp_proxy_memory_budget_bytes",
+                "gauge",
+                "Memory all user containers may use together (0 = no budget).",
+                s.memory.budget.to_string(),
+            ),
+            (
+                "mcp_proxy_memory_in_use_bytes",
+                "gauge",
+                "Memory the containers' parent cgroup uses (less inactive file cache).",
+                s.memory.in_use.to_string(),
+            ),
+            (
+                "mcp_proxy_budget_sleeps_total",
+                "counter",
+                "Idle containers put to sleep to make room under the memory budget.",
+                s.memory.sleeps.to_string(),
+            ),
         ];
         type PerContainer = fn(&ContainerSnapshot) -> String;
         let per_container: [(&str, &str, &str, PerContainer); 8] = [
             ("mcp_proxy_container_up", "gauge", "1 when the container is running.", |c| {
-                u8::from(c.state == State::Running).to_string()
+                u8::from(c.state.is_running()).to_string()
             }),
             ("mcp_proxy_container_active_requests", "gauge", "Requests and streams in flight.", |c| {
                 c.active.to_string()
@@ -9372,6 +10307,7 @@ mod ops {
                 ),
                 Err(e) => report(false, format!("cannot list containers: {}", e.message())),
             }
+            check_budget(cfg, &docker, &mut report);
         }
         if version.is_ok() && matches!(docker.network_icc(&cfg.network), Ok(Some(_))) {
             check_outline_from_a_container(cfg, &docker, &mut report);
@@ -9403,18 +10339,78 @@ mod ops {
         }
     }
 
+    /// The containers' parent cgroup: does the kernel hold it to MCP_PROXY_MEMORY_BUDGET?
+    fn check_budget(cfg: &Config, docker: &Docker, report: &mut dyn FnMut(bool, String)) {
+        if cfg.memory_budget == 0 {
+            println!("- no memory budget (MCP_PROXY_MEMORY_BUDGET=off): nothing limits the containers' sum");
+            return;
+        }
+        let parent = match budget_parent(cfg, docker) {
+            Ok(parent) => parent,
+            Err(e) => return report(false, format!("cannot tell the containers' parent cgroup: {e}")),
+        };
+        let mib = cfg.memory_budget >> 20;
+        match parent.limit() {
+            Some(limit) if limit == cfg.memory_budget => report(
+                true,
+                format!("the kernel holds the containers ({}) to the memory budget, {mib} MiB", parent.arg),
+            ),
+            _ if !parent.dir.exists() => println!(
+                "! the containers' parent cgroup {} is not made yet: `outline-mcp-proxy set-budget` as root makes \
+                 it with its limit ({mib} MiB; the unit's ExecStartPre runs it)",
+                parent.arg
+            ),
+            limit => report(
+                false,
+                format!(
+                    "the kernel's limit on {} is {} MiB, not the budget's {mib} MiB: sudo outline-mcp-proxy set-budget \
+                     (the unit's ExecStartPre runs it)",
+                    parent.arg,
+                    limit.map_or("no".into(), |l| (l >> 20).to_string())
+                ),
+            ),
+        }
+    }
+
+    /// The parent cgroup for this host's Docker (its driver and cgroup version).
+    fn budget_parent(cfg: &Config, docker: &Docker) -> Result<Parent, String> {
+        let (driver, version) = docker.cgroup_setup().map_err(|e| first_line(&e.message()))?;
+        Parent::new(&driver, &version, &cfg.cgroup_parent)
+    }
+
+    /// `set-budget` (as root, the unit's ExecStartPre): the kernel's limit on the
+    /// containers' parent cgroup set to MCP_PROXY_MEMORY_BUDGET.
+    pub fn run_set_budget(cfg: &Config) -> ExitCode {
+        if cfg.memory_budget == 0 {
+            println!("no memory budget (MCP_PROXY_MEMORY_BUDGET=off): nothing to set");
+            return ExitCode::SUCCESS;
+        }
+        let applied = budget_parent(cfg, &Docker::new(&cfg.docker))
+            .and_then(|parent| parent.apply_limit(cfg.memory_budget).map(|_| parent));
+        match applied {
+            Ok(parent) => {
+                println!("memory budget {} MiB set on {}", cfg.memory_budget >> 20, parent.arg);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cannot set the memory budget: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
     /// The OAuth front door: where grants are kept (writable by this user), where
     /// people sign in, and whether Outline accepts the OAuth app's credentials.
     fn check_oauth(cfg: &Config, report: &mut dyn FnMut(bool, String)) {
-        if cfg.oauth_path.is_empty() {
+        if cfg.oauth.path.is_empty() {
             println!("- OAuth front door off (MCP_PROXY_OAUTH_PATH is empty)");
             return;
         }
-        match &cfg.public_url {
-            Some(url) => report(true, format!("OAuth front door at {url}{}", cfg.oauth_path)),
+        match &cfg.oauth.public_url {
+            Some(url) => report(true, format!("OAuth front door at {url}{}", cfg.oauth.path)),
             None => println!(
                 "! OAuth front door at {}: its URLs come from each request's Host (set MCP_PROXY_PUBLIC_URL)",
-                cfg.oauth_path
+                cfg.oauth.path
             ),
         }
         match &cfg.state_dir {
@@ -9430,7 +10426,7 @@ mod ops {
                 }
             }
         }
-        match &cfg.outline_oauth {
+        match &cfg.oauth.outline_app {
             None => println!("- people sign in by pasting an Outline API key (no Outline OAuth app is set)"),
             Some(app) => {
                 let outline =
@@ -9597,9 +10593,10 @@ mod ops {
 mod background {
     //! Owns what runs beside requests, each thread supervised: the sleeper, the Docker
     //! watcher, the event follower (the registry kept exact), the spare keeper, and the
-    //! containers' network. Calls `containers`, `registry`, `staged`, `docker`, `auth`.
+    //! containers' network. Calls `containers`, `registry`, `staged`, `docker`, `auth`,
+    //! `memory` (the budget's parent cgroup).
     use crate::containers::{Containers, Want};
-    use crate::docker::DockerError;
+    use crate::docker::{DockerError, DockerStatus};
     use crate::error::ProxyError;
     use crate::registry::TransitionResult;
     use crate::util::lock;
@@ -9676,14 +10673,16 @@ mod background {
         if let Some(stdout) = child.stdout.take() {
             for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
                 let Ok(line) = line else { break };
-                if let Some(started) = crate::docker::parse_event(&line).and_then(|e| containers.registry.observe(&e)) {
+                if let Some(started) =
+                    crate::docker::parse_event(&line).and_then(|e| containers.registry.sightings().observe(&e))
+                {
                     observe_start(containers, &started);
                 }
             }
         }
         let _ = child.kill();
         let _ = child.wait();
-        containers.registry.distrust_all();
+        containers.registry.sightings().distrust_all();
         log::warn!("Docker's event stream ended; the registry is rebuilt when Docker answers");
     }
 
@@ -9696,29 +10695,29 @@ mod background {
         if containers.cfg.spares == 0 {
             return;
         }
-        for (name, flight) in containers.registry.claim_outdated_spares(&image_id) {
+        for (name, flight) in containers.registry.spares().claim_outdated(&image_id) {
             log::info!("replacing spare {name}: {} is now another image", containers.cfg.image);
             match containers.docker.remove_force(&name) {
                 Ok(()) | Err(DockerError::NoSuchContainer) => {
-                    containers.registry.release_spare(&name, true);
+                    containers.registry.spares().release(&name, true);
                     flight.finish(Ok(()));
                 }
                 Err(e) => {
                     // kept in the registry as a spare of an old image: tried again next round
                     log::warn!("could not remove outdated spare {name}: {}", e.message());
-                    containers.registry.release_spare(&name, false);
+                    containers.registry.spares().release(&name, false);
                     flight.finish(Err(e.into_proxy_error(&format!("remove outdated spare {name}"))));
                 }
             }
         }
-        while containers.registry.wants_spare(containers.cfg.spares) {
+        while containers.registry.spares().wanted(containers.cfg.spares, containers.budget.containers_fit()) {
             let name = format!("{}{}{}", containers.cfg.prefix, crate::docker::SPARE_MARK, random_hex(16));
-            let flight = containers.registry.begin_spare(&name);
+            let flight = containers.registry.spares().begin(&name);
             let result = boot_spare(containers, &name, &image_id);
             if let Err(e) = &result {
                 log::warn!("could not boot spare {name}: {}", e.message());
                 let _ = containers.docker.remove_force(&name);
-                containers.registry.release_spare(&name, true);
+                containers.registry.spares().release(&name, true);
             }
             flight.finish(result.clone());
             if result.is_err() {
@@ -9731,12 +10730,12 @@ mod background {
         let begun = Instant::now();
         let spare = Want { name: name.to_string(), user_label: String::new(), env_key: None };
         let mut spec = containers.spec(&spare);
-        spec.owner = "";
+        spec.role = crate::docker::Role::Spare;
         containers.docker.create(&spec).map_err(|e| e.into_proxy_error(&format!("create spare {name}")))?;
-        let (address, info) = containers.running_address(name)?;
-        containers.wait_until_ready(name, address)?;
-        containers.settle_cpus(name);
-        containers.registry.spare_ready(name, address, info.incarnation, image_id);
+        let (address, info) = containers.inspector.running_address(name)?;
+        containers.inspector.wait_until_ready(name, address)?;
+        containers.cpus.settle(name);
+        containers.registry.spares().ready(name, address, info.incarnation, image_id);
         log::info!("spare {name} ready in {}ms", begun.elapsed().as_millis());
         Ok(())
     }
@@ -9764,16 +10763,16 @@ mod background {
     /// A container someone else started (Docker's restart policy, an operator):
     /// inspected at once, so its new address and incarnation are the ones used.
     pub fn observe_start(containers: &Containers, name: &str) {
-        match containers.inspect(name) {
+        match containers.inspector.inspect(name) {
             Ok(Some(info)) => {
                 let address =
                     info.address.filter(|_| info.running).map(|ip| SocketAddr::new(ip, containers.cfg.container_port));
-                containers.registry.observe_started(name, address, info.incarnation);
+                containers.registry.sightings().started(name, address, info.incarnation);
                 containers.sessions.notify_change();
             }
             Ok(None) => {
                 // removed again meanwhile: the same as its destroy event
-                containers.registry.observe(&crate::docker::Event::Destroy(name.to_string()));
+                containers.registry.sightings().observe(&crate::docker::Event::Destroy(name.to_string()));
             }
             Err(e) => log::warn!("could not inspect {name} after it started: {}", e.message()),
         }
@@ -9812,7 +10811,7 @@ mod background {
     /// container does not delay the others), remove long-stopped ones.
     pub fn sweep(containers: &Containers) {
         let cfg = &containers.cfg;
-        let sweep = containers.registry.select_sweep(cfg.idle_timeout, cfg.remove_after);
+        let sweep = containers.registry.sweeps().select(cfg.idle_timeout, cfg.remove_after);
         thread::scope(|scope| {
             let mut stops = Vec::new();
             for (name, flight) in &sweep.stop {
@@ -9845,7 +10844,7 @@ mod background {
                     false
                 }
             };
-            containers.registry.after_remove(&name, removed);
+            containers.registry.sweeps().after_remove(&name, removed);
             flight.finish(Ok(()));
         }
     }
@@ -9855,13 +10854,28 @@ mod background {
     fn rediscover(containers: &Containers) -> Result<usize, ProxyError> {
         let cfg = &containers.cfg;
         ensure_network(containers)?;
+        learn_cgroup_parent(containers)?;
         let listed = containers
             .docker
             .list_managed(&cfg.network, &cfg.prefix)
             .map_err(|e| e.into_proxy_error("list containers"))?;
-        containers.registry.reconcile(&listed, cfg.container_port);
+        containers.registry.sightings().reconcile(&listed, cfg.container_port);
         containers.registry.staged.keep_running(&listed);
         Ok(listed.len())
+    }
+
+    /// With a memory budget, the containers' parent cgroup, from Docker's driver (before
+    /// any container is made).
+    fn learn_cgroup_parent(containers: &Containers) -> Result<(), ProxyError> {
+        if !containers.budget.is_on() || containers.budget.parent_arg().is_some() {
+            return Ok(());
+        }
+        let (driver, version) =
+            containers.docker.cgroup_setup().map_err(|e| e.into_proxy_error("tell its cgroup driver"))?;
+        if let Err(e) = containers.budget.learn_parent(&driver, &version) {
+            log::error!("MCP_PROXY_MEMORY_BUDGET is not held by the kernel: {e}");
+        }
+        Ok(())
     }
 
     /// At start-up: adopt this proxy's containers (and learn the current image's id, so
@@ -9872,25 +10886,22 @@ mod background {
             Ok(n) => log::info!("found {n} existing container(s) of this proxy"),
             Err(e) => {
                 log::error!("Docker is not available at start-up: {}", e.message());
-                *lock(&containers.docker_status) = Err("Docker did not answer at start-up".into());
+                *lock(&containers.docker_status) = DockerStatus::AwayAtStartUp;
             }
         }
     }
 
     /// Asks Docker whether it answers; on its return, rebuilds the registry.
     fn watch_docker(containers: &Containers) {
-        let result =
-            containers.docker.server_version().map(|_| ()).map_err(|e| crate::docker::first_line(&e.message()));
-        let was_ok = {
-            let mut status = lock(&containers.docker_status);
-            let was_ok = status.is_ok();
-            *status = result.clone();
-            was_ok
+        let now = match containers.docker.server_version() {
+            Ok(_) => DockerStatus::Answering,
+            Err(e) => DockerStatus::Away(e),
         };
-        match (was_ok, &result) {
-            (true, Err(reason)) => log::error!("Docker stopped answering: {reason}"),
+        let was = std::mem::replace(&mut *lock(&containers.docker_status), now.clone());
+        match (was.is_answering(), now.reason()) {
+            (true, Some(reason)) => log::error!("Docker stopped answering: {reason}"),
             // the event follower rebuilds the registry when Docker is back
-            (false, Ok(())) => log::info!("Docker answers again"),
+            (false, None) => log::info!("Docker answers again"),
             _ => {}
         }
     }
@@ -10186,15 +11197,16 @@ mod util {
 
 #[cfg(test)]
 mod tests {
-    use crate::auth::{self, parse_auth_info, Credential, KeySource, User};
+    use crate::auth::{self, parse_auth_info, Credential, User};
     use crate::config::{parse_duration, parse_size, Config, KeyMode};
     use crate::containers::Want;
     use crate::docker::{parse_inspect, ContainerSpec, DockerError};
     use crate::error::ProxyError;
     use crate::ops::{render_metrics, render_stats, snapshot};
-    use crate::registry::{due_for_removal, Entry, Plan, State};
-    use crate::relay::{downstream_response_headers, relay_frames, upstream_request_headers};
+    use crate::registry::{due_for_removal, Entry, Place, Plan, State};
+    use crate::upstream::{request_headers, response_headers};
     use crate::util::{base64_encode, constant_time_eq, format_rfc3339, lock, parse_rfc3339};
+    use crate::websocket::relay_frames;
     use crate::wire::{check_request_form, framing, header_value, Framing, Incoming};
     use crate::Proxy;
     use std::collections::HashMap;
@@ -10223,8 +11235,7 @@ mod tests {
     }
 
     fn running_entry(address: SocketAddr, idle_secs: u64, active: usize) -> Entry {
-        let mut e = Entry::new(State::Running);
-        e.address = Some(address);
+        let mut e = Entry::new(State::Running(Place { address, incarnation: None }));
         e.idle_since = Instant::now() - Duration::from_secs(idle_secs);
         e.active = active;
         e
@@ -10323,7 +11334,7 @@ mod tests {
         assert_eq!(key_of(&[("Authorization", "Basic abc")]).unwrap_err().status(), 401);
         assert!(auth::is_plausible_key(&"k".repeat(512)));
         let bearer = auth::extract(&incoming(&[("Authorization", "Bearer k")])).unwrap();
-        assert_eq!(bearer.source, KeySource::Bearer);
+        assert_eq!(bearer.key, "k");
     }
 
     #[test]
@@ -10398,7 +11409,7 @@ mod tests {
             ("X-Forwarded-For", "1.2.3.4"),
         ]);
         let addr: SocketAddr = "172.17.0.5:3000".parse().unwrap();
-        let out = upstream_request_headers(&inc, Some("client-key"), addr, None);
+        let out = request_headers(&inc, Some("client-key"), addr, None);
         let names: Vec<String> = out.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
         for gone in ["connection", "x-private", "keep-alive", "te", "proxy-authorization"] {
             assert!(!names.contains(&gone.to_string()), "{gone} forwarded");
@@ -10411,14 +11422,14 @@ mod tests {
         assert_eq!(header_value(&out, "x-forwarded-host"), Some("proxy.example.com"));
         assert_eq!(out.iter().filter(|(n, _)| n.eq_ignore_ascii_case("x-outline-api-key")).count(), 1);
         // env mode: the container holds the key, requests do not carry it
-        let env_mode = upstream_request_headers(&inc, None, addr, None);
+        let env_mode = request_headers(&inc, None, addr, None);
         assert!(header_value(&env_mode, "x-outline-api-key").is_none());
         // a key sent as Bearer is not passed on as Authorization; nor is a second key
         // beside X-Outline-API-Key: only the checked key reaches the container
         let bearer = incoming(&[("Authorization", "Bearer k")]);
-        assert!(header_value(&upstream_request_headers(&bearer, None, addr, None), "authorization").is_none());
+        assert!(header_value(&request_headers(&bearer, None, addr, None), "authorization").is_none());
         let both = incoming(&[("X-Outline-API-Key", "checked"), ("Authorization", "Bearer another")]);
-        let out = upstream_request_headers(&both, Some("checked"), addr, None);
+        let out = request_headers(&both, Some("checked"), addr, None);
         assert!(header_value(&out, "authorization").is_none());
         assert_eq!(header_value(&out, "x-outline-api-key"), Some("checked"));
     }
@@ -10431,7 +11442,7 @@ mod tests {
         map.insert("transfer-encoding", "chunked".parse().unwrap());
         map.insert("content-length", "5".parse().unwrap());
         map.insert("mcp-session-id", "s1".parse().unwrap());
-        let out = downstream_response_headers(&map);
+        let out = response_headers(&map);
         assert_eq!(out, vec![("mcp-session-id".to_string(), "s1".to_string())]);
     }
 
@@ -10454,7 +11465,7 @@ mod tests {
         let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
         lock(&registry.entries).insert("mcp-old".into(), running_entry(addr, 300, 0));
         lock(&registry.entries).insert("mcp-busy".into(), running_entry(addr, 900, 1));
-        match registry.plan("mcp-new", "U", false).unwrap() {
+        match registry.plan("mcp-new", "U", false, usize::MAX).unwrap() {
             Plan::Start { evict, .. } => assert_eq!(evict.as_deref(), Some("mcp-old")),
             _ => panic!("expected a start"),
         }
@@ -10462,7 +11473,7 @@ mod tests {
         let proxy = test_proxy(&[("MCP_PROXY_MAX_RUNNING", "1")]);
         let registry = &proxy.containers.registry;
         lock(&registry.entries).insert("mcp-busy".into(), running_entry(addr, 0, 1));
-        let err = registry.plan("mcp-new", "U", false).err().unwrap();
+        let err = registry.plan("mcp-new", "U", false, usize::MAX).err().unwrap();
         assert_eq!(err.status(), 503);
         assert_eq!(err.retry_after(), Some(30));
         assert!(lock(&registry.entries)["mcp-new"].transition.is_none());
@@ -10474,7 +11485,9 @@ mod tests {
         let registry = &proxy.containers.registry;
         let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
         lock(&registry.entries).insert("mcp-a".into(), running_entry(addr, 0, 0));
-        let Plan::Route(lease) = registry.plan("mcp-a", "U", true).unwrap() else { panic!("expected a route") };
+        let Plan::Route(lease) = registry.plan("mcp-a", "U", true, usize::MAX).unwrap() else {
+            panic!("expected a route")
+        };
         assert_eq!(lease.address, addr);
         {
             let entries = lock(&registry.entries);
@@ -10502,8 +11515,8 @@ mod tests {
             crate::background::sweep(&proxy.containers);
             let entries = lock(&proxy.containers.registry.entries);
             assert_eq!(entries["mcp-idle"].state, slept);
-            assert_eq!(entries["mcp-busy"].state, State::Running);
-            assert_eq!(entries["mcp-recent"].state, State::Running);
+            assert!(entries["mcp-busy"].state.is_running());
+            assert!(entries["mcp-recent"].state.is_running());
         }
     }
 
@@ -10561,19 +11574,19 @@ mod tests {
         registry.staged.note_answer("mcp-staged", None, &crate::staged::edit_call(&call).unwrap(), &answer);
         assert!(!registry.staged.may_sleep("mcp-staged") && registry.staged.may_sleep("mcp-plain"));
         // at the cap, the one without staged edits makes room
-        let Plan::Start { evict, flight, .. } = registry.plan("mcp-new", "U", false).unwrap() else {
+        let Plan::Start { evict, flight, .. } = registry.plan("mcp-new", "U", false, usize::MAX).unwrap() else {
             panic!("expected a start")
         };
         assert_eq!(evict.as_deref(), Some("mcp-plain"));
-        registry.after_stop("mcp-plain", crate::registry::StopOutcome::Retired);
+        registry.sweeps().after_stop("mcp-plain", crate::registry::StopOutcome::Retired);
         registry.finish_transition("mcp-new", &flight, Ok(()));
         lock(&registry.entries).insert("mcp-new".into(), running_entry(addr, 0, 1));
         // and when only it could, the request gets 503 with Retry-After
-        let err = registry.plan("mcp-other", "U", false).err().unwrap();
+        let err = registry.plan("mcp-other", "U", false, usize::MAX).err().unwrap();
         assert_eq!((err.status(), err.retry_after()), (503, Some(30)));
         // the sweep leaves it running; a save lets it go
         crate::background::sweep(&proxy.containers);
-        assert_eq!(lock(&registry.entries)["mcp-staged"].state, State::Running);
+        assert!(lock(&registry.entries)["mcp-staged"].state.is_running());
         let (call, answer) = edit_exchange(2, true, "Applied 0 edit(s) to 'N'. Saved to Outline.");
         registry.staged.note_answer("mcp-staged", None, &crate::staged::edit_call(&call).unwrap(), &answer);
         crate::background::sweep(&proxy.containers);
@@ -10615,6 +11628,14 @@ mod tests {
             DockerError::Unavailable(_)
         ));
         assert!(matches!(classify("invalid reference format"), DockerError::Failed(_)));
+        let no_python = "exec: \"python3\": executable file not found in $PATH";
+        assert!(matches!(classify(no_python), DockerError::NoExecutable(_)));
+        assert!(matches!(classify("Error: No such network: net-x"), DockerError::NoSuchNetwork(_)));
+        assert!(matches!(
+            classify("Error response from daemon: network net-x not found"),
+            DockerError::NoSuchNetwork(_)
+        ));
+        assert!(matches!(classify("network with name net-x already exists"), DockerError::AlreadyExists(_)));
         // the client's message is a sentence; Docker's own words stay in the log
         let err = DockerError::NoSuchContainer.into_proxy_error("start container mcp-x");
         assert_eq!((err.status(), err.code()), (503, "container_failed"));
@@ -10644,6 +11665,7 @@ mod tests {
         ContainerSpec {
             name,
             prefix: "mcp-",
+            role: crate::docker::Role::User,
             owner: name.strip_prefix("mcp-").unwrap_or(name),
             user_label: user,
             env_key,
@@ -10654,7 +11676,123 @@ mod tests {
             pids_limit: 128,
             container_port: 3000,
             outline_api_url: "http://outline/api".into(),
+            cgroup_parent: None,
         }
+    }
+
+    #[test]
+    fn containers_run_under_the_budgets_parent_cgroup_when_there_is_one() {
+        assert!(!spec_for("mcp-x", "Ann", None).args().iter().any(|a| a.starts_with("--cgroup-parent")));
+        let mut spec = spec_for("mcp-x", "Ann", None);
+        spec.cgroup_parent = Some("/outline_mcp_proxy");
+        let args = spec.args();
+        assert!(args.contains(&"--cgroup-parent=/outline_mcp_proxy".to_string()));
+        assert_eq!(args.last().map(String::as_str), Some("img"), "a flag, before the image");
+    }
+
+    #[test]
+    fn the_budget_is_sized_from_the_host_and_refuses_nonsense() {
+        use crate::memory::{size_budget, RESERVE};
+        let container = 256 << 20;
+        // a 2 GB t3.small's MemTotal: 1,940 MiB less the 640 MiB reserve
+        let t3_small: u64 = 1_940 << 20;
+        assert_eq!(size_budget(None, container, Some(t3_small)), Ok(1_300 << 20));
+        assert_eq!(size_budget(None, container, Some(t3_small)), Ok(t3_small - RESERVE));
+        assert_eq!(size_budget(Some(1_400 << 20), container, Some(t3_small)), Ok(1_400 << 20));
+        assert_eq!(size_budget(Some(0), container, Some(t3_small)), Ok(0));
+        // below one container, above the host, a host too small, a host unknown
+        assert!(size_budget(Some(100 << 20), container, Some(t3_small)).unwrap_err().contains("one container"));
+        assert!(size_budget(Some(4 << 30), container, Some(t3_small)).unwrap_err().contains("host's memory"));
+        assert!(size_budget(None, container, Some(800 << 20)).unwrap_err().contains("less than one container"));
+        assert!(size_budget(None, container, None).is_err());
+        assert_eq!(size_budget(Some(1 << 30), container, None), Ok(1 << 30));
+        assert_eq!(size_budget(Some((1 << 30) + 4095), container, None), Ok(1 << 30), "whole pages");
+    }
+
+    #[test]
+    fn the_budget_setting_takes_sizes_auto_and_off() {
+        let load = |value: &str| {
+            let value = value.to_string();
+            Config::load(&move |name| (name == "MCP_PROXY_MEMORY_BUDGET").then(|| value.clone()))
+        };
+        assert_eq!(load("400m").unwrap().memory_budget, 400 << 20);
+        assert_eq!(load("1g").unwrap().memory_budget, 1 << 30);
+        assert_eq!(load("off").unwrap().memory_budget, 0);
+        assert_eq!(load("0").unwrap().memory_budget, 0);
+        let host = crate::memory::host_memory().unwrap();
+        // sysinfo's total is /proc/meminfo's MemTotal
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let kib = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).unwrap().trim().trim_end_matches(" kB");
+        assert_eq!(host, kib.parse::<u64>().unwrap() * 1024);
+        let host = host & !4095;
+        assert_eq!(load("auto").unwrap().memory_budget, host - crate::memory::RESERVE);
+        assert_eq!(Config::load(&|_| None).unwrap().memory_budget, host - crate::memory::RESERVE);
+        for nonsense in ["lots", "-1", "100m", "1000000g"] {
+            let err = load(nonsense).unwrap_err();
+            assert!(err.starts_with("MCP_PROXY_MEMORY_BUDGET="), "{nonsense}: {err}");
+        }
+        let parent = |v: &'static str| Config::load(&move |n| (n == "MCP_PROXY_CGROUP_PARENT").then(|| v.into()));
+        assert_eq!(parent("omp-test_1").unwrap().cgroup_parent, "omp-test_1");
+        assert!(parent("../etc").is_err() && parent("a.slice").is_err() && parent("").is_err());
+    }
+
+    #[test]
+    fn containers_fit_by_the_measured_mean_with_a_floor() {
+        use crate::memory::{containers_fit, Reading};
+        let mib = |n: u64| n << 20;
+        // nothing to measure yet: one container's limit each
+        assert_eq!(containers_fit(mib(1000), Reading { in_use: 0, containers: 0 }, mib(256)), 3);
+        // two settled at 100 MiB each
+        assert_eq!(containers_fit(mib(1000), Reading { in_use: mib(200), containers: 2 }, mib(256)), 10);
+        // two still booting (10 MiB each): a quarter of the limit each
+        assert_eq!(containers_fit(mib(1000), Reading { in_use: mib(20), containers: 2 }, mib(256)), 15);
+        assert_eq!(containers_fit(mib(100), Reading { in_use: mib(900), containers: 2 }, mib(256)), 1);
+    }
+
+    #[test]
+    fn the_parent_cgroup_for_each_driver_and_version() {
+        use crate::memory::{slice_path, Driver, Parent};
+        let v1 = Parent::new("cgroupfs", "1", "outline_mcp_proxy").unwrap();
+        assert_eq!((v1.driver, v1.v2, v1.arg.as_str()), (Driver::Cgroupfs, false, "/outline_mcp_proxy"));
+        assert_eq!(v1.dir, std::path::Path::new("/sys/fs/cgroup/memory/outline_mcp_proxy"));
+        let v2 = Parent::new("cgroupfs", "2", "omp").unwrap();
+        assert_eq!(v2.dir, std::path::Path::new("/sys/fs/cgroup/omp"));
+        let slice = Parent::new("systemd", "2", "outline_mcp_proxy").unwrap();
+        assert_eq!(slice.arg, "outline_mcp_proxy.slice");
+        assert_eq!(slice.dir, std::path::Path::new("/sys/fs/cgroup/outline_mcp_proxy.slice"));
+        let nested = Parent::new("systemd", "2", "mcp-users").unwrap();
+        assert_eq!(nested.dir, std::path::Path::new("/sys/fs/cgroup/mcp.slice/mcp-users.slice"));
+        assert_eq!(slice_path("a-b-c"), "a.slice/a-b.slice/a-b-c.slice");
+        let v1_slice = Parent::new("systemd", "1", "omp").unwrap();
+        assert_eq!(v1_slice.dir, std::path::Path::new("/sys/fs/cgroup/memory/omp.slice"));
+        assert!(Parent::new("none", "1", "omp").is_err());
+    }
+
+    #[test]
+    fn the_budget_is_a_second_reason_to_be_at_cap() {
+        let proxy = test_proxy(&[]);
+        let registry = &proxy.containers.registry;
+        let addr: SocketAddr = "172.17.0.9:3000".parse().unwrap();
+        lock(&registry.entries).insert("mcp-old".into(), running_entry(addr, 300, 0));
+        lock(&registry.entries).insert("mcp-recent".into(), running_entry(addr, 10, 0));
+        assert!(matches!(registry.plan("mcp-new", "U", false, 3).unwrap(), Plan::Start { evict: None, .. }));
+        let proxy = test_proxy(&[]);
+        let registry = &proxy.containers.registry;
+        lock(&registry.entries).insert("mcp-old".into(), running_entry(addr, 300, 0));
+        lock(&registry.entries).insert("mcp-recent".into(), running_entry(addr, 10, 0));
+        match registry.plan("mcp-new", "U", false, 2).unwrap() {
+            Plan::Start { evict, .. } => assert_eq!(evict.as_deref(), Some("mcp-old")),
+            _ => panic!("expected a start"),
+        }
+        // every one busy: 503, naming the containers that fit
+        let proxy = test_proxy(&[]);
+        let registry = &proxy.containers.registry;
+        lock(&registry.entries).insert("mcp-busy".into(), running_entry(addr, 0, 1));
+        let err = registry.plan("mcp-new", "U", false, 1).err().unwrap();
+        assert!(matches!(err, ProxyError::AtCapacity(1)));
+        assert_eq!(err.retry_after(), Some(30));
+        // no spare boots over the budget
+        assert!(!registry.spares().wanted(1, 1) && registry.spares().wanted(1, 2));
     }
 
     #[test]
@@ -10683,7 +11821,7 @@ mod tests {
     #[test]
     fn only_env_mode_lets_the_key_into_container_code() {
         let user = User { id: "u".into(), team_id: "t".into(), name: "Ann".into(), email: String::new() };
-        let credential = Credential { key: "k-123".into(), source: KeySource::KeyHeader };
+        let credential = Credential { key: "k-123".into() };
         for (mode, holds) in [("header", false), ("env", true)] {
             let cfg = Config::load(&env(&[("MCP_PROXY_KEY_MODE", mode)])).unwrap();
             let want = Want::new(&cfg, "mcp-x".into(), &user, &credential);
@@ -10734,7 +11872,8 @@ mod tests {
     #[test]
     fn metrics_render_every_container() {
         let proxy = test_proxy(&[]);
-        lock(&proxy.containers.registry.entries).insert("mcp-a".into(), Entry::new(State::Running));
+        let place = Place { address: "172.17.0.9:3000".parse().unwrap(), incarnation: None };
+        lock(&proxy.containers.registry.entries).insert("mcp-a".into(), Entry::new(State::Running(place)));
         let text = render_metrics(&snapshot(&proxy));
         assert!(text.contains("mcp_proxy_containers_running 1"));
         assert!(text.contains("mcp_proxy_container_up{container=\"mcp-a\"} 1"));
@@ -10864,7 +12003,7 @@ mod tests {
         let _held = (r.hold_stream("mcp-a").unwrap(), r.hold_stream("mcp-a").unwrap());
         assert!(matches!(r.hold_stream("mcp-a"), Err(ProxyError::UserBusy(2))));
         lock(&r.entries).insert("mcp-a".into(), running_entry("10.0.0.2:3000".parse().unwrap(), 0, 0));
-        assert!(matches!(r.plan("mcp-a", "a", false), Err(ProxyError::UserBusy(2))));
+        assert!(matches!(r.plan("mcp-a", "a", false, usize::MAX), Err(ProxyError::UserBusy(2))));
     }
 
     #[test]
@@ -10891,20 +12030,20 @@ mod tests {
         lock(&registry.entries).insert("mcp-a".into(), running_entry(addr, 0, 0));
         lock(&registry.entries).insert("mcp-b".into(), running_entry("172.17.0.10:3000".parse().unwrap(), 0, 0));
         // removed behind the proxy's back: its address is forgotten at once
-        assert_eq!(registry.observe(&Event::Destroy("mcp-a".into())), None);
+        assert_eq!(registry.sightings().observe(&Event::Destroy("mcp-a".into())), None);
         assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Missing);
-        assert_eq!(lock(&registry.entries)["mcp-a"].address, None);
+        assert_eq!(lock(&registry.entries)["mcp-a"].last_address, None);
         // started by someone else: to be inspected
-        assert_eq!(registry.observe(&Event::Start("mcp-b".into())), Some("mcp-b".into()));
+        assert_eq!(registry.sightings().observe(&Event::Start("mcp-b".into())), Some("mcp-b".into()));
         // a new container found at an address another entry still holds: that one is stale
-        registry.observe_started("mcp-a", Some("172.17.0.10:3000".parse().unwrap()), Some("i2".into()));
+        registry.sightings().started("mcp-a", Some("172.17.0.10:3000".parse().unwrap()), Some("i2".into()));
         let entries = lock(&registry.entries);
-        assert_eq!(entries["mcp-a"].state, State::Running);
+        assert!(entries["mcp-a"].state.is_running());
         assert_eq!(entries["mcp-b"].state, State::Unknown);
-        assert_eq!(entries["mcp-b"].address, None);
+        assert_eq!(entries["mcp-b"].last_address, None);
         drop(entries);
         // the event stream broke off: nothing running is trusted until inspected
-        registry.distrust_all();
+        registry.sightings().distrust_all();
         assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Unknown);
     }
 
@@ -11113,7 +12252,10 @@ mod tests {
             redirect_uri: "http://127.0.0.1/cb".into(),
             code_challenge: "c".into(),
             resource: "https://h/oauth/mcp".into(),
-            sealed: crate::grants::Sealed::new(crate::grants::Upstream::ApiKey { key: key.into() }, &user),
+            signed_in: crate::grants::SignedIn::new(
+                crate::grants::OutlineCredential::ApiKey { key: key.into() },
+                &user,
+            ),
         }
     }
 
@@ -11129,8 +12271,8 @@ mod tests {
         // a new process (the store read back) opens it with the token, and only so
         let again = reopen(&dir);
         let opened = again.open_with_access(&issued.access_token).unwrap();
-        assert_eq!(opened.sealed.upstream.credential(), "ol_api_secret_key");
-        assert_eq!(opened.sealed.name, "Carol");
+        assert_eq!(opened.signed_in.credential.key(), "ol_api_secret_key");
+        assert_eq!(opened.signed_in.name, "Carol");
         assert!(again.open_with_access(&issued.refresh_token).is_err(), "a refresh token is not an access token");
         assert!(again.open_with_access("omp_at_forged").is_err());
         // rotation: the new refresh token works, the old one presented again revokes it all
@@ -11158,18 +12300,18 @@ mod tests {
             attempts: 0,
             expires_at: crate::util::now_unix() + 600,
         };
-        store.add_pending("omp_rq_one", pending.clone()).unwrap();
-        let code = store.issue_code(&pending, test_code("ol_api_in_flight").sealed).unwrap();
+        store.sign_ins.add_pending("omp_rq_one", pending.clone()).unwrap();
+        let code = store.sign_ins.issue_code(&pending, test_code("ol_api_in_flight").signed_in).unwrap();
         store.save_at_stop();
         let on_disk = std::fs::read_to_string(dir.join("oauth-grants.json")).unwrap();
         for secret in ["ol_api_in_flight", "omp_rq_one", code.as_str(), "Carol"] {
             assert!(!on_disk.contains(secret), "{secret} is on disk in the clear");
         }
         let again = reopen(&dir);
-        assert_eq!(again.pending("omp_rq_one").map(|p| p.client_name), Some("Desk".into()));
+        assert_eq!(again.sign_ins.pending("omp_rq_one").map(|p| p.client_name), Some("Desk".into()));
         assert!(again.take_code("omp_ac_forged").is_err());
         let taken = again.take_code(&code).unwrap();
-        assert_eq!(taken.sealed.upstream.credential(), "ol_api_in_flight");
+        assert_eq!(taken.signed_in.credential.key(), "ol_api_in_flight");
         assert!(again.take_code(&code).is_err(), "a code is used once");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -7,7 +7,8 @@
 #
 # It installs Docker and nginx when missing (a running Docker is used as it is), creates
 # the service user `mcp-proxy` in group docker, installs the binary, the env file
-# (0600 root:root, never overwritten once there), the unit and nginx's site with the
+# (0600 root:root, never overwritten once there), the unit, the containers' slice, a
+# drop-in that keeps nginx from the OOM killer, and nginx's site with the
 # domain filled in, a self-signed certificate, a random password for /stats and /metrics
 # (MCP_PROXY_STATS_PASSWORD in the env file, and nginx's htpasswd made from it; its place
 # is printed, never the password), the firewall unit that keeps the containers off the
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
     --no-pull) pull=0; shift ;;
     --set) settings+=("$2"); shift 2 ;;
     --uninstall) uninstall=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -42,6 +43,8 @@ ENV_FILE=/etc/outline-mcp-proxy.env
 UNIT=/etc/systemd/system/mcp-proxy.service
 FIREWALL_UNIT=/etc/systemd/system/mcp-proxy-firewall.service
 FIREWALL=/usr/local/lib/outline-mcp-proxy/metadata-firewall
+SLICE=/etc/systemd/system/outline_mcp_proxy.slice
+NGINX_OOM=/etc/systemd/system/nginx.service.d/outline-mcp-proxy.conf
 SITE=/etc/nginx/conf.d/mcp.conf
 CRT=/etc/ssl/certs/self-signed.crt
 KEY=/etc/ssl/private/self-signed.key
@@ -69,7 +72,8 @@ if [ "$uninstall" -eq 1 ]; then
   # the unit was never started
   systemctl disable --now mcp-proxy-firewall.service >/dev/null 2>&1 || true
   if [ -x "$FIREWALL" ]; then "$FIREWALL" remove || true; fi
-  rm -f "$UNIT" "$FIREWALL_UNIT" "$BIN" "$SITE" "$ENV_FILE" "$CRT" "$KEY" "$HTPASSWD"
+  rm -f "$UNIT" "$FIREWALL_UNIT" "$BIN" "$SITE" "$ENV_FILE" "$CRT" "$KEY" "$HTPASSWD" "$SLICE" "$NGINX_OOM"
+  rmdir "$(dirname "$NGINX_OOM")" 2>/dev/null || true
   rm -rf "$(dirname "$FIREWALL")"
   rm -rf /var/lib/outline-mcp-proxy   # the OAuth grants (sealed; useless without the tokens)
   systemctl daemon-reload
@@ -161,6 +165,10 @@ fi
 place "$UNIT" "$here/systemd/mcp-proxy.service" 0644 root:root && unit_changed=1 || unit_changed=0
 place "$FIREWALL_UNIT" "$here/systemd/mcp-proxy-firewall.service" 0644 root:root && unit_changed=1 || true
 place "$FIREWALL" "$here/systemd/metadata-firewall.sh" 0755 root:root && firewall_changed=1 || firewall_changed=0
+# the containers' slice (Docker's systemd driver; its MemoryMax is set by the unit's
+# ExecStartPre), and nginx out of the OOM killer's reach (a drop-in: a restart applies it)
+place "$SLICE" "$here/systemd/outline_mcp_proxy.slice" 0644 root:root && unit_changed=1 || true
+place "$NGINX_OOM" "$here/systemd/nginx-oom.conf" 0644 root:root && nginx_oom_changed=1 || nginx_oom_changed=0
 tmp=$(mktemp); sed "s/DOMAIN_PLACEHOLDER/$domain/g" "$here/nginx.conf" > "$tmp"
 place "$SITE" "$tmp" 0644 root:root && site_changed=1 || site_changed=0; rm -f "$tmp"
 mkdir -p /var/www/certbot
@@ -193,7 +201,7 @@ elif [ "$pull" -eq 1 ]; then docker pull -q "$image" >/dev/null && changed "imag
 else say "image $image is missing and --no-pull was given" >&2; exit 1; fi
 
 # 9. both services, enabled and running
-[ "$unit_changed" -eq 1 ] && systemctl daemon-reload
+{ [ "$unit_changed" -eq 1 ] || [ "$nginx_oom_changed" -eq 1 ]; } && systemctl daemon-reload
 systemctl enable --quiet mcp-proxy.service mcp-proxy-firewall.service nginx.service
 if [ "$unit_changed" -eq 1 ] || [ "$env_changed" -eq 1 ] || ! systemctl is-active --quiet mcp-proxy; then
   systemctl restart mcp-proxy
@@ -206,6 +214,7 @@ if [ "$unit_changed" -eq 1 ] || [ "$firewall_changed" -eq 1 ] || [ "$env_changed
 fi
 nginx -t -q
 if ! systemctl is-active --quiet nginx; then systemctl start nginx
+elif [ "$nginx_oom_changed" -eq 1 ]; then systemctl restart nginx
 elif [ "$site_changed" -eq 1 ]; then systemctl reload nginx; fi
 
 # 10. check, as the service runs it

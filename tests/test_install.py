@@ -20,6 +20,7 @@ import pytest
 from oauth_client import mcp_initialize, scripted_tokens
 from conftest import ROOT, docker, docker_gateway, wait_for
 from test_e2e_mcp import assert_sees_only_own_data, mcp_session
+from test_memory_budget import remove_cgroup
 
 # NET_ADMIN: install.sh's firewall rule goes into the host's DOCKER-USER chain (host network)
 SYSTEMD_RUN = ["--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN", "--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
@@ -28,7 +29,8 @@ SYSTEMD_RUN = ["--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN", "--cgroupns=h
 INSTALLED = ["/usr/local/bin/outline-mcp-proxy", "/etc/outline-mcp-proxy.env", "/etc/systemd/system/mcp-proxy.service",
              "/etc/nginx/conf.d/mcp.conf", "/etc/ssl/certs/self-signed.crt", "/etc/ssl/private/self-signed.key",
              "/etc/nginx/.htpasswd", "/etc/systemd/system/mcp-proxy-firewall.service",
-             "/usr/local/lib/outline-mcp-proxy/metadata-firewall"]
+             "/usr/local/lib/outline-mcp-proxy/metadata-firewall", "/etc/systemd/system/outline_mcp_proxy.slice",
+             "/etc/systemd/system/nginx.service.d/outline-mcp-proxy.conf"]
 METADATA = "169.254.169.254"
 
 
@@ -108,6 +110,7 @@ def health_through_nginx(cafile):
 def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline, mcp_outline_image, tmp_path):
     prefix = f"t{secrets.token_hex(3)}-"
     network = f"omp-install-{secrets.token_hex(3)}"  # its own, so the firewall rule is this test's alone
+    parent = f"omp_install_{secrets.token_hex(3)}"  # the containers' parent cgroup, this test's alone
     # the socket's group, as the host's docker package made it
     host.sh(f"groupadd --system -g {os.stat('/var/run/docker.sock').st_gid} docker")
     # a blocked system call kills the service in this test, instead of failing quietly
@@ -117,7 +120,7 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
                f"--outline-url http://127.0.0.1:{outline.port} --image {mcp_outline_image} --no-pull "
                f"--set MCP_PROXY_CONTAINER_OUTLINE_URL=http://{docker_gateway()}:{outline.port} "
                f"--set MCP_PROXY_CONTAINER_PREFIX={prefix} --set MCP_PROXY_START_TIMEOUT=120s "
-               f"--set MCP_PROXY_NETWORK={network}")
+               f"--set MCP_PROXY_NETWORK={network} --set MCP_PROXY_CGROUP_PARENT={parent}")
     try:
         first = host.sh(install, check=False)
         assert first.returncode == 0, first.stdout + first.stderr
@@ -128,7 +131,8 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
                      "✓ OAuth grants are kept in /var/lib/outline-mcp-proxy",
                      "is valid for 36", "sudo certbot --nginx -d localhost",
                      "/stats and /metrics: user admin, password: MCP_PROXY_STATS_PASSWORD in /etc/outline-mcp-proxy.env",
-                     "DOCKER-USER: containers on the proxy's network cannot reach 169.254.0.0/16"):
+                     "DOCKER-USER: containers on the proxy's network cannot reach 169.254.0.0/16",
+                     f"✓ the kernel holds the containers (/{parent}) to the memory budget"):
             assert line in out, f"{line!r} not in:\n{out}"
         assert "✗" not in out, out
         assert host.sh("stat -c '%a %U %G' /etc/outline-mcp-proxy.env").stdout.split() == ["600", "root", "root"]
@@ -156,6 +160,16 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
                       if l.split(":")[1] == "pids")
         assert cgroup.endswith("/system.slice/mcp-proxy.service"), cgroup
         assert host.sh(f"cat /sys/fs/cgroup/pids{cgroup}/pids.max").stdout.strip() == "4096"
+        # neither the proxy nor nginx is the OOM killer's choice: the unit and nginx's
+        # drop-in say so, and where the kernel lets this host lower a score (CAP_SYS_RESOURCE
+        # in its bounding set: not in this CI machine's sandboxed Docker, where systemd
+        # skips it as in any container) the running processes have it
+        nginx = host.sh("systemctl show -p MainPID --value nginx").stdout.strip()
+        for unit in ("mcp-proxy", "nginx"):
+            assert host.sh(f"systemctl show -p OOMScoreAdjust --value {unit}").stdout.strip() == "-900", unit
+        if host.sh("echo -1 > /proc/self/oom_score_adj", check=False).returncode == 0:
+            for process in (pid, nginx):
+                assert host.sh(f"cat /proc/{process}/oom_score_adj").stdout.strip() == "-900", process
 
         # a real client, from outside, over TLS through the host's nginx
         cafile = str(tmp_path / "host.crt")
@@ -169,6 +183,14 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
         result = anyio.run(lambda: mcp_session("https://localhost", key,
                                                verify=ssl.create_default_context(cafile=cafile)))
         assert_sees_only_own_data(result, "alice", "bob")
+        # the user's container runs under the parent cgroup (Docker's cgroupfs driver on
+        # this host), which the unit's ExecStartPre, as root, held to the budget
+        budget = httpx.get("https://localhost/stats", auth=("admin", password), timeout=10,
+                           verify=ssl.create_default_context(cafile=cafile)).json()["memory"]["budget_bytes"]
+        alices = next(n for n in docker("ps", "--format", "{{.Names}}").stdout.split() if n.startswith(prefix))
+        assert docker("inspect", "-f", "{{.HostConfig.CgroupParent}}", alices).stdout.strip() == f"/{parent}"
+        limit = int(open(f"/sys/fs/cgroup/memory/{parent}/memory.limit_in_bytes").read())
+        assert limit == budget > 0
 
         # the OAuth front door through nginx: a grant under systemd's StateDirectory,
         # sealed (no key, no token in it), which a SIGKILL below does not lose
@@ -226,8 +248,11 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
         for name in users_containers:
             assert docker("container", "inspect", name, check=False).returncode == 0
     finally:
+        # stopped first: a proxy left running boots another spare after the listing below
+        host.sh("systemctl stop mcp-proxy", check=False)
         names = [n for n in docker("ps", "-a", "--format", "{{.Names}}").stdout.split() if n.startswith(prefix)]
         if names:
             docker("rm", "--force", *names, check=False)
         host.sh(f"MCP_PROXY_NETWORK={network} /src/systemd/metadata-firewall.sh remove", check=False)
         docker("network", "rm", network, check=False)
+        remove_cgroup(parent)
