@@ -877,8 +877,10 @@ def run_day(outline, image, args, idle_minutes, keys, schedules, label):
                     sweep_interval=f"{max(100, round(60 / args.compress * 1000))}ms", spares=str(args.spares),
                     log="info", start_timeout="120s", memory=args.memory)
     budget = parse_size(args.budget)
+    prefix = f"bday{secrets.token_hex(2)}-"
     if proxy_has_budget():
         settings["memory_budget"] = args.budget
+        settings["cgroup_parent"] = prefix.rstrip("-") + "_budget"  # its own parent: no other proxy's
         limit = f"MCP_PROXY_MEMORY_BUDGET={args.budget}"
     else:
         # as the budget counts a container: its working set, but at least a quarter of its limit
@@ -887,7 +889,6 @@ def run_day(outline, image, args, idle_minutes, keys, schedules, label):
         settings["max_running"] = str(cap)
         limit = (f"MCP_PROXY_MAX_RUNNING={cap} (stand-in for a budget of {args.budget}: the proxy has no "
                  f"MCP_PROXY_MEMORY_BUDGET; {cost >> 20} MiB a container)")
-    prefix = f"bday{secrets.token_hex(2)}-"
     proxy = start_proxy(outline, prefix, **settings)
     sampler = None
     try:
@@ -951,6 +952,23 @@ def run_day(outline, image, args, idle_minutes, keys, schedules, label):
             sampler.finish()
         proxy.stop()
         proxy.cleanup()
+        remove_cgroup_parent(settings.get("cgroup_parent"))
+
+
+def remove_cgroup_parent(name):
+    """The budget's parent cgroup, made for this run, removed once its containers are gone
+    (cgroupfs: a directory per controller; systemd: a slice, left to systemd)."""
+    if not name:
+        return
+    for d in Path("/sys/fs/cgroup").glob(f"*/{name}"):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+    try:
+        Path("/sys/fs/cgroup", name).rmdir()
+    except OSError:
+        pass
 
 
 def parse_size(text):
