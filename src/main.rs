@@ -79,12 +79,12 @@ mod config {
         ("MCP_PROXY_READY_PATH", "/health", "a GET here answering (status < 500) means the container is ready"),
         ("MCP_PROXY_CONTAINER_PREFIX", "mcp-", "container names are {prefix}{32 hex of sha256(Outline team and user)}"),
         ("MCP_PROXY_NETWORK", "outline-mcp-proxy", "docker network the containers join; created when missing as a bridge with inter-container traffic off (enable_icc=false), so containers cannot reach each other"),
-        ("MCP_PROXY_MEMORY", "256m", "memory limit per container (swap is not allowed on top)"),
+        ("MCP_PROXY_MEMORY", "192m", "memory limit per container (swap is not allowed on top)"),
         ("MCP_PROXY_CPUS", "0.3", "CPU limit per container once it is ready"),
         ("MCP_PROXY_BOOT_CPUS", "1", "CPU limit while a container boots, brought down to MCP_PROXY_CPUS once ready (0 = no boot burst)"),
         ("MCP_PROXY_PIDS_LIMIT", "128", "process limit per container"),
         ("MCP_PROXY_KEY_MODE", "header", "header: the key reaches the container per request as x-outline-api-key and never Docker; env: OUTLINE_API_KEY is set in the container (older images)"),
-        ("MCP_PROXY_IDLE_TIMEOUT", "15m", "a container with no MCP traffic this long sleeps (a request, a response still streaming, or a WebSocket keeps it awake; a client's open notification stream does not)"),
+        ("MCP_PROXY_IDLE_TIMEOUT", "5m", "a container with no MCP traffic this long sleeps (a request, a response still streaming, or a WebSocket keeps it awake; a client's open notification stream does not)"),
         ("MCP_PROXY_SPARES", "1", "booted, unassigned containers kept ready in header mode: a user without a running container takes one at once (0 = off; with spares on, an idle container is removed rather than stopped)"),
         ("MCP_PROXY_USER_MAX_INFLIGHT", "0", "0 = no limit; else a user's requests in flight and held notification streams together beyond it get 429 with Retry-After"),
         ("MCP_PROXY_USER_MAX_STREAMS", "16", "notification streams (GET, text/event-stream) the proxy holds open per user; one more gets 429 with Retry-After (0 = no limit)"),
@@ -652,7 +652,7 @@ mod config {
         use std::time::Duration;
 
         #[test]
-        fn defaults_match_the_design_card() {
+        fn defaults_are_the_cards_but_for_the_measured_ones() {
             let cfg = Config::load(&env(&[])).unwrap();
             assert_eq!(cfg.listen, "127.0.0.1:8000".parse().unwrap());
             assert_eq!(cfg.outline_url, "https://app.getoutline.com");
@@ -662,11 +662,11 @@ mod config {
             assert_eq!(cfg.ready_path, "/health");
             assert_eq!(cfg.prefix, "mcp-");
             assert_eq!(cfg.network, "outline-mcp-proxy");
-            assert_eq!(cfg.memory_bytes, 256 << 20);
+            assert_eq!(cfg.memory_bytes, 192 << 20);
             assert_eq!(cfg.cpus, 0.3);
             assert_eq!(cfg.pids_limit, 128);
             assert_eq!(cfg.key_mode, KeyMode::Header);
-            assert_eq!(cfg.idle_timeout, Duration::from_secs(900));
+            assert_eq!(cfg.idle_timeout, Duration::from_secs(300));
             assert_eq!(cfg.sweep_interval, Duration::from_secs(60));
             assert_eq!(cfg.remove_after, Some(Duration::from_secs(7 * 86400)));
             assert_eq!(cfg.auth_ttl, Duration::from_secs(60));

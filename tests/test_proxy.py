@@ -383,7 +383,7 @@ def test_containers_are_hardened_and_limited(make_proxy, outline):
     echo(proxy, key)
     info = proxy.inspect(proxy.container_name(key))
     host = info["HostConfig"]
-    assert host["Memory"] == 256 * 1024 * 1024
+    assert host["Memory"] == 192 * 1024 * 1024
     assert host["MemorySwap"] == host["Memory"]
     assert host["NanoCpus"] == 300_000_000
     assert host["PidsLimit"] == 128
@@ -560,7 +560,7 @@ def run_binary(*args, env=None):
 def test_help_lists_every_setting_with_its_default():
     out = run_binary("--help").stdout
     for name, default in [("MCP_PROXY_LISTEN", "127.0.0.1:8000"), ("OUTLINE_URL", "https://app.getoutline.com"),
-                          ("MCP_PROXY_IDLE_TIMEOUT", "15m"), ("MCP_PROXY_MEMORY", "256m"),
+                          ("MCP_PROXY_IDLE_TIMEOUT", "5m"), ("MCP_PROXY_MEMORY", "192m"),
                           ("MCP_PROXY_KEY_MODE", "header"), ("MCP_PROXY_MAX_BODY", "10m"),
                           ("MCP_PROXY_DOCKER", "docker"), ("MCP_PROXY_ALLOWED_ORIGINS", "")]:
         assert f"{name} [{default}]" in out
