@@ -1649,7 +1649,7 @@ mod front {
     use crate::registry::Lease;
     use crate::sessions::{Route, SESSION_HEADER};
     use crate::wire::{self, log_safe, reject, Incoming, LogContext, McpCall, RouteResult};
-    use crate::{held, oauth, ops, relay, websocket, InFlight, Proxy};
+    use crate::{held, oauth, ops, relay, reopen, websocket, InFlight, Proxy};
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
     use std::time::Instant;
@@ -1808,6 +1808,10 @@ mod front {
         // an id the proxy did not mint for this user: 404 before any container wakes
         if let Err(e) = proxy.sessions.check(incoming.header(SESSION_HEADER), &want.name) {
             return reject(request, e);
+        }
+        if reopen::end_while_asleep(proxy, incoming, &want.name) {
+            let _ = wire::send_body(request, incoming, 200, &[], b"", false);
+            return Ok(200);
         }
         if held::is_notification_stream(incoming) {
             let client_id = incoming.header(SESSION_HEADER).unwrap_or("").trim();
@@ -10209,7 +10213,7 @@ mod reopen {
     use crate::auth::{self, describe_ureq_error, Credential};
     use crate::error::ProxyError;
     use crate::protocol;
-    use crate::registry::Lease;
+    use crate::registry::{Lease, State};
     use crate::sessions::{Reopen, Route, SESSION_HEADER};
     use crate::upstream::is_event_stream;
     use crate::wire::Incoming;
@@ -10217,6 +10221,23 @@ mod reopen {
     use serde_json::{json, Value};
     use std::net::SocketAddr;
     use std::time::Instant;
+
+    /// A client's DELETE of its own session while its container sleeps (or is gone):
+    /// the upstream session died with the container, so the proxy ends the client's
+    /// session itself and wakes nothing (a desktop app quitting would otherwise boot a
+    /// container to say goodbye). True when it did.
+    pub fn end_while_asleep(proxy: &Proxy, incoming: &Incoming, name: &str) -> bool {
+        let Some(client_id) = incoming.header(SESSION_HEADER).map(str::trim) else { return false };
+        let asleep = matches!(proxy.containers.registry.state_of(name), State::Stopped | State::Missing);
+        if incoming.method != "DELETE" || !asleep {
+            return false;
+        }
+        if !matches!(proxy.sessions.route(Some(client_id), name, None), Route::Own { .. }) {
+            return false;
+        }
+        proxy.sessions.ended(client_id, name);
+        true
+    }
 
     /// Records what an answer says of the client's session; returns the session id the
     /// client is to see in the answer's Mcp-Session-Id (its own, never the upstream's).

@@ -180,3 +180,35 @@ def test_held_streams_count_with_requests_in_flight(make_proxy, outline):
     finally:
         for sock in streams:
             sock.close()
+
+
+def asleep(proxy, name):
+    """Stopped, as the proxy knows it (not only as Docker says it)."""
+    states = {c["name"]: c["state"] for c in proxy.stats()["containers"]}
+    return states.get(name) == "stopped" and proxy.state(name) == "exited"
+
+
+def test_a_session_ended_while_its_container_sleeps_wakes_nothing(make_proxy, outline):
+    """A desktop app quitting DELETEs its session; when the container sleeps, the upstream
+    session died with it: the proxy ends the client's session itself, at once, and does
+    not boot the container to say goodbye."""
+    proxy = make_proxy(idle_timeout="1s", sweep_interval="1s", spares="0")
+    key = outline.add_user("quentin")
+    name = proxy.container_name(key)
+    session = initialize(proxy, key)
+    wait_for(lambda: asleep(proxy, name), timeout=30, what="the idle container to sleep")
+    t0 = time.monotonic()
+    r = httpx.delete(proxy.url + MCP_PATH, headers=mcp_headers(key, session), timeout=30)
+    took = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    assert took < 1, f"the DELETE took {took:.2f}s"
+    assert proxy.state(name) == "exited", "the DELETE woke the container"
+    # another user's id is still theirs alone: a DELETE with it wakes nothing and ends nothing
+    rita = outline.add_user("rita")
+    ritas = initialize(proxy, rita)
+    wait_for(lambda: asleep(proxy, proxy.container_name(rita)), timeout=30, what="rita's container to sleep")
+    stolen = httpx.delete(proxy.url + MCP_PATH, headers=mcp_headers(key, ritas), timeout=30)
+    assert stolen.status_code == 404, stolen.text
+    assert proxy.state(proxy.container_name(rita)) == "exited"
+    # and rita's own goodbye is hers to say
+    assert httpx.delete(proxy.url + MCP_PATH, headers=mcp_headers(rita, ritas), timeout=30).status_code == 200
