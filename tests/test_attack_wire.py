@@ -377,3 +377,92 @@ def test_one_code_redeemed_twice_at_the_same_instant(make_proxy, outline, tmp_pa
         r = mcp_initialize(proxy.url, access)
         assert r.status_code == 401, r.text
     wait_for(lambda: proxy.get("/health").status_code == 200, timeout=5, what="the proxy to answer")
+
+
+def test_one_code_redeemed_twice_as_it_expires(make_proxy, outline, tmp_path):
+    """Codes live 60 s: pairs of redemptions of one code fired at once around that mark
+    (59.7 s to 60.3 s after it was issued). Whichever way each pair falls (before the end,
+    after it, or one each side), no tokens outlive it; a lone redemption after 61 s is
+    refused as expired."""
+    from oauth_client import pkce_pair, refresh, register, scripted_code
+    from test_grants import REDIRECT, concurrently, raw_post
+
+    state = tmp_path / "state-expiry"
+    state.mkdir(mode=0o700)
+    proxy = make_proxy(state_dir=str(state))
+    key = outline.add_user("late")
+    client_id = register(proxy.url, REDIRECT)
+    forms = []
+    for _ in range(5):
+        verifier, challenge = pkce_pair()
+        issued_at = time.monotonic()
+        code = scripted_code(proxy.url, client_id, REDIRECT, key, challenge)
+        forms.append((issued_at, {"grant_type": "authorization_code", "code": code, "client_id": client_id,
+                                  "redirect_uri": REDIRECT, "code_verifier": verifier,
+                                  "resource": proxy.url + "/oauth/mcp"}))
+    lone_at, lone = forms.pop()
+    for (issued_at, form), at in zip(forms, (59.7, 59.9, 60.1, 60.3)):
+        time.sleep(max(0.0, issued_at + at - time.monotonic()))
+        answers = concurrently(proxy.port, [raw_post(proxy.port, "/oauth/token", form)] * 2)
+        assert sorted(s for s, _ in answers) in ([200, 400], [400, 400]), (at, answers)
+        for status, body in answers:
+            if status == 200:
+                r = refresh(proxy.url, client_id, json.loads(body)["refresh_token"])
+                assert r.status_code == 400, (at, "a code used twice as it expired left tokens alive")
+            else:
+                assert json.loads(body)["error"] == "invalid_grant", (at, body)
+    time.sleep(max(0.0, lone_at + 61.5 - time.monotonic()))
+    answer = concurrently(proxy.port, [raw_post(proxy.port, "/oauth/token", lone)])[0]
+    assert answer[0] == 400 and b"expired" in answer[1], answer
+
+
+def test_a_get_with_connection_upgrade_to_the_relay_takes_nothing_after_it(warm):
+    """nginx passes `Connection: upgrade` for any Upgrade header (h2c too): a GET that is
+    not a WebSocket handshake is relayed without a body, answered at once with a close
+    (the rest of the connection was its body by tiny_http's rule), and the request sent
+    after it is never read."""
+    proxy, key = warm
+    data = request("GET", "/echo/upgrade-a", key, extra=["Connection: upgrade", "Upgrade: h2c"]) + \
+        hidden_request("upgrade")
+    started = time.monotonic()
+    received = send_in_pieces(proxy, [data], timeout=4)  # the warm proxy's header timeout is 5 s
+    assert time.monotonic() - started < 4
+    found, rest = parse_answers(received, ["GET"])
+    assert [f[0] for f in found] == [200] and rest == b"", received[:400]
+    assert found[0][1].get("connection") == ["close"]
+    assert json.loads(found[0][2])["target"] == "/echo/upgrade-a"
+    assert_nothing_hidden_was_served(proxy, key)
+
+
+@pytest.mark.parametrize("hider", [b"X-A: a\nContent-Length: %d\r\n", b"X-A: a\rContent-Length: %d\r\n",
+                                   b"X-A: a\r\n Content-Length: %d\r\n", b"Content-Length:\x0b%d\r\n"])
+def test_a_length_hidden_behind_a_bare_lf_or_cr_is_refused_and_closed(warm, hider):
+    """A head whose framing a lax reader would find (a Content-Length after a bare LF or
+    CR, folded, or after a vertical tab): one 400, the close, and the bytes a lax reader
+    would take for the body never read as a request."""
+    proxy, key = warm
+    hidden = hidden_request("bare")
+    data = (b"GET /echo/bare-a HTTP/1.1\r\nHost: localhost\r\nX-Outline-API-Key: " + key.encode() + b"\r\n"
+            + hider % len(hidden) + b"\r\n" + hidden)
+    received = send_in_pieces(proxy, [data])
+    found, rest = parse_answers(received, ["GET"])
+    assert [f[0] for f in found] == [400] and rest == b"", received[:400]
+    assert found[0][1].get("connection") == ["close"]
+    assert_nothing_hidden_was_served(proxy, key)
+
+
+def test_keep_alive_http_1_0_and_trailers_pipelined(warm):
+    """HTTP/1.0 with keep-alive, and a chunked body with trailers, each with a request
+    right after it in the same write."""
+    proxy, key = warm
+    ten = (f"GET /echo/ten-a HTTP/1.0\r\nHost: localhost\r\nX-Outline-API-Key: {key}\r\n"
+           "Connection: keep-alive\r\n\r\n").encode()
+    trailers = (f"POST /echo/trailer-a HTTP/1.1\r\nHost: localhost\r\nX-Outline-API-Key: {key}\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n").encode() + \
+        b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\nX-Other: " + hidden_request("trailer")[:30].replace(b"\r\n", b" ") + \
+        b"\r\n\r\n"
+    data, expected = pipeline((ten, Expect("GET", target="/echo/ten-a")),
+                              (trailers, Expect("POST", target="/echo/trailer-a", body=b"hello")),
+                              echo("trailer-b", key, body=hidden_request("trailer-2"), close=True))
+    check_answers(send_in_pieces(proxy, [data]), expected, "HTTP/1.0 keep-alive and trailers")
+    assert_nothing_hidden_was_served(proxy, key)
