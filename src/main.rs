@@ -4222,8 +4222,15 @@ mod grants {
     struct InProgress {
         pending: HashMap<String, Pending>,
         codes: HashMap<String, CodeRecord>,
-        /// used code hash → (the grant issued from it, once issued; when the memory may go)
-        used_codes: HashMap<String, (Option<String>, Instant)>,
+        /// used code hash → (what became of it; when the memory may go)
+        used_codes: HashMap<String, (UsedCode, Instant)>,
+    }
+
+    /// A code taken for good. A second use may come while the first is still being
+    /// turned into a grant: it is noted, and the grant is revoked as soon as it is made.
+    enum UsedCode {
+        Redeeming { replayed: bool },
+        Granted(String),
     }
 
     /// Sign-ins (by id hash) and codes (by code hash) as the state file keeps them.
@@ -4297,7 +4304,8 @@ mod grants {
             let hash = token_hash(code);
             let mut state = lock(&self.0);
             let entry = state.codes.remove(&hash)?;
-            state.used_codes.insert(hash, (None, Instant::now() + Duration::from_secs(660)));
+            let used = UsedCode::Redeeming { replayed: false };
+            state.used_codes.insert(hash, (used, Instant::now() + Duration::from_secs(660)));
             if entry.expires_at <= now_unix() {
                 return Some(Err(TokenRefused::InvalidGrant("The authorization code has expired.")));
             }
@@ -4313,15 +4321,29 @@ mod grants {
             }))
         }
 
-        /// The grant a used code was redeemed for, if it has been issued.
-        fn grant_of_used_code(&self, code: &str) -> Option<String> {
-            lock(&self.0).used_codes.get(&token_hash(code)).and_then(|(grant, _)| grant.clone())
+        /// A second use of a used code: the grant its first use was given, if issued
+        /// yet; if not, the replay is noted for `note_grant_of_code` to find.
+        fn replay_of_used_code(&self, code: &str) -> Option<String> {
+            match lock(&self.0).used_codes.get_mut(&token_hash(code)) {
+                Some((UsedCode::Granted(grant_id), _)) => Some(grant_id.clone()),
+                Some((UsedCode::Redeeming { replayed }, _)) => {
+                    *replayed = true;
+                    None
+                }
+                None => None,
+            }
         }
 
-        /// Remembers which grant a used code gave (so a second use revokes it).
-        fn note_grant_of_code(&self, code: &str, grant_id: &str) {
-            if let Some(used) = lock(&self.0).used_codes.get_mut(&token_hash(code)) {
-                used.0 = Some(grant_id.to_string());
+        /// Remembers which grant a used code gave (so a second use revokes it); true if
+        /// a second use came meanwhile (then the grant must be revoked at once).
+        fn note_grant_of_code(&self, code: &str, grant_id: &str) -> bool {
+            match lock(&self.0).used_codes.get_mut(&token_hash(code)) {
+                Some((used, _)) => {
+                    let replayed = matches!(used, UsedCode::Redeeming { replayed: true });
+                    *used = UsedCode::Granted(grant_id.to_string());
+                    replayed
+                }
+                None => false,
             }
         }
 
@@ -4570,7 +4592,7 @@ mod grants {
             if let Some(taken) = self.sign_ins.take_code(code) {
                 return taken;
             }
-            if let Some(grant_id) = self.sign_ins.grant_of_used_code(code) {
+            if let Some(grant_id) = self.sign_ins.replay_of_used_code(code) {
                 log::warn!("an authorization code was used twice: its grant is revoked");
                 self.revoke_grant(&grant_id)?;
             }
@@ -4602,8 +4624,14 @@ mod grants {
                 entries.extend(state.add_grant_within_limits(grant));
                 self.keeping.record(&state, entries)
             };
-            self.sign_ins.note_grant_of_code(code_text, &grant_id);
+            let replayed = self.sign_ins.note_grant_of_code(code_text, &grant_id);
             self.keeping.settled(durable)?;
+            if replayed {
+                // the second use came before this grant existed: it ends now, unused
+                log::warn!("an authorization code was used twice: its grant is revoked");
+                self.revoke_grant(&grant_id)?;
+                return Err(TokenRefused::InvalidGrant("The authorization code was used twice."));
+            }
             Ok(Issued { access_token, refresh_token, expires_in: self.access_ttl.as_secs() })
         }
 
@@ -5094,6 +5122,21 @@ mod grants {
             }
         }
 
+        /// A sign-in in progress for `client`, ten minutes to go.
+        fn test_pending() -> Pending {
+            Pending {
+                client_id: "client".into(),
+                client_name: "Desk".into(),
+                redirect_uri: "http://127.0.0.1/cb".into(),
+                state: Some("s".into()),
+                code_challenge: "c".into(),
+                resource: "https://h/oauth/mcp".into(),
+                csrf_hash: "h".into(),
+                attempts: 0,
+                expires_at: crate::util::now_unix() + 600,
+            }
+        }
+
         #[test]
         fn a_grant_is_sealed_at_rest_and_opens_only_with_its_tokens() {
             let (dir, store) = test_store("grants");
@@ -5122,17 +5165,7 @@ mod grants {
         #[test]
         fn sign_ins_and_codes_in_progress_outlive_a_stop_sealed() {
             let (dir, store) = test_store("progress");
-            let pending = Pending {
-                client_id: "client".into(),
-                client_name: "Desk".into(),
-                redirect_uri: "http://127.0.0.1/cb".into(),
-                state: Some("s".into()),
-                code_challenge: "c".into(),
-                resource: "https://h/oauth/mcp".into(),
-                csrf_hash: "h".into(),
-                attempts: 0,
-                expires_at: crate::util::now_unix() + 600,
-            };
+            let pending = test_pending();
             store.sign_ins.add_pending("omp_rq_one", pending.clone()).unwrap();
             let code = store.sign_ins.issue_code(&pending, test_code("ol_api_in_flight").signed_in).unwrap();
             store.save_at_stop();
@@ -5146,6 +5179,28 @@ mod grants {
             let taken = again.take_code(&code).unwrap();
             assert_eq!(taken.signed_in.credential.key(), "ol_api_in_flight");
             assert!(again.take_code(&code).is_err(), "a code is used once");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+
+        /// A code used twice: a second use after the grant revokes it; a second use
+        /// while the first is still being made into a grant (its code taken, its grant
+        /// not yet noted) makes that grant end as it is made: no tokens survive either way.
+        #[test]
+        fn a_code_used_twice_leaves_no_grant_whichever_use_comes_first() {
+            let (dir, store) = test_store("code-twice");
+            let pending = test_pending();
+            let signed_in = || test_code("k").signed_in;
+            // after: the grant was issued, then the replay revokes it
+            let code = store.sign_ins.issue_code(&pending, signed_in()).unwrap();
+            let issued = store.create_grant(&code, &store.take_code(&code).unwrap()).unwrap();
+            assert!(store.take_code(&code).is_err());
+            assert!(store.open_with_access(&issued.access_token).is_err(), "the replay revoked the grant");
+            // during: the replay comes between the first use's take and its grant
+            let code = store.sign_ins.issue_code(&pending, signed_in()).unwrap();
+            let first = store.take_code(&code).unwrap();
+            assert!(store.take_code(&code).is_err());
+            assert!(matches!(store.create_grant(&code, &first), Err(TokenRefused::InvalidGrant(_))));
+            assert!(lock(&store.ledger).grants.is_empty(), "a grant outlived the replay of its code");
             std::fs::remove_dir_all(&dir).unwrap();
         }
 
