@@ -6624,7 +6624,6 @@ mod sessions {
 
         #[test]
         fn sessions_are_bound_to_their_owner_and_reopened_when_stale() {
-            use {Reopen, Route};
             let s = test_sessions();
             assert_eq!(s.route(None, "mcp-a", None), Route::Plain);
             // a client's own initialize, answered by incarnation i1: the client gets a minted id
@@ -6662,7 +6661,6 @@ mod sessions {
 
         #[test]
         fn session_ids_are_known_by_their_mac_alone() {
-            use {Route, SessionKey, Sessions};
             let s = test_sessions();
             let id = s.opened("mcp-a", "u1", Some("i1"), None).unwrap();
             // another process with the same key (a restart, another host) knows the id as
@@ -6696,7 +6694,6 @@ mod sessions {
         #[test]
         fn the_session_key_is_made_once_and_kept() {
             use std::os::unix::fs::PermissionsExt;
-            use {SessionKey, KEY_FILE};
             let dir = std::env::temp_dir().join(format!("session-key-test-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             let _ = std::fs::remove_file(dir.join(KEY_FILE));
@@ -6973,7 +6970,6 @@ mod staged {
 
         #[test]
         fn staged_edits_are_read_from_mcp_outlines_answers() {
-            use {edit_call, outcome, Outcome};
             let staged = "Applied 1 edit(s) to 'Note'. Document has unsaved changes — call edit_document with save=True to push to Outline.";
             let (call, answer) = edit_exchange(7, false, staged);
             let edit = edit_call(&call).unwrap();
@@ -8990,7 +8986,6 @@ mod memory {
 
         #[test]
         fn the_budget_is_sized_from_the_host_and_refuses_nonsense() {
-            use {size_budget, RESERVE};
             let container = 256 << 20;
             // a 2 GB t3.small's MemTotal: 1,940 MiB less the 640 MiB reserve
             let t3_small: u64 = 1_940 << 20;
@@ -9009,7 +9004,6 @@ mod memory {
 
         #[test]
         fn containers_fit_by_the_measured_mean_with_a_floor() {
-            use {containers_fit, Reading};
             let mib = |n: u64| n << 20;
             // nothing to measure yet: one container's limit each
             assert_eq!(containers_fit(mib(1000), Reading { in_use: 0, containers: 0 }, mib(256)), 3);
@@ -9022,7 +9016,6 @@ mod memory {
 
         #[test]
         fn the_parent_cgroup_for_each_driver_and_version() {
-            use {slice_path, Driver, Parent};
             let v1 = Parent::new("cgroupfs", "1", "outline_mcp_proxy").unwrap();
             assert_eq!((v1.driver, v1.v2, v1.arg.as_str()), (Driver::Cgroupfs, false, "/outline_mcp_proxy"));
             assert_eq!(v1.dir, std::path::Path::new("/sys/fs/cgroup/memory/outline_mcp_proxy"));
@@ -12572,7 +12565,6 @@ mod util {
 
         #[test]
         fn forms_and_percent_encoding() {
-            use {parse_form, percent_decode, percent_encode};
             assert_eq!(
                 parse_form(b"a=1&b=x+y%2Bz&c&d=%zz"),
                 vec![
