@@ -8805,9 +8805,14 @@ mod memory {
         }
 
         /// The kernel's limit on the parent now (None: none, or the parent is not there).
+        /// The file holding the parent's memory limit: v2's `memory.max`, v1's
+        /// `memory.limit_in_bytes`.
+        fn limit_file(&self) -> PathBuf {
+            self.dir.join(if self.v2 { "memory.max" } else { "memory.limit_in_bytes" })
+        }
+
         pub fn limit(&self) -> Option<u64> {
-            let file = if self.v2 { "memory.max" } else { "memory.limit_in_bytes" };
-            let text = std::fs::read_to_string(self.dir.join(file)).ok()?;
+            let text = std::fs::read_to_string(self.limit_file()).ok()?;
             // v1 says "no limit" with a huge number, v2 with "max"
             text.trim().parse::<u64>().ok().filter(|&b| b < 1 << 60)
         }
@@ -8837,7 +8842,7 @@ mod memory {
             match self.driver {
                 Driver::Cgroupfs => {
                     use std::os::unix::fs::PermissionsExt;
-                    let file = self.dir.join(if self.v2 { "memory.max" } else { "memory.limit_in_bytes" });
+                    let file = self.limit_file();
                     // readable by the service's user (the unit's UMask=0077 would make it 0700)
                     let readable = std::fs::Permissions::from_mode(0o755);
                     std::fs::create_dir_all(&self.dir)
