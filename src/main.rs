@@ -8837,7 +8837,7 @@ mod memory {
 
         /// Sets the kernel's limit on the parent to `bytes` (root's work: the unit's
         /// ExecStartPre, or a proxy run as root). cgroupfs: the directory made and its
-        /// limit written; systemd: the slice's MemoryMax set for this boot.
+        /// limit written; systemd: the slice's MemoryMax set for this boot, and the slice started.
         pub fn apply_limit(&self, bytes: u64) -> Result<(), String> {
             match self.driver {
                 Driver::Cgroupfs => {
@@ -8850,20 +8850,23 @@ mod memory {
                         .and_then(|_| std::fs::write(&file, bytes.to_string()))
                         .map_err(|e| format!("cannot write {}: {e}", file.display()))
                 }
-                Driver::Systemd => {
-                    let out = std::process::Command::new("systemctl")
-                        .args(["set-property", "--runtime", &self.arg, &format!("MemoryMax={bytes}")])
-                        .output()
-                        .map_err(|e| format!("cannot run systemctl: {e}"))?;
-                    match out.status.success() {
-                        true => Ok(()),
-                        false => Err(format!(
-                            "systemctl set-property {} failed: {}",
-                            self.arg,
-                            String::from_utf8_lossy(&out.stderr).trim()
-                        )),
-                    }
-                }
+                // started too, so its cgroup is there (with the limit) before any container
+                Driver::Systemd => systemctl(&["set-property", "--runtime", &self.arg, &format!("MemoryMax={bytes}")])
+                    .and_then(|_| systemctl(&["start", &self.arg])),
+            }
+        }
+    }
+
+    /// Runs `systemctl` with these arguments; its complaint as the error.
+    fn systemctl(args: &[&str]) -> Result<(), String> {
+        let out = std::process::Command::new("systemctl")
+            .args(args)
+            .output()
+            .map_err(|e| format!("cannot run systemctl: {e}"))?;
+        match out.status.success() {
+            true => Ok(()),
+            false => {
+                Err(format!("systemctl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
             }
         }
     }
