@@ -120,7 +120,7 @@ mod config {
         ("MCP_PROXY_DOCKER", "docker", "the docker CLI to run"),
         ("MCP_PROXY_LOG", "info", "log level: error, warn, info, debug, trace"),
         ("MCP_PROXY_MEMORY_BUDGET", "auto", "memory all user containers may use together, held by the kernel on their parent cgroup; at it, a start or a spare first puts the least recently used idle container to sleep (503 with Retry-After when all are busy); auto = the host's memory less 640 MiB for the OS, Docker, nginx and the proxy; a size such as 1400m or 2g; 0 or off = no budget"),
-        ("MCP_PROXY_CGROUP_PARENT", "outline_mcp_proxy", "with a budget, the containers' parent cgroup: /NAME under Docker's cgroupfs driver, NAME.slice under its systemd driver; its limit is set by `outline-mcp-proxy set-budget` (as root: the unit's ExecStartPre)"),
+        ("MCP_PROXY_CGROUP_PARENT", "outline_mcp_proxy", "with a budget, the containers' parent cgroup: /NAME under Docker's cgroupfs driver, NAME.slice under its systemd driver; its limit is set by `outline-mcp-proxy set-budget` (as root: the unit's ExecStartPre); letters, digits, _ and single inner - (a level of slices), not under the host's system, user, machine or init slices nor docker"),
     ];
 
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -477,15 +477,31 @@ mod config {
             .map_err(|expected| bad_setting("MCP_PROXY_MEMORY_BUDGET", &raw, &expected))
     }
 
-    /// MCP_PROXY_CGROUP_PARENT: a name for a cgroup and a systemd slice (no dots or slashes).
+    /// MCP_PROXY_CGROUP_PARENT: a name for a cgroup and a systemd slice (no dots or slashes),
+    /// of this proxy's own: not the host's own slices (`system`, `user`, `machine`, `init`,
+    /// and anything under them) nor Docker's default parent, whose other processes would
+    /// share the budget's limit (set by root) and skew what it reads.
     fn cgroup_parent(get: &dyn Fn(&str) -> String) -> Result<String, String> {
+        const HOSTS_OWN: [&str; 5] = ["system", "user", "machine", "init", "docker"];
         let name = get("MCP_PROXY_CGROUP_PARENT").trim().to_string();
         let mut chars = name.chars();
         let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
-            && chars.all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
-        match valid {
-            true => Ok(name),
-            false => Err(bad_setting("MCP_PROXY_CGROUP_PARENT", &name, "letters, digits, '-' or '_'")),
+            && chars.all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+            && !name.contains("--")
+            && !name.ends_with('-');
+        let top = name.split('-').next().unwrap_or_default();
+        match (valid, HOSTS_OWN.contains(&top)) {
+            (true, false) => Ok(name),
+            (true, true) => Err(bad_setting(
+                "MCP_PROXY_CGROUP_PARENT",
+                &name,
+                "a parent of the proxy's own, not under the host's system, user, machine, init or docker",
+            )),
+            (false, _) => Err(bad_setting(
+                "MCP_PROXY_CGROUP_PARENT",
+                &name,
+                "letters, digits, '_' and single inner '-' (a level of slices)",
+            )),
         }
     }
 
@@ -751,6 +767,14 @@ mod config {
             let parent = |v: &'static str| Config::load(&move |n| (n == "MCP_PROXY_CGROUP_PARENT").then(|| v.into()));
             assert_eq!(parent("omp-test_1").unwrap().cgroup_parent, "omp-test_1");
             assert!(parent("../etc").is_err() && parent("a.slice").is_err() && parent("").is_err());
+            // the host's own slices and Docker's default parent; names systemd would refuse
+            for shared in ["system", "user-1000", "machine", "init", "docker", "system-omp"] {
+                assert!(parent(shared).unwrap_err().contains("of the proxy's own"), "{shared}");
+            }
+            for malformed in ["omp--x", "omp-", "-omp", "omp x"] {
+                assert!(parent(malformed).unwrap_err().contains("single inner '-'"), "{malformed}");
+            }
+            assert_eq!(parent("users_omp").unwrap().cgroup_parent, "users_omp");
         }
     }
 }
@@ -8830,7 +8854,12 @@ mod memory {
                 .find_map(|l| l.strip_prefix(inactive)?.strip_prefix(' ')?.trim().parse::<u64>().ok())
                 .unwrap_or(0);
             let containers = std::fs::read_dir(&self.dir)
-                .map(|dir| dir.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).count())
+                .map(|dir| {
+                    dir.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .filter(|e| is_container_cgroup(&e.file_name().to_string_lossy()))
+                        .count()
+                })
                 .unwrap_or(0);
             Some(Reading { in_use: usage.saturating_sub(inactive), containers })
         }
@@ -8871,6 +8900,14 @@ mod memory {
         }
     }
 
+    /// Is this child of the parent a container's cgroup, as Docker names them: the 64 hex
+    /// digits of its id (cgroupfs driver), or `docker-<id>.scope` (systemd driver)? Nothing
+    /// else in the parent (a nested slice, a scope of someone else's) counts as one.
+    pub fn is_container_cgroup(name: &str) -> bool {
+        let id = name.strip_prefix("docker-").and_then(|n| n.strip_suffix(".scope")).unwrap_or(name);
+        id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    }
+
     /// A slice's place in the v2 hierarchy: each `-` in its name is a level
     /// (`a-b.slice` is `/a.slice/a-b.slice`), as systemd and runc expand it.
     pub fn slice_path(name: &str) -> String {
@@ -8895,6 +8932,8 @@ mod memory {
         born: Instant,
         sampled_ms: AtomicU64,
         in_use: AtomicU64,
+        /// The kernel's limit on the parent as last read (0: none, or the parent not there).
+        kernel_limit: AtomicU64,
         fit: AtomicUsize,
         pub sleeps: AtomicU64,
     }
@@ -8921,6 +8960,7 @@ mod memory {
                 born: Instant::now(),
                 sampled_ms: AtomicU64::new(0),
                 in_use: AtomicU64::new(0),
+                kernel_limit: AtomicU64::new(0),
                 fit: AtomicUsize::new(containers_fit(bytes.max(1), Reading::default(), per_container)),
                 sleeps: AtomicU64::new(0),
             }
@@ -8942,6 +8982,7 @@ mod memory {
                     log::debug!("the proxy cannot set the budget itself: {e}");
                 }
             }
+            self.kernel_limit.store(parent.limit().unwrap_or(0), Ordering::Relaxed);
             match parent.limit() {
                 Some(limit) if limit == self.bytes => {
                     log::info!("memory budget {} MiB, held by the kernel on {}", self.bytes >> 20, parent.arg)
@@ -8973,12 +9014,40 @@ mod memory {
             let last = self.sampled_ms.load(Ordering::Relaxed);
             let stale = now.saturating_sub(last) >= SAMPLE_EVERY.as_millis() as u64;
             if stale && self.sampled_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                if let Some(parent) = self.parent.get() {
+                    self.note_kernel_limit(parent);
+                }
                 if let Some(reading) = self.parent.get().and_then(Parent::read) {
                     self.in_use.store(reading.in_use, Ordering::Relaxed);
                     self.fit.store(containers_fit(self.bytes, reading, self.per_container), Ordering::Relaxed);
                 }
             }
             self.fit.load(Ordering::Relaxed)
+        }
+
+        /// Reads the kernel's limit on the parent again; says so when it stops (or starts)
+        /// being the budget, as when set-budget failed at start (the unit goes on without it).
+        fn note_kernel_limit(&self, parent: &Parent) {
+            let now = parent.limit().unwrap_or(0);
+            let before = self.kernel_limit.swap(now, Ordering::Relaxed);
+            if now != before && now == self.bytes {
+                log::info!("the kernel holds {} to the memory budget again", parent.arg);
+            } else if now != before && before == self.bytes {
+                log::error!(
+                    "the kernel's limit on {} is no longer the memory budget ({} where it is {} bytes): \
+                     nothing holds the containers' sum; run `outline-mcp-proxy set-budget` as root",
+                    parent.arg,
+                    if now == 0 { "none".to_string() } else { now.to_string() },
+                    self.bytes
+                );
+            }
+        }
+
+        /// The kernel's limit on the parent as last read (0: none): what /stats shows beside
+        /// the budget, so a budget not held is seen.
+        pub fn kernel_limit(&self) -> u64 {
+            self.containers_fit();
+            self.kernel_limit.load(Ordering::Relaxed)
         }
 
         /// Bytes the containers use now, as last read.
@@ -9038,6 +9107,18 @@ mod memory {
             let v1_slice = Parent::new("systemd", "1", "omp").unwrap();
             assert_eq!(v1_slice.dir, std::path::Path::new("/sys/fs/cgroup/memory/omp.slice"));
             assert!(Parent::new("none", "1", "omp").is_err());
+        }
+
+        #[test]
+        fn only_dockers_containers_count_in_the_parent() {
+            let id = "0123456789abcdef".repeat(4);
+            assert!(is_container_cgroup(&id));
+            assert!(is_container_cgroup(&format!("docker-{id}.scope")));
+            assert!(!is_container_cgroup("omp-other.slice"), "a nested slice");
+            assert!(!is_container_cgroup("session-4.scope"));
+            assert!(!is_container_cgroup(&id[1..]));
+            assert!(!is_container_cgroup(&id.to_uppercase()));
+            assert!(!is_container_cgroup(&format!("docker-{id}.scope.extra")));
         }
     }
 }
@@ -11276,6 +11357,8 @@ mod ops {
     /// were put to sleep to make room under it.
     pub struct MemoryFigures {
         budget: u64,
+        /// The kernel's limit on the containers' parent (0: none): the budget, when held.
+        kernel_limit: u64,
         in_use: u64,
         fit: usize,
         sleeps: u64,
@@ -11309,6 +11392,7 @@ mod ops {
             calls_by_tool: proxy.calls.tools(),
             memory: MemoryFigures {
                 budget: budget.bytes,
+                kernel_limit: budget.kernel_limit(),
                 in_use: budget.in_use(),
                 fit: budget.containers_fit(),
                 sleeps: budget.sleeps.load(Ordering::Relaxed),
@@ -11352,6 +11436,7 @@ mod ops {
             "uptime_seconds": s.uptime,
             "memory": {
                 "budget_bytes": s.memory.budget,
+                "kernel_limit_bytes": if s.memory.kernel_limit > 0 { json!(s.memory.kernel_limit) } else { Value::Null },
                 "in_use_bytes": s.memory.in_use,
                 "containers_fit": if s.memory.budget > 0 { json!(s.memory.fit) } else { Value::Null },
                 "budget_sleeps": s.memory.sleeps,
@@ -11363,7 +11448,7 @@ mod ops {
         let running = s.containers.iter().filter(|c| c.state.is_running()).count();
         let spares = s.containers.iter().filter(|c| c.role == Role::Spare && c.state.is_running()).count();
         let holding = s.containers.iter().filter(|c| c.staged_documents > 0).count();
-        let totals: [(&str, &str, &str, String); 17] = [
+        let totals: [(&str, &str, &str, String); 18] = [
             ("mcp_proxy_spares_ready", "gauge", "Warm spares booted and unassigned.", spares.to_string()),
             (
                 "mcp_proxy_containers_holding_staged_edits",
@@ -11423,6 +11508,12 @@ mod ops {
                 "gauge",
                 "Memory all user containers may use together (0 = no budget).",
                 s.memory.budget.to_string(),
+            ),
+            (
+                "mcp_proxy_memory_kernel_limit_bytes",
+                "gauge",
+                "The kernel's limit on the containers' parent cgroup (0 = none): the budget when it is held.",
+                s.memory.kernel_limit.to_string(),
             ),
             (
                 "mcp_proxy_memory_in_use_bytes",

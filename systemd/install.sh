@@ -140,7 +140,11 @@ if [ ! -f "$ENV_FILE" ]; then
     echo "# OUTLINE_OAUTH_CLIENT_SECRET="
     [ -n "$image" ] && echo "MCP_PROXY_IMAGE=$image"
     for s in "${settings[@]}"; do
-      case "$s" in [A-Z]*=*) echo "$s" ;; *) echo "--set $s: NAME=VALUE" >&2; exit 2 ;; esac
+      case "$s" in
+        *[[:cntrl:]]*) echo "--set: a control character (a new line?) in a setting" >&2; exit 2 ;;
+        [A-Z]*=*) echo "$s" ;;
+        *) echo "--set $s: NAME=VALUE" >&2; exit 2 ;;
+      esac
     done
   } > "$tmp"
   install -m 0600 -o root -g root "$tmp" "$ENV_FILE"; rm -f "$tmp"
@@ -223,9 +227,15 @@ say "checking:"
 set +e
 # the settings reach it through the environment (the env file is root's, sourced here),
 # never its arguments
-(set -a; . "$ENV_FILE"; set +a; export STATE_DIRECTORY=/var/lib/outline-mcp-proxy HOME=/tmp
+# with a HOME of its own (the docker CLI runs plugins and reads contexts from
+# $HOME/.docker: never from a directory others may write, such as /tmp)
+check_home=$(mktemp -d)
+chown "$SVC_USER" "$check_home"
+(set -a; . "$ENV_FILE"; set +a; export STATE_DIRECTORY=/var/lib/outline-mcp-proxy HOME="$check_home"
+ export DOCKER_CONFIG="$check_home/.docker"
  exec runuser -p -u "$SVC_USER" -- "$BIN" check)
 status=$?
+rm -rf "$check_home"
 set -e
 say ""
 say "next: a real certificate:  sudo certbot --nginx -d $domain"

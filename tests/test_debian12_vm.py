@@ -149,6 +149,7 @@ def test_debian12_cgroup_v2_systemd_driver_holds_the_containers_to_the_budget(gu
     assert budget == (host_memory - RESERVE) & ~4095, (budget, host_memory)
     assert int(held.group(1)) == budget >> 20
     assert slice_limit(guest) == (budget, budget)
+    assert stats(guest, verify)["memory"]["kernel_limit_bytes"] == budget
 
     # a real client from outside, through the guest's nginx, answered by the real mcp-outline
     key = outline.add_user("alice")
@@ -189,6 +190,7 @@ def test_debian12_cgroup_v2_systemd_driver_holds_the_containers_to_the_budget(gu
     wait_for(lambda: budget_served(guest, verify) == 600 * MIB, timeout=120, interval=1,
              what="the proxy to restart with the smaller budget")
     assert slice_limit(guest) == (600 * MIB, 600 * MIB)
+    assert stats(guest, verify)["memory"]["kernel_limit_bytes"] == 600 * MIB
     # and alice is answered again, her container adopted under the new limit
     result = anyio.run(lambda: mcp_session(f"https://localhost:{guest.https_port}", key, verify=verify))
     assert_sees_only_own_data(result, "alice", "bob")

@@ -116,6 +116,10 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
     # a blocked system call kills the service in this test, instead of failing quietly
     host.sh("mkdir -p /etc/systemd/system/mcp-proxy.service.d && printf '[Service]\\nSystemCallErrorNumber=kill\\n'"
             " > /etc/systemd/system/mcp-proxy.service.d/test.conf")
+    # a docker CLI plugin planted where anyone may write: the check install.sh runs as the
+    # service's user (in the docker group) must not run it
+    host.sh("mkdir -p /tmp/.docker/cli-plugins && printf '#!/bin/sh\\ntouch /tmp/planted-plugin-ran\\n'"
+            " > /tmp/.docker/cli-plugins/docker-planted && chmod 0777 /tmp/.docker/cli-plugins/docker-planted")
     install = ("/src/systemd/install.sh --domain localhost "
                f"--outline-url http://127.0.0.1:{outline.port} --image {mcp_outline_image} --no-pull "
                f"--set MCP_PROXY_CONTAINER_OUTLINE_URL=http://{docker_gateway()}:{outline.port} "
@@ -135,6 +139,7 @@ def test_one_command_installs_a_host_that_serves_mcp_under_systemd(host, outline
                      f"✓ the kernel holds the containers (/{parent}) to the memory budget"):
             assert line in out, f"{line!r} not in:\n{out}"
         assert "✗" not in out, out
+        assert host.sh("test -e /tmp/planted-plugin-ran", check=False).returncode != 0, "a plugin in /tmp ran"
         assert host.sh("stat -c '%a %U %G' /etc/outline-mcp-proxy.env").stdout.split() == ["600", "root", "root"]
         # a /stats password was made: in the env file only (never printed), and the same
         # credential passes nginx's Basic auth and the proxy's own

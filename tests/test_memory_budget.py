@@ -95,10 +95,21 @@ def test_the_budget_holds_least_recently_used_first_staged_edits_kept_503_when_a
     assert limit_of(cgroup_parent) == 1 << 30
     figures = memory(first)
     assert figures["budget_bytes"] == 1 << 30 and figures["budget_sleeps"] == 0
+    assert figures["kernel_limit_bytes"] == 1 << 30
     metrics = first.get("/metrics").text
     for name in ("mcp_proxy_memory_budget_bytes 1073741824", "mcp_proxy_memory_in_use_bytes ",
-                 "mcp_proxy_budget_sleeps_total 0"):
+                 "mcp_proxy_memory_kernel_limit_bytes 1073741824", "mcp_proxy_budget_sleeps_total 0"):
         assert name in metrics, metrics
+    # a limit that is no longer the budget is seen, and said; and again when it is held
+    limit_file = f"{CGROUP}/memory/{cgroup_parent}/memory.limit_in_bytes"
+    with open(limit_file, "w") as f:
+        f.write(str(2 << 30))
+    wait_for(lambda: memory(first)["kernel_limit_bytes"] == 2 << 30, what="the kernel's new limit in /stats")
+    assert "is no longer the memory budget" in first.log()
+    with open(limit_file, "w") as f:
+        f.write(str(1 << 30))
+    wait_for(lambda: memory(first)["kernel_limit_bytes"] == 1 << 30, what="the budget held again")
+    assert "to the memory budget again" in first.log()
     # what two settled containers use, measured
     time.sleep(2)
     each = wait_for(lambda: memory(first)["in_use_bytes"], what="a reading") // 2
