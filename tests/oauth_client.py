@@ -105,12 +105,19 @@ class Browser:
 
     def text(self):
         """The page's text; empty while a navigation replaces the page."""
-        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+        from selenium.common.exceptions import (NoSuchElementException, StaleElementReferenceException,
+                                                WebDriverException)
 
         try:
             return self.driver.find_element("tag name", "body").text
         except (StaleElementReferenceException, NoSuchElementException):
             return ""
+        except WebDriverException as e:
+            # chromedriver 156 reports a body replaced between the find and the read as an
+            # inspector error, not as a stale element
+            if "does not belong to the document" in str(e):
+                return ""
+            raise
 
     def wait_text(self, needle, timeout=20):
         return wait_for(lambda: needle in self.text(), timeout=timeout, what=f"{needle!r} on the page")
