@@ -8828,13 +8828,13 @@ mod memory {
             Ok(Parent { driver, v2, arg, dir: root.join(relative) })
         }
 
-        /// The kernel's limit on the parent now (None: none, or the parent is not there).
         /// The file holding the parent's memory limit: v2's `memory.max`, v1's
         /// `memory.limit_in_bytes`.
         fn limit_file(&self) -> PathBuf {
             self.dir.join(if self.v2 { "memory.max" } else { "memory.limit_in_bytes" })
         }
 
+        /// The kernel's limit on the parent now (None: none, or the parent is not there).
         pub fn limit(&self) -> Option<u64> {
             let text = std::fs::read_to_string(self.limit_file()).ok()?;
             // v1 says "no limit" with a huge number, v2 with "max"
@@ -8982,16 +8982,17 @@ mod memory {
                     log::debug!("the proxy cannot set the budget itself: {e}");
                 }
             }
-            self.kernel_limit.store(parent.limit().unwrap_or(0), Ordering::Relaxed);
-            match parent.limit() {
+            let limit = parent.limit();
+            self.kernel_limit.store(limit.unwrap_or(0), Ordering::Relaxed);
+            match limit {
                 Some(limit) if limit == self.bytes => {
                     log::info!("memory budget {} MiB, held by the kernel on {}", self.bytes >> 20, parent.arg)
                 }
-                limit => log::warn!(
+                other => log::warn!(
                     "the kernel's limit on {} is {} where MCP_PROXY_MEMORY_BUDGET is {} bytes: run \
                      `outline-mcp-proxy set-budget` as root (the unit's ExecStartPre does)",
                     parent.arg,
-                    limit.map_or("none".into(), |l| l.to_string()),
+                    other.map_or("none".into(), |l| l.to_string()),
                     self.bytes
                 ),
             }
@@ -9016,10 +9017,10 @@ mod memory {
             if stale && self.sampled_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
                 if let Some(parent) = self.parent.get() {
                     self.note_kernel_limit(parent);
-                }
-                if let Some(reading) = self.parent.get().and_then(Parent::read) {
-                    self.in_use.store(reading.in_use, Ordering::Relaxed);
-                    self.fit.store(containers_fit(self.bytes, reading, self.per_container), Ordering::Relaxed);
+                    if let Some(reading) = parent.read() {
+                        self.in_use.store(reading.in_use, Ordering::Relaxed);
+                        self.fit.store(containers_fit(self.bytes, reading, self.per_container), Ordering::Relaxed);
+                    }
                 }
             }
             self.fit.load(Ordering::Relaxed)
