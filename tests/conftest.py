@@ -255,10 +255,15 @@ def make_proxy(outline, gateway, tmp_path):
 @pytest.fixture(scope="session")
 def mcp_outline_image():
     """Built once per run (and reused across runs while the pins are the same)."""
-    r = subprocess.run([str(ROOT / "tests" / "build-mcp-outline-image.sh")], capture_output=True, text=True,
-                       timeout=1200)
+    return build("build-mcp-outline-image.sh", "the mcp-outline image")
+
+
+def build(script, what, timeout=1200):
+    """Runs one of the tests' builders (tests/build-*.sh): what it prints last (a tag, a
+    directory), or the test fails with the builder's complaint."""
+    r = subprocess.run([str(ROOT / "tests" / script)], capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
-        pytest.fail(f"could not build the mcp-outline image:\n{r.stderr[-3000:]}", pytrace=False)
+        pytest.fail(f"could not build {what}:\n{r.stderr[-3000:]}", pytrace=False)
     return r.stdout.strip().splitlines()[-1]
 
 

@@ -22,7 +22,7 @@ import anyio
 import httpx
 import pytest
 
-from conftest import ROOT, docker, free_port, wait_for
+from conftest import ROOT, build, docker, free_port, wait_for
 from test_e2e_mcp import assert_sees_only_own_data, mcp_session
 
 MIB = 1 << 20
@@ -31,10 +31,7 @@ RESERVE = 640 * MIB  # memory::RESERVE
 
 @pytest.fixture(scope="module")
 def vm_image():
-    r = subprocess.run([str(ROOT / "tests" / "build-vm-image.sh")], capture_output=True, text=True, timeout=1800)
-    if r.returncode != 0:
-        pytest.fail(f"could not build the Debian 12 guest:\n{r.stderr[-3000:]}", pytrace=False)
-    return r.stdout.strip().splitlines()[-1]
+    return build("build-vm-image.sh", "the Debian 12 guest", timeout=1800)
 
 
 class Guest:

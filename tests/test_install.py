@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from oauth_client import mcp_initialize, scripted_tokens
-from conftest import ROOT, docker, docker_gateway, wait_for
+from conftest import ROOT, build, docker, docker_gateway, wait_for
 from test_e2e_mcp import assert_sees_only_own_data, mcp_session
 from test_memory_budget import remove_cgroup
 
@@ -36,10 +36,7 @@ METADATA = "169.254.169.254"
 
 @pytest.fixture(scope="module")
 def systemd_image():
-    r = subprocess.run([str(ROOT / "tests" / "build-systemd-image.sh")], capture_output=True, text=True, timeout=1200)
-    if r.returncode != 0:
-        pytest.fail(f"could not build the systemd image:\n{r.stderr[-3000:]}", pytrace=False)
-    return r.stdout.strip().splitlines()[-1]
+    return build("build-systemd-image.sh", "the systemd image")
 
 
 class Host:
