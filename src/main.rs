@@ -1330,8 +1330,10 @@ mod wire {
 
     /// Headers that describe one connection, not the message: never passed on.
     pub fn is_hop_by_hop(name: &str, connection_tokens: &[String]) -> bool {
-        let lower = name.to_ascii_lowercase();
-        HOP_BY_HOP.contains(&lower.as_str()) || lower.starts_with("proxy-") || connection_tokens.contains(&lower)
+        let is = |other: &str| name.eq_ignore_ascii_case(other);
+        HOP_BY_HOP.iter().any(|hop| is(hop))
+            || name.get(..6).is_some_and(|start| start.eq_ignore_ascii_case("proxy-"))
+            || connection_tokens.iter().any(|token| is(token))
     }
 
     /// How the client learns where an answer ends.
@@ -5308,11 +5310,11 @@ mod auth {
         incoming.header(KEY_HEADER).is_some() || incoming.header("authorization").is_some()
     }
 
-    /// Whether a client header can carry a credential. Neither is passed on as sent:
-    /// only the key that was checked reaches a container (added again in `header`
-    /// mode), never a second one the client put in the other header.
-    pub fn is_credential_header(lower_name: &str) -> bool {
-        lower_name == KEY_HEADER || lower_name == "authorization"
+    /// Whether a client header (its name in any case) can carry a credential. Neither is
+    /// passed on as sent: only the key that was checked reaches a container (added again
+    /// in `header` mode), never a second one the client put in the other header.
+    pub fn is_credential_header(name: &str) -> bool {
+        name.eq_ignore_ascii_case(KEY_HEADER) || name.eq_ignore_ascii_case("authorization")
     }
 
     /// The caller's key: X-Outline-API-Key, else `Authorization: Bearer`. Refuses
@@ -11278,16 +11280,16 @@ mod upstream {
             out.push(("Mcp-Session-Id".into(), upstream.to_string()));
         }
         for (name, value) in &incoming.headers {
-            let lower = name.to_ascii_lowercase();
-            let dropped = is_hop_by_hop(&lower, &connection)
-                || matches!(lower.as_str(), "host" | "expect" | "x-forwarded-for" | "content-length")
-                || auth::is_credential_header(&lower);
+            let is = |other: &str| name.eq_ignore_ascii_case(other);
+            let dropped = is_hop_by_hop(name, &connection)
+                || ["host", "expect", "x-forwarded-for", "content-length"].into_iter().any(is)
+                || auth::is_credential_header(name);
             if dropped {
                 continue;
             }
-            match (lower.as_str(), session) {
+            match session {
                 // the upstream session that stands for the client's
-                (SESSION_HEADER, Some(upstream)) => out.push((name.clone(), upstream.to_string())),
+                Some(upstream) if is(SESSION_HEADER) => out.push((name.clone(), upstream.to_string())),
                 _ => out.push((name.clone(), value.clone())),
             }
         }
