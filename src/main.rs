@@ -10087,6 +10087,7 @@ mod relay {
                 framing == Framing::Chunked,
                 socket,
                 capture,
+                length,
             )?,
         }
         // the head and any last bytes may still sit in the buffer (an empty body above)
@@ -10102,15 +10103,17 @@ mod relay {
     /// Copies the container's body to the client, a flush after every read, in chunks
     /// when `chunked`, and into `capture` (up to CAPTURE_LIMIT) when given. A container
     /// that breaks off ends the client's answer unfinished, so the client knows, rather
-    /// than as if it were complete.
+    /// than as if it were complete. The buffer is no larger than a body of known `length`.
     fn copy_body(
         mut body: impl Read,
         writer: &mut dyn Write,
         chunked: bool,
         socket: Option<&TcpStream>,
         mut capture: Option<&mut Vec<u8>>,
+        length: Option<u64>,
     ) -> Result<(), ProxyError> {
-        let mut buf = vec![0u8; 16 * 1024];
+        const MOST: u64 = 16 * 1024;
+        let mut buf = vec![0u8; length.map_or(MOST, |length| length.clamp(1, MOST)) as usize];
         loop {
             let n = match body.read(&mut buf) {
                 Ok(0) => break,
