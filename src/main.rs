@@ -1815,11 +1815,11 @@ mod front {
             }
             None => (incoming, identify(proxy, incoming, log_ctx)),
         };
-        let (credential, user, name) = match who {
+        let (credential, verified, name) = match who {
             Ok(who) => who,
             Err(e) => return reject(request, e),
         };
-        let want = Want::new(&proxy.cfg, name, &user, &credential);
+        let want = Want::new(&proxy.cfg, name, &verified.user, &credential);
         if protocol::is_stateless_get_or_delete(incoming) {
             // 2026-07-28 has no GET stream and no session to delete
             let headers =
@@ -1963,7 +1963,7 @@ mod oauth {
     //! authorize, callback, token and revoke endpoints, and the bearer token of a request
     //! turned into that user's Outline credential. Calls `signin` (the person's step),
     //! `grants` (the store), `auth` (Outline's verdict, who), `wire`, `util`.
-    use crate::auth::{Credential, User};
+    use crate::auth::{Credential, User, Verified};
     use crate::config::ClientDocuments;
     use crate::error::ProxyError;
     use crate::grants::{self, Client, Opened, OutlineCredential, Pending, SignedIn, Store, TokenRefused};
@@ -2292,7 +2292,7 @@ mod oauth {
         door: &FrontDoor,
         incoming: &Incoming,
         log_ctx: &mut LogContext,
-    ) -> Result<(Credential, User, String), ProxyError> {
+    ) -> Result<(Credential, Arc<Verified>, String), ProxyError> {
         let base = door.public_base(incoming).map_err(|e| ProxyError::BadRequest(e.description))?;
         let challenge = |error: Option<&str>| door.challenge(&base, error);
         let Some(token) = bearer_token(incoming) else {
@@ -2317,9 +2317,9 @@ mod oauth {
         };
         let signed_in = renewed_upstream(door, &token, opened).map_err(refused_by_outline)?;
         let credential = Credential { key: signed_in.credential.key().to_string() };
-        let user = proxy.auth.verify(&credential.key).map_err(refused_by_outline)?;
-        let name = crate::auth::container_of(proxy, &user, &credential, log_ctx);
-        Ok((credential, user, name))
+        let verified = proxy.auth.verify(&credential.key).map_err(refused_by_outline)?;
+        let name = crate::auth::container_of(&verified, log_ctx);
+        Ok((credential, verified, name))
     }
 
     /// The grant's upstream credential, with Outline's own access token renewed first
@@ -5360,7 +5360,12 @@ mod auth {
     }
 
     pub fn key_hash(key: &str) -> String {
-        hex::encode(Sha256::digest(key.as_bytes()))
+        hex::encode(key_digest(key))
+    }
+
+    /// The key's sha256, as the verdict cache holds it.
+    pub fn key_digest(key: &str) -> [u8; 32] {
+        Sha256::digest(key.as_bytes()).into()
     }
 
     /// Whose container a request is for, as 128 bits of sha256 (32 hex digits): in
@@ -5387,7 +5392,17 @@ mod auth {
         pub email: String,
     }
 
-    pub type AuthResult = Result<User, ProxyError>;
+    /// Outline's yes to a key, with what each request of it needs, made once per verdict
+    /// (not per request): whose container it is, and the user's name for the log line.
+    #[derive(Debug)]
+    pub struct Verified {
+        pub user: User,
+        /// `container_name` of the prefix and `owner_id`.
+        pub container: String,
+        pub log_name: String,
+    }
+
+    pub type AuthResult = Result<Arc<Verified>, ProxyError>;
 
     enum AuthSlot {
         Known { verdict: AuthResult, until: Instant },
@@ -5405,9 +5420,11 @@ mod auth {
     /// Outline's verdicts, cached by key hash, and the client that asks for them.
     pub struct Verifier {
         outline_url: String,
+        key_mode: KeyMode,
+        prefix: String,
         ttl: Duration,
         fail_ttl: Duration,
-        cache: Mutex<HashMap<String, AuthSlot>>,
+        cache: Mutex<HashMap<[u8; 32], AuthSlot>>,
         pub counters: AuthCounters,
         agent: ureq::Agent,
     }
@@ -5416,6 +5433,8 @@ mod auth {
         pub fn new(cfg: &Config) -> Verifier {
             Verifier {
                 outline_url: cfg.outline_url.clone(),
+                key_mode: cfg.key_mode,
+                prefix: cfg.prefix.clone(),
                 ttl: cfg.auth_ttl,
                 fail_ttl: cfg.auth_fail_ttl,
                 cache: Mutex::new(HashMap::new()),
@@ -5427,7 +5446,7 @@ mod auth {
         /// Outline's verdict on a key: from the cache while it is fresh, else one call
         /// to Outline shared by every request for that key that arrives meanwhile.
         pub fn verify(&self, key: &str) -> AuthResult {
-            let hash = key_hash(key);
+            let hash = key_digest(key);
             let flight = {
                 let mut cache = lock(&self.cache);
                 match cache.get(&hash) {
@@ -5443,20 +5462,23 @@ mod auth {
                     }
                     _ => {
                         let flight = Flight::new();
-                        cache.insert(hash.clone(), AuthSlot::Asking(flight.clone()));
+                        cache.insert(hash, AuthSlot::Asking(flight.clone()));
                         flight
                     }
                 }
             };
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
-            let verdict = self.ask_outline(key);
+            let verdict = self.ask_outline(key).map(|user| {
+                let container = container_name(&self.prefix, &owner_id(self.key_mode, &user, key));
+                Arc::new(Verified { log_name: log_value(&user.name), container, user })
+            });
             self.remember(hash, &verdict);
             flight.finish(verdict.clone());
             self.count_failure(verdict)
         }
 
         /// A yes for AUTH_TTL, a no for AUTH_FAIL_TTL; Outline down: ask again next time.
-        fn remember(&self, hash: String, verdict: &AuthResult) {
+        fn remember(&self, hash: [u8; 32], verdict: &AuthResult) {
             let ttl = match verdict {
                 Ok(_) => self.ttl,
                 Err(ProxyError::Unauthorized(_)) => self.fail_ttl,
@@ -5479,7 +5501,7 @@ mod auth {
 
         /// Drops the cached verdict on a key (Outline has just refused it).
         pub fn forget(&self, key: &str) {
-            lock(&self.cache).remove(&key_hash(key));
+            lock(&self.cache).remove(&key_digest(key));
         }
 
         /// Drops expired verdicts (the sleeper calls this).
@@ -5491,7 +5513,7 @@ mod auth {
         }
 
         /// `POST {OUTLINE_URL}/api/auth.info` with the key as a Bearer token.
-        pub fn ask_outline(&self, key: &str) -> AuthResult {
+        pub fn ask_outline(&self, key: &str) -> Result<User, ProxyError> {
             self.counters.outline_calls.fetch_add(1, Ordering::Relaxed);
             let url = format!("{}/api/auth.info", self.outline_url);
             let request = ureq::http::Request::post(&url)
@@ -5563,21 +5585,19 @@ mod auth {
         proxy: &Proxy,
         incoming: &Incoming,
         log_ctx: &mut LogContext,
-    ) -> Result<(Credential, User, String), ProxyError> {
+    ) -> Result<(Credential, Arc<Verified>, String), ProxyError> {
         let credential = extract(incoming)?;
-        let user = proxy.auth.verify(&credential.key)?;
-        let name = container_of(proxy, &user, &credential, log_ctx);
-        Ok((credential, user, name))
+        let verified = proxy.auth.verify(&credential.key)?;
+        let name = container_of(&verified, log_ctx);
+        Ok((credential, verified, name))
     }
 
-    /// The name of the user's container (the one place it is made from a verified user),
+    /// The name of the user's container (made once per verdict, in `Verifier::verify`),
     /// noted with the user for the request's log line.
-    pub fn container_of(proxy: &Proxy, user: &User, credential: &Credential, log_ctx: &mut LogContext) -> String {
-        let owner = owner_id(proxy.cfg.key_mode, user, &credential.key);
-        let name = container_name(&proxy.cfg.prefix, &owner);
-        log_ctx.user = Some(log_value(&user.name));
-        log_ctx.container = Some(name.clone());
-        name
+    pub fn container_of(verified: &Verified, log_ctx: &mut LogContext) -> String {
+        log_ctx.user = Some(verified.log_name.clone());
+        log_ctx.container = Some(verified.container.clone());
+        verified.container.clone()
     }
 
     #[cfg(test)]
@@ -11511,10 +11531,11 @@ mod ops {
             body["reason"] = json!(reason);
         }
         if auth::presents_credential(incoming) {
-            let (_, user, name) = match identify(proxy, incoming, log_ctx) {
+            let (_, verified, name) = match identify(proxy, incoming, log_ctx) {
                 Ok(who) => who,
                 Err(e) => return reject(request, e),
             };
+            let user = &verified.user;
             let state = proxy.containers.registry.state_of(&name);
             body["user"] = json!({"id": user.id, "name": user.name, "email": user.email});
             body["container"] = json!({"name": name, "state": state.as_str()});
