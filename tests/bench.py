@@ -69,6 +69,7 @@ BACKEND_IMAGE = "outline-mcp-proxy-test-backend:latest"
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 AUTH_TTL = 10  # short here, so the load spans several TTLs
 WRK_SECONDS = os.environ.get("BENCH_WRK_SECONDS", "8")
+WARM_ROUNDS = int(os.environ.get("BENCH_WARM_ROUNDS", "3"))  # wrk runs per path in `warm`, taking turns
 RESULTS = []
 
 
@@ -163,6 +164,22 @@ def wrk(url, connections, headers=()):
     return {"rps": rps, "p50": pct(50), "p99": pct(99)}
 
 
+def interleaved(paths, path, conns, _runs={}):  # noqa: B006 (the rounds' runs, made once per connection count)
+    """`path`'s figures at `conns` connections: the median of WARM_ROUNDS wrk runs. The paths
+    take turns, in reverse order every other round, so that a machine that drifts during the
+    benchmark (this VM's neighbours) weighs on each of them alike, not on whichever ran last."""
+    if conns not in _runs:
+        runs = {name: [] for name in paths}
+        for round_ in range(WARM_ROUNDS):
+            for name in (list(paths) if round_ % 2 == 0 else list(reversed(paths))):
+                url, headers = paths[name]
+                runs[name].append(wrk(url, conns, headers))
+        _runs[conns] = runs
+    runs = _runs[conns][path]
+    return {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99")} | \
+        {"p50s": [r["p50"] for r in runs]}
+
+
 def host_nginx(upstream):
     d = Path(tempfile.mkdtemp())
     port = free_port()
@@ -207,7 +224,8 @@ def _connects(port):
 
 
 def bench_warm_path(outline):
-    say("\n== 1. warm path (wrk, fixed JSON body from nginx in a container) ==")
+    say(f"\n== 1. warm path (wrk, fixed JSON body from nginx in a container; medians of {WARM_ROUNDS} "
+        f"{WRK_SECONDS} s runs per path, the paths taking turns) ==")
     build_bench_nginx_image()
     key = outline.add_user("bench")
     proxy = start_proxy(outline, "bench-warm-", image=BENCH_IMAGE, auth_ttl=f"{AUTH_TTL}s", max_body="10m")
@@ -221,16 +239,16 @@ def bench_warm_path(outline):
     # the OAuth door: the same user's container, reached with the proxy's own token
     # (its grant opened per request: two HKDF-keyed AEAD opens, then the key cache)
     _, tokens = scripted_tokens(proxy.url, key)
-    rows = {}
+    paths = {
+        "direct": (f"http://{ip}:3000/mcp", []),
+        "nginx": (f"http://127.0.0.1:{nginx_port}/mcp", []),
+        "proxy": (f"{proxy.url}/mcp", [f"X-Outline-API-Key: {key}"]),
+        "oauth": (f"{proxy.url}/oauth/mcp", [f"Authorization: Bearer {tokens['access_token']}"]),
+    }
     calls_before = outline.auth_calls_for(key)
     started = time.monotonic()
     try:
-        for conns in (1, 20):
-            rows[("direct", conns)] = wrk(f"http://{ip}:3000/mcp", conns)
-            rows[("nginx", conns)] = wrk(f"http://127.0.0.1:{nginx_port}/mcp", conns)
-            rows[("proxy", conns)] = wrk(f"{proxy.url}/mcp", conns, [f"X-Outline-API-Key: {key}"])
-            rows[("oauth", conns)] = wrk(f"{proxy.url}/oauth/mcp", conns,
-                                         [f"Authorization: Bearer {tokens['access_token']}"])
+        rows = {(path, conns): interleaved(paths, path, conns) for conns in (1, 20) for path in paths}
     finally:
         nginx.terminate()
     rss_after = rss_kib(pid)
@@ -249,13 +267,15 @@ def bench_warm_path(outline):
         d, n, p = rows[("direct", conns)], rows[("nginx", conns)], rows[("proxy", conns)]
         say(f"{conns:>2} conn: proxy/nginx throughput {p['rps'] / n['rps']:.2f}; p50 added over direct: "
             f"nginx {n['p50'] - d['p50']:.0f} µs, proxy {p['p50'] - d['p50']:.0f} µs "
-            f"(difference {(p['p50'] - d['p50']) - (n['p50'] - d['p50']):+.0f} µs)")
+            f"(difference {(p['p50'] - d['p50']) - (n['p50'] - d['p50']):+.0f} µs; "
+            f"each round's p50 direct {d['p50s']}, nginx {n['p50s']}, proxy {p['p50s']})")
         RESULTS.append((f"warm path, {conns} connection(s)", f"direct {d['rps']:.0f} req/s p50 {d['p50']:.0f} µs; "
                         f"nginx {n['rps']:.0f} req/s p50 {n['p50']:.0f} µs p99 {n['p99']:.0f} µs; "
                         f"proxy {p['rps']:.0f} req/s p50 {p['p50']:.0f} µs p99 {p['p99']:.0f} µs; "
                         f"proxy/nginx throughput {p['rps'] / n['rps']:.2f}, p50 added: nginx "
                         f"{n['p50'] - d['p50']:.0f} µs, proxy {p['p50'] - d['p50']:.0f} µs"))
-    total = sum(r["rps"] for (path, _), r in rows.items() if path in ("proxy", "oauth")) * float(WRK_SECONDS)
+    total = sum(r["rps"] for (path, _), r in rows.items() if path in ("proxy", "oauth")) * float(WRK_SECONDS) \
+        * WARM_ROUNDS
     calls = outline.auth_calls_for(key) - calls_before
     window = time.monotonic() - started
     say(f"Outline auth.info calls during ~{total:.0f} proxied requests over {window:.0f} s: {calls} "
