@@ -11066,10 +11066,11 @@ mod websocket {
 }
 
 mod upstream {
-    //! Owns what passes between the proxy and a container over HTTP: the pooled client, the
-    //! headers a container gets (only the checked key), the headers a client gets back, and
-    //! the pieces of a body the relays share (event streams, chunks). Calls `wire`,
-    //! `error`, `auth` (key headers), `config`, `sessions` (the session header), `util`.
+    //! Owns what passes between the proxy and a container over HTTP: the pooled client and
+    //! its TCP connections (one probe, whole-second timeouts), the headers a container gets
+    //! (only the checked key), the headers a client gets back, and the pieces of a body the
+    //! relays share (event streams, chunks). Calls `wire`, `error`, `auth` (key headers),
+    //! `config`, `sessions` (the session header), `util`, and libc's `recv` (the probe).
     use crate::auth::{self, Credential};
     use crate::config::{Config, KeyMode};
     use crate::error::ProxyError;
