@@ -1386,7 +1386,37 @@ mod wire {
         }
         let mut writer = request.into_writer();
         write_head(&mut writer, status, headers, framing, closes)?;
+        let writer = match framing {
+            Framing::Length(length) => Box::new(Bounded { inner: writer, left: length }),
+            _ => writer,
+        };
         Ok(Answer { writer, closes })
+    }
+
+    /// An answer's body held to the length its head announced: a byte past it would be
+    /// read by the client as the start of the next answer (a container that says one
+    /// length and sends more). The client gets the announced length, and a write past it
+    /// fails: nothing of it is sent.
+    struct Bounded {
+        inner: Box<dyn Write + Send>,
+        left: u64,
+    }
+
+    impl Write for Bounded {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.left == 0 && !buf.is_empty() {
+                log::warn!("an answer ran past the length its head announced: the rest is not sent");
+                return Err(io::Error::other("the answer is longer than its Content-Length"));
+            }
+            let fits = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+            let written = self.inner.write(&buf[..fits])?;
+            self.left -= written as u64;
+            Ok(written)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            self.inner.flush()
+        }
     }
 
     /// A 101: the head of an accepted upgrade, then the connection's two directions
@@ -1598,6 +1628,31 @@ mod wire {
     mod tests {
         use super::*;
         use crate::tests::incoming;
+
+        #[test]
+        fn an_answer_is_held_to_its_announced_length() {
+            use std::sync::{Arc, Mutex};
+            #[derive(Clone, Default)]
+            struct Sent(Arc<Mutex<Vec<u8>>>);
+            impl Write for Sent {
+                fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                    self.0.lock().unwrap().extend_from_slice(buf);
+                    Ok(buf.len())
+                }
+                fn flush(&mut self) -> io::Result<()> {
+                    Ok(())
+                }
+            }
+            let sent = Sent::default();
+            let mut body = Bounded { inner: Box::new(sent.clone()), left: 5 };
+            body.write_all(b"he").unwrap();
+            // the write that passes the length: the client gets the length, no more
+            assert!(body.write_all(b"lloHTTP/1.1 200 OK\r\n").is_err());
+            assert_eq!(sent.0.lock().unwrap().as_slice(), b"hello");
+            assert!(body.write_all(b"x").is_err());
+            body.write_all(b"").unwrap();
+            assert_eq!(sent.0.lock().unwrap().as_slice(), b"hello");
+        }
 
         #[test]
         fn requests_not_fit_to_forward_are_refused() {
@@ -9648,7 +9703,9 @@ mod relay {
     use crate::registry::Lease;
     use crate::reopen::{close_evicted, note_session, reopen_session};
     use crate::sessions::{self, Route, SESSION_HEADER};
-    use crate::upstream::{client_gone, is_event_stream, request_headers, response_headers, Upstream, CAPTURE_LIMIT};
+    use crate::upstream::{
+        body_length, client_gone, is_event_stream, request_headers, response_headers, Upstream, CAPTURE_LIMIT,
+    };
     use crate::wire::{self, reject, Framing, Incoming, RouteResult};
     use crate::{InFlight, Proxy};
     use serde_json::Value;
@@ -10080,11 +10137,7 @@ mod relay {
                 headers.push(("Cache-Control".into(), "no-cache".into()));
             }
         }
-        let length = response
-            .headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let length = body_length(&response);
         let framing = wire::framing(&incoming.method, status, length, incoming.http10);
         if let (Framing::NoBody, Some(len)) = (framing, length) {
             // a HEAD (or 304) answer still tells the length of what it describes
@@ -11353,6 +11406,21 @@ mod upstream {
             .filter(|(name, _)| !is_hop_by_hop(name.as_str(), &connection) && name.as_str() != "content-length")
             .filter_map(|(name, value)| value.to_str().ok().map(|v| (name.as_str().to_string(), v.to_string())))
             .collect()
+    }
+
+    /// How long the container's body is, as it is read (a `Transfer-Encoding` beside a
+    /// `Content-Length` wins, as RFC 9112 §6.3 has it, and ureq reads the body so): the
+    /// length the client is told. An answer without a body (HEAD, 204, 304) tells the
+    /// length of what it describes when it is not chunked.
+    pub fn body_length(response: &ureq::http::Response<ureq::Body>) -> Option<u64> {
+        if let Some(length) = response.body().content_length() {
+            return Some(length);
+        }
+        let headers = response.headers();
+        if headers.contains_key("transfer-encoding") {
+            return None;
+        }
+        headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok())
     }
 
     pub fn is_event_stream(headers: &ureq::http::HeaderMap) -> bool {

@@ -132,6 +132,68 @@ def test_request_smuggling_is_refused_and_nothing_reaches_the_container(warm, fr
     assert not any("front" in s for s in seen), seen
 
 
+def next_answer(sock, buffered):
+    """One whole answer from a keep-alive connection, read as a client reads it (by its
+    Content-Length, else its chunks): (status, body, the bytes after it)."""
+    def parse(data):
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if not sep:
+            return None
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {l.split(":", 1)[0].strip().lower(): l.split(":", 1)[1].strip() for l in lines[1:] if ":" in l}
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            body = b""
+            while True:
+                size_line, sep, rest = rest.partition(b"\r\n")
+                if not sep:
+                    return None
+                size = int(size_line.split(b";")[0], 16)
+                if len(rest) < size + 2:
+                    return None
+                body, rest = body + rest[:size], rest[size + 2:]
+                if size == 0:
+                    return int(lines[0].split()[1]), body, rest
+        length = int(headers.get("content-length", "0"))
+        if len(rest) < length:
+            return None
+        return int(lines[0].split()[1]), rest[:length], rest[length:]
+
+    data = buffered
+    while (answer := parse(data)) is None:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before a whole answer: {data!r}"
+        data += chunk
+    return answer
+
+
+@pytest.mark.parametrize("route", ["/two-framings", "/overlong"])
+def test_a_container_cannot_slip_an_answer_in_for_the_next_request(warm, route):
+    """A container that frames its answer two ways (a Content-Length of 5 beside chunked,
+    a whole forged answer inside the chunks), or that sends a second answer after its
+    Content-Length: the client's next request, on the same connection and on a new one
+    (which the container's pooled connection would serve), gets its own answer. Read over
+    a raw socket: an HTTP library drops what is left in its buffer after each answer."""
+    proxy, key = warm
+    ask = lambda target: f"GET {target} HTTP/1.1\r\nHost: x\r\nX-Outline-API-Key: {key}\r\n\r\n".encode()
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    try:
+        left = b""
+        for _ in range(3):
+            sock.sendall(ask(route))
+            status, body, left = next_answer(sock, left)
+            assert status == 200 and body.startswith(b"hello" if route == "/two-framings" else b"ok"), body
+            time.sleep(0.2)  # anything slipped in behind the answer has arrived by now
+            sock.sendall(ask("/echo/next"))
+            status, body, left = next_answer(sock, left)
+            assert b"FORGED" not in body, body
+            assert status == 200 and json.loads(body)["target"] == "/echo/next", body
+            fresh = proxy.get("/echo/fresh", key=key)
+            assert fresh.status_code == 200 and fresh.json()["target"] == "/echo/fresh", fresh.text
+    finally:
+        sock.close()
+    assert proxy.get("/health").status_code == 200
+
+
 @pytest.mark.parametrize("data", [
     b"GARBAGE\r\n\r\n",
     b"GET /echo HTTP/9.9\r\n\r\n",

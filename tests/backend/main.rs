@@ -94,6 +94,9 @@ fn probe() -> i32 {
     }
 }
 
+/// The forged answer the hostile routes slip in.
+const FORGED: &str = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 6\r\n\r\nFORGED";
+
 fn serve_connection(stream: TcpStream, never_ready: bool) {
     let Ok(write_half) = stream.try_clone() else { return };
     let mut reader = BufReader::new(stream);
@@ -126,6 +129,22 @@ fn serve_connection(stream: TcpStream, never_ready: bool) {
             }
             "/ws-refuse" => respond(&mut writer, 403, "application/json", b"{\"refused\":true}"),
             "/empty" => respond(&mut writer, 202, "application/json", b""),
+            // a container that frames one answer two ways (a Content-Length beside chunked),
+            // with a whole second answer inside the chunks: a client told the length would
+            // read that second answer as the answer to its next request
+            "/two-framings" => {
+                let inner = format!("hello{FORGED}");
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+                let answer = format!("{head}{:x}\r\n{inner}\r\n0\r\n\r\n", inner.len());
+                writer.write_all(answer.as_bytes()).and_then(|_| writer.flush()).is_ok()
+            }
+            // a container that sends more than its Content-Length: a second answer after the
+            // first, on the same connection, before anyone asked
+            "/overlong" => {
+                let answer =
+                    format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok{FORGED}");
+                writer.write_all(answer.as_bytes()).and_then(|_| writer.flush()).is_ok()
+            }
             p if p.starts_with("/status/") => {
                 let code = p[8..].parse().unwrap_or(500);
                 respond(&mut writer, code, "application/json", format!("{{\"status\":{code}}}").as_bytes())
