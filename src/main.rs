@@ -95,7 +95,7 @@ mod config {
         ("MCP_PROXY_AUTH_TTL", "60s", "how long Outline's yes for a key is trusted (0 = ask on every request)"),
         ("MCP_PROXY_AUTH_FAIL_TTL", "10s", "how long Outline's no for a key is trusted"),
         ("MCP_PROXY_START_TIMEOUT", "60s", "longest wait for a container to become ready"),
-        ("MCP_PROXY_RESPONSE_TIMEOUT", "300s", "longest wait for a container's response headers (504 beyond); a streamed body has no limit"),
+        ("MCP_PROXY_RESPONSE_TIMEOUT", "300s", "longest wait for a container's response headers (504 beyond; counted by the socket in whole seconds, rounded up); a streamed body has no limit"),
         ("MCP_PROXY_HEADER_TIMEOUT", "30s", "a client silent this long while sending its request (or between requests) is disconnected"),
         ("MCP_PROXY_MAX_CONNECTIONS", "1500", "connections served at once; beyond it 503 with Retry-After before a thread is spent (1500 x 2 threads for WebSockets fits the unit's TasksMax=4096)"),
         ("MCP_PROXY_MAX_RUNNING", "0", "0 = no cap; else, at the cap, the least recently used idle container is stopped, or 503 with Retry-After"),
@@ -9774,7 +9774,7 @@ mod relay {
             }
             ureq::Error::Timeout(ureq::Timeout::RecvResponse) => Failure::Failed(ProxyError::GatewayTimeout(format!(
                 "The container did not answer within {}s.",
-                waited.as_secs()
+                waited.as_secs() + u64::from(waited.subsec_nanos() > 0)
             ))),
             other => Failure::Failed(unreachable(&other)),
         }
@@ -11333,6 +11333,7 @@ mod upstream {
         extern "C" {
             fn recv(fd: c_int, buf: *mut c_void, len: usize, flags: c_int) -> isize;
         }
+        // Linux's values (the proxy runs on Linux only: cgroups, sysinfo)
         const MSG_PEEK: c_int = 0x2;
         const MSG_DONTWAIT: c_int = 0x40;
         let mut byte = 0u8;
