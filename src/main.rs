@@ -9704,7 +9704,8 @@ mod relay {
     use crate::reopen::{close_evicted, note_session, reopen_session};
     use crate::sessions::{self, Route, SESSION_HEADER};
     use crate::upstream::{
-        body_length, client_gone, is_event_stream, request_headers, response_headers, Upstream, CAPTURE_LIMIT,
+        body_length, client_gone, is_event_stream, request_headers, response_headers, seconds_rounded_up, Upstream,
+        CAPTURE_LIMIT,
     };
     use crate::wire::{self, reject, Framing, Incoming, RouteResult};
     use crate::{InFlight, Proxy};
@@ -9774,7 +9775,7 @@ mod relay {
             }
             ureq::Error::Timeout(ureq::Timeout::RecvResponse) => Failure::Failed(ProxyError::GatewayTimeout(format!(
                 "The container did not answer within {}s.",
-                waited.as_secs() + u64::from(waited.subsec_nanos() > 0)
+                seconds_rounded_up(waited)
             ))),
             other => Failure::Failed(unreachable(&other)),
         }
@@ -10154,14 +10155,7 @@ mod relay {
                 stamp,
                 capture,
             )?,
-            (framing, None) => copy_body(
-                response.into_body().into_reader(),
-                &mut writer,
-                framing == Framing::Chunked,
-                socket,
-                capture,
-                length,
-            )?,
+            (framing, None) => copy_body(response.into_body().into_reader(), &mut writer, framing, socket, capture)?,
         }
         // the head and any last bytes may still sit in the buffer (an empty body above)
         writer.flush().map_err(client_gone)?;
@@ -10174,19 +10168,24 @@ mod relay {
     }
 
     /// Copies the container's body to the client, a flush after every read, in chunks
-    /// when `chunked`, and into `capture` (up to CAPTURE_LIMIT) when given. A container
-    /// that breaks off ends the client's answer unfinished, so the client knows, rather
-    /// than as if it were complete. The buffer is no larger than a body of known `length`.
+    /// when the `framing` is chunked, and into `capture` (up to CAPTURE_LIMIT) when given.
+    /// A container that breaks off ends the client's answer unfinished, so the client
+    /// knows, rather than as if it were complete. The buffer is no larger than a body of
+    /// known length.
     fn copy_body(
         mut body: impl Read,
         writer: &mut dyn Write,
-        chunked: bool,
+        framing: Framing,
         socket: Option<&TcpStream>,
         mut capture: Option<&mut Vec<u8>>,
-        length: Option<u64>,
     ) -> Result<(), ProxyError> {
         const MOST: u64 = 16 * 1024;
-        let mut buf = vec![0u8; length.map_or(MOST, |length| length.clamp(1, MOST)) as usize];
+        let chunked = framing == Framing::Chunked;
+        let size = match framing {
+            Framing::Length(length) => length.clamp(1, MOST),
+            _ => MOST,
+        };
+        let mut buf = vec![0u8; size as usize];
         loop {
             let n = match body.read(&mut buf) {
                 Ok(0) => break,
@@ -11312,7 +11311,12 @@ mod upstream {
         if left.is_zero() {
             return None;
         }
-        Some(Some(Duration::from_secs(left.as_secs() + u64::from(left.subsec_nanos() > 0))))
+        Some(Some(Duration::from_secs(seconds_rounded_up(left))))
+    }
+
+    /// The whole seconds a container's socket waits for `timeout` (see `ContainerConnector`).
+    pub fn seconds_rounded_up(timeout: Duration) -> u64 {
+        timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0)
     }
 
     /// A socket's timeout (WouldBlock or TimedOut from a read or write) as ureq's timeout
@@ -11502,24 +11506,24 @@ mod upstream {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
             let (mut theirs, _) = listener.accept().unwrap();
+            // what the peer sent or did reaches our side of the socket soon, not at once
+            let settled = |stream: &TcpStream| {
+                let until = Instant::now() + Duration::from_secs(5);
+                while is_open_and_quiet(stream) && Instant::now() < until {
+                    std::thread::yield_now();
+                }
+                is_open_and_quiet(stream)
+            };
             assert!(is_open_and_quiet(&ours), "an idle connection");
             // bytes nobody asked for: not to be reused (and the peek leaves them there)
             theirs.write_all(b"x").unwrap();
-            let until = Instant::now() + Duration::from_secs(5);
-            while is_open_and_quiet(&ours) && Instant::now() < until {
-                std::thread::yield_now();
-            }
-            assert!(!is_open_and_quiet(&ours), "unread bytes");
+            assert!(!settled(&ours), "unread bytes");
             let mut byte = [0u8; 1];
             (&ours).read_exact(&mut byte).unwrap();
             assert_eq!(&byte, b"x");
             assert!(is_open_and_quiet(&ours), "read: quiet again");
             drop(theirs);
-            let until = Instant::now() + Duration::from_secs(5);
-            while is_open_and_quiet(&ours) && Instant::now() < until {
-                std::thread::yield_now();
-            }
-            assert!(!is_open_and_quiet(&ours), "closed by the container");
+            assert!(!settled(&ours), "closed by the container");
         }
 
         #[test]

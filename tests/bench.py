@@ -164,20 +164,18 @@ def wrk(url, connections, headers=()):
     return {"rps": rps, "p50": pct(50), "p99": pct(99)}
 
 
-def interleaved(paths, path, conns, _runs={}):  # noqa: B006 (the rounds' runs, made once per connection count)
-    """`path`'s figures at `conns` connections: the median of WARM_ROUNDS wrk runs. The paths
-    take turns, in reverse order every other round, so that a machine that drifts during the
-    benchmark (this VM's neighbours) weighs on each of them alike, not on whichever ran last."""
-    if conns not in _runs:
-        runs = {name: [] for name in paths}
-        for round_ in range(WARM_ROUNDS):
-            for name in (list(paths) if round_ % 2 == 0 else list(reversed(paths))):
-                url, headers = paths[name]
-                runs[name].append(wrk(url, conns, headers))
-        _runs[conns] = runs
-    runs = _runs[conns][path]
-    return {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99")} | \
-        {"p50s": [r["p50"] for r in runs]}
+def in_turns(paths, conns):
+    """Each path's figures at `conns` connections: the median of WARM_ROUNDS wrk runs. The
+    paths take turns, in reverse order every other round, so that a machine that drifts
+    during the benchmark (this VM's neighbours) weighs on each of them alike, not on
+    whichever ran last."""
+    runs = {name: [] for name in paths}
+    for round_ in range(WARM_ROUNDS):
+        for name in (list(paths) if round_ % 2 == 0 else list(reversed(paths))):
+            url, headers = paths[name]
+            runs[name].append(wrk(url, conns, headers))
+    return {name: {k: statistics.median(r[k] for r in taken) for k in ("rps", "p50", "p99")}
+            | {"p50s": [r["p50"] for r in taken]} for name, taken in runs.items()}
 
 
 def host_nginx(upstream):
@@ -248,7 +246,7 @@ def bench_warm_path(outline):
     calls_before = outline.auth_calls_for(key)
     started = time.monotonic()
     try:
-        rows = {(path, conns): interleaved(paths, path, conns) for conns in (1, 20) for path in paths}
+        rows = {(path, conns): figures for conns in (1, 20) for path, figures in in_turns(paths, conns).items()}
     finally:
         nginx.terminate()
     rss_after = rss_kib(pid)
