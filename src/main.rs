@@ -7126,6 +7126,11 @@ mod registry {
         Stopped,
         /// Running, and answering at its place: a running entry always has one.
         Running(Place),
+        /// Running by Docker's word, at this place, but not yet seen answering: a start
+        /// the proxy did not make (Docker's restart policy, the daemon's own restart, a
+        /// container found at start-up). Counted as running; nothing is routed to it
+        /// until a request has waited for it to answer (`Containers::acquire`).
+        Seen(Place),
         /// Believed to exist, state unknown (a start timed out, a connection failed).
         Unknown,
     }
@@ -7135,13 +7140,14 @@ mod registry {
             match self {
                 State::Missing => "missing",
                 State::Stopped => "stopped",
-                State::Running(_) => "running",
+                // (one that is booting by Docker's hand is running all the same)
+                State::Running(_) | State::Seen(_) => "running",
                 State::Unknown => "unknown",
             }
         }
 
         pub fn is_running(&self) -> bool {
-            matches!(self, State::Running(_))
+            matches!(self, State::Running(_) | State::Seen(_))
         }
     }
 
@@ -7173,7 +7179,7 @@ mod registry {
         pub fn new(state: State) -> Entry {
             Entry {
                 last_address: match &state {
-                    State::Running(place) => Some(place.address),
+                    State::Running(place) | State::Seen(place) => Some(place.address),
                     _ => None,
                 },
                 state,
@@ -7209,6 +7215,17 @@ mod registry {
         fn run_at(&mut self, place: Place) {
             self.last_address = Some(place.address);
             self.state = State::Running(place);
+        }
+
+        /// Docker says it runs at `place`, and the proxy has not seen it answer there:
+        /// routed to only after a request waited for it (Docker reports a start when
+        /// the process is launched, seconds before the server in it listens). One already
+        /// answering at that very place and incarnation stays as it is.
+        fn seen_at(&mut self, place: Place) {
+            self.last_address = Some(place.address);
+            if self.state != State::Running(place.clone()) {
+                self.state = State::Seen(place);
+            }
         }
 
         /// Gone or dead: where it was is worth nothing now.
@@ -7389,6 +7406,10 @@ mod registry {
             }
             let known = entry.state.clone();
             let flight = entry.begin();
+            // one Docker started is waited for where it runs: it holds its slot already
+            if let State::Seen(_) = known {
+                return Ok(Plan::Start { flight, evict: None, known });
+            }
             // a ready spare serves at once, and takes no new slot under the cap (but never
             // in place of a container that may still run with staged edits)
             let spare = entries
@@ -7731,7 +7752,7 @@ mod registry {
             }
             if let Some(entry) = entries.get_mut(name).filter(|e| e.transition.is_none()) {
                 match address {
-                    Some(address) => entry.run_at(Place { address, incarnation }),
+                    Some(address) => entry.seen_at(Place { address, incarnation }),
                     None => entry.forget_place(State::Unknown),
                 }
                 entry.stopped_at = None;
@@ -7762,7 +7783,7 @@ mod registry {
                 }
                 let address = info.address.map(|ip| SocketAddr::new(ip, port));
                 match (info.running, address) {
-                    (true, Some(address)) => entry.run_at(Place { address, incarnation: info.incarnation.clone() }),
+                    (true, Some(address)) => entry.seen_at(Place { address, incarnation: info.incarnation.clone() }),
                     (true, None) => entry.forget_place(State::Unknown),
                     (false, _) => {
                         entry.state = State::Stopped;
@@ -7804,7 +7825,7 @@ mod registry {
                     continue;
                 }
                 let idle_for = now.saturating_duration_since(entry.idle_since);
-                if matches!(entry.state, State::Running(_) | State::Unknown)
+                if matches!(entry.state, State::Running(_) | State::Seen(_) | State::Unknown)
                     && idle_for >= idle_timeout
                     && self.registry.staged.may_sleep(name)
                 {
@@ -7993,6 +8014,25 @@ mod registry {
             assert_eq!(entries["mcp-b"].state, State::Unknown);
             assert_eq!(entries["mcp-b"].last_address, None);
             drop(entries);
+            // nothing is routed to a container Docker started until it has answered: the
+            // request that finds it waits for it (its slot already counted: no spare, no
+            // room made)
+            let seen = Place { address: "172.17.0.10:3000".parse().unwrap(), incarnation: Some("i2".into()) };
+            assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Seen(seen.clone()));
+            match registry.plan("mcp-a", "U", false, usize::MAX).unwrap() {
+                Plan::Start { evict: None, known, flight } => {
+                    assert_eq!(known, State::Seen(seen.clone()));
+                    registry.finish_transition("mcp-a", &flight, Ok(()));
+                }
+                _ => panic!("a container not yet seen answering was routed to"),
+            }
+            // once it answered, a sighting of the same place and incarnation leaves it so
+            registry.mark_running("mcp-a", seen.address, seen.incarnation.clone());
+            registry.sightings().started("mcp-a", Some(seen.address), seen.incarnation.clone());
+            assert!(matches!(registry.plan("mcp-a", "U", false, usize::MAX).unwrap(), Plan::Route(_)));
+            // a new incarnation there (Docker restarted it) is to be seen answering again
+            registry.sightings().started("mcp-a", Some(seen.address), Some("i3".into()));
+            assert!(matches!(lock(&registry.entries)["mcp-a"].state, State::Seen(_)));
             // the event stream broke off: nothing running is trusted until inspected
             registry.sightings().distrust_all();
             assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Unknown);
@@ -9212,7 +9252,7 @@ mod containers {
     use crate::docker::{ContainerInfo, ContainerSpec, Docker, DockerError, DockerStatus, Role, Wake};
     use crate::error::ProxyError;
     use crate::memory::Budget;
-    use crate::registry::{Lease, Plan, Registry, State, StopOutcome, TransitionResult};
+    use crate::registry::{Lease, Place, Plan, Registry, State, StopOutcome, TransitionResult};
     use crate::sessions::Sessions;
     use crate::util::{agent_base, lock};
     use std::net::SocketAddr;
@@ -9508,8 +9548,16 @@ mod containers {
                 self.budget.note_room_made(&victim, self.cfg.max_running);
                 self.put_to_sleep(&victim);
             }
-            let begun = Instant::now();
             let name = &want.name;
+            let known = match known {
+                State::Seen(place) => match self.confirm_seen(name, place) {
+                    Ok(()) => return Ok(()),
+                    // (gone or moved meanwhile: looked at afresh)
+                    Err(_) => State::Unknown,
+                },
+                other => other,
+            };
+            let begun = Instant::now();
             let how = self.wake(want, known)?;
             let (address, info) = self.inspector.running_address(name)?;
             self.registry.note_address(name, address, info.created_at);
@@ -9521,6 +9569,17 @@ mod containers {
             }
             self.registry.mark_running(name, address, info.incarnation);
             // held notification streams may attach again
+            self.sessions.notify_change();
+            Ok(())
+        }
+
+        /// A container Docker started without the proxy: waited for until it answers at
+        /// the place Docker gave, then routed to.
+        fn confirm_seen(&self, name: &str, place: Place) -> TransitionResult {
+            let begun = Instant::now();
+            self.inspector.wait_until_ready(name, place.address)?;
+            log::info!("container {name} (started by Docker) ready in {}ms", begun.elapsed().as_millis());
+            self.registry.mark_running(name, place.address, place.incarnation);
             self.sessions.notify_change();
             Ok(())
         }
@@ -9594,13 +9653,15 @@ mod containers {
                 State::Missing => self.docker.create(&spec),
                 // (a death Docker reported since start-up leaves the state unknown:
                 // the image is checked here too)
-                State::Running(_) | State::Unknown => match self.docker.inspect(&want.name, &self.cfg.network) {
-                    Ok(None) => self.docker.create(&spec),
-                    Ok(Some(info)) if info.running => Ok(Wake::Running),
-                    Ok(Some(info)) if self.images.is_older(&info.image_id) => return self.replace(want, &spec),
-                    Ok(Some(_)) => self.docker.wake_or_create(&spec),
-                    Err(e) => Err(e),
-                },
+                State::Running(_) | State::Seen(_) | State::Unknown => {
+                    match self.docker.inspect(&want.name, &self.cfg.network) {
+                        Ok(None) => self.docker.create(&spec),
+                        Ok(Some(info)) if info.running => Ok(Wake::Running),
+                        Ok(Some(info)) if self.images.is_older(&info.image_id) => return self.replace(want, &spec),
+                        Ok(Some(_)) => self.docker.wake_or_create(&spec),
+                        Err(e) => Err(e),
+                    }
+                }
             };
             result.map_err(|e| e.into_proxy_error(&format!("start container {}", want.name)))
         }

@@ -53,6 +53,20 @@ def pytest_configure(config):
         "markers", "takes_docker_away: stops the Docker daemon for a while; runs after every other test")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report carries the tail of each proxy's log it started, so a CI
+    failure can be read without the run's files (the log holds no key: see
+    assert_key_kept_secret)."""
+    outcome = yield
+    report = outcome.get_result()
+    factory = item.funcargs.get("make_proxy") if hasattr(item, "funcargs") else None
+    if report.failed and factory is not None:
+        for i, proxy in enumerate(getattr(factory, "started", [])):
+            tail = "\n".join(proxy.log().splitlines()[-60:])
+            report.sections.append((f"proxy {i} log (last 60 lines)", tail))
+
+
 def pytest_collection_modifyitems(items):
     """Tests marked takes_docker_away run last (a stable sort keeps the rest in order)."""
     items.sort(key=lambda item: item.get_closest_marker("takes_docker_away") is not None)
@@ -246,6 +260,7 @@ def make_proxy(outline, gateway, tmp_path):
         started.append(proxy)
         return proxy.start() if start else proxy
 
+    factory.started = started  # for the failure report (pytest_runtest_makereport)
     yield factory
     for p in started:
         p.stop(sig=signal.SIGKILL)

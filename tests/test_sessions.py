@@ -123,6 +123,36 @@ def test_the_stdio_bridge_desktop_users_run_survives_the_same(real_proxy, outlin
     assert "session resurrected" in proxy.log()
 
 
+def stats_state(proxy, name):
+    return next((c["state"] for c in proxy.stats()["containers"] if c["name"] == name), "missing")
+
+
+def test_a_session_survives_docker_starting_its_container_by_itself(real_proxy, outline):
+    """Docker starts the user's container without the proxy (its restart policy after a
+    crash or an OOM kill, an operator's `docker start`): Docker says "running" as soon as
+    the process is launched, a second or more before mcp-outline listens. The first
+    request after the proxy has seen the start waits for the container to answer; it is
+    never refused (a session opened again on a container not yet listening was a 502)."""
+    proxy = real_proxy()
+    key = outline.add_user("olga")
+    name = proxy.container_name(key)
+
+    def stopped_and_started_by_docker():
+        docker("stop", "--time", "2", name)
+        wait_for(lambda: stats_state(proxy, name) != "running", timeout=20, what="the proxy to see the stop")
+        docker("start", name)
+        # the proxy has seen the start (its event): the next request is sent at once,
+        # while the server in the container is still booting
+        wait_for(lambda: stats_state(proxy, name) == "running", timeout=20, what="the proxy to see the start")
+
+    results = anyio.run(one_session_across, proxy.url, key, [("started by docker", stopped_and_started_by_docker)] * 2)
+    for label, result in results:
+        assert result["session_id"] == results[0][1]["session_id"], label
+        assert_sees_only_own_data(result, "olga", "pete")
+    assert "(started by Docker) ready in" in proxy.log()
+    assert "session resurrected" in proxy.log()
+
+
 def test_a_session_id_replayed_with_another_users_key_gets_404(real_proxy, outline):
     proxy = real_proxy()
     alice, mallory = outline.add_user("alice"), outline.add_user("mallory")
