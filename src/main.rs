@@ -7711,10 +7711,14 @@ mod registry {
         /// proxy did not make must be inspected (its address and incarnation are new);
         /// a death or removal makes a cached address worthless at once.
         pub fn observe(&self, event: &Event) -> Option<String> {
+            // the proxy's own stop, reported after it ended: nothing new
+            let stopped_already = |e: &Entry| matches!(event, Event::Die(_)) && e.state == State::Stopped;
             if let Event::Die(name) | Event::Destroy(name) = event {
                 // (its own stops are the sleeper's to report; this is a crash or a kill)
-                let user =
-                    lock(&self.registry.entries).get(name).filter(|e| e.transition.is_none()).map(|e| e.user.clone());
+                let user = lock(&self.registry.entries)
+                    .get(name)
+                    .filter(|e| e.transition.is_none() && !stopped_already(e))
+                    .map(|e| e.user.clone());
                 if let Some(user) = user {
                     self.registry.staged.lost(name, &user, "the container died or was removed");
                 }
@@ -7726,7 +7730,7 @@ mod registry {
             match event {
                 Event::Start(name) if settled(&entries, name) => return Some(name.clone()),
                 Event::Die(name) | Event::Destroy(name) if settled(&entries, name) => {
-                    if let Some(entry) = entries.get_mut(name) {
+                    if let Some(entry) = entries.get_mut(name).filter(|e| !stopped_already(e)) {
                         let destroyed = matches!(event, Event::Destroy(_));
                         entry.forget_place(if destroyed { State::Missing } else { State::Unknown });
                     }
@@ -8033,6 +8037,10 @@ mod registry {
             // a new incarnation there (Docker restarted it) is to be seen answering again
             registry.sightings().started("mcp-a", Some(seen.address), Some("i3".into()));
             assert!(matches!(lock(&registry.entries)["mcp-a"].state, State::Seen(_)));
+            // the proxy's own stop, reported after it ended, leaves it stopped (not in doubt)
+            lock(&registry.entries).insert("mcp-slept".into(), Entry::new(State::Stopped));
+            assert_eq!(registry.sightings().observe(&Event::Die("mcp-slept".into())), None);
+            assert_eq!(lock(&registry.entries)["mcp-slept"].state, State::Stopped);
             // the event stream broke off: nothing running is trusted until inspected
             registry.sightings().distrust_all();
             assert_eq!(lock(&registry.entries)["mcp-a"].state, State::Unknown);
@@ -9349,9 +9357,9 @@ mod containers {
             }
         }
 
-        /// Polls READY_PATH every 25 ms until it answers, the container exits, or
-        /// START_TIMEOUT passes.
-        pub fn wait_until_ready(&self, name: &str, address: SocketAddr) -> TransitionResult {
+        /// Polls READY_PATH every 25 ms until it answers, the container exits, is removed
+        /// or moves, or START_TIMEOUT passes. Gives the incarnation found answering.
+        pub fn wait_until_ready(&self, name: &str, address: SocketAddr) -> Result<Option<String>, ProxyError> {
             let url = format!("http://{address}{}", self.ready_path);
             let deadline = Instant::now() + self.start_timeout;
             let mut last_exit_check = Instant::now();
@@ -9369,22 +9377,32 @@ mod containers {
                 }
                 if last_exit_check.elapsed() > Duration::from_secs(1) {
                     last_exit_check = Instant::now();
-                    if let Some(info) = self.inspect(name)? {
-                        if !info.running && !info.restarting {
-                            return Err(exited_before_ready(name, info.exit_code));
-                        }
-                    }
+                    self.still_starting_at(name, address)?;
                 }
                 thread::sleep(Duration::from_millis(25));
+            }
+        }
+
+        /// Whether waiting on at `address` still makes sense: not when the container
+        /// exited, was removed, or runs elsewhere (Docker restarted it at a new address).
+        fn still_starting_at(&self, name: &str, address: SocketAddr) -> TransitionResult {
+            match self.inspect(name)? {
+                None => Err(ProxyError::ContainerFailed(format!("Container {name} was removed before it was ready."))),
+                Some(info) if !info.running && !info.restarting => Err(exited_before_ready(name, info.exit_code)),
+                Some(info) if info.running && !info.restarting && info.address != Some(address.ip()) => {
+                    Err(ProxyError::ContainerFailed(format!("Container {name} moved from {address} as it started.")))
+                }
+                Some(_) => Ok(()),
             }
         }
 
         /// An answer at the address proves the container ready only while the container
         /// still runs there: the address of one that exited at start may already be given
         /// to another user's container, which would then answer (and get this user's key).
-        fn confirm_still_at(&self, name: &str, address: SocketAddr) -> TransitionResult {
+        /// Its incarnation is the one that answered (Docker may have restarted it there).
+        fn confirm_still_at(&self, name: &str, address: SocketAddr) -> Result<Option<String>, ProxyError> {
             match self.inspect(name)? {
-                Some(info) if info.running && info.address == Some(address.ip()) => Ok(()),
+                Some(info) if info.running && info.address == Some(address.ip()) => Ok(info.incarnation),
                 Some(info) if !info.running => Err(exited_before_ready(name, info.exit_code)),
                 _ => Err(ProxyError::ContainerFailed(format!(
                     "Container {name} is no longer at {address}: what answered there was not it."
@@ -9552,7 +9570,10 @@ mod containers {
             let known = match known {
                 State::Seen(place) => match self.confirm_seen(name, place) {
                     Ok(()) => return Ok(()),
-                    // (gone or moved meanwhile: looked at afresh)
+                    // it never answered within START_TIMEOUT, or Docker is away: not
+                    // waited for a second time
+                    Err(e @ (ProxyError::StartTimeout(_) | ProxyError::DockerUnavailable(_))) => return Err(e),
+                    // exited, removed or moved meanwhile: looked at afresh (woken or made)
                     Err(_) => State::Unknown,
                 },
                 other => other,
@@ -9562,12 +9583,12 @@ mod containers {
             let (address, info) = self.inspector.running_address(name)?;
             self.registry.note_address(name, address, info.created_at);
             self.registry.note_image(name, &info.image_id);
-            self.inspector.wait_until_ready(name, address)?;
+            let incarnation = self.inspector.wait_until_ready(name, address)?;
             if how != Wake::Running {
                 log::info!("container {name} {} and ready in {}ms", how.as_str(), begun.elapsed().as_millis());
                 self.cpus.settle(name);
             }
-            self.registry.mark_running(name, address, info.incarnation);
+            self.registry.mark_running(name, address, incarnation);
             // held notification streams may attach again
             self.sessions.notify_change();
             Ok(())
@@ -9577,9 +9598,9 @@ mod containers {
         /// the place Docker gave, then routed to.
         fn confirm_seen(&self, name: &str, place: Place) -> TransitionResult {
             let begun = Instant::now();
-            self.inspector.wait_until_ready(name, place.address)?;
+            let incarnation = self.inspector.wait_until_ready(name, place.address)?;
             log::info!("container {name} (started by Docker) ready in {}ms", begun.elapsed().as_millis());
-            self.registry.mark_running(name, place.address, place.incarnation);
+            self.registry.mark_running(name, place.address, incarnation);
             self.sessions.notify_change();
             Ok(())
         }
@@ -12466,10 +12487,10 @@ mod background {
         let mut spec = containers.spec(&spare);
         spec.role = crate::docker::Role::Spare;
         containers.docker.create(&spec).map_err(|e| e.into_proxy_error(&format!("create spare {name}")))?;
-        let (address, info) = containers.inspector.running_address(name)?;
-        containers.inspector.wait_until_ready(name, address)?;
+        let (address, _) = containers.inspector.running_address(name)?;
+        let incarnation = containers.inspector.wait_until_ready(name, address)?;
         containers.cpus.settle(name);
-        containers.registry.spares().ready(name, address, info.incarnation, image_id);
+        containers.registry.spares().ready(name, address, incarnation, image_id);
         log::info!("spare {name} ready in {}ms", begun.elapsed().as_millis());
         Ok(())
     }

@@ -1,8 +1,10 @@
 """Containers v2 (issue 13): one container per Outline user, a registry that follows
 Docker's own events, so no request is ever answered by another user's container."""
 
+import concurrent.futures
 import random
 import secrets
+import time
 
 from conftest import docker, wait_for
 
@@ -189,3 +191,57 @@ def test_one_user_cannot_hold_every_slot(make_proxy, outline):
         assert proxy.get("/echo", key=other).status_code == 200  # others are not held up
         assert all(f.result().status_code == 200 for f in slow)
     assert proxy.get("/echo", key=greedy).status_code == 200
+
+
+def stats_state(proxy, name):
+    return next((c["state"] for c in proxy.stats()["containers"] if c["name"] == name), "missing")
+
+
+def restarted_by_docker(proxy, name):
+    """`docker restart`, then waits until the proxy has seen the start (its event)."""
+    docker("restart", "--time", "0", name)
+    wait_for(lambda: stats_state(proxy, name) == "running", timeout=20, what="the proxy to see the start")
+
+
+def auth_hits(proxy):
+    text = proxy.get("/metrics").text
+    return int(float(next(l.split()[-1] for l in text.splitlines() if l.startswith("mcp_proxy_auth_cache_hits_total"))))
+
+
+def test_a_container_docker_started_that_never_answers_is_waited_for_once(make_proxy, outline):
+    """A container Docker started is waited for until it answers, at most START_TIMEOUT:
+    when it never does, the request gets a 503 then, not after a second wait."""
+    proxy = make_proxy(image="outline-mcp-proxy-test-backend:never-ready", start_timeout="4s")
+    key = outline.add_user("nora")
+    name = proxy.container_name(key)
+    first = proxy.get("/echo", key=key)
+    assert first.status_code == 503 and first.json()["error"] == "start_timeout", first.text
+    restarted_by_docker(proxy, name)
+    began = time.monotonic()
+    r = proxy.get("/echo", key=key)
+    took = time.monotonic() - began
+    assert r.status_code == 503 and r.json()["error"] == "start_timeout", r.text
+    assert took < 6.5, f"waited {took:.1f}s for a 4s START_TIMEOUT (twice?)"
+    assert proxy.get("/health").status_code == 200
+
+
+def test_a_container_docker_started_and_removed_while_awaited_is_made_again(make_proxy, outline):
+    """Removed while the first request waits for it to answer: the wait ends at the next
+    look (within a second), and the container is made again for the request."""
+    proxy = make_proxy(image="outline-mcp-proxy-test-backend:slow-boot", start_timeout="20s")
+    key = outline.add_user("otto")
+    name = proxy.container_name(key)
+    assert proxy.get("/echo", key=key).status_code == 200
+    restarted_by_docker(proxy, name)  # it listens 3 s after it starts
+    before = auth_hits(proxy)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        began = time.monotonic()
+        pending = pool.submit(proxy.get, "/echo", key)
+        # the request is past its key check, and waits for the container
+        wait_for(lambda: auth_hits(proxy) > before, timeout=10, interval=0.02, what="the request to arrive")
+        docker("rm", "--force", name)
+        r = pending.result()
+        took = time.monotonic() - began
+    assert r.status_code == 200, r.text
+    assert took < 12, f"took {took:.1f}s: the removed container was waited for until START_TIMEOUT"
+    assert r.json()["hostname"] == proxy.inspect(name)["Config"]["Hostname"]
