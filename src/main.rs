@@ -7223,7 +7223,7 @@ mod registry {
         /// answering at that very place and incarnation stays as it is.
         fn seen_at(&mut self, place: Place) {
             self.last_address = Some(place.address);
-            if self.state != State::Running(place.clone()) {
+            if !matches!(&self.state, State::Running(known) if *known == place) {
                 self.state = State::Seen(place);
             }
         }
@@ -9283,6 +9283,27 @@ mod containers {
             let env_key = (cfg.key_mode == KeyMode::Env).then(|| credential.key.clone());
             Want { name, user_label: user.name.clone(), env_key }
         }
+
+        /// How the container is made: Docker's recipe from the settings, under the
+        /// budget's parent cgroup when there is one.
+        pub fn spec<'a>(&'a self, cfg: &'a Config, cgroup_parent: Option<&'a str>) -> ContainerSpec<'a> {
+            ContainerSpec {
+                name: &self.name,
+                prefix: &cfg.prefix,
+                role: Role::User,
+                owner: self.name.strip_prefix(cfg.prefix.as_str()).unwrap_or(&self.name),
+                user_label: &self.user_label,
+                env_key: self.env_key.as_deref(),
+                image: &cfg.image,
+                network: &cfg.network,
+                memory_bytes: cfg.memory_bytes,
+                cpus: cfg.boot_cpus(),
+                pids_limit: cfg.pids_limit,
+                container_port: cfg.container_port,
+                outline_api_url: format!("{}/api", cfg.container_outline_url),
+                cgroup_parent,
+            }
+        }
     }
 
     pub struct Containers {
@@ -9377,23 +9398,29 @@ mod containers {
                 }
                 if last_exit_check.elapsed() > Duration::from_secs(1) {
                     last_exit_check = Instant::now();
-                    self.still_starting_at(name, address)?;
+                    // still on its way there, or between two runs: wait on
+                    if let Whereabouts::Lost(e) = self.whereabouts(name, address)? {
+                        return Err(e);
+                    }
                 }
                 thread::sleep(Duration::from_millis(25));
             }
         }
 
-        /// Whether waiting on at `address` still makes sense: not when the container
-        /// exited, was removed, or runs elsewhere (Docker restarted it at a new address).
-        fn still_starting_at(&self, name: &str, address: SocketAddr) -> TransitionResult {
-            match self.inspect(name)? {
-                None => Err(ProxyError::ContainerFailed(format!("Container {name} was removed before it was ready."))),
-                Some(info) if !info.running && !info.restarting => Err(exited_before_ready(name, info.exit_code)),
-                Some(info) if info.running && !info.restarting && info.address != Some(address.ip()) => {
-                    Err(ProxyError::ContainerFailed(format!("Container {name} moved from {address} as it started.")))
-                }
-                Some(_) => Ok(()),
-            }
+        /// Where Docker finds a container awaited at `address` (one inspect): the one
+        /// judgement both the wait and its end are made by.
+        fn whereabouts(&self, name: &str, address: SocketAddr) -> Result<Whereabouts, ProxyError> {
+            let Some(info) = self.inspect(name)? else {
+                return Ok(Whereabouts::Lost(ProxyError::ContainerFailed(format!(
+                    "Container {name} was removed before it was ready."
+                ))));
+            };
+            Ok(match info {
+                _ if info.running && info.address == Some(address.ip()) => Whereabouts::There(info.incarnation),
+                _ if info.restarting => Whereabouts::Restarting,
+                _ if !info.running => Whereabouts::Lost(exited_before_ready(name, info.exit_code)),
+                _ => Whereabouts::Lost(no_longer_at(name, address)),
+            })
         }
 
         /// An answer at the address proves the container ready only while the container
@@ -9401,14 +9428,28 @@ mod containers {
         /// to another user's container, which would then answer (and get this user's key).
         /// Its incarnation is the one that answered (Docker may have restarted it there).
         fn confirm_still_at(&self, name: &str, address: SocketAddr) -> Result<Option<String>, ProxyError> {
-            match self.inspect(name)? {
-                Some(info) if info.running && info.address == Some(address.ip()) => Ok(info.incarnation),
-                Some(info) if !info.running => Err(exited_before_ready(name, info.exit_code)),
-                _ => Err(ProxyError::ContainerFailed(format!(
-                    "Container {name} is no longer at {address}: what answered there was not it."
-                ))),
+            match self.whereabouts(name, address)? {
+                Whereabouts::There(incarnation) => Ok(incarnation),
+                Whereabouts::Restarting => Err(no_longer_at(name, address)),
+                Whereabouts::Lost(e) => Err(e),
             }
         }
+    }
+
+    /// Where Docker finds a container the proxy waits for.
+    enum Whereabouts {
+        /// Running at the awaited address, in this incarnation.
+        There(Option<String>),
+        /// Between two runs (Docker's restart policy): it may yet answer there.
+        Restarting,
+        /// Exited, removed, or running at another address: not to be waited for.
+        Lost(ProxyError),
+    }
+
+    fn no_longer_at(name: &str, address: SocketAddr) -> ProxyError {
+        ProxyError::ContainerFailed(format!(
+            "Container {name} is no longer at {address}: what answers there is not it."
+        ))
     }
 
     fn exited_before_ready(name: &str, exit_code: i64) -> ProxyError {
@@ -9559,6 +9600,67 @@ mod containers {
             }
         }
 
+        /// Waits until a spare is wanted, or `limit` passed.
+        pub fn wait_spare_wanted(&self, limit: Duration) {
+            self.spare_signal.wait(limit);
+        }
+
+        /// The id of the image MCP_PROXY_IMAGE names now (after a `docker pull`, the new
+        /// one); remembered for when Docker does not answer.
+        pub fn current_image(&self) -> Option<String> {
+            self.images.current()
+        }
+
+        /// Whether a container was made from an image other than the current one.
+        fn outdated(&self, name: &str) -> bool {
+            self.registry.image_of(name).is_some_and(|had| self.images.is_older(&had))
+        }
+
+        /// Stops a container whose transition the caller holds, arms its boot burst for
+        /// the next wake, and records the outcome (the caller finishes the flight). Used
+        /// by the sleeper and by the cap's eviction alike.
+        pub fn put_to_sleep(&self, name: &str) {
+            if self.cfg.spares > 0 || self.outdated(name) {
+                // it holds nothing of its user (header mode) or is of an older image: a
+                // spare of the current image serves the next wake
+                let outcome = match self.docker.remove_force(name) {
+                    Ok(()) => {
+                        log::info!("removed idle container {name} (the next wake takes a spare)");
+                        StopOutcome::Retired
+                    }
+                    Err(e) => {
+                        log::warn!("could not remove {name}: {}", e.message());
+                        StopOutcome::Failed
+                    }
+                };
+                self.registry.sweeps().after_stop(name, outcome);
+                self.spare_signal.raise();
+                return;
+            }
+            let outcome = match self.docker.stop(name) {
+                Ok(()) => {
+                    log::info!("stopped idle container {name}");
+                    self.cpus.arm(name);
+                    StopOutcome::Stopped
+                }
+                Err(DockerError::NoSuchContainer) => StopOutcome::Gone,
+                Err(e) => {
+                    log::warn!("could not stop {name}: {}", e.message());
+                    StopOutcome::Failed
+                }
+            };
+            self.registry.sweeps().after_stop(name, outcome);
+        }
+
+        pub fn docker_status(&self) -> DockerStatus {
+            lock(&self.docker_status).clone()
+        }
+    }
+
+    /// How a user's container comes up, by what the registry knew: one Docker started is
+    /// confirmed where it runs, a spare is taken, a stopped one woken (or replaced when
+    /// of an older image), a missing one made; then waited for until it answers.
+    impl Containers {
         /// Brings the container to running and ready, stopping `evict` first when the
         /// cap asks for room. Runs without the registry lock.
         fn bring_up(&self, want: &Want, evict: Option<String>, known: State) -> TransitionResult {
@@ -9632,22 +9734,6 @@ mod containers {
             }
         }
 
-        /// Waits until a spare is wanted, or `limit` passed.
-        pub fn wait_spare_wanted(&self, limit: Duration) {
-            self.spare_signal.wait(limit);
-        }
-
-        /// The id of the image MCP_PROXY_IMAGE names now (after a `docker pull`, the new
-        /// one); remembered for when Docker does not answer.
-        pub fn current_image(&self) -> Option<String> {
-            self.images.current()
-        }
-
-        /// Whether a container was made from an image other than the current one.
-        fn outdated(&self, name: &str) -> bool {
-            self.registry.image_of(name).is_some_and(|had| self.images.is_older(&had))
-        }
-
         /// A stopped container of an older image is never woken: it is replaced by
         /// one of the current image.
         fn replace(&self, want: &Want, spec: &ContainerSpec) -> Result<Wake, ProxyError> {
@@ -9665,7 +9751,7 @@ mod containers {
         /// stopped container is started, a never-seen one created; only when in doubt
         /// (a failed connection, a failed start) is Docker asked first.
         fn wake(&self, want: &Want, known: State) -> Result<Wake, ProxyError> {
-            let spec = self.spec(want);
+            let spec = want.spec(&self.cfg, self.budget.parent_arg());
             if known == State::Stopped && self.outdated(&want.name) {
                 return self.replace(want, &spec);
             }
@@ -9685,66 +9771,6 @@ mod containers {
                 }
             };
             result.map_err(|e| e.into_proxy_error(&format!("start container {}", want.name)))
-        }
-
-        pub fn spec<'a>(&'a self, want: &'a Want) -> ContainerSpec<'a> {
-            let c = &self.cfg;
-            ContainerSpec {
-                name: &want.name,
-                prefix: &c.prefix,
-                role: Role::User,
-                owner: want.name.strip_prefix(c.prefix.as_str()).unwrap_or(&want.name),
-                user_label: &want.user_label,
-                env_key: want.env_key.as_deref(),
-                image: &c.image,
-                network: &c.network,
-                memory_bytes: c.memory_bytes,
-                cpus: c.boot_cpus(),
-                pids_limit: c.pids_limit,
-                container_port: c.container_port,
-                outline_api_url: format!("{}/api", c.container_outline_url),
-                cgroup_parent: self.budget.parent_arg(),
-            }
-        }
-
-        /// Stops a container whose transition the caller holds, arms its boot burst for
-        /// the next wake, and records the outcome (the caller finishes the flight). Used
-        /// by the sleeper and by the cap's eviction alike.
-        pub fn put_to_sleep(&self, name: &str) {
-            if self.cfg.spares > 0 || self.outdated(name) {
-                // it holds nothing of its user (header mode) or is of an older image: a
-                // spare of the current image serves the next wake
-                let outcome = match self.docker.remove_force(name) {
-                    Ok(()) => {
-                        log::info!("removed idle container {name} (the next wake takes a spare)");
-                        StopOutcome::Retired
-                    }
-                    Err(e) => {
-                        log::warn!("could not remove {name}: {}", e.message());
-                        StopOutcome::Failed
-                    }
-                };
-                self.registry.sweeps().after_stop(name, outcome);
-                self.spare_signal.raise();
-                return;
-            }
-            let outcome = match self.docker.stop(name) {
-                Ok(()) => {
-                    log::info!("stopped idle container {name}");
-                    self.cpus.arm(name);
-                    StopOutcome::Stopped
-                }
-                Err(DockerError::NoSuchContainer) => StopOutcome::Gone,
-                Err(e) => {
-                    log::warn!("could not stop {name}: {}", e.message());
-                    StopOutcome::Failed
-                }
-            };
-            self.registry.sweeps().after_stop(name, outcome);
-        }
-
-        pub fn docker_status(&self) -> DockerStatus {
-            lock(&self.docker_status).clone()
         }
     }
 
@@ -12484,7 +12510,7 @@ mod background {
     fn boot_spare(containers: &Containers, name: &str, image_id: &str) -> TransitionResult {
         let begun = Instant::now();
         let spare = Want { name: name.to_string(), user_label: String::new(), env_key: None };
-        let mut spec = containers.spec(&spare);
+        let mut spec = spare.spec(&containers.cfg, containers.budget.parent_arg());
         spec.role = crate::docker::Role::Spare;
         containers.docker.create(&spec).map_err(|e| e.into_proxy_error(&format!("create spare {name}")))?;
         let (address, _) = containers.inspector.running_address(name)?;

@@ -461,8 +461,7 @@ def bench_spares(outline, image):
             sample.append(time.monotonic() - t0)
             # asleep as the sleeper leaves it with spares on: removed
             docker("rm", "--force", name)
-            wait_for(lambda: next((c["state"] for c in proxy.stats()["containers"] if c["name"] == name), "missing")
-                     == "missing", timeout=10, what="the registry to see the removal")
+            wait_for(lambda: proxy.believed_state(name) == "missing", timeout=10, what="the registry to see the removal")
     # by hand: a booted container of the same image, renamed, then the first MCP round trip
     for i in range(ROUNDS):
         tmp = f"bench-phys-spare-{i}"

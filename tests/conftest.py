@@ -209,6 +209,10 @@ class Proxy:
     def inspect(self, name):
         return json.loads(docker("container", "inspect", name).stdout)[0]
 
+    def believed_state(self, name):
+        """The container's state as the proxy believes it (its /stats), not as Docker has it."""
+        return next((c["state"] for c in self.stats()["containers"] if c["name"] == name), "missing")
+
     def state(self, name):
         r = docker("container", "inspect", "--format", "{{.State.Status}}", name, check=False)
         return r.stdout.strip() if r.returncode == 0 else "missing"

@@ -193,14 +193,10 @@ def test_one_user_cannot_hold_every_slot(make_proxy, outline):
     assert proxy.get("/echo", key=greedy).status_code == 200
 
 
-def stats_state(proxy, name):
-    return next((c["state"] for c in proxy.stats()["containers"] if c["name"] == name), "missing")
-
-
 def restarted_by_docker(proxy, name):
     """`docker restart`, then waits until the proxy has seen the start (its event)."""
     docker("restart", "--time", "0", name)
-    wait_for(lambda: stats_state(proxy, name) == "running", timeout=20, what="the proxy to see the start")
+    wait_for(lambda: proxy.believed_state(name) == "running", timeout=20, what="the proxy to see the start")
 
 
 def auth_hits(proxy):

@@ -123,10 +123,6 @@ def test_the_stdio_bridge_desktop_users_run_survives_the_same(real_proxy, outlin
     assert "session resurrected" in proxy.log()
 
 
-def stats_state(proxy, name):
-    return next((c["state"] for c in proxy.stats()["containers"] if c["name"] == name), "missing")
-
-
 def test_a_session_survives_docker_starting_its_container_by_itself(real_proxy, outline):
     """Docker starts the user's container without the proxy (its restart policy after a
     crash or an OOM kill, an operator's `docker start`): Docker says "running" as soon as
@@ -139,11 +135,11 @@ def test_a_session_survives_docker_starting_its_container_by_itself(real_proxy, 
 
     def stopped_and_started_by_docker():
         docker("stop", "--time", "2", name)
-        wait_for(lambda: stats_state(proxy, name) != "running", timeout=20, what="the proxy to see the stop")
+        wait_for(lambda: proxy.believed_state(name) != "running", timeout=20, what="the proxy to see the stop")
         docker("start", name)
         # the proxy has seen the start (its event): the next request is sent at once,
         # while the server in the container is still booting
-        wait_for(lambda: stats_state(proxy, name) == "running", timeout=20, what="the proxy to see the start")
+        wait_for(lambda: proxy.believed_state(name) == "running", timeout=20, what="the proxy to see the start")
 
     results = anyio.run(one_session_across, proxy.url, key, [("started by docker", stopped_and_started_by_docker)] * 2)
     for label, result in results:
